@@ -1,0 +1,1 @@
+"""Declarative launcher and supervisor for distributed vLLM serving."""

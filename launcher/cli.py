@@ -1,0 +1,354 @@
+"""`launcher validate | plan | up | status | down | logs | attach | schema`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from launcher import gpus, proctree, rules, services, state
+from launcher.plan import Endpoints, ProcessSpec, build_plan, select_host
+from launcher.state import RunDir
+from launcher.status import collect, print_status, render
+from launcher.supervisor import leftovers, log_tail
+from launcher.topology import Topology, TopologyError, json_schema, load_topology
+
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+EXIT_INVALID = 2
+
+
+def load_checked(path: Path) -> Topology:
+    """Schema and rules; on any problem print every one (file:line:col) and exit 2."""
+    try:
+        topo, loaded = load_topology(path)
+    except TopologyError as exc:
+        for problem in exc.problems:
+            err.print(f"[red]error[/] {problem}", markup=True, soft_wrap=True)
+        sys.exit(EXIT_INVALID)
+    problems = rules.check(topo)
+    if problems:
+        for p in problems:
+            err.print(f"[red]error[/] {p.render(loaded)}", soft_wrap=True)
+        err.print(f"{len(problems)} problem(s) in {path}; nothing was started")
+        sys.exit(EXIT_INVALID)
+    return topo
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    topo = load_checked(args.topology)
+    n = len(build_plan(topo))
+    console.print(f"[green]ok[/] {args.topology}: {n} process(es), namespace {topo.effective_namespace}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    topo = load_checked(args.topology)
+    specs = select_host(build_plan(topo), args.host)
+    if args.json:
+        print(json.dumps([{**s.to_json(), "env": s.redacted_env()} for s in specs], indent=1))
+        return 0
+    endpoints = Endpoints.resolve(topo)
+    console.print(f"[bold]{topo.name}[/] namespace={topo.effective_namespace} backend={topo.backend} "
+                  f"etcd={','.join(endpoints.etcd)} nats={endpoints.nats} (managed: {topo.services.managed})")
+    for s in specs:
+        deps = f" after {', '.join(s.depends_on)}" if s.depends_on else ""
+        console.print(f"\n[bold]{s.name}[/] ({s.kind}, {s.devices}{', host ' + s.host if s.host else ''}){deps}")
+        console.print("  env: " + " ".join(f"{k}={v}" for k, v in s.redacted_env().items()), soft_wrap=True)
+        console.print("  argv: " + subprocess.list2cmdline(s.argv), soft_wrap=True, markup=False)
+    return 0
+
+
+def _write_plan(rd: RunDir, topo: Topology, specs: list[ProcessSpec], endpoints: Endpoints, backend: str,
+                host: str | None, topology_file: Path) -> None:
+    state.write_json(rd.plan_file, {
+        "name": topo.name, "namespace": topo.effective_namespace, "backend": backend, "host": host,
+        "etcd": endpoints.etcd, "nats": endpoints.nats, "topology": str(topology_file.resolve()),
+        "processes": [s.to_json() for s in specs],
+    })
+
+
+def _spawn_supervisor(rd: RunDir, foreground: bool) -> subprocess.Popen[bytes]:
+    with (rd.logs / "supervisor.log").open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "launcher.supervisor", str(rd.path)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=not foreground)
+
+
+def _wait_ready(rd: RunDir, sup: subprocess.Popen[bytes], timeout: float | None) -> bool:
+    """Show progress until every process is ready, or one failed, or the supervisor died."""
+    start = time.monotonic()
+    seen: dict[str, str] = {}
+    with console.status("starting...") as spinner:
+        while True:
+            procs = rd.state().get("processes", {})
+            for name, p in procs.items():
+                if seen.get(name) != p["state"]:
+                    seen[name] = p["state"]
+                    if p["state"] in ("starting", "ready", "failed", "backoff", "exited"):
+                        extra = f" (pid {p['pid']})" if p["state"] == "starting" else ""
+                        if p["state"] == "ready" and p.get("started_at") and p.get("ready_at"):
+                            extra = f" in {p['ready_at'] - p['started_at']:.1f} s"
+                        msg = f": {p['message']}" if p.get("message") and p["state"] != "starting" else ""
+                        console.print(f"  {name}: {p['state']}{extra}{msg}")
+            states = [p["state"] for p in procs.values()]
+            if procs and all(s == "ready" for s in states):
+                return True
+            if procs and all(s in ("ready", "failed", "exited") for s in states):
+                return False
+            if sup.poll() is not None:
+                err.print(f"[red]the supervisor exited (code {sup.returncode})[/]; see {rd.logs / 'supervisor.log'}")
+                for line in log_tail(rd.logs / "supervisor.log"):
+                    err.print(f"  {line}", markup=False)
+                return False
+            waiting = [n for n, p in procs.items() if p["state"] in ("starting", "pending", "backoff")]
+            if waiting:
+                name = waiting[0]
+                p = procs[name]
+                elapsed = time.time() - p["started_at"] if p.get("started_at") else 0.0
+                last = next((ln for ln in reversed(log_tail(rd.log_path(name), 5)) if ln.strip()), "")
+                spinner.update(f"waiting for {name} ({p['state']}, {elapsed:.0f} s) {last[-90:]}")
+            if timeout is not None and time.monotonic() - start > timeout:
+                err.print(f"[yellow]not ready after {timeout:.0f} s; still starting in the background[/]")
+                return False
+            time.sleep(0.2)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    topo = load_checked(args.topology)
+    backend = args.backend or topo.backend
+    rd = RunDir.for_deployment(topo.name, args.host)
+    if rd.supervisor_pid() is not None:
+        console.print(f"[yellow]{topo.name} is already up[/] (supervisor pid {rd.supervisor_pid()}); nothing started. "
+                      "`launcher down` first to restart it.")
+        print_status(collect(rd), console)
+        return 0
+    endpoints = Endpoints.resolve(topo)
+    specs = select_host(build_plan(topo, endpoints), args.host)
+    if not specs:
+        err.print(f"no process of {args.topology} runs on host '{args.host}'")
+        return EXIT_INVALID
+    try:
+        gpus.check_gpus(specs)
+    except gpus.GpuError as exc:
+        err.print(f"[red]error[/] {exc}")
+        return EXIT_INVALID
+    rd.create()
+    with contextlib.suppress(OSError):
+        rd.state_file.unlink()
+    previous = services.from_json(state.read_json(rd.services_file, []) or [])
+    try:
+        started = services.ensure_services(endpoints.etcd, endpoints.nats, topo.services.managed, rd.path,
+                                           say=lambda m: console.print(f"  {m}"))
+    except services.ServiceError as exc:
+        err.print(f"[red]error[/] {exc}")
+        return 1
+    state.write_json(rd.services_file, services.to_json(previous + started))
+    _write_plan(rd, topo, specs, endpoints, backend, args.host, args.topology)
+    t0 = time.monotonic()
+    sup = _spawn_supervisor(rd, args.foreground)
+    console.print(f"[bold]{topo.name}[/]: {len(specs)} process(es), logs in {rd.logs}")
+    try:
+        ok = _wait_ready(rd, sup, args.timeout)
+    except KeyboardInterrupt:
+        if args.foreground:
+            return _foreground_stop(rd, sup)
+        console.print("\nstopped waiting; the deployment keeps starting in the background "
+                      "(`launcher status`, `launcher down`)")
+        return 130
+    elapsed = time.monotonic() - t0
+    print_status(collect(rd), console)
+    if ok:
+        console.print(f"[green]ready[/] in {elapsed:.1f} s. Send a request:\n"
+                      f"  python -m workers.common.client --namespace {topo.effective_namespace} "
+                      f"--component {_client_component(topo)} --prompt 'what is the capital of france?' --chat")
+    else:
+        console.print("[red]not every process is ready[/]: `launcher logs NAME`, or `launcher down`")
+    if args.foreground:
+        console.print("supervising in the foreground; Ctrl-C stops everything")
+        try:
+            sup.wait()
+        except KeyboardInterrupt:
+            pass
+        return _foreground_stop(rd, sup)
+    return 0 if ok else 1
+
+
+def _client_component(topo: Topology) -> str:
+    kinds = {w.kind for w in topo.workers}
+    if topo.routers:
+        return "preprocess"
+    return "decode" if "decode" in kinds else "vllm"
+
+
+def _foreground_stop(rd: RunDir, sup: subprocess.Popen[bytes]) -> int:
+    console.print("stopping...")
+    with contextlib.suppress(ProcessLookupError):
+        sup.send_signal(signal.SIGTERM)
+    with contextlib.suppress(KeyboardInterrupt):
+        sup.wait()
+    _down(rd)
+    return 0
+
+
+def _down(rd: RunDir, grace: float = 10.0) -> dict[str, Any]:
+    """Stop the supervisor (which stops its processes), then sweep leftovers and managed services."""
+    pid = rd.supervisor_pid()
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace + 30
+        while rd.supervisor_pid() is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    swept = 0
+    for p in rd.state().get("processes", {}).values():
+        for proc in leftovers({int(k): v for k, v in p.get("pids_seen", {}).items()}):
+            swept += len(proctree.stop_tree(proc.pid, grace=2))
+    svc = services.from_json(state.read_json(rd.services_file, []) or [])
+    services.stop_services(svc)
+    state.write_json(rd.services_file, [])
+    if rd.plan().get("backend") == "tmux":
+        from launcher.backends.tmux import kill_sessions
+
+        kill_sessions(rd)
+    return {"supervisor": pid, "swept": swept, "services": [s.name for s in svc]}
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    rd = _find(args.name, args.host)
+    result = _down(rd, args.grace)
+    sup = f"supervisor {result['supervisor']} stopped" if result["supervisor"] else "no supervisor was running"
+    extra = f", {result['swept']} leftover process(es) killed" if result["swept"] else ""
+    svc = f"; stopped {', '.join(result['services'])}" if result["services"] else ""
+    console.print(f"{rd.name}: {sup}{extra}{svc}")
+    return 0
+
+
+def _find(name: str | None, host: str | None = None) -> RunDir:
+    try:
+        if name and host:
+            name = f"{name}@{host}"
+        return state.find(name)
+    except state.NoDeployment as exc:
+        err.print(str(exc))
+        sys.exit(1)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    targets = state.deployments() if args.all else [_find(args.name)]
+    if args.watch:
+        from rich.live import Live
+
+        rd = targets[0]
+        with Live(console=console, refresh_per_second=1) as live:
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    live.update(render(collect(rd, sample=1.0)))
+        return 0
+    infos = [collect(rd) for rd in targets]
+    if args.json:
+        print(json.dumps(infos if args.all else infos[0], indent=1))
+    else:
+        for info in infos:
+            print_status(info, console)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    rd = _find(args.deployment)
+    path = rd.logs / f"{args.process}.log"
+    if not path.exists():
+        names = sorted(p.stem for p in rd.logs.glob("*.log"))
+        err.print(f"no log for '{args.process}' in {rd.logs}; there are: {', '.join(names)}")
+        return 1
+    argv = ["tail", "-n", str(args.lines)] + (["-F"] if args.follow else []) + [str(path)]
+    with contextlib.suppress(KeyboardInterrupt):
+        return subprocess.call(argv)
+    return 0
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    rd = _find(args.deployment)
+    if rd.plan().get("backend") != "tmux":
+        err.print(f"{rd.name} runs with the subprocess backend: use `launcher logs {args.process} -f`")
+        return 1
+    from launcher.backends.tmux import attach_argv
+
+    os.execvp("tmux", attach_argv(rd, args.process))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(), indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launcher", description="Declarative launcher for distributed vLLM serving")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    v = sub.add_parser("validate", help="check a topology; errors name file:line")
+    v.add_argument("topology", type=Path)
+    v.set_defaults(func=cmd_validate)
+
+    pl = sub.add_parser("plan", help="print the processes, argv and env; start nothing")
+    pl.add_argument("topology", type=Path)
+    pl.add_argument("--host", default=None)
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
+
+    u = sub.add_parser("up", help="start services and processes; return when all registered")
+    u.add_argument("topology", type=Path)
+    u.add_argument("--foreground", action="store_true", help="supervise in this terminal; Ctrl-C stops all")
+    u.add_argument("--backend", choices=["subprocess", "tmux"], default=None, help="override the topology's")
+    u.add_argument("--host", default=None, help="multi-node: start only this host's processes")
+    u.add_argument("--timeout", type=float, default=None, help="stop waiting after this many seconds")
+    u.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("status", help="processes, registration, CPU and memory")
+    s.add_argument("name", nargs="?", default=None, help="deployment (default: the running one)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--watch", action="store_true")
+    s.add_argument("--all", action="store_true", help="every deployment under LAUNCHER_HOME")
+    s.set_defaults(func=cmd_status)
+
+    d = sub.add_parser("down", help="stop everything; leave no process behind")
+    d.add_argument("name", nargs="?", default=None)
+    d.add_argument("--host", default=None)
+    d.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    d.set_defaults(func=cmd_down)
+
+    lg = sub.add_parser("logs", help="a process's log")
+    lg.add_argument("process")
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("-n", "--lines", type=int, default=50)
+    lg.add_argument("--deployment", default=None)
+    lg.set_defaults(func=cmd_logs)
+
+    a = sub.add_parser("attach", help="attach to a process's tmux session")
+    a.add_argument("process")
+    a.add_argument("--deployment", default=None)
+    a.set_defaults(func=cmd_attach)
+
+    sc = sub.add_parser("schema", help="JSON Schema of the topology file, for editors")
+    sc.set_defaults(func=cmd_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Topology -> the exact processes to start: argv, environment, devices, order and readiness.
+
+`launcher plan` prints this without starting anything, so what you see is what `up` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from launcher.rules import engine_flags
+from launcher.topology import Router, Topology, Worker
+
+WORKER_MODULES = {
+    "monolith": "workers.monolith.worker",
+    "prefill": "workers.disaggregated.prefill_worker",
+    "decode": "workers.disaggregated.decode_worker",
+    "kv_worker": "workers.kv_router.worker",
+    "router": "workers.kv_router.router",
+}
+
+# Start order: routers first so they see every worker's first KV event, then prefill (a decode
+# worker is useless without one), then everything else.
+TIERS = {"router": 0, "prefill": 1, "decode": 2, "monolith": 2, "kv_worker": 2}
+
+SECRET_HINTS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
+
+
+@dataclass
+class Endpoints:
+    etcd: list[str]
+    nats: str
+
+    @classmethod
+    def resolve(cls, topo: Topology) -> Endpoints:
+        """NATS_SERVER and ETCD_ENDPOINTS override the file, as they do for a worker started by hand."""
+        etcd = os.environ.get("ETCD_ENDPOINTS") or topo.services.etcd
+        nats = os.environ.get("NATS_SERVER") or topo.services.nats
+        return cls(etcd=[e.strip() for e in etcd.split(",") if e.strip()], nats=nats)
+
+
+@dataclass
+class ProcessSpec:
+    name: str
+    kind: str
+    argv: list[str]
+    env: dict[str, str]
+    devices: str
+    tier: int
+    depends_on: list[str] = field(default_factory=list)
+    restart_policy: str = "on-failure"
+    max_restarts: int = 3
+    backoff: float = 1.0
+    backoff_max: float = 30.0
+    ready_timeout: float = 600.0
+    host: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ProcessSpec:
+        return cls(**obj)
+
+    def redacted_env(self) -> dict[str, str]:
+        """For printing: values of variables that look like credentials are hidden."""
+        return {k: ("***" if any(h in k.upper() for h in SECRET_HINTS) else v) for k, v in self.env.items()}
+
+
+def flags_to_argv(flags: dict[str, Any]) -> list[str]:
+    """vLLM flag dict -> argv. False becomes --no-x (vLLM's booleans are BooleanOptionalAction)."""
+    argv: list[str] = []
+    for key, value in flags.items():
+        opt = f"--{key.replace('_', '-')}"
+        if value is True:
+            argv.append(opt)
+        elif value is False:
+            argv.append(f"--no-{key.replace('_', '-')}")
+        elif value is None:
+            continue
+        elif isinstance(value, (dict, list)):
+            argv += [opt, json.dumps(value)]
+        else:
+            argv += [opt, str(value)]
+    return argv
+
+
+def _base_env(topo: Topology, endpoints: Endpoints, name: str, host: str | None) -> dict[str, str]:
+    env = {
+        "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+        "PYTHONUNBUFFERED": "1",
+        "LAUNCHER_NAMESPACE": topo.effective_namespace,
+        "LAUNCHER_PROCESS": name,
+        "ETCD_ENDPOINTS": ",".join(endpoints.etcd),
+        "NATS_SERVER": endpoints.nats,
+    }
+    if host:
+        env["LAUNCHER_HOST"] = host
+    env.update(topo.env)
+    return env
+
+
+def _worker_specs(topo: Topology, w: Worker, endpoints: Endpoints) -> list[ProcessSpec]:
+    flags = engine_flags(topo, w)
+    model = w.model or topo.model
+    tp_pp = int(flags.get("tensor-parallel-size", 1)) * int(flags.get("pipeline-parallel-size", 1))
+    per_replica = w.gpus_per_replica or tp_pp
+    specs = []
+    for k in range(w.replicas):
+        name = w.name if w.replicas == 1 else f"{w.name}-{k + 1}"
+        argv = [sys.executable, "-m", WORKER_MODULES[w.kind], "--model", model, *flags_to_argv(flags)]
+        if w.kv_transfer is not None:
+            kt = w.kv_transfer.model_copy()
+            if kt.kv_rank is not None:
+                kt.kv_rank += k
+            argv += ["--kv-transfer-config", kt.to_vllm_json()]
+        argv += w.args
+        env = _base_env(topo, endpoints, name, w.host)
+        devices = "-"
+        if w.gpus is not None:
+            gpus = w.gpus[k * per_replica:(k + 1) * per_replica]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+            devices = "gpu " + ",".join(str(g) for g in gpus)
+        if w.cpus:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = w.cpus
+            devices = f"cpu {w.cpus}"
+        env.update(w.env)
+        specs.append(ProcessSpec(
+            name=name, kind=w.kind, argv=argv, env=env, devices=devices, tier=TIERS[w.kind],
+            restart_policy=w.restart.policy, max_restarts=w.restart.max_restarts,
+            backoff=w.restart.backoff, backoff_max=w.restart.backoff_max,
+            ready_timeout=w.ready_timeout, host=w.host,
+        ))
+    return specs
+
+
+def _router_spec(topo: Topology, r: Router, endpoints: Endpoints) -> ProcessSpec:
+    argv = [sys.executable, "-m", WORKER_MODULES["router"], "--model", r.model or topo.model,
+            "--routing-strategy", r.strategy]
+    block = next((engine_flags(topo, w).get("block-size") for w in topo.workers if w.kind == "kv_worker"), None)
+    if block is not None:
+        argv += ["--block-size", str(block)]
+    argv += r.args
+    env = _base_env(topo, endpoints, r.name, r.host)
+    env.update(r.env)
+    return ProcessSpec(
+        name=r.name, kind="router", argv=argv, env=env, devices="-", tier=TIERS["router"],
+        restart_policy=r.restart.policy, max_restarts=r.restart.max_restarts,
+        backoff=r.restart.backoff, backoff_max=r.restart.backoff_max,
+        ready_timeout=r.ready_timeout, host=r.host,
+    )
+
+
+def build_plan(topo: Topology, endpoints: Endpoints | None = None) -> list[ProcessSpec]:
+    """Processes in start order; each depends on every process of the tiers before it."""
+    endpoints = endpoints or Endpoints.resolve(topo)
+    specs = [_router_spec(topo, r, endpoints) for r in topo.routers]
+    for w in topo.workers:
+        specs += _worker_specs(topo, w, endpoints)
+    specs.sort(key=lambda s: s.tier)
+    for spec in specs:
+        spec.depends_on = [s.name for s in specs if s.tier < spec.tier]
+    return specs
+
+
+def select_host(specs: list[ProcessSpec], host: str | None) -> list[ProcessSpec]:
+    """Multi-node: with --host, only that host's share (and processes with no host, if host is None)."""
+    if host is None:
+        return specs
+    mine = [s for s in specs if s.host == host]
+    names = {s.name for s in mine}
+    for s in mine:
+        s.depends_on = [d for d in s.depends_on if d in names]
+    return mine

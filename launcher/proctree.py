@@ -1,0 +1,79 @@
+"""Stop a process and everything it spawned, leaving nothing that holds a GPU.
+
+vLLM's EngineCore and tensor-parallel workers are children that outlive a killed parent, so the
+tree is taken (psutil) *before* the first signal, and each member is waited for individually.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+import psutil
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def tree_pids(pid: int) -> list[int]:
+    return [p.pid for p in tree(pid)]
+
+
+def is_same_process(pid: int, create_time: float | None) -> bool:
+    """Guards against pid reuse: a recorded pid is ours only if its start time matches too."""
+    try:
+        proc = psutil.Process(pid)
+        if create_time is not None and abs(proc.create_time() - create_time) > 1.0:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def stop_tree(pid: int, grace: float = 10.0, extra: list[psutil.Process] | None = None) -> list[int]:
+    """SIGTERM the process group and every member, wait `grace`, SIGKILL the rest, wait them out.
+
+    Returns the pids that were part of the tree. `extra` adds processes known from earlier
+    snapshots (children that already re-parented away from the root).
+    """
+    members = tree(pid) + list(extra or [])
+    if not members:
+        return []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    for proc in members:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(members, timeout=grace)
+    if alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=10)
+    return [p.pid for p in members]
+
+
+def tree_usage(pid: int) -> tuple[float, int]:
+    """CPU percent (since the last call for these processes) and RSS bytes of the whole tree."""
+    cpu = 0.0
+    rss = 0
+    for proc in tree(pid):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            cpu += proc.cpu_percent(interval=None)
+            rss += proc.memory_info().rss
+    return cpu, rss

@@ -1,0 +1,283 @@
+"""Cross-field rules of a topology: the mistakes that otherwise surface after minutes of loading.
+
+Each rule returns problems as (path, message); the path is the pydantic-style location of the
+field to fix, so the CLI can print file:line:col in front of it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from launcher.topology import Topology, Worker
+from launcher.yamlpos import LoadedYaml, PathKey
+
+REMOVED_CONNECTORS = {
+    "PyNcclConnector": "PyNcclConnector was removed from vLLM (V0 only); use NixlConnector on GPUs, "
+    "or ExampleConnector (shared storage) on the CPU",
+    "SharedStorageConnector": "SharedStorageConnector was renamed ExampleConnector in current vLLM",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: PathKey
+    message: str
+
+    def render(self, loaded: LoadedYaml | None) -> str:
+        where = loaded.where(self.path) if loaded else "<topology>"
+        return f"{where}: {_path_text(self.path)}: {self.message}"
+
+
+def _path_text(path: PathKey) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def engine_flags(topo: Topology, worker: Worker) -> dict[str, Any]:
+    """Topology-wide flags overlaid by the worker's, keys normalised to vLLM's dashed spelling."""
+    merged = {k.replace("_", "-"): v for k, v in topo.engine.items()}
+    merged.update({k.replace("_", "-"): v for k, v in worker.engine.items()})
+    return merged
+
+
+def parallel_sizes(topo: Topology, worker: Worker) -> tuple[int, int]:
+    flags = engine_flags(topo, worker)
+    tp = int(flags.get("tensor-parallel-size", 1))
+    pp = int(flags.get("pipeline-parallel-size", 1))
+    return tp, pp
+
+
+def parse_cpu_set(spec: str) -> set[int]:
+    """vLLM's VLLM_CPU_OMP_THREADS_BIND syntax: '0-3', '0,2', '0-1|2-3' (one set per TP rank)."""
+    cores: set[int] = set()
+    for rank_part in spec.split("|"):
+        for piece in rank_part.split(","):
+            piece = piece.strip()
+            if not piece:
+                continue
+            if "-" in piece:
+                lo, hi = piece.split("-", 1)
+                cores.update(range(int(lo), int(hi) + 1))
+            else:
+                cores.add(int(piece))
+    return cores
+
+
+@functools.cache
+def installed_connectors() -> frozenset[str] | None:
+    """Connector names the installed vLLM registers; None when vLLM is not importable here."""
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    except Exception:
+        return None
+    return frozenset(KVConnectorFactory._registry)
+
+
+def _workers(topo: Topology) -> Iterable[tuple[int, Worker]]:
+    return enumerate(topo.workers)
+
+
+def rule_unique_names(topo: Topology) -> list[Problem]:
+    seen: dict[str, PathKey] = {}
+    problems = []
+    entries: list[tuple[PathKey, str]] = [(("workers", i, "name"), w.name) for i, w in _workers(topo)]
+    entries += [(("routers", i, "name"), r.name) for i, r in enumerate(topo.routers)]
+    for path, name in entries:
+        if name in seen:
+            problems.append(Problem(path, f"name '{name}' is used twice; every process needs its own name"))
+        seen[name] = path
+    return problems
+
+
+def rule_devices(topo: Topology) -> list[Problem]:
+    problems = []
+    gpu_owner: dict[tuple[str | None, int], str] = {}
+    cpu_owner: dict[tuple[str | None, int], str] = {}
+    for i, w in _workers(topo):
+        tp, pp = parallel_sizes(topo, w)
+        if w.gpus is not None and w.cpus is not None:
+            problems.append(Problem(("workers", i, "cpus"), "give either gpus or cpus, not both"))
+        if w.gpus is not None:
+            per_replica = w.gpus_per_replica or tp * pp
+            if per_replica != tp * pp:
+                problems.append(Problem(
+                    ("workers", i, "gpus_per_replica"),
+                    f"gpus_per_replica is {per_replica} but tensor-parallel-size x pipeline-parallel-size "
+                    f"is {tp} x {pp} = {tp * pp}",
+                ))
+            elif len(w.gpus) != per_replica * w.replicas:
+                problems.append(Problem(
+                    ("workers", i, "gpus"),
+                    f"{len(w.gpus)} GPU(s) given but {w.replicas} replica(s) x tensor-parallel-size {tp} x "
+                    f"pipeline-parallel-size {pp} need {per_replica * w.replicas}",
+                ))
+            for gpu in w.gpus:
+                owner = gpu_owner.get((w.host, gpu))
+                if owner is not None:
+                    problems.append(Problem(
+                        ("workers", i, "gpus"), f"GPU {gpu} is already given to '{owner}'; give each GPU once"
+                    ))
+                gpu_owner[(w.host, gpu)] = w.name
+        if w.cpus is not None and w.replicas > 1:
+            problems.append(Problem(("workers", i, "cpus"), "cpus binds one process: with replicas > 1, "
+                                    "list each replica as its own worker with its own cores"))
+        if w.cpus is not None:
+            try:
+                cores = parse_cpu_set(w.cpus)
+            except ValueError:
+                problems.append(Problem(("workers", i, "cpus"), f"cannot read '{w.cpus}': write e.g. '0-3' or '0|1'"))
+                continue
+            ranks = len(w.cpus.split("|"))
+            if ranks != tp * pp:
+                problems.append(Problem(
+                    ("workers", i, "cpus"),
+                    f"{ranks} core set(s) given for tensor-parallel-size x pipeline-parallel-size = {tp * pp}; "
+                    "separate one set per rank with '|', e.g. '0|1'",
+                ))
+            for core in sorted(cores):
+                owner = cpu_owner.get((w.host, core))
+                if owner is not None:
+                    problems.append(Problem(
+                        ("workers", i, "cpus"), f"core {core} is already given to '{owner}'; give each core once"
+                    ))
+                    break
+                cpu_owner[(w.host, core)] = w.name
+    return problems
+
+
+def kv_instances(topo: Topology) -> list[tuple[int, Worker, int | None]]:
+    """Every (worker index, worker, kv_rank) of each replica; replica k gets kv_rank + k."""
+    out = []
+    for i, w in _workers(topo):
+        if w.kv_transfer is None:
+            continue
+        for k in range(w.replicas):
+            rank = None if w.kv_transfer.kv_rank is None else w.kv_transfer.kv_rank + k
+            out.append((i, w, rank))
+    return out
+
+
+def rule_disaggregation(topo: Topology) -> list[Problem]:
+    problems: list[Problem] = []
+    instances = kv_instances(topo)
+    for i, w in _workers(topo):
+        kt = w.kv_transfer
+        if w.kind in ("prefill", "decode") and kt is None:
+            problems.append(Problem(("workers", i, "kind"), f"a {w.kind} worker needs kv_transfer "
+                                    "(kv_connector, kv_role, ...) to hand the KV cache over"))
+        if kt is None:
+            continue
+        if w.kind == "prefill" and kt.kv_role == "kv_consumer":
+            problems.append(Problem(("workers", i, "kv_transfer", "kv_role"),
+                                    "a prefill worker produces KV: use kv_role kv_producer (or kv_both)"))
+        if w.kind == "decode" and kt.kv_role == "kv_producer":
+            problems.append(Problem(("workers", i, "kv_transfer", "kv_role"),
+                                    "a decode worker consumes KV: use kv_role kv_consumer (or kv_both)"))
+        if kt.kv_connector in REMOVED_CONNECTORS:
+            problems.append(Problem(("workers", i, "kv_transfer", "kv_connector"),
+                                    REMOVED_CONNECTORS[kt.kv_connector]))
+        else:
+            known = installed_connectors()
+            if known is not None and kt.kv_connector not in known:
+                problems.append(Problem(("workers", i, "kv_transfer", "kv_connector"),
+                                        f"the installed vLLM has no connector '{kt.kv_connector}'; "
+                                        f"known: {', '.join(sorted(known))}"))
+        if parallel_sizes(topo, w)[1] != 1:
+            problems.append(Problem(("workers", i, "engine"),
+                                    "pipeline-parallel-size must be 1 in a disaggregated deployment"))
+    if not instances:
+        return problems
+
+    producers = [(i, w, r) for i, w, r in instances if w.kv_transfer and w.kv_transfer.kv_role == "kv_producer"]
+    consumers = [(i, w, r) for i, w, r in instances if w.kv_transfer and w.kv_transfer.kv_role == "kv_consumer"]
+    for i, w, rank in producers:
+        for _, cw, crank in consumers:
+            if rank is not None and crank is not None and rank >= crank:
+                problems.append(Problem(("workers", i, "kv_transfer", "kv_rank"),
+                                        f"kv_producer '{w.name}' has kv_rank {rank}, not lower than kv_consumer "
+                                        f"'{cw.name}' (kv_rank {crank}): give producers the lower ranks"))
+    for role in ("kv_producer", "kv_consumer"):
+        sizes: dict[int, str] = {}
+        for i, w, _ in instances:
+            if w.kv_transfer and w.kv_transfer.kv_role == role:
+                tp = parallel_sizes(topo, w)[0]
+                if sizes and tp not in sizes:
+                    other_tp, other = next(iter(sizes.items()))
+                    problems.append(Problem(("workers", i, "engine"),
+                                            f"{role} '{w.name}' has tensor-parallel-size {tp} but '{other}' has "
+                                            f"{other_tp}: instances of one kv_role need the same TP size"))
+                sizes.setdefault(tp, w.name)
+    ranks_seen: dict[int, str] = {}
+    for i, w, rank in instances:
+        kt = w.kv_transfer
+        assert kt is not None
+        if rank is not None:
+            if rank in ranks_seen:
+                problems.append(Problem(("workers", i, "kv_transfer", "kv_rank"),
+                                        f"kv_rank {rank} is also '{ranks_seen[rank]}''s: kv_ranks are unique"))
+            ranks_seen[rank] = w.name
+            if kt.kv_parallel_size is not None and rank >= kt.kv_parallel_size:
+                problems.append(Problem(("workers", i, "kv_transfer", "kv_rank"),
+                                        f"kv_rank {rank} is not below kv_parallel_size {kt.kv_parallel_size}"))
+        if kt.kv_parallel_size is not None and kt.kv_parallel_size != len(instances):
+            problems.append(Problem(("workers", i, "kv_transfer", "kv_parallel_size"),
+                                    f"kv_parallel_size is {kt.kv_parallel_size} but the topology has "
+                                    f"{len(instances)} kv instance(s): make them equal"))
+    hosts_p = {w.host for _, w, _ in producers}
+    hosts_c = {w.host for _, w, _ in consumers}
+    if len(hosts_p | hosts_c) > 1:
+        for i, w, _ in instances:
+            kt = w.kv_transfer
+            if kt is not None and (kt.kv_ip is None or kt.kv_port is None):
+                problems.append(Problem(("workers", i, "kv_transfer"),
+                                        "prefill and decode run on different hosts: give kv_ip and kv_port "
+                                        "(an address the other host can reach)"))
+    return problems
+
+
+def rule_kv_router(topo: Topology) -> list[Problem]:
+    problems: list[Problem] = []
+    kv_workers = [(i, w) for i, w in _workers(topo) if w.kind == "kv_worker"]
+    if topo.routers and not kv_workers:
+        problems.append(Problem(("routers",), "a router needs workers of kind kv_worker behind it"))
+    if kv_workers and not topo.routers:
+        problems.append(Problem(("workers", kv_workers[0][0], "kind"),
+                                "kv_worker processes are served through a router: add one under routers:"))
+    block_sizes: dict[int, str] = {}
+    for i, w in kv_workers:
+        flags = engine_flags(topo, w)
+        if flags.get("enable-prefix-caching") is False:
+            problems.append(Problem(("workers", i, "engine"),
+                                    "workers behind a KV router need prefix caching on: remove "
+                                    "enable-prefix-caching: false"))
+        bs = int(flags.get("block-size", 16))
+        if block_sizes and bs not in block_sizes:
+            other_bs, other = next(iter(block_sizes.items()))
+            problems.append(Problem(("workers", i, "engine"),
+                                    f"block-size {bs} differs from '{other}' ({other_bs}): workers behind one "
+                                    "router must share one block size"))
+        block_sizes.setdefault(bs, w.name)
+    return problems
+
+
+RULES: list[Callable[[Topology], list[Problem]]] = [
+    rule_unique_names,
+    rule_devices,
+    rule_disaggregation,
+    rule_kv_router,
+]
+
+
+def check(topo: Topology) -> list[Problem]:
+    problems: list[Problem] = []
+    for rule in RULES:
+        problems.extend(rule(topo))
+    return problems
+
+

@@ -1,0 +1,117 @@
+"""The run directory: the one place `status`, `logs`, `attach` and `down` look, from any shell.
+
+    $LAUNCHER_HOME/<deployment>[@host]/
+        topology.yaml  plan.json  services.json  state.json  supervisor.pid
+        logs/<process>.log  logs/supervisor.log  services/{etcd,nats}/  kv/ (connector storage)
+
+The supervisor is the only writer of state.json; everyone else reads it. Writes are atomic
+(temp file + rename) so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher import proctree
+
+
+def state_root() -> Path:
+    return Path(os.environ.get("LAUNCHER_HOME", "~/.local/state/vllm-launcher")).expanduser()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @classmethod
+    def for_deployment(cls, name: str, host: str | None = None) -> RunDir:
+        return cls(state_root() / (name if host is None else f"{name}@{host}"))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def plan_file(self) -> Path:
+        return self.path / "plan.json"
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def services_file(self) -> Path:
+        return self.path / "services.json"
+
+    @property
+    def supervisor_pid_file(self) -> Path:
+        return self.path / "supervisor.pid"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    def log_path(self, process: str) -> Path:
+        return self.logs / f"{process}.log"
+
+    def create(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def supervisor_pid(self) -> int | None:
+        """The live supervisor's pid, or None (a stale file from a crashed one does not count)."""
+        info = read_json(self.supervisor_pid_file)
+        if not info:
+            return None
+        pid, created = int(info["pid"]), info.get("create_time")
+        return pid if proctree.is_same_process(pid, created) else None
+
+    def plan(self) -> dict[str, Any]:
+        return read_json(self.plan_file, {}) or {}
+
+    def state(self) -> dict[str, Any]:
+        return read_json(self.state_file, {}) or {}
+
+
+class NoDeployment(Exception):
+    pass
+
+
+def deployments() -> list[RunDir]:
+    root = state_root()
+    if not root.is_dir():
+        return []
+    return sorted(RunDir(p) for p in root.iterdir() if (p / "plan.json").exists())
+
+
+def find(name: str | None) -> RunDir:
+    """By name, or the only deployment whose supervisor is alive (else the only one at all)."""
+    if name:
+        for candidate in (state_root() / name, Path(name)):
+            if (candidate / "plan.json").exists():
+                return RunDir(candidate)
+        raise NoDeployment(f"no deployment '{name}' under {state_root()} (see `launcher status --all`)")
+    every = deployments()
+    live = [d for d in every if d.supervisor_pid() is not None]
+    pool = live or every
+    if len(pool) == 1:
+        return pool[0]
+    if not pool:
+        raise NoDeployment(f"no deployment under {state_root()}: start one with `launcher up TOPOLOGY.yaml`")
+    raise NoDeployment("several deployments: " + ", ".join(d.name for d in pool) + "; name one")

@@ -1,0 +1,140 @@
+"""`launcher status`: the supervisor's state, what etcd says is registered, and psutil's view.
+
+Three sources on purpose: state.json says what the supervisor believes, etcd says what routers
+see, psutil says what the machine sees. A disagreement between them is the thing to look at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from launcher import proctree
+from launcher.state import RunDir
+
+STATE_STYLE = {"ready": "green", "starting": "yellow", "backoff": "yellow", "pending": "dim",
+               "failed": "bold red", "exited": "red", "stopped": "dim", "stopping": "yellow"}
+
+
+async def _registrations(etcd: list[str], namespace: str, timeout: float = 2.0) -> list[Any] | None:
+    from workers.runtime.registry import Registry
+
+    try:
+        registry = await asyncio.wait_for(Registry.connect(etcd), timeout)
+    except Exception:
+        return None
+    try:
+        return await asyncio.wait_for(registry.list(namespace), timeout)
+    except Exception:
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            await registry.client.close()
+
+
+def _usage(pids: dict[str, int | None], sample: float) -> dict[str, tuple[float, int]]:
+    """CPU % over `sample` seconds and RSS of each whole process tree."""
+    trees: dict[str, list[psutil.Process]] = {}
+    for name, pid in pids.items():
+        trees[name] = proctree.tree(pid) if pid else []
+        for p in trees[name]:
+            with contextlib.suppress(psutil.Error):
+                p.cpu_percent(None)
+    if sample > 0:
+        time.sleep(sample)
+    out = {}
+    for name, members in trees.items():
+        cpu, rss = 0.0, 0
+        for p in members:
+            with contextlib.suppress(psutil.Error):
+                cpu += p.cpu_percent(None)
+                rss += p.memory_info().rss
+        out[name] = (cpu, rss)
+    return out
+
+
+def collect(run_dir: RunDir, sample: float = 0.2) -> dict[str, Any]:
+    plan = run_dir.plan()
+    state = run_dir.state()
+    procs_state = state.get("processes", {})
+    supervisor = run_dir.supervisor_pid()
+    regs = asyncio.run(_registrations(plan.get("etcd", []), plan.get("namespace", "")))
+    by_process: dict[str, list[Any]] = {}
+    for reg in regs or []:
+        by_process.setdefault(reg.process, []).append(reg)
+    live_pids = {}
+    for spec in plan.get("processes", []):
+        ps = procs_state.get(spec["name"], {})
+        pid = ps.get("pid")
+        alive = bool(pid) and proctree.is_same_process(pid, ps.get("create_time"))
+        live_pids[spec["name"]] = pid if alive else None
+    usage = _usage(live_pids, sample)
+    now = time.time()
+    rows = []
+    for spec in plan.get("processes", []):
+        name = spec["name"]
+        ps = procs_state.get(name, {})
+        regs_here = by_process.get(name, [])
+        alive_pid = live_pids[name]
+        cpu, rss = usage.get(name, (0.0, 0))
+        state_name = ps.get("state", "pending")
+        if supervisor is None and state_name in ("starting", "ready", "backoff"):
+            state_name = "orphaned" if alive_pid else "stopped"
+        rows.append({
+            "name": name, "kind": spec["kind"], "host": spec.get("host"), "devices": spec["devices"],
+            "pid": alive_pid, "state": state_name,
+            "registered": None if regs is None else bool(regs_here),
+            "leases": [f"{r.lease_id:x}" for r in regs_here],
+            "restarts": ps.get("restarts", 0),
+            "uptime_s": round(now - ps["started_at"], 1) if alive_pid and ps.get("started_at") else None,
+            "cpu_percent": round(cpu, 1), "rss_bytes": rss,
+            "exit_code": ps.get("exit_code"), "message": ps.get("message", ""),
+            "log": str(run_dir.log_path(name)), "log_tail": ps.get("log_tail", []) if state_name == "failed" else [],
+        })
+    return {"deployment": run_dir.name, "run_dir": str(run_dir.path), "namespace": plan.get("namespace"),
+            "backend": plan.get("backend"), "supervisor_pid": supervisor, "etcd": plan.get("etcd"),
+            "nats": plan.get("nats"), "etcd_reachable": regs is not None, "processes": rows}
+
+
+def _fmt_uptime(sec: float | None) -> str:
+    if sec is None:
+        return "-"
+    m, s = divmod(int(sec), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def render(info: dict[str, Any]) -> Table:
+    sup = info["supervisor_pid"]
+    title = (f"{info['deployment']}  (namespace {info['namespace']}, backend {info['backend']}, "
+             f"supervisor {'pid ' + str(sup) if sup else 'not running'})")
+    table = Table(title=title, title_justify="left")
+    for col in ("process", "role", "devices", "pid", "state", "registered", "restarts", "uptime", "cpu %", "mem"):
+        table.add_column(col, justify="right" if col in ("pid", "restarts", "cpu %", "mem") else "left")
+    for r in info["processes"]:
+        reg = "?" if r["registered"] is None else ("yes " + ",".join(r["leases"]) if r["registered"] else "no")
+        style = STATE_STYLE.get(r["state"], "")
+        state = f"[{style}]{r['state']}[/]" if style else r["state"]
+        table.add_row(r["name"], r["kind"], r["devices"], str(r["pid"] or "-"), state, reg, str(r["restarts"]),
+                      _fmt_uptime(r["uptime_s"]), f"{r['cpu_percent']:.0f}",
+                      f"{r['rss_bytes'] / 2**20:.0f} MiB" if r["rss_bytes"] else "-")
+    return table
+
+
+def print_status(info: dict[str, Any], console: Console) -> None:
+    console.print(render(info))
+    if not info["etcd_reachable"]:
+        console.print(f"[yellow]etcd at {','.join(info['etcd'] or [])} did not answer: registration unknown[/]")
+    for r in info["processes"]:
+        if r["message"] and r["state"] not in ("ready",):
+            console.print(f"[bold]{r['name']}[/]: {r['message']}")
+        if r["log_tail"]:
+            console.print(f"  last lines of {r['log']}:")
+            for line in r["log_tail"][-10:]:
+                console.print(f"    {line}", markup=False, highlight=False)

@@ -1,0 +1,162 @@
+"""Pydantic models of the topology YAML, and loading with errors that name file:line:field.
+
+Unknown keys are errors (extra="forbid"): a misspelt `tensor_parallel_size` silently ignored
+would cost a user minutes of model loading before they notice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from launcher.yamlpos import LoadedYaml, YamlLoadError, load_yaml
+from workers.runtime.settings import DEFAULT_ETCD, DEFAULT_NATS
+
+EngineFlags = dict[str, Any]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Services(Strict):
+    etcd: str = Field(DEFAULT_ETCD, description="etcd endpoint(s), comma-separated; ETCD_ENDPOINTS overrides")
+    nats: str = Field(DEFAULT_NATS, description="NATS server URL; NATS_SERVER overrides")
+    managed: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: start local etcd/nats-server when nothing answers"
+    )
+
+
+class Restart(Strict):
+    policy: Literal["never", "on-failure", "always"] = "on-failure"
+    max_restarts: int = Field(3, ge=0)
+    backoff: float = Field(1.0, gt=0, description="first delay in seconds; doubles after each restart")
+    backoff_max: float = Field(30.0, gt=0)
+
+
+class KvTransfer(Strict):
+    """vLLM's KVTransferConfig, written with vLLM's own field names."""
+
+    kv_connector: str
+    kv_role: Literal["kv_producer", "kv_consumer", "kv_both"]
+    kv_rank: int | None = Field(None, ge=0)
+    kv_parallel_size: int | None = Field(None, ge=1)
+    kv_ip: str | None = None
+    kv_port: int | None = Field(None, ge=1, le=65535)
+    kv_buffer_device: str | None = None
+    kv_connector_extra_config: dict[str, Any] = Field(default_factory=dict)
+
+    def to_vllm_json(self) -> str:
+        return json.dumps(self.model_dump(exclude_none=True))
+
+
+class ProcessCommon(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    host: str | None = Field(None, description="multi-node: only `launcher up --host NAME` starts it")
+    env: dict[str, str] = Field(default_factory=dict)
+    restart: Restart = Field(default_factory=Restart)
+    ready_timeout: float = Field(600.0, gt=0, description="seconds to register in etcd before failing")
+    args: list[str] = Field(default_factory=list, description="extra argv appended verbatim")
+
+
+class Worker(ProcessCommon):
+    kind: Literal["monolith", "prefill", "decode", "kv_worker"] = "monolith"
+    model: str | None = None
+    gpus: list[int] | None = None
+    cpus: str | None = Field(None, description="VLLM_CPU_OMP_THREADS_BIND, e.g. '0-3' or '0|1' for TP 2")
+    engine: EngineFlags = Field(default_factory=dict)
+    kv_transfer: KvTransfer | None = None
+    replicas: int = Field(1, ge=1)
+    gpus_per_replica: int | None = Field(None, ge=1)
+
+    @field_validator("gpus")
+    @classmethod
+    def _non_negative(cls, gpus: list[int] | None) -> list[int] | None:
+        if gpus is not None and any(g < 0 for g in gpus):
+            raise ValueError("GPU indices are >= 0")
+        return gpus
+
+
+class Router(ProcessCommon):
+    kind: Literal["router"] = "router"
+    strategy: Literal["prefix", "round_robin", "random"] = "prefix"
+    model: str | None = None
+
+
+class Topology(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    namespace: str | None = None
+    services: Services = Field(default_factory=Services)
+    backend: Literal["subprocess", "tmux"] = "subprocess"
+    model: str
+    engine: EngineFlags = Field(default_factory=dict, description="vLLM flags for every worker")
+    env: dict[str, str] = Field(default_factory=dict)
+    workers: list[Worker] = Field(min_length=1)
+    routers: list[Router] = Field(default_factory=list)
+
+    @property
+    def effective_namespace(self) -> str:
+        return self.namespace or self.name
+
+
+class TopologyError(Exception):
+    """Every problem found in a topology, each line already `file:line:col: field: message`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _loc_text(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _resolve_model_path(model: str, base: Path) -> str:
+    """A model given as ./x or ../x is a folder next to the topology file; anything else is a hub id."""
+    if model.startswith(("./", "../")):
+        return str((base / model).resolve())
+    return model
+
+
+def parse_topology(loaded: LoadedYaml) -> Topology:
+    if not isinstance(loaded.data, dict):
+        raise TopologyError([f"{loaded.where(())}: the topology must be a mapping (name:, model:, workers:)"])
+    try:
+        topo = Topology.model_validate(loaded.data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown key '{loc[-1]}' (check its spelling and indentation)"
+            elif err["type"] == "missing":
+                msg = f"required key '{loc[-1]}' is missing"
+            problems.append(f"{loaded.where(loc)}: {_loc_text(loc)}: {msg}")
+        raise TopologyError(problems) from None
+    base = loaded.file.parent
+    topo.model = _resolve_model_path(topo.model, base)
+    for proc in [*topo.workers, *topo.routers]:
+        if proc.model:
+            proc.model = _resolve_model_path(proc.model, base)
+    return topo
+
+
+def load_topology(file: Path) -> tuple[Topology, LoadedYaml]:
+    """Parse and validate the schema; cross-field rules live in launcher.rules."""
+    try:
+        loaded = load_yaml(file)
+    except YamlLoadError as exc:
+        raise TopologyError([str(exc)]) from None
+    return parse_topology(loaded), loaded
+
+
+def json_schema() -> dict[str, Any]:
+    """For editors: `launcher schema > topology.schema.json`."""
+    return Topology.model_json_schema()

@@ -1,0 +1,103 @@
+"""Shared by the end-to-end tests: write a topology, run the real CLI, talk to the real deployment."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workers.common.client import generate
+from workers.common.protocol import GenerateRequest
+from workers.runtime import requestplane
+from workers.runtime.annotated import Annotated
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL = ROOT / "models" / "tiny-llama"
+DEMO_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
+LAUNCHER = [sys.executable, "-m", "launcher.cli"]
+
+# Small and fast on 2 cores: no torch.compile, a small KV cache.
+CPU_ENGINE = {"max-model-len": 1024, "enforce-eager": True}
+CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@dataclass
+class Services:
+    etcd: str
+    nats: str
+    env: dict[str, str]
+
+
+def launcher(args: list[str], env: dict[str, str], timeout: float = 600, check: bool = True
+             ) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*LAUNCHER, *args], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launcher {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def write_topology(path: Path, topo: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(topo, sort_keys=False))
+    return path
+
+
+@dataclass
+class Deployment:
+    name: str
+    namespace: str
+    topology: Path
+    env: dict[str, str]
+    services: Services
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(launcher(["status", self.name, "--json"], self.env).stdout)
+
+    def process(self, name: str) -> dict[str, Any]:
+        return next(p for p in self.status()["processes"] if p["name"] == name)
+
+    def down(self) -> subprocess.CompletedProcess[str]:
+        return launcher(["down", self.name], self.env)
+
+    def ask(self, request: GenerateRequest, component: str = "vllm", idle_timeout: float = 10.0
+            ) -> list[Annotated]:
+        return asyncio.run(ask(self.services.nats, self.namespace, component, request, idle_timeout))
+
+
+async def ask(nats: str, namespace: str, component: str, request: GenerateRequest,
+              idle_timeout: float = 10.0) -> list[Annotated]:
+    nc = await requestplane.connect(nats, "test-client")
+    try:
+        subject = requestplane.endpoint_subject(namespace, component, "generate")
+        return [item async for item in generate(nc, subject, request, idle_timeout)]
+    finally:
+        await nc.close()
+
+
+def raw_chunks(nats: str, namespace: str, component: str, request: GenerateRequest) -> list[Annotated]:
+    """The worker's own chunks (text deltas, counts), not the client's accumulated text."""
+
+    async def run() -> list[Annotated]:
+        nc = await requestplane.connect(nats, "test-client")
+        try:
+            subject = requestplane.endpoint_subject(namespace, component, "generate")
+            return [a async for a in requestplane.stream(nc, subject, request.model_dump(exclude_none=True), 10)]
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+def up(tmp: Path, topo: dict[str, Any], services: Services, extra_args: list[str] | None = None,
+       timeout: float = 600) -> Deployment:
+    path = write_topology(tmp / f"{topo['name']}.yaml", topo)
+    launcher(["up", str(path), *(extra_args or [])], services.env, timeout=timeout)
+    return Deployment(topo["name"], topo.get("namespace", topo["name"]), path, services.env, services)

@@ -1,0 +1,102 @@
+"""Send one prompt to a deployment and print the streamed response, as the seed's client did.
+
+    python -m workers.common.client --prompt "what is the capital of france?" --max-tokens 10 --chat
+
+Each line is `Annotated(data=<text so far>, event=None, comment=[], id=None)`; an error from the
+worker (or a worker that died mid-stream) prints an Annotated with event='error' and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+from workers.common.protocol import GenerateRequest
+from workers.runtime import registry, requestplane
+from workers.runtime.annotated import Annotated
+from workers.runtime.settings import RuntimeSettings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    p.add_argument("--component", default="vllm",
+                   help="vllm (monolith), decode (disaggregated) or preprocess (KV router)")
+    p.add_argument("--endpoint", default="generate")
+    p.add_argument("--namespace", default=None, help="default: LAUNCHER_NAMESPACE, else the topology name")
+    p.add_argument("--timeout", type=float, default=requestplane.DEFAULT_IDLE_TIMEOUT * 2,
+                   help="seconds of silence before the worker counts as dead")
+    p.add_argument("--quiet", action="store_true", help="print only the final text")
+    return p.parse_args(argv)
+
+
+def build_request(args: argparse.Namespace) -> GenerateRequest:
+    sampling: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    if args.chat:
+        return GenerateRequest(messages=[{"role": "user", "content": args.prompt}], sampling=sampling)
+    return GenerateRequest(prompt=args.prompt, sampling=sampling)
+
+
+async def generate(nc: requestplane.NATS, subject: str, request: GenerateRequest,
+                   idle_timeout: float) -> AsyncIterator[Annotated]:
+    """Yield Annotated whose data is the text so far; errors pass through unchanged."""
+    text = ""
+    async for item in requestplane.stream(nc, subject, request.model_dump(exclude_none=True), idle_timeout):
+        if item.is_error():
+            yield item
+            return
+        chunk = item.data or {}
+        text += chunk.get("text", "")
+        yield Annotated(data=text, event=item.event, comment=item.comment, id=item.id)
+
+
+async def discover_namespace(settings: RuntimeSettings, component: str) -> str:
+    """With no --namespace and no LAUNCHER_NAMESPACE: the one namespace whose workers serve `component`."""
+    namespaces = await registry.namespaces_serving(settings.etcd_endpoints, component)
+    if len(namespaces) == 1:
+        return namespaces[0]
+    if not namespaces:
+        raise SystemExit(f"no deployment serves '{component}' in etcd at {','.join(settings.etcd_endpoints)}: "
+                         "is it up (launcher status)? Or pass --namespace / --component")
+    raise SystemExit(f"several deployments serve '{component}': {', '.join(namespaces)}; pass --namespace")
+
+
+async def run(args: argparse.Namespace) -> int:
+    settings = RuntimeSettings.from_env()
+    namespace = args.namespace or os.environ.get("LAUNCHER_NAMESPACE")
+    if not namespace:
+        namespace = await discover_namespace(settings, args.component)
+    subject = requestplane.endpoint_subject(namespace, args.component, args.endpoint)
+    nc = await requestplane.connect(settings.nats_server, name="client")
+    status = 0
+    last = Annotated(data="")
+    try:
+        async for item in generate(nc, subject, build_request(args), args.timeout):
+            last = item
+            if item.is_error():
+                status = 1
+            if not args.quiet or item.is_error():
+                print(item, flush=True)
+    finally:
+        await nc.close()
+    if args.quiet and status == 0:
+        print(last.data)
+    return status
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(asyncio.run(run(parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()

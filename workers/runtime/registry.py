@@ -1,0 +1,181 @@
+"""etcd registry: a worker's registration lives under a lease, so it vanishes when the worker does.
+
+Key: `{namespace}/components/{component}/{endpoint}:{lease_id:x}`; value: Registration as JSON.
+The launcher reads the same records to decide readiness, which is why this module is the one
+definition of a registration for both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import aetcd
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL = 10
+
+
+@dataclass
+class Registration:
+    namespace: str
+    component: str
+    endpoint: str
+    subject: str
+    lease_id: int = 0
+    host: str = ""
+    pid: int = field(default_factory=os.getpid)
+    process: str = ""
+    model: str = ""
+    block_size: int | None = None
+    kv_role: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return registration_key(self.namespace, self.component, self.endpoint, self.lease_id)
+
+    @property
+    def instance_subject(self) -> str:
+        return f"{self.subject}.{self.lease_id:x}"
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Registration:
+        return cls(**json.loads(raw))
+
+
+def components_prefix(namespace: str, component: str | None = None) -> str:
+    base = f"{namespace}/components/"
+    return base if component is None else f"{base}{component}/"
+
+
+def registration_key(namespace: str, component: str, endpoint: str, lease_id: int) -> str:
+    return f"{components_prefix(namespace, component)}{endpoint}:{lease_id:x}"
+
+
+async def connect(endpoints: tuple[str, ...] | list[str], timeout: float = 5.0) -> aetcd.Client:
+    """First endpoint that answers wins; the error names every endpoint tried."""
+    errors = []
+    for endpoint in endpoints:
+        url = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+        client = aetcd.Client(host=url.hostname or "127.0.0.1", port=url.port or 2379, timeout=int(timeout))
+        try:
+            await asyncio.wait_for(client.connect(), timeout)
+            await asyncio.wait_for(client.status(), timeout)
+            return client
+        except Exception as exc:
+            errors.append(f"{endpoint}: {type(exc).__name__}: {exc}")
+            with contextlib.suppress(Exception):
+                await client.close()
+    raise ConnectionError("no etcd endpoint answered: " + "; ".join(errors))
+
+
+class Registry:
+    """Reads registrations, and keeps this process's own one alive until `close`."""
+
+    def __init__(self, client: aetcd.Client) -> None:
+        self.client = client
+        self._own: Registration | None = None
+        self._ttl = DEFAULT_TTL
+        self._keepalive: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def connect(cls, endpoints: tuple[str, ...] | list[str]) -> Registry:
+        return cls(await connect(endpoints))
+
+    async def grant(self, ttl: int = DEFAULT_TTL) -> int:
+        """A lease id before registering, so the per-instance NATS subject can exist first."""
+        self._ttl = ttl
+        lease = await self.client.lease(ttl)
+        return int(lease.id)
+
+    async def register(self, reg: Registration, ttl: int = DEFAULT_TTL) -> Registration:
+        """Put the key under reg.lease_id (granted now if 0) and keep that lease alive."""
+        self._ttl = ttl
+        if not reg.lease_id:
+            reg.lease_id = await self.grant(ttl)
+        await self.client.put(reg.key.encode(), reg.encode(), lease=reg.lease_id)
+        self._own = reg
+        if self._keepalive is None:
+            self._keepalive = asyncio.create_task(self._keep_alive())
+        log.info("registered %s (lease %x)", reg.key, reg.lease_id)
+        return reg
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl / 3)
+            own = self._own
+            if own is None:
+                return
+            try:
+                reply = await self.client.refresh_lease(own.lease_id)
+                if reply is None or reply.TTL <= 0:
+                    # The lease is gone (expired during an outage, or revoked): come back under a new one.
+                    log.warning("lease %x lost; registering again", own.lease_id)
+                    own.lease_id = 0
+                    await self.register(own, self._ttl)
+            except Exception as exc:
+                log.warning("lease keepalive failed: %s", exc)
+
+    async def list(self, namespace: str, component: str | None = None) -> list[Registration]:
+        result = await self.client.get_prefix(components_prefix(namespace, component).encode())
+        out = []
+        for kv in result:
+            with contextlib.suppress(Exception):
+                out.append(Registration.decode(kv.value))
+        return out
+
+    async def watch(self, namespace: str, component: str | None = None
+                    ) -> AsyncIterator[tuple[str, Registration | None, str]]:
+        """Yield ("put", registration, key) and ("delete", None, key) as they happen."""
+        watch = await self.client.watch_prefix(components_prefix(namespace, component).encode())
+        async for event in watch:
+            key = event.kv.key.decode()
+            if event.kind == "PUT":
+                try:
+                    yield "put", Registration.decode(event.kv.value), key
+                except Exception:
+                    continue
+            else:
+                yield "delete", None, key
+
+    async def revoke(self, lease_id: int) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.revoke_lease(lease_id)
+
+    async def close(self) -> None:
+        """Revoke our own lease first: routers forget us now, not after the TTL."""
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        own, self._own = self._own, None
+        if own is not None:
+            await self.revoke(own.lease_id)
+        with contextlib.suppress(Exception):
+            await self.client.close()
+
+
+async def namespaces_serving(endpoints: tuple[str, ...] | list[str], component: str) -> list[str]:
+    """Namespaces with at least one live registration of `component` (keys `{ns}/components/{component}/...`)."""
+    client = await connect(endpoints)
+    try:
+        result = await client.get_all(keys_only=True)
+        found = set()
+        for kv in result:
+            parts = kv.key.decode(errors="replace").split("/")
+            if len(parts) >= 4 and parts[-3] == "components" and parts[-2] == component:
+                found.add("/".join(parts[:-3]))
+        return sorted(found)
+    finally:
+        with contextlib.suppress(Exception):
+            await client.close()

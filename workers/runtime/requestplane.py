@@ -1,0 +1,156 @@
+"""NATS request plane: one request in, a stream of Annotated messages out to the reply inbox.
+
+nats-py has no multi-reply request call, so the client subscribes to a fresh inbox and the
+worker publishes to it. The worker acknowledges at once and sends a keepalive every
+KEEPALIVE_INTERVAL while it works; a client that hears nothing for `idle_timeout` seconds
+reports an error instead of hanging (the worker died, or nobody serves the subject).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from workers.runtime.annotated import (
+    CONTROL_EVENTS,
+    EVENT_ACK,
+    EVENT_END,
+    EVENT_KEEPALIVE,
+    Annotated,
+)
+from workers.runtime.settings import subject_token
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_INTERVAL = 1.0
+DEFAULT_IDLE_TIMEOUT = 5.0
+
+Handler = Callable[[dict[str, Any]], AsyncIterator[Any]]
+
+def endpoint_subject(namespace: str, component: str, endpoint: str) -> str:
+    return ".".join(subject_token(p) for p in (namespace, component, endpoint))
+
+def instance_subject(namespace: str, component: str, endpoint: str, instance_id: int) -> str:
+    return f"{endpoint_subject(namespace, component, endpoint)}.{instance_id:x}"
+
+async def connect(server: str, name: str) -> NATS:
+    """Connect once, failing fast: a worker with no NATS is useless, and the log must say why."""
+    return await nats.connect(
+        servers=[server],
+        name=name,
+        connect_timeout=5,
+        max_reconnect_attempts=-1,
+        allow_reconnect=True,
+    )
+
+class EndpointServer:
+    """Serves one endpoint on its shared subject (queue group) and its per-instance subject."""
+
+    def __init__(self, nc: NATS, subject: str, instance_subject: str, handler: Handler) -> None:
+        self._nc = nc
+        self._subject = subject
+        self._instance_subject = instance_subject
+        self._handler = handler
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subs: list[Any] = []
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        self._subs.append(await self._nc.subscribe(self._subject, queue="workers", cb=self._on_msg))
+        self._subs.append(await self._nc.subscribe(self._instance_subject, cb=self._on_msg))
+
+    async def stop(self) -> None:
+        """Stop taking requests, then tell every open stream it ended with an error."""
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if not msg.reply:
+            log.warning("request on %s without a reply subject: dropped", msg.subject)
+            return
+        task = asyncio.create_task(self._serve(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, msg: Msg) -> None:
+        reply = msg.reply
+        send = self._nc.publish
+        await send(reply, Annotated(event=EVENT_ACK).encode())
+        keepalive = asyncio.create_task(self._keepalive(reply))
+        try:
+            request = json.loads(msg.data)
+            async for item in self._handler(request):
+                await send(reply, Annotated(data=item).encode())
+        except asyncio.CancelledError:
+            await send(reply, Annotated.error("worker shutting down: request aborted").encode())
+        except Exception as exc:
+            log.exception("request failed")
+            await send(reply, Annotated.error(f"{type(exc).__name__}: {exc}").encode())
+        finally:
+            keepalive.cancel()
+            with contextlib.suppress(Exception):
+                await send(reply, Annotated(event=EVENT_END).encode())
+
+    async def _keepalive(self, reply: str) -> None:
+        encoded = Annotated(event=EVENT_KEEPALIVE).encode()
+        while True:
+            await asyncio.sleep(KEEPALIVE_INTERVAL)
+            await self._nc.publish(reply, encoded)
+
+async def stream(
+    nc: NATS,
+    subject: str,
+    request: dict[str, Any],
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+) -> AsyncIterator[Annotated]:
+    """Yield the worker's responses; end with an error Annotated instead of hanging.
+
+    The stream ends after the worker's end marker, or after an error, whichever is first.
+    """
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish(subject, json.dumps(request).encode(), reply=inbox)
+        acked = False
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=idle_timeout)
+            except nats.errors.TimeoutError:
+                if not acked:
+                    yield Annotated.error(f"no worker answered on {subject} within {idle_timeout:.0f} s")
+                else:
+                    yield Annotated.error(
+                        f"worker on {subject} went silent for {idle_timeout:.0f} s (it died or hung)"
+                    )
+                return
+            item = Annotated.decode(msg.data)
+            if item.event == EVENT_ACK:
+                acked = True
+            if item.event == EVENT_END:
+                return
+            if item.event in CONTROL_EVENTS:
+                continue
+            yield item
+            if item.is_error():
+                return
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+

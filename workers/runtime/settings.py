@@ -1,0 +1,40 @@
+"""Where a worker finds etcd and NATS, and who it is in the deployment.
+
+The launcher passes everything through the environment so that a worker started by hand (or on
+another host) behaves exactly like one the launcher started: export the same variables and go.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+DEFAULT_ETCD = "http://127.0.0.1:2379"
+DEFAULT_NATS = "nats://127.0.0.1:4222"
+
+
+def subject_token(name: str) -> str:
+    """NATS subject tokens may not contain dots, spaces or wildcards; etcd keys don't care."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    namespace: str
+    etcd_endpoints: tuple[str, ...]
+    nats_server: str
+    process_name: str
+    host: str
+
+    @classmethod
+    def from_env(cls, default_namespace: str = "vllm") -> RuntimeSettings:
+        etcd = os.environ.get("ETCD_ENDPOINTS", DEFAULT_ETCD)
+        return cls(
+            namespace=os.environ.get("LAUNCHER_NAMESPACE", default_namespace),
+            etcd_endpoints=tuple(e.strip() for e in etcd.split(",") if e.strip()),
+            nats_server=os.environ.get("NATS_SERVER", DEFAULT_NATS),
+            process_name=os.environ.get("LAUNCHER_PROCESS", ""),
+            host=os.environ.get("LAUNCHER_HOST", socket.gethostname()),
+        )
