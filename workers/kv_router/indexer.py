@@ -1,0 +1,295 @@
+"""The router's index of which worker holds which KV blocks, and the hash that names a block.
+
+Why the router hashes blocks itself: vLLM's block hashes depend on its hash function, seed and
+extra keys, so they cannot be recomputed from a request. The router therefore names every full
+block by its own *chained* hash (the block's tokens plus its parent's chained hash), computed the
+same way for event blocks and for request blocks, and keeps per worker a map from the engine's
+hash to the router's, which is what BlockRemoved and parent_block_hash refer to.
+
+Two equivalent forms of the same prefix tree live here (DESIGN.md asks to measure both):
+
+- `TreeIndex`: nodes with children keyed by chained hash, each node holding a bitmask of workers.
+- `FlatIndex`: one dict chained hash -> worker bitmask. A chained hash already names its whole
+  prefix, so the tree's edges carry no extra information; the flat map drops the node objects.
+
+Workers are bits in a Python int (slots reused after a worker leaves), so a match is one dict
+lookup and one AND per request block, whatever the number of workers. bench/bench_indexer.py
+measures both forms; the router uses `FlatIndex` (smaller and faster, same answers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+ROOT_HASH = 0x5EED_B10C  # the chained hash's seed: the "parent" of a sequence's first block
+
+# Per-position odd multipliers: the block content hash is sum(mix((t + 1) * K[i])) mod 2**64,
+# a position-dependent multiply-xorshift hash, vectorised over all blocks of a request at once.
+_RNG = np.random.default_rng(0x6B76)
+_MAX_BLOCK = 4096
+
+
+def _multipliers(n: int) -> np.ndarray:
+    return (_RNG.integers(0, 2**63, size=n, dtype=np.uint64) << np.uint64(1)) | np.uint64(1)
+
+
+_K = _multipliers(_MAX_BLOCK)
+
+EngineHash = Hashable
+WorkerId = int
+
+
+class BlockHasher:
+    """Chained hashes of the full blocks of a token sequence (a partial last block is ignored)."""
+
+    def __init__(self, block_size: int) -> None:
+        if not 0 < block_size <= _MAX_BLOCK:
+            raise ValueError(f"block size must be in 1..{_MAX_BLOCK}, got {block_size}")
+        self.block_size = block_size
+        self._k = _K[:block_size]
+
+    def content(self, tokens: Sequence[int] | np.ndarray) -> list[int]:
+        """One 64-bit content hash per full block (no chaining)."""
+        arr = np.asarray(tokens, dtype=np.uint64)
+        n = len(arr) // self.block_size
+        if n == 0:
+            return []
+        x = (arr[: n * self.block_size].reshape(n, self.block_size) + np.uint64(1)) * self._k
+        x ^= x >> np.uint64(31)
+        return x.sum(axis=1, dtype=np.uint64).tolist()  # type: ignore[no-any-return,unused-ignore]
+
+    def chain(self, tokens: Sequence[int] | np.ndarray, parent: int = ROOT_HASH) -> list[int]:
+        """Chained hashes: hash i names blocks 0..i (and whatever preceded `parent`)."""
+        out = []
+        h = parent
+        for c in self.content(tokens):
+            h = hash((h, c))
+            out.append(h)
+        return out
+
+
+class Index(Protocol):
+    """What the router needs from an index; both forms implement it."""
+
+    block_size: int
+
+    def apply_stored(self, worker: WorkerId, parent: EngineHash | None, engine_hashes: Sequence[EngineHash],
+                     tokens: Sequence[int] | np.ndarray) -> bool: ...
+    def apply_removed(self, worker: WorkerId, engine_hashes: Iterable[EngineHash]) -> None: ...
+    def clear(self, worker: WorkerId) -> None: ...
+    def remove_worker(self, worker: WorkerId) -> None: ...
+    def match(self, chained: Sequence[int]) -> dict[WorkerId, int]: ...
+    def workers(self) -> list[WorkerId]: ...
+    def block_count(self, worker: WorkerId) -> int: ...
+
+
+class _WorkerSlots:
+    """Worker id <-> bit position, with slots reused so masks stay as short as the live set."""
+
+    def __init__(self) -> None:
+        self.bit: dict[WorkerId, int] = {}
+        self.worker_of_bit: dict[int, WorkerId] = {}
+        self._free: list[int] = []
+
+    def get(self, worker: WorkerId) -> int:
+        bit = self.bit.get(worker)
+        if bit is None:
+            pos = self._free.pop() if self._free else len(self.bit)
+            bit = 1 << pos
+            self.bit[worker] = bit
+            self.worker_of_bit[bit] = worker
+        return bit
+
+    def release(self, worker: WorkerId) -> None:
+        bit = self.bit.pop(worker, None)
+        if bit is not None:
+            del self.worker_of_bit[bit]
+            self._free.append(bit.bit_length() - 1)
+
+    def split(self, mask: int) -> list[WorkerId]:
+        out = []
+        while mask:
+            low = mask & -mask
+            out.append(self.worker_of_bit[low])
+            mask ^= low
+        return out
+
+
+def _prefix_counts(slots: _WorkerSlots, levels: Iterable[int], all_mask: int) -> dict[WorkerId, int]:
+    """From the masks of successive request blocks: for each worker, how many leading blocks it holds."""
+    counts: dict[WorkerId, int] = {}
+    active = all_mask
+    depth = 0
+    for mask in levels:
+        mask &= active
+        if mask != active:
+            for w in slots.split(active & ~mask):
+                if depth:
+                    counts[w] = depth
+            active = mask
+            if not active:
+                return counts
+        depth += 1
+    for w in slots.split(active):
+        if depth:
+            counts[w] = depth
+    return counts
+
+
+class FlatIndex:
+    """chained hash -> bitmask of workers holding that block (and, by construction, its prefix)."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.hasher = BlockHasher(block_size)
+        self._slots = _WorkerSlots()
+        self._blocks: dict[int, int] = {}
+        self._by_worker: dict[WorkerId, dict[EngineHash, int]] = {}
+
+    def apply_stored(self, worker: WorkerId, parent: EngineHash | None, engine_hashes: Sequence[EngineHash],
+                     tokens: Sequence[int] | np.ndarray) -> bool:
+        """Add blocks; False when the parent is unknown (events were missed: the caller resyncs)."""
+        bit = self._slots.get(worker)
+        mine = self._by_worker.setdefault(worker, {})
+        if parent is None:
+            start = ROOT_HASH
+        else:
+            known = mine.get(parent)
+            if known is None:
+                return False
+            start = known
+        chained = self.hasher.chain(tokens, start)
+        if len(chained) != len(engine_hashes):
+            return False
+        blocks = self._blocks
+        for eh, rh in zip(engine_hashes, chained, strict=True):
+            mine[eh] = rh
+            blocks[rh] = blocks.get(rh, 0) | bit
+        return True
+
+    def apply_removed(self, worker: WorkerId, engine_hashes: Iterable[EngineHash]) -> None:
+        mine = self._by_worker.get(worker)
+        if not mine:
+            return
+        keep = ~self._slots.bit[worker]
+        blocks = self._blocks
+        for eh in engine_hashes:
+            rh = mine.pop(eh, None)
+            if rh is None:
+                continue
+            mask = blocks.get(rh, 0) & keep
+            if mask:
+                blocks[rh] = mask
+            else:
+                blocks.pop(rh, None)
+
+    def clear(self, worker: WorkerId) -> None:
+        mine = self._by_worker.get(worker)
+        if mine:
+            self.apply_removed(worker, list(mine))
+
+    def remove_worker(self, worker: WorkerId) -> None:
+        self.clear(worker)
+        self._by_worker.pop(worker, None)
+        self._slots.release(worker)
+
+    def match(self, chained: Sequence[int]) -> dict[WorkerId, int]:
+        get = self._blocks.get
+        all_mask = sum(self._slots.bit.values())
+        return _prefix_counts(self._slots, (get(h, 0) for h in chained), all_mask)
+
+    def workers(self) -> list[WorkerId]:
+        return list(self._slots.bit)
+
+    def block_count(self, worker: WorkerId) -> int:
+        return len(self._by_worker.get(worker, ()))
+
+    def unique_blocks(self) -> int:
+        return len(self._blocks)
+
+
+class _Node:
+    __slots__ = ("children", "key", "mask", "parent")
+
+    def __init__(self, key: int, parent: _Node | None) -> None:
+        self.key = key
+        self.parent = parent
+        self.children: dict[int, _Node] = {}
+        self.mask = 0
+
+
+class TreeIndex:
+    """The same index as an explicit prefix tree (nodes pruned when no worker holds them)."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.hasher = BlockHasher(block_size)
+        self._slots = _WorkerSlots()
+        self.root = _Node(ROOT_HASH, None)
+        self._by_worker: dict[WorkerId, dict[EngineHash, _Node]] = {}
+
+    def apply_stored(self, worker: WorkerId, parent: EngineHash | None, engine_hashes: Sequence[EngineHash],
+                     tokens: Sequence[int] | np.ndarray) -> bool:
+        bit = self._slots.get(worker)
+        mine = self._by_worker.setdefault(worker, {})
+        node = self.root if parent is None else mine.get(parent)
+        if node is None:
+            return False
+        chained = self.hasher.chain(tokens, node.key)
+        if len(chained) != len(engine_hashes):
+            return False
+        for eh, rh in zip(engine_hashes, chained, strict=True):
+            child = node.children.get(rh)
+            if child is None:
+                child = node.children[rh] = _Node(rh, node)
+            child.mask |= bit
+            mine[eh] = child
+            node = child
+        return True
+
+    def _drop(self, node: _Node, keep: int) -> None:
+        node.mask &= keep
+        while node.parent is not None and not node.mask and not node.children:
+            del node.parent.children[node.key]
+            node = node.parent
+
+    def apply_removed(self, worker: WorkerId, engine_hashes: Iterable[EngineHash]) -> None:
+        mine = self._by_worker.get(worker)
+        if not mine:
+            return
+        keep = ~self._slots.bit[worker]
+        for eh in engine_hashes:
+            node = mine.pop(eh, None)
+            if node is not None:
+                self._drop(node, keep)
+
+    def clear(self, worker: WorkerId) -> None:
+        mine = self._by_worker.get(worker)
+        if mine:
+            self.apply_removed(worker, list(mine))
+
+    def remove_worker(self, worker: WorkerId) -> None:
+        self.clear(worker)
+        self._by_worker.pop(worker, None)
+        self._slots.release(worker)
+
+    def match(self, chained: Sequence[int]) -> dict[WorkerId, int]:
+        def levels() -> Iterable[int]:
+            node = self.root
+            for h in chained:
+                nxt = node.children.get(h)
+                if nxt is None:
+                    return
+                yield nxt.mask
+                node = nxt
+
+        return _prefix_counts(self._slots, levels(), sum(self._slots.bit.values()))
+
+    def workers(self) -> list[WorkerId]:
+        return list(self._slots.bit)
+
+    def block_count(self, worker: WorkerId) -> int:
+        return len(self._by_worker.get(worker, ()))

@@ -1,0 +1,402 @@
+"""The KV-aware router: tokenizes once, picks the worker that already caches the longest prefix.
+
+    python -m workers.kv_router.router --model M --routing-strategy prefix|round_robin|random [--block-size B]
+
+Serves component `preprocess`, endpoint `generate` (so `python -m workers.common.client --component
+preprocess ...` works). Each request is tokenized (the chat template for `messages`), split into
+full blocks, hashed with the router's chained hash and matched against the index of every
+worker's KV events; the chosen worker gets the token ids on its per-instance subject and its
+stream is passed back. The decision is logged and attached to the final chunk as `routing`.
+
+Cost (strategy prefix), lowest wins, ties broken at random:
+    cost(w) = blocks w must prefill + load_weight * blocks in flight on w
+where "in flight" counts this router's unfinished requests to w (their prompt blocks), raised to
+the worker's own running + waiting count when other routers keep it busier than we know.
+
+Index lifecycle: a worker's blocks are dropped when its etcd registration disappears; a gap in a
+worker's batch sequence, an event whose parent is unknown, or a worker already running when the
+router starts, makes the router drop that worker's blocks and ask it for a snapshot (events.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.common.protocol import GenerateRequest
+from workers.kv_router import events as ev
+from workers.kv_router.indexer import FlatIndex
+from workers.runtime import requestplane
+from workers.runtime.registry import Registration, components_prefix
+from workers.runtime.serve import WorkerContext, setup_logging
+from workers.runtime.settings import RuntimeSettings
+
+log = logging.getLogger("workers.kv_router.router")
+
+RESYNC_RETRY = 5.0
+STRATEGIES = ("prefix", "round_robin", "random")
+
+
+@dataclass
+class WorkerView:
+    reg: Registration
+    load: ev.Load | None = None
+    inflight_requests: int = 0
+    inflight_blocks: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.reg.process or f"{self.reg.lease_id:x}"
+
+
+@dataclass
+class Decision:
+    worker: int
+    process: str
+    strategy: str
+    blocks: int
+    matched: dict[str, int] = field(default_factory=dict)
+    load: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"worker": f"{self.worker:x}", "process": self.process, "strategy": self.strategy,
+                "blocks": self.blocks, "matched_blocks": self.matched, "load": self.load}
+
+
+class KvRouter:
+    """Index + worker set + strategy; the NATS/etcd plumbing around it is in `serve`."""
+
+    def __init__(self, strategy: str, block_size: int | None, load_weight: float = 0.5,
+                 rng: random.Random | None = None) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown routing strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
+        self.strategy = strategy
+        self.block_size = block_size
+        self.load_weight = load_weight
+        self.rng = rng or random.Random()
+        self.index: FlatIndex | None = FlatIndex(block_size) if block_size else None
+        self.workers: dict[int, WorkerView] = {}
+        self.last_seq: dict[int, int] = {}
+        self.awaiting_snapshot: dict[int, float] = {}  # worker -> when we asked
+        self.gone: set[int] = set()
+        self._rr = 0
+        self.resync_requests: list[int] = []  # drained by the plumbing, which publishes them
+
+    # ---- membership -------------------------------------------------------------------------
+    def _ensure_index(self, block_size: int) -> FlatIndex:
+        if self.index is None:
+            self.block_size = block_size
+            self.index = FlatIndex(block_size)
+            log.info("block size %d (from the first worker)", block_size)
+        return self.index
+
+    def add_worker(self, reg: Registration, known_before_start: bool = False) -> None:
+        if reg.block_size:
+            self._ensure_index(reg.block_size)
+        if self.block_size and reg.block_size and reg.block_size != self.block_size:
+            log.error("worker %s has block size %s, this router %s: not routing to it", reg.process,
+                      reg.block_size, self.block_size)
+            return
+        new = reg.lease_id not in self.workers
+        self.workers[reg.lease_id] = WorkerView(reg) if new else self.workers[reg.lease_id]
+        self.gone.discard(reg.lease_id)
+        if new:
+            log.info("worker %s (%x) joined", reg.process, reg.lease_id)
+        if known_before_start:
+            self.request_resync(reg.lease_id)
+
+    def remove_worker(self, lease_id: int) -> None:
+        view = self.workers.pop(lease_id, None)
+        self.gone.add(lease_id)
+        self.last_seq.pop(lease_id, None)
+        self.awaiting_snapshot.pop(lease_id, None)
+        if self.index is not None:
+            self.index.remove_worker(lease_id)
+        if view is not None:
+            log.info("worker %s (%x) left: its blocks are dropped", view.name, lease_id)
+
+    def request_resync(self, worker: int) -> None:
+        if self.index is not None:
+            self.index.clear(worker)
+        self.last_seq.pop(worker, None)
+        self.awaiting_snapshot[worker] = time.monotonic()
+        self.resync_requests.append(worker)
+
+    # ---- events -----------------------------------------------------------------------------
+    def on_batch(self, batch: ev.EventBatch) -> None:
+        w = batch.worker
+        if w in self.gone:
+            return
+        index = self._ensure_index(batch.block_size)
+        if batch.block_size != index.block_size:
+            log.error("worker %x sends block size %d, router uses %d: events ignored", w, batch.block_size,
+                      index.block_size)
+            return
+        if batch.snapshot:
+            index.clear(w)
+            self.awaiting_snapshot.pop(w, None)
+        elif w in self.awaiting_snapshot:
+            return  # everything before the snapshot is in it; everything after follows it
+        else:
+            expected = self.last_seq.get(w, -1) + 1
+            if batch.seq != expected:
+                log.warning("worker %x: batch %d, expected %d: resyncing", w, batch.seq, expected)
+                self.request_resync(w)
+                return
+        for e in batch.events:
+            if isinstance(e, ev.Stored):
+                if not index.apply_stored(w, e.parent, e.hashes, ev.tokens_array(e.tokens)):
+                    if batch.snapshot:
+                        continue  # a block whose parent went missing: unreachable, harmless
+                    log.warning("worker %x: stored block with unknown parent: resyncing", w)
+                    self.request_resync(w)
+                    return
+            elif isinstance(e, ev.Removed):
+                index.apply_removed(w, e.hashes)
+            else:
+                index.clear(w)
+        self.last_seq[w] = batch.seq
+
+    def on_load(self, load: ev.Load) -> None:
+        view = self.workers.get(load.worker)
+        if view is not None:
+            view.load = load
+
+    def stale_resyncs(self) -> list[int]:
+        now = time.monotonic()
+        return [w for w, t in self.awaiting_snapshot.items() if now - t > RESYNC_RETRY and w in self.workers]
+
+    # ---- decisions --------------------------------------------------------------------------
+    def hashes(self, token_ids: list[int]) -> list[int]:
+        return self.index.hasher.chain(token_ids) if self.index is not None else []
+
+    def choose(self, token_ids: list[int], exclude: set[int] | None = None) -> Decision:
+        candidates = [w for w in self.workers if not exclude or w not in exclude]
+        if not candidates:
+            raise RuntimeError("no kv worker is registered (is any worker up? launcher status)")
+        hashes = self.hashes(token_ids)
+        matches = self.index.match(hashes) if self.index is not None else {}
+        n = len(hashes)
+        if self.strategy == "round_robin":
+            candidates.sort()
+            chosen = candidates[self._rr % len(candidates)]
+            self._rr += 1
+        elif self.strategy == "random":
+            chosen = self.rng.choice(candidates)
+        else:
+            costs = {w: (n - matches.get(w, 0)) + self.load_weight * self._pending_blocks(w, n) for w in candidates}
+            best = min(costs.values())
+            chosen = self.rng.choice([w for w, c in costs.items() if c == best])
+        view = self.workers[chosen]
+        return Decision(
+            worker=chosen, process=view.name, strategy=self.strategy, blocks=n,
+            matched={self.workers[w].name: matches.get(w, 0) for w in candidates},
+            load={self.workers[w].name: self._load_of(w) for w in candidates},
+        )
+
+    def _pending_blocks(self, w: int, n: int) -> float:
+        view = self.workers[w]
+        reported = (view.load.running + view.load.waiting) if view.load else 0
+        others = max(0, reported - view.inflight_requests)  # requests other routers sent there
+        return view.inflight_blocks + others * max(n, 1)
+
+    def _load_of(self, w: int) -> dict[str, float]:
+        view = self.workers[w]
+        out: dict[str, float] = {"inflight": view.inflight_requests}
+        if view.load is not None:
+            out.update(running=view.load.running, waiting=view.load.waiting, kv_usage=round(view.load.kv_usage, 3))
+        return out
+
+    def started(self, d: Decision) -> None:
+        view = self.workers.get(d.worker)
+        if view is not None:
+            view.inflight_requests += 1
+            view.inflight_blocks += max(d.blocks, 1)
+
+    def finished(self, d: Decision) -> None:
+        view = self.workers.get(d.worker)
+        if view is not None:
+            view.inflight_requests = max(0, view.inflight_requests - 1)
+            view.inflight_blocks = max(0, view.inflight_blocks - max(d.blocks, 1))
+
+
+class Tokenizer:
+    """transformers' tokenizer of --model: plain prompts as vLLM would encode them, chats templated."""
+
+    def __init__(self, model: str) -> None:
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model)
+
+    def __call__(self, req: GenerateRequest) -> list[int]:
+        if req.token_ids is not None:
+            return list(req.token_ids)
+        if req.messages is not None:
+            ids: Any = self.tok.apply_chat_template(req.messages, tokenize=True, add_generation_prompt=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
+                ids = ids["input_ids"]
+            return list(ids)
+        return list(self.tok(req.prompt or "")["input_ids"])
+
+
+class RouterService:
+    """NATS and etcd around a KvRouter: the `generate` endpoint, event and load feeds, membership."""
+
+    def __init__(self, ctx: WorkerContext, router: KvRouter, tokenizer: Tokenizer, worker_component: str,
+                 idle_timeout: float = 10.0) -> None:
+        self.ctx = ctx
+        self.router = router
+        self.tokenizer = tokenizer
+        self.worker_component = worker_component
+        self.idle_timeout = idle_timeout
+        self.ns = ctx.settings.namespace
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        assert self.ctx.nc is not None and self.ctx.registry is not None
+        nc = self.ctx.nc
+        await nc.subscribe(ev.events_subject(self.ns), cb=self._on_events)
+        await nc.subscribe(ev.load_subject(self.ns), cb=self._on_load)
+        # Watch first, then list: a worker that registers in between is seen twice, never missed.
+        watch = asyncio.create_task(self._watch())
+        for reg in await self.ctx.registry.list(self.ns, self.worker_component):
+            if reg.endpoint == "generate":
+                self.router.add_worker(reg, known_before_start=True)
+        await self._flush_resyncs()
+        resync = asyncio.create_task(self._resync_loop())
+        self.tasks = [watch, resync]
+        self.ctx.on_shutdown.append(self.stop)
+
+    def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+    async def _watch(self) -> None:
+        assert self.ctx.registry is not None
+        prefix = components_prefix(self.ns, self.worker_component)
+        while True:
+            try:
+                async for kind, reg, key in self.ctx.registry.watch(self.ns, self.worker_component):
+                    if kind == "put" and reg is not None and reg.endpoint == "generate":
+                        self.router.add_worker(reg)
+                    elif kind == "delete":
+                        lease = int(key[len(prefix):].rsplit(":", 1)[-1], 16)
+                        self.router.remove_worker(lease)
+                    await self._flush_resyncs()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # etcd hiccup: watch again, and relist so nothing is missed
+                log.warning("etcd watch failed (%s); watching again", exc)
+                await asyncio.sleep(1)
+                with contextlib.suppress(Exception):
+                    live = {r.lease_id: r for r in await self.ctx.registry.list(self.ns, self.worker_component)}
+                    for lease in [w for w in self.router.workers if w not in live]:
+                        self.router.remove_worker(lease)
+                    for reg in live.values():
+                        self.router.add_worker(reg)
+
+    async def _flush_resyncs(self) -> None:
+        assert self.ctx.nc is not None
+        while self.router.resync_requests:
+            w = self.router.resync_requests.pop()
+            await self.ctx.nc.publish(ev.resync_subject(self.ns, w), b"")
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RESYNC_RETRY)
+            for w in self.router.stale_resyncs():
+                self.router.request_resync(w)
+            await self._flush_resyncs()
+
+    async def _on_events(self, msg: Any) -> None:
+        try:
+            batch = ev.batch_decoder.decode(msg.data)
+        except Exception as exc:
+            log.warning("undecodable KV event batch: %s", exc)
+            return
+        self.router.on_batch(batch)
+        if self.router.resync_requests:
+            await self._flush_resyncs()
+
+    async def _on_load(self, msg: Any) -> None:
+        with contextlib.suppress(Exception):
+            self.router.on_load(ev.load_decoder.decode(msg.data))
+
+    async def generate(self, raw: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        assert self.ctx.nc is not None
+        req = GenerateRequest.model_validate(raw)
+        t0 = time.perf_counter()
+        token_ids = self.tokenizer(req)
+        tried: set[int] = set()
+        while True:
+            decision = self.router.choose(token_ids, exclude=tried)
+            took_us = (time.perf_counter() - t0) * 1e6
+            log.info("route %s: %s -> %s (%x), %d blocks, matched %s, load %s (%.0f us)", req.request_id,
+                     decision.strategy, decision.process, decision.worker, decision.blocks, decision.matched,
+                     decision.load, took_us)
+            view = self.router.workers[decision.worker]
+            payload = GenerateRequest(request_id=req.request_id, token_ids=token_ids, sampling=req.sampling,
+                                      kv_transfer_params=req.kv_transfer_params).model_dump(exclude_none=True)
+            self.router.started(decision)
+            answered = False
+            try:
+                async for item in requestplane.stream(self.ctx.nc, view.reg.instance_subject, payload,
+                                                      self.idle_timeout):
+                    if item.is_error():
+                        text = "; ".join(item.comment)
+                        if not answered and text.startswith("no worker answered"):
+                            break  # it died before its lease expired: try another worker
+                        raise RuntimeError(f"worker {decision.process}: {text}")
+                    answered = True
+                    chunk = dict(item.data or {})
+                    if "finish_reason" in chunk:
+                        chunk["routing"] = decision.as_dict()
+                    yield chunk
+                else:
+                    return
+            finally:
+                self.router.finished(decision)
+            log.warning("worker %s did not answer: routing %s elsewhere", decision.process, req.request_id)
+            tried.add(decision.worker)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model whose tokenizer the router uses (same as the workers')")
+    p.add_argument("--routing-strategy", choices=STRATEGIES, default="prefix")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="KV block size of the workers (default: the one they register with)")
+    p.add_argument("--load-weight", type=float, default=0.5,
+                   help="cost of one block in flight relative to one block to prefill (strategy prefix)")
+    p.add_argument("--component", default="preprocess", help="component this router serves")
+    p.add_argument("--worker-component", default="backend", help="component the kv workers register")
+    p.add_argument("--seed", type=int, default=None, help="seed of random choices (strategy random, ties)")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    settings = RuntimeSettings.from_env()
+    ctx = WorkerContext(settings)
+    await ctx.connect()
+    router = KvRouter(args.routing_strategy, args.block_size, args.load_weight, random.Random(args.seed))
+    service = RouterService(ctx, router, Tokenizer(args.model), args.worker_component)
+    await service.start()
+    await ctx.serve(args.component, "generate", service.generate, model=args.model, block_size=args.block_size)
+    log.info("router (%s) serving %s.%s", args.routing_strategy, settings.namespace, args.component)
+    await ctx.run_until_stopped()
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    asyncio.run(serve(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

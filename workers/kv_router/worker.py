@@ -1,0 +1,236 @@
+"""A vLLM worker behind the KV router: serves token ids, and tells the router what it caches.
+
+    python -m workers.kv_router.worker --model M --enable-prefix-caching --block-size B [any vLLM flag]
+
+Besides the `generate` endpoint (component `backend`, registered with its real block size), the
+worker turns on vLLM's KV event publisher (ZMQ on a free local port), relays BlockStored /
+BlockRemoved / AllBlocksCleared to NATS tagged with its lease id and a batch sequence number, and
+publishes its load (running, waiting, KV usage, prefix-cache counters) about once a second. It
+keeps a mirror of its live blocks so that a router that starts late or misses a batch can ask for
+a snapshot (see workers/kv_router/events.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from workers.engine import EngineHandler, engine_args_from, make_parser
+from workers.kv_router import events as ev
+from workers.runtime.serve import WorkerContext, setup_logging
+from workers.runtime.settings import RuntimeSettings
+
+log = logging.getLogger("workers.kv_router.worker")
+
+LOAD_INTERVAL = 1.0
+COMPONENT = "backend"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LoadState:
+    """Written by vLLM's stat logger hook (in the engine's output loop), read by the load publisher."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    updated: float = 0.0
+
+
+def load_logger_factory(state: LoadState) -> Any:
+    """A vLLM StatLoggerBase that copies scheduler stats into `state` (vLLM's own API for custom stats)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class LoadLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                   engine_idx: int = 0) -> None:
+            if scheduler_stats is None:
+                return
+            state.running = scheduler_stats.num_running_reqs
+            state.waiting = scheduler_stats.num_waiting_reqs + getattr(scheduler_stats, "num_skipped_waiting_reqs", 0)
+            state.kv_usage = scheduler_stats.kv_cache_usage
+            pcs = scheduler_stats.prefix_cache_stats
+            if pcs is not None:
+                state.prefix_queries += pcs.queries
+                state.prefix_hits += pcs.hits
+            state.updated = time.monotonic()
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return lambda vllm_config, engine_index=0: LoadLogger(vllm_config, engine_index)
+
+
+class EventRelay:
+    """vLLM's ZMQ KV events -> our numbered NATS batches, plus snapshots on request."""
+
+    def __init__(self, nc: Any, namespace: str, zmq_endpoint: str, block_size: int) -> None:
+        import zmq
+        import zmq.asyncio
+
+        self.nc = nc
+        self.namespace = namespace
+        self.block_size = block_size
+        self.mirror = ev.BlockMirror(block_size)
+        self.worker_id = 0
+        self.seq = 0
+        self.ready = asyncio.Event()  # set once the lease id (our worker id) is known
+        self._lock = asyncio.Lock()
+        self._ctx = zmq.asyncio.Context()
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.connect(zmq_endpoint)
+        self.tasks: list[asyncio.Task[None]] = []
+        self._vllm_seq: int | None = None
+
+    def start(self, worker_id: int) -> None:
+        self.worker_id = worker_id
+        self.ready.set()
+        self.tasks.append(asyncio.create_task(self._relay()))
+
+    async def listen_for_resync(self) -> None:
+        await self.nc.subscribe(ev.resync_subject(self.namespace, self.worker_id), cb=self._on_resync)
+
+    async def _publish(self, events: list[ev.Event], snapshot: bool = False) -> None:
+        batch = ev.EventBatch(worker=self.worker_id, seq=self.seq, block_size=self.block_size,
+                              events=events, snapshot=snapshot)
+        self.seq += 1
+        await self.nc.publish(ev.events_subject(self.namespace), ev.batch_encoder.encode(batch))
+
+    async def _on_resync(self, msg: Any) -> None:
+        async with self._lock:
+            snapshot: list[ev.Event] = [ev.Cleared(), *self.mirror.snapshot()]
+            log.info("resync requested: sending a snapshot of %d blocks as batch %d", len(snapshot) - 1, self.seq)
+            await self._publish(snapshot, snapshot=True)
+
+    @staticmethod
+    def translate(vllm_event: Any) -> ev.Event | None:
+        kind = type(vllm_event).__name__
+        if kind == "BlockStored":
+            return ev.Stored(hashes=list(vllm_event.block_hashes), parent=vllm_event.parent_block_hash,
+                             tokens=ev.tokens_bytes(vllm_event.token_ids))
+        if kind == "BlockRemoved":
+            return ev.Removed(hashes=list(vllm_event.block_hashes))
+        if kind == "AllBlocksCleared":
+            return ev.Cleared()
+        return None
+
+    async def _relay(self) -> None:
+        from vllm.distributed.kv_events import KVEventBatch
+
+        decoder = msgspec.msgpack.Decoder(KVEventBatch)
+        while True:
+            parts = await self._sub.recv_multipart()
+            if len(parts) >= 2 and len(parts[-2]) == 8:
+                vseq = int.from_bytes(parts[-2], "big")
+                if self._vllm_seq is not None and vseq != self._vllm_seq + 1:
+                    log.warning("vLLM KV event gap (%d -> %d): routers will see stale blocks until a resync",
+                                self._vllm_seq, vseq)
+                self._vllm_seq = vseq
+            try:
+                batch = decoder.decode(parts[-1])
+            except msgspec.DecodeError as exc:
+                log.warning("undecodable KV event batch dropped: %s", exc)
+                continue
+            out = [e for e in (self.translate(x) for x in batch.events) if e is not None]
+            if not out:
+                continue
+            async with self._lock:
+                for e in out:
+                    self.mirror.apply(e)
+                await self._publish(out)
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        self._sub.close(linger=0)
+        self._ctx.term()
+
+
+async def publish_load(nc: Any, namespace: str, worker_id: int, process: str, state: LoadState) -> None:
+    subject = ev.load_subject(namespace)
+    while True:
+        load = ev.Load(worker=worker_id, running=state.running, waiting=state.waiting, kv_usage=state.kv_usage,
+                       prefix_queries=state.prefix_queries, prefix_hits=state.prefix_hits, process=process)
+        with contextlib.suppress(Exception):
+            await nc.publish(subject, msgspec.msgpack.encode(load))
+        await asyncio.sleep(LOAD_INTERVAL)
+
+
+async def serve(args: Any) -> None:
+    from vllm.config import KVEventsConfig
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    settings = RuntimeSettings.from_env()
+    ctx = WorkerContext(settings)
+    await ctx.connect()  # fail fast on a wrong endpoint, before minutes of model loading
+    engine_args = engine_args_from(args)
+    if engine_args.enable_prefix_caching is False:
+        raise SystemExit("a worker behind the KV router needs prefix caching: drop --no-enable-prefix-caching")
+    engine_args.enable_prefix_caching = True
+    port = free_port()
+    engine_args.kv_events_config = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                                  endpoint=f"tcp://127.0.0.1:{port}", topic="kv")
+    load = LoadState()
+    engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[load_logger_factory(load)])
+    ctx.on_shutdown.append(engine.shutdown)
+    block_size = int(engine.vllm_config.cache_config.block_size)  # the real one, after platform defaults
+    assert ctx.nc is not None
+    relay = EventRelay(ctx.nc, settings.namespace, f"tcp://127.0.0.1:{port}", block_size)
+    ctx.on_shutdown.append(relay.close)
+    handler = EngineHandler(engine, settings.process_name)
+    # Our lease id is the worker id in events; the relay starts reading ZMQ before anyone can route to us.
+    lease_id = await ctx.registry.grant() if ctx.registry else 0
+    relay.start(lease_id)
+    await relay.listen_for_resync()
+    reg = await _serve_with_lease(ctx, lease_id, handler, engine_args.model, block_size)
+    log.info("kv worker %x serving %s, block size %d, KV events from zmq port %d",
+             reg.lease_id, reg.instance_subject, block_size, port)
+    loader = asyncio.create_task(publish_load(ctx.nc, settings.namespace, lease_id, settings.process_name, load))
+    relay.tasks.append(loader)  # cancelled with the relay at shutdown
+    await ctx.run_until_stopped()
+
+
+async def _serve_with_lease(ctx: WorkerContext, lease_id: int, handler: EngineHandler, model: str,
+                            block_size: int) -> Any:
+    """WorkerContext.serve, but under a lease granted earlier (the relay needed the id first)."""
+    from workers.runtime import requestplane
+    from workers.runtime.registry import Registration
+
+    assert ctx.nc is not None and ctx.registry is not None
+    s = ctx.settings
+    subject = requestplane.endpoint_subject(s.namespace, COMPONENT, "generate")
+    reg = Registration(namespace=s.namespace, component=COMPONENT, endpoint="generate", subject=subject,
+                       lease_id=lease_id, host=s.host, process=s.process_name, model=model, block_size=block_size)
+    server = requestplane.EndpointServer(ctx.nc, subject, reg.instance_subject, handler.generate)
+    await server.start()
+    ctx.servers.append(server)
+    await ctx.registry.register(reg)
+    return reg
+
+
+def main() -> None:
+    setup_logging()
+    parser = make_parser(__doc__ or "")
+    asyncio.run(serve(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
