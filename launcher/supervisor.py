@@ -124,7 +124,12 @@ class Supervisor:
         if any(d.state != READY for d in deps) or now < p.next_start_at:
             return
         p.exit_code, p.lease_ids = None, []
-        p.pid = self.backend.start(spec, self.log_for(spec.name))
+        try:
+            p.pid = self.backend.start(spec, self.log_for(spec.name))
+        except Exception as exc:  # the backend could not start it at all (no tmux, name taken, bad argv)
+            p.pid, p.state = None, FAILED
+            p.message = f"could not start: {type(exc).__name__}: {exc}"
+            return
         p.create_time = proctree.create_time(p.pid)
         p.pids_seen[p.pid] = p.create_time or 0.0
         p.state, p.started_at, p.ready_at = STARTING, now, None

@@ -1,0 +1,253 @@
+"""Each process in its own tmux session, named after the process: `tmux a -t v-1` like the seed.
+
+Why tmux at all: a developer wants to *watch* a worker live (progress bars, tracebacks) and to
+find a crashed one's last screen, not only a log file. So:
+
+- one session per process, session name = process name (tmux turns `.` and `:` into `_`);
+- every pane's output is also appended to the process's log file (`pipe-pane`), so `launcher
+  logs`, `status` and the supervisor's log tail work exactly as with the subprocess backend;
+- `remain-on-exit` keeps a dead pane readable until the supervisor restarts it (it kills the dead
+  session and starts a fresh one) or `down` removes every session;
+- the pane runs `exec` all the way down, so the pane's pid *is* the worker's python process, the
+  one that registers in etcd (readiness matches the registration's pid).
+
+A per-process launch script (run dir `tmux/<name>.sh`, mode 0700) carries the environment and the
+shell-quoted argv: the pane starts on a tmux server whose global environment may be a different
+shell's, so the script exports the supervisor's environment plus the process's own, exactly what
+the subprocess backend gives a child. Before it execs the worker, the script waits on a tmux
+`wait-for` channel that the backend signals only after `remain-on-exit` and `pipe-pane` are set:
+a worker that crashes in its first millisecond still leaves its exit status and its output.
+
+The socket: the default tmux server, unless LAUNCHER_TMUX_SOCKET names a private one (tests do).
+The choice is recorded in the run dir (`tmux.json`) so `status`, `attach` and `down` from another
+shell talk to the same server. Sessions carry the run dir in a user option (`@launcher_run_dir`),
+so `down` never kills a session that belongs to someone else on a shared server.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import libtmux
+
+from launcher import proctree
+from launcher.plan import ProcessSpec
+from launcher.state import RunDir, read_json, write_json
+
+SOCKET_ENV = "LAUNCHER_TMUX_SOCKET"
+OWNER_OPTION = "@launcher_run_dir"
+# Variables that describe the *caller's* tmux client; the pane gets its own from tmux.
+_NOT_EXPORTED = {"TMUX", "TMUX_PANE"}
+# pane_dead without a status or a signal: tmux lost it (should not happen behind the gate).
+UNKNOWN_EXIT = 1
+# The session vanished under a live supervisor (someone ran kill-session): tmux sent SIGHUP.
+SESSION_GONE_EXIT = -1
+
+
+class TmuxError(RuntimeError):
+    pass
+
+
+def session_name(process: str) -> str:
+    """tmux forbids `.` and `:` in session names (it would rewrite them); do it visibly here."""
+    return process.replace(".", "_").replace(":", "_")
+
+
+def _target(process: str) -> str:
+    """`=` asks tmux for an exact match (`v-1` must never pick `v-10`); the `:` makes it a valid
+    session, window and pane target alike (set-option and pipe-pane take pane targets)."""
+    return f"={session_name(process)}:"
+
+
+def _config_file(run_dir: RunDir) -> Path:
+    return run_dir.path / "tmux.json"
+
+
+def recorded_socket(run_dir: RunDir) -> str | None:
+    """The socket name the deployment's supervisor used (None: the default tmux server)."""
+    info = read_json(_config_file(run_dir))
+    if isinstance(info, dict) and "socket_name" in info:
+        name = info["socket_name"]
+        return str(name) if name else None
+    return os.environ.get(SOCKET_ENV) or None
+
+
+def _server(socket_name: str | None) -> libtmux.Server:
+    tmux_bin = shutil.which("tmux")
+    if tmux_bin is None:
+        raise TmuxError("backend tmux needs the `tmux` program (apt-get install tmux), or use backend: subprocess")
+    return libtmux.Server(socket_name=socket_name, tmux_bin=tmux_bin)
+
+
+def _cmd(server: libtmux.Server, *args: str) -> list[str]:
+    proc = server.cmd(*args)
+    if proc.stderr:
+        raise TmuxError(f"tmux {' '.join(args)}: {' '.join(proc.stderr)}")
+    return list(proc.stdout)
+
+
+def _sessions(server: libtmux.Server) -> dict[str, dict[str, str]]:
+    """session name -> its first pane's facts. One tmux call; {} when no server runs."""
+    fmt = "\t".join(["#{session_name}", "#{pane_pid}", "#{pane_dead}", "#{pane_dead_status}",
+                     "#{pane_dead_signal}", "#{" + OWNER_OPTION + "}"])
+    proc = server.cmd("list-panes", "-a", "-F", fmt)
+    out: dict[str, dict[str, str]] = {}
+    for line in proc.stdout:
+        parts = line.split("\t")
+        if len(parts) != 6:
+            continue
+        name, pid, dead, status, sig, owner = parts
+        out.setdefault(name, {"pid": pid, "dead": dead, "status": status, "signal": sig, "owner": owner})
+    return out
+
+
+def launch_script(spec: ProcessSpec, tmux_bin: str, channel: str, environ: dict[str, str]) -> str:
+    """The pane's program: wait for the gate, export the environment, exec the argv (all quoted)."""
+    env = {k: v for k, v in environ.items() if k not in _NOT_EXPORTED and k.isidentifier()}
+    env.update(spec.env)
+    lines = [
+        "#!/bin/sh",
+        f"# written by launcher for process {spec.name}: this is exactly what runs in tmux session "
+        f"{session_name(spec.name)}",
+        "# hold until the launcher has set remain-on-exit and pipe-pane (see launcher/backends/tmux.py)",
+        f"{shlex.quote(tmux_bin)} wait-for {shlex.quote(channel)}",
+    ]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    lines.append("exec " + " ".join(shlex.quote(a) for a in spec.argv))
+    return "\n".join(lines) + "\n"
+
+
+class TmuxBackend:
+    """The `Backend` protocol over tmux sessions; see the module docstring for why it is shaped so."""
+
+    def __init__(self, run_dir: RunDir, socket_name: str | None = None) -> None:
+        self.run_dir = run_dir
+        self.socket_name = socket_name if socket_name is not None else (os.environ.get(SOCKET_ENV) or None)
+        self.server = _server(self.socket_name)
+        self.tmux_bin = str(self.server.tmux_bin or "tmux")
+        self.owner = str(run_dir.path.resolve())
+        self.scripts = run_dir.path / "tmux"
+        self._pids: dict[str, tuple[int, float | None]] = {}
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        write_json(_config_file(run_dir), {"socket_name": self.socket_name, "tmux": self.tmux_bin})
+
+    def start(self, spec: ProcessSpec, log: Path) -> int:
+        name = session_name(spec.name)
+        self._clear_session(spec.name)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.scripts.mkdir(parents=True, exist_ok=True)
+        script = self.scripts / f"{name}.sh"
+        channel = f"launcher-go-{uuid.uuid4().hex}"
+        fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
+        with os.fdopen(fd, "w") as f:
+            f.write(launch_script(spec, self.tmux_bin, channel, dict(os.environ)))
+        os.chmod(script, 0o700)
+        session = self.server.new_session(session_name=name, window_name=name, x=200, y=50,
+                                          window_command=f"exec /bin/sh {shlex.quote(str(script))}")
+        try:
+            target = _target(spec.name)
+            _cmd(self.server, "set-option", "-t", target, OWNER_OPTION, self.owner)
+            _cmd(self.server, "set-option", "-w", "-t", target, "remain-on-exit", "on")
+            _cmd(self.server, "pipe-pane", "-t", target, f"cat >> {shlex.quote(str(log))}")
+            pid = int(_cmd(self.server, "display-message", "-p", "-t", target, "#{pane_pid}")[0])
+        except Exception:
+            session.kill()
+            raise
+        finally:
+            # Open the gate even on failure, so the script never waits forever.
+            self.server.cmd("wait-for", "-S", channel)
+        self._pids[spec.name] = (pid, proctree.create_time(pid))
+        return pid
+
+    def _clear_session(self, process: str) -> None:
+        """Remove a dead pane left from the last run of this process; refuse to touch a stranger's."""
+        facts = _sessions(self.server).get(session_name(process))
+        if facts is None:
+            return
+        if facts["owner"] != self.owner and facts["dead"] != "1":
+            where = f"tmux server '{self.socket_name}'" if self.socket_name else "the default tmux server"
+            raise TmuxError(f"a live tmux session named '{session_name(process)}' already exists on {where} "
+                            f"and is not part of this deployment ({facts['owner'] or 'not started by launcher'}); "
+                            "stop it (`launcher down` its deployment, or `tmux kill-session`) or rename the process")
+        self.server.cmd("kill-session", "-t", _target(process))
+
+    def poll(self, name: str) -> int | None:
+        """Cheap while the pid lives (psutil, no tmux call); once it is gone, tmux has its exit status.
+
+        The supervisor is not the pane's parent (the tmux server is, and reaps it), hence the
+        status comes from `pane_dead_status` / `pane_dead_signal` of the pane kept by remain-on-exit.
+        """
+        known = self._pids.get(name)
+        if known is None:
+            return None
+        pid, created = known
+        if proctree.is_same_process(pid, created):
+            return None
+        facts = _sessions(self.server).get(session_name(name))
+        if facts is None or facts["pid"] != str(pid):
+            return SESSION_GONE_EXIT
+        if facts["dead"] != "1":
+            return None  # tmux has not reaped it yet; the next tick sees the status
+        if facts["status"]:
+            return int(facts["status"])
+        if facts["signal"]:
+            return -int(facts["signal"])
+        return UNKNOWN_EXIT
+
+    def close(self) -> None:
+        """The supervisor has stopped every process: remove our sessions (dead panes) too."""
+        kill_sessions(self.run_dir, self.socket_name)
+        self._pids.clear()
+
+
+def kill_sessions(run_dir: RunDir, socket_name: str | None = None) -> list[str]:
+    """Kill every tmux session of this deployment (by owner tag); returns their names.
+
+    tmux sends SIGHUP to a killed pane; `down` has already stopped the process trees, so this only
+    clears what is left (dead panes, or a pane whose supervisor crashed).
+    """
+    socket = socket_name if socket_name is not None else recorded_socket(run_dir)
+    try:
+        server = _server(socket)
+    except TmuxError:
+        return []
+    owner = str(run_dir.path.resolve())
+    killed = []
+    for name, facts in _sessions(server).items():
+        if facts["owner"] == owner:
+            server.cmd("kill-session", "-t", f"={name}:")
+            killed.append(name)
+    return killed
+
+
+def sessions_of(run_dir: RunDir) -> list[str]:
+    """Names of the live tmux sessions that belong to this deployment (for status and tests)."""
+    try:
+        server = _server(recorded_socket(run_dir))
+    except TmuxError:
+        return []
+    owner = str(run_dir.path.resolve())
+    return sorted(name for name, facts in _sessions(server).items() if facts["owner"] == owner)
+
+
+def attach_argv(run_dir: RunDir, process: str) -> list[str]:
+    """argv for os.execvp("tmux", ...): attach to the process's session on the recorded server.
+
+    Inside tmux already (same default server), switch the client instead of nesting.
+    """
+    socket = recorded_socket(run_dir)
+    base = ["tmux"] + (["-L", socket] if socket else [])
+    if os.environ.get("TMUX") and not socket:
+        return [*base, "switch-client", "-t", _target(process)]
+    return [*base, "attach-session", "-t", _target(process)]
+
+
+def describe(run_dir: RunDir) -> dict[str, Any]:
+    """What `tmux.json` says, for humans: the socket and how to attach."""
+    socket = recorded_socket(run_dir)
+    return {"socket_name": socket, "attach": "tmux " + (f"-L {socket} " if socket else "") + "a -t NAME"}
