@@ -43,24 +43,44 @@ def create_time(pid: int) -> float | None:
         return None
 
 
-def stop_tree(pid: int, grace: float = 10.0, extra: list[psutil.Process] | None = None) -> list[int]:
+def owns_pid(pid: int, create_time: float | None) -> bool:
+    """False only when `pid` now names a *different* process (reused after ours died).
+
+    A pid that no longer exists is still "ours" for process-group signalling: the kernel does not
+    hand out a pid while a process group of that id survives, so group `pid` can only be the
+    remnant of our own tree (an EngineCore whose parent died).
+    """
+    if create_time is None:
+        return True
+    try:
+        return abs(psutil.Process(pid).create_time() - create_time) <= 1.0
+    except psutil.NoSuchProcess:
+        return True
+
+
+def stop_tree(pid: int, grace: float = 10.0, extra: list[psutil.Process] | None = None,
+              create_time: float | None = None) -> list[int]:
     """SIGTERM the process group and every member, wait `grace`, SIGKILL the rest, wait them out.
 
     Returns the pids that were part of the tree. `extra` adds processes known from earlier
-    snapshots (children that already re-parented away from the root).
+    snapshots (children that already re-parented away from the root). With `create_time`, a pid
+    that has since been reused by another process is left alone (only `extra` is stopped).
     """
-    members = tree(pid) + list(extra or [])
+    ours = owns_pid(pid, create_time)
+    members = (tree(pid) if ours else []) + [p for p in extra or [] if p.pid != pid or ours]
     if not members:
         return []
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
+    if ours:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
     for proc in members:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGTERM)
     _, alive = psutil.wait_procs(members, timeout=grace)
     if alive:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
+        if ours:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
         for proc in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()

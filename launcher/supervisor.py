@@ -118,7 +118,7 @@ class Supervisor:
     def _maybe_start(self, spec: ProcessSpec, p: ProcState, now: float) -> None:
         deps = [self.procs[d] for d in spec.depends_on if d in self.procs]
         failed = [d.name for d in deps if d.state in (FAILED, STOPPED, EXITED)]
-        if failed and p.state == PENDING:
+        if failed:  # also from BACKOFF: waiting for a dependency that will never be ready is a hang
             p.state, p.message = FAILED, f"not started: {', '.join(failed)} failed"
             return
         if any(d.state != READY for d in deps) or now < p.next_start_at:
@@ -173,7 +173,7 @@ class Supervisor:
 
     def _stop_one(self, p: ProcState, grace: float = STOP_GRACE) -> None:
         if p.pid is not None:
-            proctree.stop_tree(p.pid, grace=grace, extra=leftovers(p.pids_seen))
+            proctree.stop_tree(p.pid, grace=grace, extra=leftovers(p.pids_seen), create_time=p.create_time)
             self.backend.poll(p.name)  # reap
 
     def stop_all(self, grace: float = STOP_GRACE) -> list[int]:
