@@ -22,8 +22,9 @@ from launcher.status import collect, print_status, render
 from launcher.supervisor import leftovers, log_tail
 from launcher.topology import Topology, TopologyError, json_schema, load_topology
 
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Piped output (tests, `| less`) gets a wide table instead of rich's 80-column default.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 EXIT_INVALID = 2
 
@@ -54,7 +55,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     topo = load_checked(args.topology)
-    specs = select_host(build_plan(topo), args.host)
+    kv_dir = RunDir.for_deployment(topo.name, args.host).path / "kv"
+    specs = select_host(build_plan(topo, kv_dir=kv_dir), args.host)
     if args.json:
         print(json.dumps([{**s.to_json(), "env": s.redacted_env()} for s in specs], indent=1))
         return 0
@@ -134,7 +136,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print_status(collect(rd), console)
         return 0
     endpoints = Endpoints.resolve(topo)
-    specs = select_host(build_plan(topo, endpoints), args.host)
+    specs = select_host(build_plan(topo, endpoints, kv_dir=rd.path / "kv"), args.host)
     if not specs:
         err.print(f"no process of {args.topology} runs on host '{args.host}'")
         return EXIT_INVALID
@@ -176,10 +178,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         console.print("[red]not every process is ready[/]: `launcher logs NAME`, or `launcher down`")
     if args.foreground:
         console.print("supervising in the foreground; Ctrl-C stops everything")
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             sup.wait()
-        except KeyboardInterrupt:
-            pass
         return _foreground_stop(rd, sup)
     return 0 if ok else 1
 
@@ -250,10 +250,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         from rich.live import Live
 
         rd = targets[0]
-        with Live(console=console, refresh_per_second=1) as live:
-            with contextlib.suppress(KeyboardInterrupt):
-                while True:
-                    live.update(render(collect(rd, sample=1.0)))
+        with Live(console=console, refresh_per_second=1) as live, contextlib.suppress(KeyboardInterrupt):
+            while True:
+                live.update(render(collect(rd, sample=1.0)))
         return 0
     infos = [collect(rd) for rd in targets]
     if args.json:

@@ -31,7 +31,7 @@ def visible_gpus() -> dict[int, str] | None:
 
 
 def check_gpus(specs: list[ProcessSpec], available: dict[int, str] | None = None) -> None:
-    wanted = {}
+    wanted: dict[int, str] = {}
     for spec in specs:
         for g in filter(None, spec.env.get("CUDA_VISIBLE_DEVICES", "").split(",")):
             wanted.setdefault(int(g), spec.name)

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from launcher.rules import engine_flags
@@ -27,6 +28,10 @@ WORKER_MODULES = {
 TIERS = {"router": 0, "prefill": 1, "decode": 2, "monolith": 2, "kv_worker": 2}
 
 SECRET_HINTS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
+
+# Connectors that hand KV over through a folder both sides see; with no shared_storage_path the
+# folder is the deployment's own (<run_dir>/kv), not vLLM's default /tmp shared by every deployment.
+SHARED_STORAGE_CONNECTORS = ("ExampleConnector",)
 
 
 @dataclass
@@ -103,7 +108,8 @@ def _base_env(topo: Topology, endpoints: Endpoints, name: str, host: str | None)
     return env
 
 
-def _worker_specs(topo: Topology, w: Worker, endpoints: Endpoints) -> list[ProcessSpec]:
+def _worker_specs(topo: Topology, w: Worker, endpoints: Endpoints, kv_dir: Path | None = None
+                  ) -> list[ProcessSpec]:
     flags = engine_flags(topo, w)
     model = w.model or topo.model
     tp_pp = int(flags.get("tensor-parallel-size", 1)) * int(flags.get("pipeline-parallel-size", 1))
@@ -116,6 +122,9 @@ def _worker_specs(topo: Topology, w: Worker, endpoints: Endpoints) -> list[Proce
             kt = w.kv_transfer.model_copy()
             if kt.kv_rank is not None:
                 kt.kv_rank += k
+            if (kv_dir is not None and kt.kv_connector in SHARED_STORAGE_CONNECTORS
+                    and "shared_storage_path" not in kt.kv_connector_extra_config):
+                kt.kv_connector_extra_config = {**kt.kv_connector_extra_config, "shared_storage_path": str(kv_dir)}
             argv += ["--kv-transfer-config", kt.to_vllm_json()]
         argv += w.args
         env = _base_env(topo, endpoints, name, w.host)
@@ -154,12 +163,16 @@ def _router_spec(topo: Topology, r: Router, endpoints: Endpoints) -> ProcessSpec
     )
 
 
-def build_plan(topo: Topology, endpoints: Endpoints | None = None) -> list[ProcessSpec]:
-    """Processes in start order; each depends on every process of the tiers before it."""
+def build_plan(topo: Topology, endpoints: Endpoints | None = None, kv_dir: Path | None = None
+               ) -> list[ProcessSpec]:
+    """Processes in start order; each depends on every process of the tiers before it.
+
+    kv_dir: the shared_storage_path given to shared-storage connectors that have none.
+    """
     endpoints = endpoints or Endpoints.resolve(topo)
     specs = [_router_spec(topo, r, endpoints) for r in topo.routers]
     for w in topo.workers:
-        specs += _worker_specs(topo, w, endpoints)
+        specs += _worker_specs(topo, w, endpoints, kv_dir)
     specs.sort(key=lambda s: s.tier)
     for spec in specs:
         spec.depends_on = [s.name for s in specs if s.tier < spec.tier]

@@ -7,7 +7,6 @@ field to fix, so the CLI can print file:line:col in front of it.
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any

@@ -97,7 +97,7 @@ def deployments() -> list[RunDir]:
     root = state_root()
     if not root.is_dir():
         return []
-    return sorted(RunDir(p) for p in root.iterdir() if (p / "plan.json").exists())
+    return [RunDir(p) for p in sorted(root.iterdir()) if (p / "plan.json").exists()]
 
 
 def find(name: str | None) -> RunDir:

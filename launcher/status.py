@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from launcher import proctree
+from launcher.gpus import gpu_memory_by_pid
 from launcher.state import RunDir
 
 STATE_STYLE = {"ready": "green", "starting": "yellow", "backoff": "yellow", "pending": "dim",
@@ -59,6 +60,14 @@ def _usage(pids: dict[str, int | None], sample: float) -> dict[str, tuple[float,
     return out
 
 
+def _gpu_memory(plan: dict[str, Any], live_pids: dict[str, int | None]) -> dict[str, int]:
+    """GPU MiB per process tree (EngineCore and TP workers hold the memory, not the parent)."""
+    if not any(str(s.get("devices", "")).startswith("gpu") for s in plan.get("processes", [])):
+        return {}
+    by_pid = gpu_memory_by_pid()
+    return {name: sum(by_pid.get(p, 0) for p in proctree.tree_pids(pid)) for name, pid in live_pids.items() if pid}
+
+
 def collect(run_dir: RunDir, sample: float = 0.2) -> dict[str, Any]:
     plan = run_dir.plan()
     state = run_dir.state()
@@ -75,6 +84,7 @@ def collect(run_dir: RunDir, sample: float = 0.2) -> dict[str, Any]:
         alive = bool(pid) and proctree.is_same_process(pid, ps.get("create_time"))
         live_pids[spec["name"]] = pid if alive else None
     usage = _usage(live_pids, sample)
+    gpu_mem = _gpu_memory(plan, live_pids)
     now = time.time()
     rows = []
     for spec in plan.get("processes", []):
@@ -93,7 +103,7 @@ def collect(run_dir: RunDir, sample: float = 0.2) -> dict[str, Any]:
             "leases": [f"{r.lease_id:x}" for r in regs_here],
             "restarts": ps.get("restarts", 0),
             "uptime_s": round(now - ps["started_at"], 1) if alive_pid and ps.get("started_at") else None,
-            "cpu_percent": round(cpu, 1), "rss_bytes": rss,
+            "cpu_percent": round(cpu, 1), "rss_bytes": rss, "gpu_mem_mib": gpu_mem.get(name),
             "exit_code": ps.get("exit_code"), "message": ps.get("message", ""),
             "log": str(run_dir.log_path(name)), "log_tail": ps.get("log_tail", []) if state_name == "failed" else [],
         })
@@ -115,15 +125,18 @@ def render(info: dict[str, Any]) -> Table:
     title = (f"{info['deployment']}  (namespace {info['namespace']}, backend {info['backend']}, "
              f"supervisor {'pid ' + str(sup) if sup else 'not running'})")
     table = Table(title=title, title_justify="left")
-    for col in ("process", "role", "devices", "pid", "state", "registered", "restarts", "uptime", "cpu %", "mem"):
-        table.add_column(col, justify="right" if col in ("pid", "restarts", "cpu %", "mem") else "left")
+    show_gpu = any(r["devices"].startswith("gpu") for r in info["processes"])
+    columns = ["process", "role", "devices", "pid", "state", "registered", "restarts", "uptime", "cpu %", "mem"]
+    for col in [*columns, *(["gpu mem"] if show_gpu else [])]:
+        table.add_column(col, justify="right" if col in ("pid", "restarts", "cpu %", "mem", "gpu mem") else "left")
     for r in info["processes"]:
         reg = "?" if r["registered"] is None else ("yes " + ",".join(r["leases"]) if r["registered"] else "no")
         style = STATE_STYLE.get(r["state"], "")
         state = f"[{style}]{r['state']}[/]" if style else r["state"]
         table.add_row(r["name"], r["kind"], r["devices"], str(r["pid"] or "-"), state, reg, str(r["restarts"]),
                       _fmt_uptime(r["uptime_s"]), f"{r['cpu_percent']:.0f}",
-                      f"{r['rss_bytes'] / 2**20:.0f} MiB" if r["rss_bytes"] else "-")
+                      f"{r['rss_bytes'] / 2**20:.0f} MiB" if r["rss_bytes"] else "-",
+                      *([f"{r['gpu_mem_mib']} MiB" if r["gpu_mem_mib"] else "-"] if show_gpu else []))
     return table
 
 

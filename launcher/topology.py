@@ -57,7 +57,7 @@ class ProcessCommon(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     host: str | None = Field(None, description="multi-node: only `launcher up --host NAME` starts it")
     env: dict[str, str] = Field(default_factory=dict)
-    restart: Restart = Field(default_factory=Restart)
+    restart: Restart = Field(default_factory=lambda: Restart())
     ready_timeout: float = Field(600.0, gt=0, description="seconds to register in etcd before failing")
     args: list[str] = Field(default_factory=list, description="extra argv appended verbatim")
 
@@ -89,7 +89,7 @@ class Router(ProcessCommon):
 class Topology(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     namespace: str | None = None
-    services: Services = Field(default_factory=Services)
+    services: Services = Field(default_factory=lambda: Services())
     backend: Literal["subprocess", "tmux"] = "subprocess"
     model: str
     engine: EngineFlags = Field(default_factory=dict, description="vLLM flags for every worker")
@@ -143,7 +143,7 @@ def parse_topology(loaded: LoadedYaml) -> Topology:
     base = loaded.file.parent
     topo.model = _resolve_model_path(topo.model, base)
     for proc in [*topo.workers, *topo.routers]:
-        if proc.model:
+        if isinstance(proc, (Worker, Router)) and proc.model:
             proc.model = _resolve_model_path(proc.model, base)
     return topo
 

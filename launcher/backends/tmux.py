@@ -147,7 +147,10 @@ class TmuxBackend:
         with os.fdopen(fd, "w") as f:
             f.write(launch_script(spec, self.tmux_bin, channel, dict(os.environ)))
         os.chmod(script, 0o700)
+        # The supervisor's working directory, as the subprocess backend gives (a tmux server started
+        # elsewhere would otherwise put the pane in its own).
         session = self.server.new_session(session_name=name, window_name=name, x=200, y=50,
+                                          start_directory=os.getcwd(),
                                           window_command=f"exec /bin/sh {shlex.quote(str(script))}")
         try:
             target = _target(spec.name)

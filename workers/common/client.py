@@ -56,7 +56,10 @@ async def generate(nc: requestplane.NATS, subject: str, request: GenerateRequest
             yield item
             return
         chunk = item.data or {}
-        text += chunk.get("text", "")
+        delta = chunk.get("text", "")
+        if not delta:
+            continue  # a step that added no text (e.g. the final bookkeeping chunk) prints nothing
+        text += delta
         yield Annotated(data=text, event=item.event, comment=item.comment, id=item.id)
 
 

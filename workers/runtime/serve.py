@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import Any
 
 from workers.runtime import requestplane
 from workers.runtime.registry import Registration, Registry
@@ -32,7 +33,7 @@ class WorkerContext:
         self.registry: Registry | None = None
         self.servers: list[requestplane.EndpointServer] = []
         self.stop_event = asyncio.Event()
-        self.on_shutdown: list[Callable[[], Awaitable[None] | None]] = []
+        self.on_shutdown: list[Callable[[], Any]] = []  # sync or async; run in reverse at close
 
     async def connect(self) -> None:
         s = self.settings
