@@ -63,21 +63,29 @@ class BlockHasher:
 
     def chain(self, tokens: Sequence[int] | np.ndarray, parent: int = ROOT_HASH) -> list[int]:
         """Chained hashes: hash i names blocks 0..i (and whatever preceded `parent`)."""
-        out = []
-        h = parent
-        for c in self.content(tokens):
-            h = hash((h, c))
-            out.append(h)
-        return out
+        return chain_contents(self.content(tokens), parent)
+
+
+def chain_contents(contents: Iterable[int], parent: int = ROOT_HASH) -> list[int]:
+    """Chain per-block content hashes (hashing many events' tokens in one numpy call is much cheaper)."""
+    out = []
+    h = parent
+    for c in contents:
+        h = hash((h, c))
+        out.append(h)
+    return out
 
 
 class Index(Protocol):
     """What the router needs from an index; both forms implement it."""
 
     block_size: int
+    hasher: BlockHasher
 
     def apply_stored(self, worker: WorkerId, parent: EngineHash | None, engine_hashes: Sequence[EngineHash],
                      tokens: Sequence[int] | np.ndarray) -> bool: ...
+    def apply_stored_content(self, worker: WorkerId, parent: EngineHash | None,
+                             engine_hashes: Sequence[EngineHash], contents: Sequence[int]) -> bool: ...
     def apply_removed(self, worker: WorkerId, engine_hashes: Iterable[EngineHash]) -> None: ...
     def clear(self, worker: WorkerId) -> None: ...
     def remove_worker(self, worker: WorkerId) -> None: ...
@@ -152,6 +160,11 @@ class FlatIndex:
     def apply_stored(self, worker: WorkerId, parent: EngineHash | None, engine_hashes: Sequence[EngineHash],
                      tokens: Sequence[int] | np.ndarray) -> bool:
         """Add blocks; False when the parent is unknown (events were missed: the caller resyncs)."""
+        return self.apply_stored_content(worker, parent, engine_hashes, self.hasher.content(tokens))
+
+    def apply_stored_content(self, worker: WorkerId, parent: EngineHash | None,
+                             engine_hashes: Sequence[EngineHash], contents: Sequence[int]) -> bool:
+        """apply_stored with the blocks' content hashes (BlockHasher.content) already computed."""
         bit = self._slots.get(worker)
         mine = self._by_worker.setdefault(worker, {})
         if parent is None:
@@ -161,7 +174,7 @@ class FlatIndex:
             if known is None:
                 return False
             start = known
-        chained = self.hasher.chain(tokens, start)
+        chained = chain_contents(contents, start)
         if len(chained) != len(engine_hashes):
             return False
         blocks = self._blocks
@@ -197,9 +210,28 @@ class FlatIndex:
         self._slots.release(worker)
 
     def match(self, chained: Sequence[int]) -> dict[WorkerId, int]:
+        # _prefix_counts inlined: this loop is the hot path of every routing decision.
         get = self._blocks.get
-        all_mask = sum(self._slots.bit.values())
-        return _prefix_counts(self._slots, (get(h, 0) for h in chained), all_mask)
+        split = self._slots.split
+        counts: dict[WorkerId, int] = {}
+        active = -1  # every worker
+        depth = 0
+        for h in chained:
+            mask = get(h, 0)
+            if active != -1:
+                mask &= active
+            if mask != active:
+                if depth:
+                    for w in split(active & ~mask):
+                        counts[w] = depth
+                active = mask
+                if not active:
+                    return counts
+            depth += 1
+        if depth and active and active != -1:
+            for w in split(active):
+                counts[w] = depth
+        return counts
 
     def workers(self) -> list[WorkerId]:
         return list(self._slots.bit)
@@ -233,12 +265,16 @@ class TreeIndex:
 
     def apply_stored(self, worker: WorkerId, parent: EngineHash | None, engine_hashes: Sequence[EngineHash],
                      tokens: Sequence[int] | np.ndarray) -> bool:
+        return self.apply_stored_content(worker, parent, engine_hashes, self.hasher.content(tokens))
+
+    def apply_stored_content(self, worker: WorkerId, parent: EngineHash | None,
+                             engine_hashes: Sequence[EngineHash], contents: Sequence[int]) -> bool:
         bit = self._slots.get(worker)
         mine = self._by_worker.setdefault(worker, {})
         node = self.root if parent is None else mine.get(parent)
         if node is None:
             return False
-        chained = self.hasher.chain(tokens, node.key)
+        chained = chain_contents(contents, node.key)
         if len(chained) != len(engine_hashes):
             return False
         for eh, rh in zip(engine_hashes, chained, strict=True):

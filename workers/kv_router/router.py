@@ -27,12 +27,12 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from workers.common.protocol import GenerateRequest
 from workers.kv_router import events as ev
-from workers.kv_router.indexer import FlatIndex
+from workers.kv_router.indexer import FlatIndex, Index
 from workers.runtime import requestplane
 from workers.runtime.registry import Registration, components_prefix
 from workers.runtime.serve import WorkerContext, setup_logging
@@ -58,12 +58,25 @@ class WorkerView:
 
 @dataclass
 class Decision:
+    """One routing decision; the per-worker detail is formatted only when logged or returned."""
+
     worker: int
     process: str
     strategy: str
     blocks: int
-    matched: dict[str, int] = field(default_factory=dict)
-    load: dict[str, dict[str, float]] = field(default_factory=dict)
+    matches: dict[int, int]  # worker -> leading blocks it holds (only workers with a match)
+    candidates: list[int]
+    router: KvRouter
+
+    @property
+    def matched(self) -> dict[str, int]:
+        names = self.router.workers
+        return {names[w].name: self.matches.get(w, 0) for w in self.candidates if w in names}
+
+    @property
+    def load(self) -> dict[str, dict[str, float]]:
+        return {self.router.workers[w].name: self.router.load_of(w) for w in self.candidates
+                if w in self.router.workers}
 
     def as_dict(self) -> dict[str, Any]:
         return {"worker": f"{self.worker:x}", "process": self.process, "strategy": self.strategy,
@@ -81,16 +94,17 @@ class KvRouter:
         self.block_size = block_size
         self.load_weight = load_weight
         self.rng = rng or random.Random()
-        self.index: FlatIndex | None = FlatIndex(block_size) if block_size else None
+        self.index: Index | None = FlatIndex(block_size) if block_size else None
         self.workers: dict[int, WorkerView] = {}
         self.last_seq: dict[int, int] = {}
         self.awaiting_snapshot: dict[int, float] = {}  # worker -> when we asked
         self.gone: set[int] = set()
         self._rr = 0
+        self._busy: set[int] = set()  # workers with requests in flight or a non-zero reported load
         self.resync_requests: list[int] = []  # drained by the plumbing, which publishes them
 
     # ---- membership -------------------------------------------------------------------------
-    def _ensure_index(self, block_size: int) -> FlatIndex:
+    def _ensure_index(self, block_size: int) -> Index:
         if self.index is None:
             self.block_size = block_size
             self.index = FlatIndex(block_size)
@@ -117,6 +131,7 @@ class KvRouter:
         self.gone.add(lease_id)
         self.last_seq.pop(lease_id, None)
         self.awaiting_snapshot.pop(lease_id, None)
+        self._busy.discard(lease_id)
         if self.index is not None:
             self.index.remove_worker(lease_id)
         if view is not None:
@@ -150,9 +165,10 @@ class KvRouter:
                 log.warning("worker %x: batch %d, expected %d: resyncing", w, batch.seq, expected)
                 self.request_resync(w)
                 return
+        contents = iter(ev.stored_contents(index.hasher, batch.events))
         for e in batch.events:
             if isinstance(e, ev.Stored):
-                if not index.apply_stored(w, e.parent, e.hashes, ev.tokens_array(e.tokens)):
+                if not index.apply_stored_content(w, e.parent, e.hashes, next(contents)):
                     if batch.snapshot:
                         continue  # a block whose parent went missing: unreachable, harmless
                     log.warning("worker %x: stored block with unknown parent: resyncing", w)
@@ -168,6 +184,13 @@ class KvRouter:
         view = self.workers.get(load.worker)
         if view is not None:
             view.load = load
+            self._update_busy(load.worker, view)
+
+    def _update_busy(self, w: int, view: WorkerView) -> None:
+        if view.inflight_requests or (view.load is not None and (view.load.running or view.load.waiting)):
+            self._busy.add(w)
+        else:
+            self._busy.discard(w)
 
     def stale_resyncs(self) -> list[int]:
         now = time.monotonic()
@@ -191,15 +214,34 @@ class KvRouter:
         elif self.strategy == "random":
             chosen = self.rng.choice(candidates)
         else:
-            costs = {w: (n - matches.get(w, 0)) + self.load_weight * self._pending_blocks(w, n) for w in candidates}
-            best = min(costs.values())
-            chosen = self.rng.choice([w for w, c in costs.items() if c == best])
-        view = self.workers[chosen]
-        return Decision(
-            worker=chosen, process=view.name, strategy=self.strategy, blocks=n,
-            matched={self.workers[w].name: matches.get(w, 0) for w in candidates},
-            load={self.workers[w].name: self._load_of(w) for w in candidates},
-        )
+            chosen = self._cheapest(candidates, matches, n)
+        return Decision(worker=chosen, process=self.workers[chosen].name, strategy=self.strategy, blocks=n,
+                        matches=matches, candidates=candidates, router=self)
+
+    def _cheapest(self, candidates: list[int], matches: dict[int, int], n: int) -> int:
+        """Lowest cost; only workers with a match or a load can cost less than n, so only they are scored."""
+        workers = self.workers
+        lw = self.load_weight
+        scored: dict[int, float] = {}
+        for w in matches.keys() | self._busy:
+            view = workers.get(w)
+            if view is None or (w not in matches and w not in self._busy):
+                continue
+            scored[w] = n - matches.get(w, 0) + (lw * self._pending_blocks(w, n) if w in self._busy else 0)
+        if len(candidates) != len(workers):  # some excluded (a retry): score only the candidates
+            allowed = set(candidates)
+            scored = {w: c for w, c in scored.items() if w in allowed}
+        best_cost = min(scored.values(), default=float("inf"))
+        best = [w for w, c in scored.items() if c == best_cost]
+        if best_cost < n or len(scored) == len(candidates):
+            return best[0] if len(best) == 1 else self.rng.choice(best)
+        # Some worker is idle with nothing cached: cost n. Pick one of those (and of any tie at n).
+        for _ in range(8):
+            w = self.rng.choice(candidates)
+            if w not in scored or scored[w] == n:
+                return w
+        idle = [w for w in candidates if w not in scored or scored[w] == n]
+        return self.rng.choice(idle)
 
     def _pending_blocks(self, w: int, n: int) -> float:
         view = self.workers[w]
@@ -207,7 +249,7 @@ class KvRouter:
         others = max(0, reported - view.inflight_requests)  # requests other routers sent there
         return view.inflight_blocks + others * max(n, 1)
 
-    def _load_of(self, w: int) -> dict[str, float]:
+    def load_of(self, w: int) -> dict[str, float]:
         view = self.workers[w]
         out: dict[str, float] = {"inflight": view.inflight_requests}
         if view.load is not None:
@@ -219,12 +261,14 @@ class KvRouter:
         if view is not None:
             view.inflight_requests += 1
             view.inflight_blocks += max(d.blocks, 1)
+            self._busy.add(d.worker)
 
     def finished(self, d: Decision) -> None:
         view = self.workers.get(d.worker)
         if view is not None:
             view.inflight_requests = max(0, view.inflight_requests - 1)
             view.inflight_blocks = max(0, view.inflight_blocks - max(d.blocks, 1))
+            self._update_busy(d.worker, view)
 
 
 class Tokenizer:
