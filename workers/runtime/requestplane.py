@@ -140,6 +140,11 @@ async def stream(
                         f"worker on {subject} went silent for {idle_timeout:.0f} s (it died or hung)"
                     )
                 return
+            if not msg.data:
+                # nats-server answers a request nobody is subscribed to with an empty 503 status message.
+                status = (msg.headers or {}).get("Status", "")
+                yield Annotated.error(f"no worker serves {subject} (NATS status {status or 'empty'})")
+                return
             item = Annotated.decode(msg.data)
             if item.event == EVENT_ACK:
                 acked = True

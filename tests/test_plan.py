@@ -1,0 +1,121 @@
+"""What `launcher plan` says is exactly what `up` runs: argv, env, devices, order."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from launcher.plan import Endpoints, build_plan, flags_to_argv, select_host
+from launcher.topology import load_topology
+
+ENDPOINTS = Endpoints(etcd=["http://10.0.0.1:2379"], nats="nats://10.0.0.1:4222")
+
+
+def plan_of(tmp_path: Path, text: str):  # type: ignore[no-untyped-def]
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    topo, _ = load_topology(path)
+    return build_plan(topo, ENDPOINTS)
+
+
+def test_flags_to_argv_booleans_and_json() -> None:
+    assert flags_to_argv({"enforce-eager": True, "enable_prefix_caching": False, "max-model-len": 100,
+                          "compilation-config": {"level": 0}, "x": None}) == [
+        "--enforce-eager", "--no-enable-prefix-caching", "--max-model-len", "100",
+        "--compilation-config", '{"level": 0}']
+
+
+def test_monolith_argv_env_and_devices(tmp_path: Path) -> None:
+    (spec,) = plan_of(tmp_path, """\
+name: demo
+model: org/model
+engine: {max-model-len: 100, enforce-eager: true}
+env: {HF_HOME: /cache}
+workers:
+  - name: w
+    gpus: [2, 3]
+    engine: {tensor-parallel-size: 2, max-model-len: 200}
+    env: {EXTRA: "1"}
+""")
+    assert spec.argv[1:4] == ["-m", "workers.monolith.worker", "--model"]
+    assert spec.argv[4:] == ["org/model", "--max-model-len", "200", "--enforce-eager", "--tensor-parallel-size", "2"]
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert spec.env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    assert spec.env["LAUNCHER_NAMESPACE"] == "demo" and spec.env["LAUNCHER_PROCESS"] == "w"
+    assert spec.env["ETCD_ENDPOINTS"] == "http://10.0.0.1:2379" and spec.env["NATS_SERVER"] == "nats://10.0.0.1:4222"
+    assert spec.env["HF_HOME"] == "/cache" and spec.env["EXTRA"] == "1"
+    assert spec.devices == "gpu 2,3"
+
+
+def test_cpu_binding(tmp_path: Path) -> None:
+    (spec,) = plan_of(tmp_path, "name: t\nmodel: m\nworkers:\n  - {name: w, cpus: '0|1', "
+                                "engine: {tensor-parallel-size: 2}}\n")
+    assert spec.env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    assert "CUDA_VISIBLE_DEVICES" not in spec.env
+    assert spec.devices == "cpu 0|1"
+
+
+def test_replicas_get_names_gpus_and_kv_ranks(tmp_path: Path) -> None:
+    specs = plan_of(tmp_path, """\
+name: t
+model: m
+workers:
+  - name: v
+    kind: prefill
+    replicas: 2
+    gpus: [0, 1]
+    kv_transfer: {kv_connector: NixlConnector, kv_role: kv_producer, kv_rank: 0, kv_parallel_size: 3}
+""")
+    assert [s.name for s in specs] == ["v-1", "v-2"]
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in specs] == ["0", "1"]
+    ranks = [json.loads(s.argv[s.argv.index("--kv-transfer-config") + 1])["kv_rank"] for s in specs]
+    assert ranks == [0, 1]
+
+
+def test_order_routers_then_prefill_then_decode(tmp_path: Path) -> None:
+    specs = plan_of(tmp_path, """\
+name: t
+model: m
+workers:
+  - {name: d, kind: decode, kv_transfer: {kv_connector: NixlConnector, kv_role: kv_consumer}}
+  - {name: p, kind: prefill, kv_transfer: {kv_connector: NixlConnector, kv_role: kv_producer}}
+  - {name: k, kind: kv_worker, engine: {block-size: 32}}
+routers:
+  - {name: r, strategy: round_robin}
+""")
+    assert [s.name for s in specs] == ["r", "p", "d", "k"]
+    by = {s.name: s for s in specs}
+    assert by["r"].depends_on == [] and by["p"].depends_on == ["r"] and by["d"].depends_on == ["r", "p"]
+    assert by["r"].argv[-4:] == ["--routing-strategy", "round_robin", "--block-size", "32"]
+
+
+def test_select_host_drops_foreign_dependencies(tmp_path: Path) -> None:
+    specs = plan_of(tmp_path, """\
+name: t
+model: m
+workers:
+  - {name: p, kind: prefill, host: a, kv_transfer: {kv_connector: NixlConnector, kv_role: kv_producer}}
+  - {name: d, kind: decode, host: b, kv_transfer: {kv_connector: NixlConnector, kv_role: kv_consumer}}
+""")
+    (d,) = select_host(specs, "b")
+    assert d.name == "d" and d.depends_on == [] and d.env["LAUNCHER_HOST"] == "b"
+
+
+def test_env_overrides_endpoints(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\nmodel: m\nworkers:\n  - {name: w}\n")
+    topo, _ = load_topology(path)
+    monkeypatch.setenv("ETCD_ENDPOINTS", "http://a:1,http://b:2")
+    monkeypatch.setenv("NATS_SERVER", "nats://c:3")
+    assert Endpoints.resolve(topo) == Endpoints(etcd=["http://a:1", "http://b:2"], nats="nats://c:3")
+
+
+def test_plan_cli_hides_secrets(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\nmodel: m\nenv: {HF_TOKEN: hf_abc123}\nworkers:\n  - {name: w}\n")
+    out = subprocess.run([sys.executable, "-m", "launcher.cli", "plan", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "hf_abc123" not in out.stdout and "HF_TOKEN=***" in out.stdout
+    assert "workers.monolith.worker" in out.stdout

@@ -1,0 +1,149 @@
+"""The request plane over a real nats-server: streams, errors, and never hanging on a dead worker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from workers.common.protocol import GenerateRequest
+from workers.runtime import requestplane
+from workers.runtime.annotated import Annotated
+from workers.runtime.registry import Registration, Registry, components_prefix
+
+
+def test_annotated_prints_like_the_seed() -> None:
+    assert repr(Annotated(data=" Well")) == "Annotated(data=' Well', event=None, comment=[], id=None)"
+
+
+def test_annotated_roundtrip() -> None:
+    a = Annotated(data={"text": "x", "token_ids": [1, 2]}, event=None, comment=["c"], id="7")
+    assert Annotated.decode(a.encode()) == a
+    assert Annotated.error("boom").is_error()
+
+
+def test_generate_request_needs_exactly_one_input() -> None:
+    with pytest.raises(ValueError):
+        GenerateRequest()
+    with pytest.raises(ValueError):
+        GenerateRequest(prompt="a", token_ids=[1])
+    assert GenerateRequest(token_ids=[1, 2]).token_ids == [1, 2]
+
+
+async def _serve(nats: str, subject: str, handler: Any) -> tuple[Any, requestplane.EndpointServer]:
+    nc = await requestplane.connect(nats, "test-worker")
+    server = requestplane.EndpointServer(nc, subject, subject + ".1", handler)
+    await server.start()
+    return nc, server
+
+
+def test_stream_delivers_items_in_order_then_ends(services) -> None:  # type: ignore[no-untyped-def]
+    async def handler(req: dict[str, Any]) -> AsyncIterator[Any]:
+        for i in range(req["n"]):
+            yield {"i": i}
+
+    async def run() -> list[Annotated]:
+        nc_w, server = await _serve(services.nats, "t1.c.generate", handler)
+        nc = await requestplane.connect(services.nats, "c")
+        try:
+            return [a async for a in requestplane.stream(nc, "t1.c.generate", {"n": 5}, idle_timeout=2)]
+        finally:
+            await server.stop()
+            await nc.close()
+            await nc_w.close()
+
+    items = asyncio.run(run())
+    assert [a.data for a in items] == [{"i": i} for i in range(5)]
+
+
+def test_handler_exception_becomes_error_event(services) -> None:  # type: ignore[no-untyped-def]
+    async def handler(req: dict[str, Any]) -> AsyncIterator[Any]:
+        yield {"ok": 1}
+        raise ValueError("model exploded")
+
+    async def run() -> list[Annotated]:
+        nc_w, server = await _serve(services.nats, "t2.c.generate", handler)
+        nc = await requestplane.connect(services.nats, "c")
+        try:
+            return [a async for a in requestplane.stream(nc, "t2.c.generate", {}, idle_timeout=2)]
+        finally:
+            await server.stop()
+            await nc.close()
+            await nc_w.close()
+
+    items = asyncio.run(run())
+    assert items[0].data == {"ok": 1}
+    assert items[-1].is_error() and "model exploded" in items[-1].comment[0]
+
+
+def test_nobody_serving_is_an_error_not_a_hang(services) -> None:  # type: ignore[no-untyped-def]
+    async def run() -> list[Annotated]:
+        nc = await requestplane.connect(services.nats, "c")
+        try:
+            return [a async for a in requestplane.stream(nc, "t3.nobody.generate", {}, idle_timeout=1)]
+        finally:
+            await nc.close()
+
+    (item,) = asyncio.run(run())
+    assert item.is_error() and "no worker serves t3.nobody.generate" in item.comment[0]
+
+
+def test_worker_dying_mid_stream_gives_an_error(services) -> None:  # type: ignore[no-untyped-def]
+    """The worker's connection vanishes after one item (as with kill -9): the client errors, it does not hang."""
+    first_sent = asyncio.Event()
+
+    async def handler(req: dict[str, Any]) -> AsyncIterator[Any]:
+        yield {"first": True}
+        first_sent.set()
+        await asyncio.sleep(3600)
+        yield {"never": True}
+
+    async def run() -> tuple[list[Annotated], float]:
+        nc_w, server = await _serve(services.nats, "t4.c.generate", handler)
+        nc = await requestplane.connect(services.nats, "c")
+        items: list[Annotated] = []
+
+        async def consume() -> None:
+            async for a in requestplane.stream(nc, "t4.c.generate", {}, idle_timeout=1.5):
+                items.append(a)
+
+        task = asyncio.create_task(consume())
+        await first_sent.wait()
+        # Kill the worker's side without any goodbye: close its socket, stop its tasks silently.
+        for t in list(server._tasks):  # a crash: the stream stops with no error and no end marker
+            t.cancel()
+        nc_w._transport.close()
+        t0 = time.monotonic()
+        await asyncio.wait_for(task, timeout=30)
+        await nc.close()
+        return items, time.monotonic() - t0
+
+    items, waited = asyncio.run(run())
+    assert items[0].data == {"first": True}
+    assert items[-1].is_error() and "went silent" in items[-1].comment[0]
+    assert waited < 30
+
+
+def test_registration_lives_under_a_lease(services) -> None:  # type: ignore[no-untyped-def]
+    async def run() -> tuple[list[Registration], list[Registration]]:
+        reg_side = await Registry.connect([services.etcd])
+        reader = await Registry.connect([services.etcd])
+        try:
+            reg = Registration(namespace="t5", component="c", endpoint="generate", subject="t5.c.generate",
+                               process="w", model="m")
+            await reg_side.register(reg, ttl=5)
+            before = await reader.list("t5")
+            await reg_side.close()  # revokes: gone at once, not after the TTL
+            after = await reader.list("t5")
+            return before, after
+        finally:
+            await reader.close()
+
+    before, after = asyncio.run(run())
+    assert len(before) == 1 and before[0].process == "w" and before[0].lease_id
+    assert before[0].subject == "t5.c.generate"
+    assert after == []
+    assert components_prefix("ns", "c") == "ns/components/c/"

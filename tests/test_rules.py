@@ -1,0 +1,78 @@
+"""Device and naming rules (disaggregation rules: test_rules_disagg.py; KV router: test_indexer/e2e)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launcher import rules
+from launcher.topology import load_topology
+
+
+def check(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    topo, loaded = load_topology(path)
+    return [p.render(loaded) for p in rules.check(topo)]
+
+
+def test_clean_topology_has_no_problem(tmp_path: Path) -> None:
+    assert check(tmp_path, """\
+name: t
+model: m
+workers:
+  - {name: a, gpus: [0, 1], engine: {tensor-parallel-size: 2}}
+  - {name: b, gpus: [2]}
+""") == []
+
+
+def test_gpu_given_twice(tmp_path: Path) -> None:
+    out = check(tmp_path, "name: t\nmodel: m\nworkers:\n  - {name: a, gpus: [0]}\n  - {name: b, gpus: [0]}\n")
+    assert len(out) == 1 and "GPU 0 is already given to 'a'" in out[0] and ":5:" in out[0]
+
+
+def test_gpu_count_must_match_tp_times_pp(tmp_path: Path) -> None:
+    out = check(tmp_path, """\
+name: t
+model: m
+engine: {pipeline-parallel-size: 2}
+workers:
+  - name: a
+    gpus: [0, 1]
+    engine: {tensor_parallel_size: 2}
+""")
+    assert len(out) == 1
+    assert "2 GPU(s) given but 1 replica(s) x tensor-parallel-size 2 x pipeline-parallel-size 2 need 4" in out[0]
+    assert ":6:" in out[0]
+
+
+def test_same_gpu_on_different_hosts_is_fine(tmp_path: Path) -> None:
+    assert check(tmp_path, "name: t\nmodel: m\nworkers:\n  - {name: a, gpus: [0], host: h1}\n"
+                           "  - {name: b, gpus: [0], host: h2}\n") == []
+
+
+def test_replicas_need_gpus_for_each(tmp_path: Path) -> None:
+    out = check(tmp_path, "name: t\nmodel: m\nworkers:\n  - {name: v, replicas: 3, gpus: [0, 1]}\n")
+    assert "3 replica(s)" in out[0] and "need 3" in out[0]
+
+
+def test_duplicate_names(tmp_path: Path) -> None:
+    out = check(tmp_path, "name: t\nmodel: m\nworkers:\n  - {name: a}\n  - {name: a}\n")
+    assert "name 'a' is used twice" in out[0]
+
+
+def test_cpu_core_given_twice_and_rank_sets(tmp_path: Path) -> None:
+    out = check(tmp_path, """\
+name: t
+model: m
+workers:
+  - {name: a, cpus: "0-1"}
+  - {name: b, cpus: "1", engine: {tensor-parallel-size: 2}}
+""")
+    assert any("core 1 is already given to 'a'" in p for p in out)
+    assert any("1 core set(s) given for tensor-parallel-size x pipeline-parallel-size = 2" in p for p in out)
+
+
+def test_parse_cpu_set() -> None:
+    assert rules.parse_cpu_set("0-3") == {0, 1, 2, 3}
+    assert rules.parse_cpu_set("0|1") == {0, 1}
+    assert rules.parse_cpu_set("0,2-3") == {0, 2, 3}
