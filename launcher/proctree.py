@@ -43,6 +43,13 @@ def create_time(pid: int) -> float | None:
         return None
 
 
+def _is_zombie(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def owns_pid(pid: int, create_time: float | None) -> bool:
     """False only when `pid` now names a *different* process (reused after ours died).
 
@@ -68,6 +75,9 @@ def stop_tree(pid: int, grace: float = 10.0, extra: list[psutil.Process] | None 
     """
     ours = owns_pid(pid, create_time)
     members = (tree(pid) if ours else []) + [p for p in extra or [] if p.pid != pid or ours]
+    # A zombie is already dead; waiting on one whose parent (a tmux server) never reaps it would
+    # only burn the grace period.
+    members = [p for p in members if not _is_zombie(p)]
     if not members:
         return []
     if ours:

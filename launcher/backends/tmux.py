@@ -29,11 +29,13 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import libtmux
+import psutil
 
 from launcher import proctree
 from launcher.plan import ProcessSpec
@@ -47,6 +49,8 @@ _NOT_EXPORTED = {"TMUX", "TMUX_PANE"}
 UNKNOWN_EXIT = 1
 # The session vanished under a live supervisor (someone ran kill-session): tmux sent SIGHUP.
 SESSION_GONE_EXIT = -1
+# Seconds to wait for tmux to record the exit status of a pane whose process has gone.
+STATUS_WAIT = 3.0
 
 
 class TmuxError(RuntimeError):
@@ -122,6 +126,25 @@ def launch_script(spec: ProcessSpec, tmux_bin: str, channel: str, environ: dict[
     return "\n".join(lines) + "\n"
 
 
+def zombie_exit_code(pid: int, created: float | None) -> int | None:
+    """The exit status of our process while it is a zombie, from /proc (field 52, waitpid form).
+
+    Needed because tmux 3.3a sometimes misses the SIGCHLD of the first pane of a server it has just
+    started: the pane is shown dead, without a status, and its process stays a zombie for good.
+    """
+    try:
+        if created is not None and abs(psutil.Process(pid).create_time() - created) > 1.0:
+            return None
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, psutil.Error):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # fields[0] is field 3 (state)
+    if not fields or fields[0] != "Z" or len(fields) < 50:
+        return None
+    raw = int(fields[49])
+    return -os.WTERMSIG(raw) if os.WIFSIGNALED(raw) else os.WEXITSTATUS(raw)
+
+
 class TmuxBackend:
     """The `Backend` protocol over tmux sessions; see the module docstring for why it is shaped so."""
 
@@ -133,6 +156,7 @@ class TmuxBackend:
         self.owner = str(run_dir.path.resolve())
         self.scripts = run_dir.path / "tmux"
         self._pids: dict[str, tuple[int, float | None]] = {}
+        self._dead_since: dict[str, float] = {}
         run_dir.path.mkdir(parents=True, exist_ok=True)
         write_json(_config_file(run_dir), {"socket_name": self.socket_name, "tmux": self.tmux_bin})
 
@@ -165,6 +189,7 @@ class TmuxBackend:
             # Open the gate even on failure, so the script never waits forever.
             self.server.cmd("wait-for", "-S", channel)
         self._pids[spec.name] = (pid, proctree.create_time(pid))
+        self._dead_since.pop(spec.name, None)
         return pid
 
     def _clear_session(self, process: str) -> None:
@@ -191,16 +216,20 @@ class TmuxBackend:
         pid, created = known
         if proctree.is_same_process(pid, created):
             return None
+        code = zombie_exit_code(pid, created)
+        if code is not None:
+            return code
         facts = _sessions(self.server).get(session_name(name))
         if facts is None or facts["pid"] != str(pid):
             return SESSION_GONE_EXIT
-        if facts["dead"] != "1":
-            return None  # tmux has not reaped it yet; the next tick sees the status
         if facts["status"]:
             return int(facts["status"])
         if facts["signal"]:
             return -int(facts["signal"])
-        return UNKNOWN_EXIT
+        # tmux marks a pane dead when its pty closes, and records the status only when it handles
+        # SIGCHLD, a moment later: ask again next tick, but do not wait for a status forever.
+        first = self._dead_since.setdefault(name, time.monotonic())
+        return UNKNOWN_EXIT if time.monotonic() - first > STATUS_WAIT else None
 
     def close(self) -> None:
         """The supervisor has stopped every process: remove our sessions (dead panes) too."""
