@@ -188,7 +188,7 @@ def rule_disaggregation(topo: Topology) -> list[Problem]:
                                         f"the installed vLLM has no connector '{kt.kv_connector}'; "
                                         f"known: {', '.join(sorted(known))}"))
         if parallel_sizes(topo, w)[1] != 1:
-            problems.append(Problem(("workers", i, "engine"),
+            problems.append(Problem(("workers", i, "engine", "pipeline-parallel-size"),
                                     "pipeline-parallel-size must be 1 in a disaggregated deployment"))
     if not instances:
         return problems
@@ -208,23 +208,25 @@ def rule_disaggregation(topo: Topology) -> list[Problem]:
                 tp = parallel_sizes(topo, w)[0]
                 if sizes and tp not in sizes:
                     other_tp, other = next(iter(sizes.items()))
-                    problems.append(Problem(("workers", i, "engine"),
+                    problems.append(Problem(("workers", i, "engine", "tensor-parallel-size"),
                                             f"{role} '{w.name}' has tensor-parallel-size {tp} but '{other}' has "
                                             f"{other_tp}: instances of one kv_role need the same TP size"))
                 sizes.setdefault(tp, w.name)
     ranks_seen: dict[int, str] = {}
+    size_reported: set[int] = set()
     for i, w, rank in instances:
         kt = w.kv_transfer
         assert kt is not None
         if rank is not None:
             if rank in ranks_seen:
                 problems.append(Problem(("workers", i, "kv_transfer", "kv_rank"),
-                                        f"kv_rank {rank} is also '{ranks_seen[rank]}''s: kv_ranks are unique"))
+                                        f"kv_rank {rank} is already '{ranks_seen[rank]}'s: kv_ranks are unique"))
             ranks_seen[rank] = w.name
             if kt.kv_parallel_size is not None and rank >= kt.kv_parallel_size:
                 problems.append(Problem(("workers", i, "kv_transfer", "kv_rank"),
                                         f"kv_rank {rank} is not below kv_parallel_size {kt.kv_parallel_size}"))
-        if kt.kv_parallel_size is not None and kt.kv_parallel_size != len(instances):
+        if kt.kv_parallel_size is not None and kt.kv_parallel_size != len(instances) and i not in size_reported:
+            size_reported.add(i)  # one message per worker, not one per replica
             problems.append(Problem(("workers", i, "kv_transfer", "kv_parallel_size"),
                                     f"kv_parallel_size is {kt.kv_parallel_size} but the topology has "
                                     f"{len(instances)} kv instance(s): make them equal"))

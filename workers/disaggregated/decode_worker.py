@@ -1,0 +1,156 @@
+"""A decode worker: asks a prefill worker to run the prompt, then decodes from the KV it left.
+
+    python -m workers.disaggregated.decode_worker --model DIR_OR_ID \
+        --kv-transfer-config '{"kv_connector": "ExampleConnector", "kv_role": "kv_consumer", ...}' [any vLLM flag]
+
+It serves component `decode` (endpoint `generate`), so clients talk to it exactly as to a monolith
+(`python -m workers.common.client --component decode`). Per request:
+
+1. pick the prefill instance with the least outstanding work (workers.disaggregated.prefill_pool);
+2. send it the same prompt with max_tokens=1 and kv_transfer_params {"do_remote_decode": true};
+3. run the request here with the kv_transfer_params the prefill returned, so the connector loads
+   the prompt's KV instead of computing it.
+
+If no prefill instance is registered, or the chosen one does not answer within
+--prefill-timeout seconds of silence, or it fails, the prompt is prefilled here and the log says
+so: a client never waits on a dead prefill worker. The final chunk names the prefill worker used
+(`prefill_worker`, "local" for a local prefill) so a user can see where the prompt ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from workers.common.protocol import GenerateRequest
+from workers.disaggregated.prefill_pool import PrefillInstance, PrefillPool
+from workers.disaggregated.prefill_worker import kv_role_of
+from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser
+from workers.runtime import requestplane
+from workers.runtime.serve import WorkerContext, setup_logging
+from workers.runtime.settings import RuntimeSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMPONENT = "decode"
+DEFAULT_PREFILL_COMPONENT = "prefill"
+DEFAULT_PREFILL_TIMEOUT = 5.0
+LOCAL = "local"
+
+
+class PrefillFailed(Exception):
+    """The remote prefill gave no usable answer; the caller prefills locally instead."""
+
+
+def prefill_request(req: GenerateRequest) -> dict[str, Any]:
+    """The same prompt, one token, and the flag that tells the producer to keep the KV for a remote decode."""
+    sampling = {k: v for k, v in req.sampling.items() if k not in ("min_tokens", "n")}
+    sampling["max_tokens"] = 1
+    remote = req.model_copy(update={
+        "request_id": f"{req.request_id}-prefill",
+        "sampling": sampling,
+        "kv_transfer_params": {"do_remote_decode": True},
+    })
+    return remote.model_dump(exclude_none=True)
+
+
+class DisaggregatedHandler:
+    """The decode component's `generate`: remote prefill first, local decode after."""
+
+    def __init__(self, nc: requestplane.NATS, engine: EngineHandler, pool: PrefillPool,
+                 prefill_timeout: float = DEFAULT_PREFILL_TIMEOUT) -> None:
+        self.nc = nc
+        self.engine = engine
+        self.pool = pool
+        self.prefill_timeout = prefill_timeout
+
+    async def remote_prefill(self, inst: PrefillInstance, req: GenerateRequest) -> dict[str, Any]:
+        """Run the prefill on `inst`; return its final chunk (kv_transfer_params, worker, counts)."""
+        final: dict[str, Any] | None = None
+        with self.pool.lease(inst):
+            async for item in requestplane.stream(self.nc, inst.subject, prefill_request(req),
+                                                  idle_timeout=self.prefill_timeout):
+                if item.is_error():
+                    raise PrefillFailed("; ".join(item.comment) or "error without a message")
+                chunk = item.data or {}
+                if chunk.get("finish_reason") is not None or "kv_transfer_params" in chunk:
+                    final = chunk
+        if final is None:
+            raise PrefillFailed("the stream ended without a final chunk")
+        return final
+
+    async def prefill(self, req: GenerateRequest) -> tuple[dict[str, Any] | None, str]:
+        """(kv_transfer_params for the decode, name of the prefill worker or "local")."""
+        inst = self.pool.pick()
+        if inst is None:
+            log.warning("request %s: no prefill worker registered; prefilling locally", req.request_id)
+            return None, LOCAL
+        started = time.monotonic()
+        try:
+            final = await self.remote_prefill(inst, req)
+        except (PrefillFailed, OSError, asyncio.TimeoutError) as exc:
+            self.pool.mark_failed(inst, str(exc))
+            log.warning("request %s: prefill on %s failed (%s); prefilling locally", req.request_id, inst.name, exc)
+            return None, LOCAL
+        log.info("request %s: prefill on %s took %.3f s", req.request_id, inst.name, time.monotonic() - started)
+        return final.get("kv_transfer_params"), str(final.get("worker") or inst.name)
+
+    async def generate(self, raw: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        req = GenerateRequest.model_validate(raw)
+        params: dict[str, Any] | None
+        if req.kv_transfer_params is not None:
+            # The caller already did the prefill (e.g. an external proxy): decode as asked.
+            params, prefill_worker = req.kv_transfer_params, "caller"
+        else:
+            params, prefill_worker = await self.prefill(req)
+        decode = req.model_copy(update={"kv_transfer_params": params})
+        async for chunk in self.engine.generate(decode.model_dump(exclude_none=True)):
+            out: dict[str, Any] = dict(chunk)
+            if "finish_reason" in out:
+                out["prefill_worker"] = prefill_worker
+            yield out
+
+
+async def serve(args: argparse.Namespace) -> None:
+    settings = RuntimeSettings.from_env()
+    ctx = WorkerContext(settings)
+    await ctx.connect()  # fail fast on a wrong endpoint, before minutes of model loading
+    assert ctx.nc is not None and ctx.registry is not None
+    engine_args = engine_args_from(args)
+    if engine_args.kv_transfer_config is None:
+        raise SystemExit("a decode worker needs --kv-transfer-config (kv_connector, kv_role kv_consumer)")
+    pool = PrefillPool()
+    follower = asyncio.create_task(pool.follow(ctx.registry, settings.namespace, args.prefill_component))
+
+    def stop_following() -> None:
+        follower.cancel()
+
+    ctx.on_shutdown.append(stop_following)
+    engine = build_engine(engine_args)
+    ctx.on_shutdown.append(engine.shutdown)
+    handler = DisaggregatedHandler(ctx.nc, EngineHandler(engine, settings.process_name), pool, args.prefill_timeout)
+    await ctx.serve(args.component, "generate", handler.generate, model=engine_args.model,
+                    block_size=engine_args.block_size, kv_role=kv_role_of(engine_args))
+    log.info("serving %s with %d prefill instance(s) known", args.component, len(pool.instances))
+    await ctx.run_until_stopped()
+
+
+def main() -> None:
+    setup_logging()
+    parser = make_parser(__doc__ or "")
+    parser.add_argument("--component", default=DEFAULT_COMPONENT,
+                        help=f"registration component (default: {DEFAULT_COMPONENT})")
+    parser.add_argument("--prefill-component", default=DEFAULT_PREFILL_COMPONENT,
+                        help=f"component the prefill workers serve (default: {DEFAULT_PREFILL_COMPONENT})")
+    parser.add_argument("--prefill-timeout", type=float, default=DEFAULT_PREFILL_TIMEOUT,
+                        help="seconds of silence from a prefill worker before prefilling locally "
+                             f"(default: {DEFAULT_PREFILL_TIMEOUT})")
+    asyncio.run(serve(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
