@@ -358,6 +358,7 @@ def kv_router(run: Run, env: Env, baseline: dict[int, int], args: argparse.Names
 
 
 def main() -> None:
+    global TOPOLOGIES
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", choices=["run1", "run2"])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "/tmp/gpu-out"))
@@ -371,7 +372,6 @@ def main() -> None:
     p.add_argument("--topologies", type=Path, default=TOPOLOGIES,
                    help="folder of the gpu-*.yaml files (a CPU copy lets the orchestration be tried without a GPU)")
     args = p.parse_args()
-    global TOPOLOGIES
     TOPOLOGIES = args.topologies
     if shutil.which("nvidia-smi") is None:
         raise SystemExit("no nvidia-smi: these runs need NVIDIA GPUs")
