@@ -22,11 +22,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from workers.common.protocol import GenerateRequest
+from workers.disaggregated.kvconfig import adapt_argv
 from workers.disaggregated.prefill_pool import PrefillInstance, PrefillPool
 from workers.disaggregated.prefill_worker import kv_role_of
 from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser
@@ -149,7 +151,7 @@ def main() -> None:
     parser.add_argument("--prefill-timeout", type=float, default=DEFAULT_PREFILL_TIMEOUT,
                         help="seconds of silence from a prefill worker before prefilling locally "
                              f"(default: {DEFAULT_PREFILL_TIMEOUT})")
-    asyncio.run(serve(parser.parse_args()))
+    asyncio.run(serve(parser.parse_args(adapt_argv(sys.argv[1:]))))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
+from workers.disaggregated.kvconfig import adapt_argv
 from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser
 from workers.runtime.serve import WorkerContext, setup_logging
 from workers.runtime.settings import RuntimeSettings
@@ -47,7 +49,7 @@ def main() -> None:
     parser = make_parser(__doc__ or "")
     parser.add_argument("--component", default=DEFAULT_COMPONENT,
                         help=f"registration component (default: {DEFAULT_COMPONENT})")
-    asyncio.run(serve(parser.parse_args()))
+    asyncio.run(serve(parser.parse_args(adapt_argv(sys.argv[1:]))))
 
 
 if __name__ == "__main__":
