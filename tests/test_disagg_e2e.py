@@ -29,6 +29,7 @@ from workers.common.protocol import GenerateRequest
 from workers.disaggregated.decode_worker import LOCAL, prefill_request
 from workers.disaggregated.kvconfig import adapt_argv
 from workers.disaggregated.prefill_pool import PrefillPool
+from workers.disaggregated.shared_storage import SharedStorage, prompt_folder
 from workers.runtime import requestplane
 from workers.runtime.annotated import Annotated
 from workers.runtime.registry import Registration
@@ -219,3 +220,15 @@ def test_seed_only_kv_fields_are_not_passed_to_vllm() -> None:
     example = {"kv_connector": "ExampleConnector", "kv_role": "kv_consumer", "kv_rank": 1}
     argv = adapt_argv([f"--kv-transfer-config={json.dumps(example)}"], env)
     assert json.loads(argv[0].split("=", 1)[1]) == {"kv_connector": "ExampleConnector", "kv_role": "kv_consumer"}
+
+
+def test_a_failed_prefills_partial_kv_folder_is_discarded(tmp_path: Path) -> None:
+    """A folder named as ExampleConnector names it is removed; prompts shorter than a block have none."""
+    storage = SharedStorage(str(tmp_path), block_size=16)
+    ids = list(range(100, 160))
+    folder = prompt_folder(str(tmp_path), ids, 16)
+    folder.mkdir()
+    (folder / "model.layers.0.self_attn.attn.safetensors").write_bytes(b"partial")
+    assert storage.discard(ids) and not folder.exists()
+    assert not storage.discard(ids)
+    assert not storage.discard([1, 2, 3])

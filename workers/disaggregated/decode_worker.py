@@ -31,6 +31,7 @@ from workers.common.protocol import GenerateRequest
 from workers.disaggregated.kvconfig import adapt_argv
 from workers.disaggregated.prefill_pool import PrefillInstance, PrefillPool
 from workers.disaggregated.prefill_worker import kv_role_of
+from workers.disaggregated.shared_storage import SharedStorage
 from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser
 from workers.runtime import requestplane
 from workers.runtime.serve import WorkerContext, setup_logging
@@ -64,11 +65,26 @@ class DisaggregatedHandler:
     """The decode component's `generate`: remote prefill first, local decode after."""
 
     def __init__(self, nc: requestplane.NATS, engine: EngineHandler, pool: PrefillPool,
-                 prefill_timeout: float = DEFAULT_PREFILL_TIMEOUT) -> None:
+                 prefill_timeout: float = DEFAULT_PREFILL_TIMEOUT, storage: SharedStorage | None = None) -> None:
         self.nc = nc
         self.engine = engine
         self.pool = pool
         self.prefill_timeout = prefill_timeout
+        self.storage = storage
+
+    async def discard_partial_kv(self, req: GenerateRequest) -> None:
+        """Before a local prefill that follows a failed remote one (see workers.disaggregated.shared_storage)."""
+        if self.storage is None:
+            return
+        try:
+            prompt = await self.engine.prompt_of(req)
+            if isinstance(prompt, dict):
+                ids = list(prompt["prompt_token_ids"])
+            else:
+                ids = list((await self.engine.tokenizer()).encode(prompt))
+            self.storage.discard(ids)
+        except Exception as exc:  # best effort: never fail the request for it
+            log.warning("request %s: could not check the shared KV storage: %s", req.request_id, exc)
 
     async def remote_prefill(self, inst: PrefillInstance, req: GenerateRequest) -> dict[str, Any]:
         """Run the prefill on `inst`; return its final chunk (kv_transfer_params, worker, counts)."""
@@ -97,6 +113,7 @@ class DisaggregatedHandler:
         except (PrefillFailed, OSError, asyncio.TimeoutError) as exc:
             self.pool.mark_failed(inst, str(exc))
             log.warning("request %s: prefill on %s failed (%s); prefilling locally", req.request_id, inst.name, exc)
+            await self.discard_partial_kv(req)
             return None, LOCAL
         log.info("request %s: prefill on %s took %.3f s", req.request_id, inst.name, time.monotonic() - started)
         return final.get("kv_transfer_params"), str(final.get("worker") or inst.name)
@@ -134,7 +151,9 @@ async def serve(args: argparse.Namespace) -> None:
     ctx.on_shutdown.append(stop_following)
     engine = build_engine(engine_args)
     ctx.on_shutdown.append(engine.shutdown)
-    handler = DisaggregatedHandler(ctx.nc, EngineHandler(engine, settings.process_name), pool, args.prefill_timeout)
+    storage = SharedStorage.of(engine_args.kv_transfer_config, engine.vllm_config.cache_config.block_size)
+    handler = DisaggregatedHandler(ctx.nc, EngineHandler(engine, settings.process_name), pool, args.prefill_timeout,
+                                   storage)
     await ctx.serve(args.component, "generate", handler.generate, model=engine_args.model,
                     block_size=engine_args.block_size, kv_role=kv_role_of(engine_args))
     log.info("serving %s with %d prefill instance(s) known", args.component, len(pool.instances))
