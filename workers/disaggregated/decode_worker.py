@@ -143,19 +143,22 @@ async def serve(args: argparse.Namespace) -> None:
     if engine_args.kv_transfer_config is None:
         raise SystemExit("a decode worker needs --kv-transfer-config (kv_connector, kv_role kv_consumer)")
     pool = PrefillPool()
+    engine = build_engine(engine_args)
+    ctx.on_shutdown.append(engine.shutdown)
+    # Know the prefill workers before taking the first request (they start before decode workers).
+    await pool.sync(ctx.registry, settings.namespace, args.prefill_component)
     follower = asyncio.create_task(pool.follow(ctx.registry, settings.namespace, args.prefill_component))
 
     def stop_following() -> None:
         follower.cancel()
 
     ctx.on_shutdown.append(stop_following)
-    engine = build_engine(engine_args)
-    ctx.on_shutdown.append(engine.shutdown)
-    storage = SharedStorage.of(engine_args.kv_transfer_config, engine.vllm_config.cache_config.block_size)
+    block_size = engine.vllm_config.cache_config.block_size  # the platform's choice when the flag is absent
+    storage = SharedStorage.of(engine_args.kv_transfer_config, block_size)
     handler = DisaggregatedHandler(ctx.nc, EngineHandler(engine, settings.process_name), pool, args.prefill_timeout,
                                    storage)
     await ctx.serve(args.component, "generate", handler.generate, model=engine_args.model,
-                    block_size=engine_args.block_size, kv_role=kv_role_of(engine_args))
+                    block_size=block_size, kv_role=kv_role_of(engine_args))
     log.info("serving %s with %d prefill instance(s) known", args.component, len(pool.instances))
     await ctx.run_until_stopped()
 

@@ -80,17 +80,21 @@ class PrefillPool:
             inst.failed = True
             log.warning("prefill instance %s set aside until it registers again: %s", inst.name, reason)
 
+    async def sync(self, registry: Registry, namespace: str, component: str) -> None:
+        """Make the pool what etcd lists now (a failed instance that is still listed gets another chance)."""
+        current = {r.key: r for r in await registry.list(namespace, component) if r.endpoint == "generate"}
+        for key in list(self.instances):
+            if key not in current:
+                self.delete(key)
+        for key, reg in current.items():
+            if key not in self.instances or self.instances[key].failed:
+                self.put(key, reg)
+
     async def follow(self, registry: Registry, namespace: str, component: str) -> None:
         """List, then watch, forever; a broken watch is re-listed after a pause."""
         while True:
             try:
-                current = {r.key: r for r in await registry.list(namespace, component) if r.endpoint == "generate"}
-                for key in list(self.instances):
-                    if key not in current:
-                        self.delete(key)
-                for key, reg in current.items():
-                    if key not in self.instances or self.instances[key].failed:
-                        self.put(key, reg)
+                await self.sync(registry, namespace, component)
                 async for kind, event_reg, key in registry.watch(namespace, component):
                     if kind == "put" and event_reg is not None and event_reg.endpoint == "generate":
                         self.put(key, event_reg)
