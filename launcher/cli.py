@@ -72,11 +72,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _write_plan(rd: RunDir, topo: Topology, specs: list[ProcessSpec], endpoints: Endpoints, backend: str,
-                host: str | None, topology_file: Path) -> None:
+                host: str | None, topology_file: Path, everyone: list[dict[str, Any]] | None = None) -> None:
+    """`everyone`: every process of the deployment on any host (name, kind, host, devices), so that
+    `status` on one host can list the others' processes, which only etcd knows about."""
     state.write_json(rd.plan_file, {
         "name": topo.name, "namespace": topo.effective_namespace, "backend": backend, "host": host,
         "etcd": endpoints.etcd, "nats": endpoints.nats, "topology": str(topology_file.resolve()),
-        "processes": [s.to_json() for s in specs],
+        "processes": [s.to_json() for s in specs], "deployment": everyone or [],
     })
 
 
@@ -136,7 +138,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         print_status(collect(rd), console)
         return 0
     endpoints = Endpoints.resolve(topo)
-    specs = select_host(build_plan(topo, endpoints, kv_dir=rd.path / "kv"), args.host)
+    loopback = multinode_loopback(topo, endpoints)
+    if loopback:
+        err.print(f"[red]error[/] {loopback}")
+        return EXIT_INVALID
+    every_spec = build_plan(topo, endpoints, kv_dir=rd.path / "kv")
+    everyone = [{"name": s.name, "kind": s.kind, "host": s.host, "devices": s.devices} for s in every_spec]
+    specs = select_host(every_spec, args.host)
     if not specs:
         err.print(f"no process of {args.topology} runs on host '{args.host}'")
         return EXIT_INVALID
@@ -156,7 +164,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         err.print(f"[red]error[/] {exc}")
         return 1
     state.write_json(rd.services_file, services.to_json(previous + started))
-    _write_plan(rd, topo, specs, endpoints, backend, args.host, args.topology)
+    _write_plan(rd, topo, specs, endpoints, backend, args.host, args.topology, everyone)
     t0 = time.monotonic()
     sup = _spawn_supervisor(rd, args.foreground)
     console.print(f"[bold]{topo.name}[/]: {len(specs)} process(es), logs in {rd.logs}")
@@ -234,10 +242,35 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def multinode_loopback(topo: Topology, endpoints: Endpoints) -> str | None:
+    """rules.rule_multinode checks the file; ETCD_ENDPOINTS / NATS_SERVER can still bring a loopback
+    address back at `up`, and a managed server there would serve this host alone."""
+    hosts = rules.deployment_hosts(topo)
+    if len(hosts) < 2 or topo.services.managed == "never":
+        return None
+    for var, file_value, values in (("ETCD_ENDPOINTS", topo.services.etcd, endpoints.etcd),
+                                    ("NATS_SERVER", topo.services.nats, [endpoints.nats])):
+        bad = [v for v in values if rules.is_loopback(v)]
+        if bad and os.environ.get(var):
+            return (f"{var}={os.environ[var]} is a loopback address but {topo.name} runs on {len(hosts)} hosts "
+                    f"({', '.join(sorted(hosts))}) with services.managed: {topo.services.managed}: give a routable "
+                    f"address (the file says {file_value}), or set services.managed: never with shared servers")
+    return None
+
+
 def _find(name: str | None, host: str | None = None) -> RunDir:
+    """By name; with --host, that host's share (<name>@<host>), also when only the host is given."""
     try:
-        if name and host:
+        if name and host and not name.endswith(f"@{host}"):
             name = f"{name}@{host}"
+        elif host and not name:
+            mine = [d for d in state.deployments() if d.name.endswith(f"@{host}")]
+            live = [d for d in mine if d.supervisor_pid() is not None] or mine
+            if len(live) != 1:
+                found = ", ".join(d.name for d in live) or "none"
+                raise state.NoDeployment(f"{len(live)} deployment(s) for host '{host}' under {state.state_root()} "
+                                         f"({found}): name one")
+            return live[0]
         return state.find(name)
     except state.NoDeployment as exc:
         err.print(str(exc))
@@ -245,7 +278,7 @@ def _find(name: str | None, host: str | None = None) -> RunDir:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    targets = state.deployments() if args.all else [_find(args.name)]
+    targets = state.deployments() if args.all else [_find(args.name, args.host)]
     if args.watch:
         from rich.live import Live
 
@@ -319,11 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--watch", action="store_true")
     s.add_argument("--all", action="store_true", help="every deployment under LAUNCHER_HOME")
+    s.add_argument("--host", default=None, help="multi-node: this host's share (<name>@<host>)")
     s.set_defaults(func=cmd_status)
 
     d = sub.add_parser("down", help="stop everything; leave no process behind")
     d.add_argument("name", nargs="?", default=None)
-    d.add_argument("--host", default=None)
+    d.add_argument("--host", default=None, help="multi-node: stop only this host's share")
     d.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
     d.set_defaults(func=cmd_down)
 

@@ -108,6 +108,21 @@ def _base_env(topo: Topology, endpoints: Endpoints, name: str, host: str | None)
     return env
 
 
+def nixl_side_channel_env(w: Worker, replica: int = 0) -> dict[str, str]:
+    """NIXL ignores kv_ip/kv_port: each instance listens for handshakes on VLLM_NIXL_SIDE_CHANNEL_HOST
+    (default localhost), and a prefill hands that address to the decode side as remote_host. Across
+    hosts that must be the instance's own routable address, so kv_ip/kv_port become those variables
+    (an explicit env: entry wins). Replicas on one host get consecutive ports.
+    """
+    kt = w.kv_transfer
+    if kt is None or not kt.kv_connector.startswith("Nixl") or kt.kv_ip is None:
+        return {}
+    env = {"VLLM_NIXL_SIDE_CHANNEL_HOST": kt.kv_ip}
+    if kt.kv_port is not None:
+        env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(kt.kv_port + replica)
+    return env
+
+
 def _worker_specs(topo: Topology, w: Worker, endpoints: Endpoints, kv_dir: Path | None = None
                   ) -> list[ProcessSpec]:
     flags = engine_flags(topo, w)
@@ -136,6 +151,7 @@ def _worker_specs(topo: Topology, w: Worker, endpoints: Endpoints, kv_dir: Path 
         if w.cpus:
             env["VLLM_CPU_OMP_THREADS_BIND"] = w.cpus
             devices = f"cpu {w.cpus}"
+        env.update(nixl_side_channel_env(w, k))
         env.update(w.env)
         specs.append(ProcessSpec(
             name=name, kind=w.kind, argv=argv, env=env, devices=devices, tier=TIERS[w.kind],

@@ -10,6 +10,7 @@ import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 from launcher.topology import Topology, Worker
 from launcher.yamlpos import LoadedYaml, PathKey
@@ -267,11 +268,62 @@ def rule_kv_router(topo: Topology) -> list[Problem]:
     return problems
 
 
+LOOPBACK_HOSTS = {"localhost", "::1", "0.0.0.0", ""}
+
+
+def is_loopback(address: str) -> bool:
+    """127.x, localhost, ::1 (and 0.0.0.0, which is not an address another host can dial)."""
+    host = urlparse(address if "://" in address else f"//{address}").hostname or ""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def deployment_hosts(topo: Topology) -> set[str]:
+    return {p.host for p in [*topo.workers, *topo.routers] if p.host is not None}
+
+
+def rule_multinode(topo: Topology) -> list[Problem]:
+    """Processes on several hosts: every one names its host, and the services are reachable from all.
+
+    A managed etcd/nats-server is started by the launcher of one host; on a loopback address no
+    other host can reach it, and each host would quietly start its own and never see the others.
+    """
+    hosts = deployment_hosts(topo)
+    if not hosts:
+        return []
+    problems: list[Problem] = []
+    for section, procs in (("workers", topo.workers), ("routers", topo.routers)):
+        for i, p in enumerate(procs):
+            if p.host is None:
+                problems.append(Problem((section, i, "name"), f"'{p.name}' names no host while others do "
+                                        f"({', '.join(sorted(hosts))}): `launcher up --host NAME` would never "
+                                        "start it; give it host:"))
+    if len(hosts) < 2:
+        return problems
+    for i, w in _workers(topo):
+        if w.kv_transfer is not None and w.kv_transfer.kv_ip is not None and is_loopback(w.kv_transfer.kv_ip):
+            problems.append(Problem(("workers", i, "kv_transfer", "kv_ip"),
+                                    f"kv_ip {w.kv_transfer.kv_ip} is a loopback address, which the other "
+                                    "hosts cannot reach: give this host's routable address"))
+    if topo.services.managed != "never":
+        for key in ("etcd", "nats"):
+            value = getattr(topo.services, key)
+            bad = [e.strip() for e in value.split(",") if e.strip() and is_loopback(e.strip())]
+            if bad:
+                problems.append(Problem(("services", key),
+                                        f"{bad[0]} is a loopback address but processes run on {len(hosts)} hosts "
+                                        f"({', '.join(sorted(hosts))}): a managed {key} there serves only its "
+                                        "own host. Give a routable address (the launcher of the host that owns "
+                                        "it starts the server there), or run shared servers "
+                                        "(container/docker-compose.yml) and set services.managed: never"))
+    return problems
+
+
 RULES: list[Callable[[Topology], list[Problem]]] = [
     rule_unique_names,
     rule_devices,
     rule_disaggregation,
     rule_kv_router,
+    rule_multinode,
 ]
 
 

@@ -38,8 +38,14 @@ class ManagedService:
 
 
 def is_local(endpoint: str) -> bool:
+    """Loopback, this host's name, or an address of one of its interfaces (multi-node: the routable
+    address other hosts dial, where the managed server must listen)."""
     host = urlparse(endpoint).hostname or ""
-    return host in LOCAL_HOSTS or host == socket.gethostname()
+    if host in LOCAL_HOSTS or host == socket.gethostname():
+        return True
+    import psutil
+
+    return any(addr.address.split("%")[0] == host for addrs in psutil.net_if_addrs().values() for addr in addrs)
 
 
 def etcd_healthy(endpoint: str, timeout: float = 1.0) -> bool:

@@ -106,10 +106,43 @@ def collect(run_dir: RunDir, sample: float = 0.2) -> dict[str, Any]:
             "cpu_percent": round(cpu, 1), "rss_bytes": rss, "gpu_mem_mib": gpu_mem.get(name),
             "exit_code": ps.get("exit_code"), "message": ps.get("message", ""),
             "log": str(run_dir.log_path(name)), "log_tail": ps.get("log_tail", []) if state_name == "failed" else [],
+            "local": True,
         })
+    rows += _remote_rows(plan, regs, by_process)
     return {"deployment": run_dir.name, "run_dir": str(run_dir.path), "namespace": plan.get("namespace"),
             "backend": plan.get("backend"), "supervisor_pid": supervisor, "etcd": plan.get("etcd"),
-            "nats": plan.get("nats"), "etcd_reachable": regs is not None, "processes": rows}
+            "nats": plan.get("nats"), "etcd_reachable": regs is not None, "host": plan.get("host"),
+            "processes": rows}
+
+
+def _remote_rows(plan: dict[str, Any], regs: list[Any] | None, by_process: dict[str, list[Any]]
+                 ) -> list[dict[str, Any]]:
+    """Multi-node: the processes other hosts' launchers run, as etcd sees them (host, pid, lease).
+
+    Their CPU and memory are only known on their own host (`launcher status` there). Registrations
+    of the namespace that no topology process claims (a worker started by hand) are listed too.
+    """
+    local = {spec["name"] for spec in plan.get("processes", [])}
+    known = [p for p in plan.get("deployment", []) if p["name"] not in local]
+    names = {p["name"] for p in plan.get("deployment", [])} | local
+    strays = sorted({name for name in by_process if name not in names})
+    entries = [*known, *({"name": n, "kind": by_process[n][0].component, "host": None, "devices": "-"}
+                         for n in strays)]
+    rows = []
+    for entry in entries:
+        regs_here = by_process.get(entry["name"], [])
+        first = regs_here[0] if regs_here else None
+        rows.append({
+            "name": entry["name"] or "(unnamed)", "kind": entry["kind"],
+            "host": entry.get("host") or (first.host if first else None), "devices": entry.get("devices", "-"),
+            "pid": first.pid if first else None, "state": "remote",
+            "registered": None if regs is None else bool(regs_here),
+            "leases": [f"{r.lease_id:x}" for r in regs_here], "restarts": None, "uptime_s": None,
+            "cpu_percent": None, "rss_bytes": None, "gpu_mem_mib": None, "exit_code": None,
+            "message": "" if regs_here else "not registered in etcd (not started, or down, on its host)",
+            "log": None, "log_tail": [], "local": False,
+        })
+    return rows
 
 
 def _fmt_uptime(sec: float | None) -> str:
@@ -122,19 +155,23 @@ def _fmt_uptime(sec: float | None) -> str:
 
 def render(info: dict[str, Any]) -> Table:
     sup = info["supervisor_pid"]
-    title = (f"{info['deployment']}  (namespace {info['namespace']}, backend {info['backend']}, "
+    here = f"host {info['host']}, " if info.get("host") else ""
+    title = (f"{info['deployment']}  ({here}namespace {info['namespace']}, backend {info['backend']}, "
              f"supervisor {'pid ' + str(sup) if sup else 'not running'})")
     table = Table(title=title, title_justify="left")
     show_gpu = any(r["devices"].startswith("gpu") for r in info["processes"])
-    columns = ["process", "role", "devices", "pid", "state", "registered", "restarts", "uptime", "cpu %", "mem"]
+    show_host = any(r.get("host") for r in info["processes"])
+    columns = ["process", "role", *(["host"] if show_host else []), "devices", "pid", "state", "registered",
+               "restarts", "uptime", "cpu %", "mem"]
     for col in [*columns, *(["gpu mem"] if show_gpu else [])]:
         table.add_column(col, justify="right" if col in ("pid", "restarts", "cpu %", "mem", "gpu mem") else "left")
     for r in info["processes"]:
         reg = "?" if r["registered"] is None else ("yes " + ",".join(r["leases"]) if r["registered"] else "no")
         style = STATE_STYLE.get(r["state"], "")
         state = f"[{style}]{r['state']}[/]" if style else r["state"]
-        table.add_row(r["name"], r["kind"], r["devices"], str(r["pid"] or "-"), state, reg, str(r["restarts"]),
-                      _fmt_uptime(r["uptime_s"]), f"{r['cpu_percent']:.0f}",
+        table.add_row(r["name"], r["kind"], *([r.get("host") or "-"] if show_host else []), r["devices"],
+                      str(r["pid"] or "-"), state, reg, "-" if r["restarts"] is None else str(r["restarts"]),
+                      _fmt_uptime(r["uptime_s"]), "-" if r["cpu_percent"] is None else f"{r['cpu_percent']:.0f}",
                       f"{r['rss_bytes'] / 2**20:.0f} MiB" if r["rss_bytes"] else "-",
                       *([f"{r['gpu_mem_mib']} MiB" if r["gpu_mem_mib"] else "-"] if show_gpu else []))
     return table

@@ -46,7 +46,8 @@ workers:
 
 
 def test_same_gpu_on_different_hosts_is_fine(tmp_path: Path) -> None:
-    assert check(tmp_path, "name: t\nmodel: m\nworkers:\n  - {name: a, gpus: [0], host: h1}\n"
+    assert check(tmp_path, "name: t\nmodel: m\nservices: {managed: never}\n"
+                           "workers:\n  - {name: a, gpus: [0], host: h1}\n"
                            "  - {name: b, gpus: [0], host: h2}\n") == []
 
 

@@ -190,6 +190,7 @@ def test_different_hosts_need_kv_ip_and_port(tmp_path: Path) -> None:
     topo = base()
     topo["workers"][0]["host"] = "node-a"
     topo["workers"][1]["host"] = "node-b"
+    topo["services"] = {"etcd": "http://10.0.0.9:2379", "nats": "nats://10.0.0.9:4222"}  # not loopback
     found = problems_of(tmp_path, topo)
     assert len(found) == 2 and all("give kv_ip and kv_port" in p for p in found), found
     for w in topo["workers"]:
