@@ -114,7 +114,7 @@ def bench_form(cls: type, batches: list[bytes], total: int, queries: list[Any], 
         s = time.perf_counter_ns()
         d = router.choose(q)
         lat.append(time.perf_counter_ns() - s)
-        matched += d.matched[d.process]
+        matched += d.matches.get(d.worker, 0)
     decide_s = time.perf_counter() - t0
     p50, p99 = percentiles(lat)
     del router, index
@@ -152,7 +152,7 @@ def bench_tokenized(queries_text: list[str], index: Any, workers: int, bs: int,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, default=64)
-    p.add_argument("--seqs-per-worker", type=int, default=500)
+    p.add_argument("--seqs-per-worker", type=int, default=900)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--queries", type=int, default=20_000)
     p.add_argument("--model", type=Path, default=Path(__file__).resolve().parent.parent / "models" /
@@ -174,7 +174,7 @@ def main() -> None:
         if i % 2:
             base = np.concatenate([base[: PREFIX_BLOCKS * bs], rng.integers(0, 50_000, size=TAIL_BLOCKS * bs,
                                                                           dtype=np.int32)])
-        queries.append(base.tolist())
+        queries.append(base)  # int32 arrays, as the router's tokenizer returns them
     results = {cls.__name__: bench_form(cls, batches, total, queries, args.workers, bs)
                for cls in (FlatIndex, TreeIndex)}
     f, t = results["FlatIndex"], results["TreeIndex"]
@@ -193,7 +193,7 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(args.model))
-        texts: list[str] = [str(tok.decode(q[: 32 * bs])) for q in queries[:2000]]
+        texts: list[str] = [str(tok.decode(q[: 32 * bs].tolist())) for q in queries[:2000]]
         p50, p99, ntok = bench_tokenized(texts, index, args.workers, bs, args.model)
         print(f"\nwhole routing path incl. tokenization (FlatIndex, ~{ntok}-token prompts): "
               f"p50 {p50:.0f} us, p99 {p99:.0f} us")

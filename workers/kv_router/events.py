@@ -23,7 +23,6 @@ from collections.abc import Iterator, Sequence
 import msgspec
 import numpy as np
 
-from workers.kv_router.indexer import BlockHasher
 from workers.runtime.settings import subject_token
 
 EngineHash = int | bytes
@@ -75,24 +74,6 @@ def tokens_bytes(token_ids: Sequence[int]) -> bytes:
 
 def tokens_array(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype="<i4")
-
-
-def stored_contents(hasher: BlockHasher, events: Sequence[Event]) -> list[list[int]]:
-    """Content hashes of every Stored event's blocks, hashed in one numpy pass over the whole batch."""
-    stored = [e for e in events if isinstance(e, Stored)]
-    if not stored:
-        return []
-    width = hasher.block_size * 4
-    if any(len(e.tokens) != len(e.hashes) * width for e in stored):  # not whole blocks: hash one by one
-        return [hasher.content(tokens_array(e.tokens)) for e in stored]
-    flat = hasher.content(np.frombuffer(b"".join(e.tokens for e in stored), dtype="<i4"))
-    out = []
-    at = 0
-    for e in stored:
-        n = len(e.hashes)
-        out.append(flat[at:at + n])
-        at += n
-    return out
 
 
 def events_subject(namespace: str) -> str:

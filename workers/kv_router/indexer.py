@@ -26,18 +26,6 @@ import numpy as np
 
 ROOT_HASH = 0x5EED_B10C  # the chained hash's seed: the "parent" of a sequence's first block
 
-# Per-position odd multipliers: the block content hash is sum(mix((t + 1) * K[i])) mod 2**64,
-# a position-dependent multiply-xorshift hash, vectorised over all blocks of a request at once.
-_RNG = np.random.default_rng(0x6B76)
-_MAX_BLOCK = 4096
-
-
-def _multipliers(n: int) -> np.ndarray:
-    return (_RNG.integers(0, 2**63, size=n, dtype=np.uint64) << np.uint64(1)) | np.uint64(1)
-
-
-_K = _multipliers(_MAX_BLOCK)
-
 EngineHash = Hashable
 WorkerId = int
 
@@ -46,22 +34,23 @@ class BlockHasher:
     """Chained hashes of the full blocks of a token sequence (a partial last block is ignored)."""
 
     def __init__(self, block_size: int) -> None:
-        if not 0 < block_size <= _MAX_BLOCK:
-            raise ValueError(f"block size must be in 1..{_MAX_BLOCK}, got {block_size}")
+        if block_size <= 0:
+            raise ValueError(f"block size must be positive, got {block_size}")
         self.block_size = block_size
-        self._k = _K[:block_size]
+        self._width = 4 * block_size
 
-    def content(self, tokens: Sequence[int] | np.ndarray) -> list[int]:
-        """One 64-bit content hash per full block (no chaining)."""
-        arr = np.asarray(tokens, dtype=np.uint64)
-        n = len(arr) // self.block_size
-        if n == 0:
-            return []
-        x = (arr[: n * self.block_size].reshape(n, self.block_size) + np.uint64(1)) * self._k
-        x ^= x >> np.uint64(31)
-        return x.sum(axis=1, dtype=np.uint64).tolist()  # type: ignore[no-any-return,unused-ignore]
+    def content(self, tokens: bytes | Sequence[int] | np.ndarray) -> list[int]:
+        """One 64-bit content hash per full block: Python's hash of the block's int32 little-endian bytes.
 
-    def chain(self, tokens: Sequence[int] | np.ndarray, parent: int = ROOT_HASH) -> list[int]:
+        Events carry exactly these bytes, so a block costs one slice and one hash; requests are
+        converted once. bytes hashes are salted per process (PYTHONHASHSEED), which is fine: the
+        router computes both the event side and the request side itself and never shares them.
+        """
+        raw = tokens if isinstance(tokens, bytes) else np.asarray(tokens, dtype="<i4").tobytes()
+        w = self._width
+        return [hash(raw[i:i + w]) for i in range(0, len(raw) - w + 1, w)]
+
+    def chain(self, tokens: bytes | Sequence[int] | np.ndarray, parent: int = ROOT_HASH) -> list[int]:
         """Chained hashes: hash i names blocks 0..i (and whatever preceded `parent`)."""
         return chain_contents(self.content(tokens), parent)
 
@@ -83,7 +72,7 @@ class Index(Protocol):
     hasher: BlockHasher
 
     def apply_stored(self, worker: WorkerId, parent: EngineHash | None, engine_hashes: Sequence[EngineHash],
-                     tokens: Sequence[int] | np.ndarray) -> bool: ...
+                     tokens: bytes | Sequence[int] | np.ndarray) -> bool: ...
     def apply_stored_content(self, worker: WorkerId, parent: EngineHash | None,
                              engine_hashes: Sequence[EngineHash], contents: Sequence[int]) -> bool: ...
     def apply_removed(self, worker: WorkerId, engine_hashes: Iterable[EngineHash]) -> None: ...
@@ -158,7 +147,7 @@ class FlatIndex:
         self._by_worker: dict[WorkerId, dict[EngineHash, int]] = {}
 
     def apply_stored(self, worker: WorkerId, parent: EngineHash | None, engine_hashes: Sequence[EngineHash],
-                     tokens: Sequence[int] | np.ndarray) -> bool:
+                     tokens: bytes | Sequence[int] | np.ndarray) -> bool:
         """Add blocks; False when the parent is unknown (events were missed: the caller resyncs)."""
         return self.apply_stored_content(worker, parent, engine_hashes, self.hasher.content(tokens))
 
@@ -174,13 +163,15 @@ class FlatIndex:
             if known is None:
                 return False
             start = known
-        chained = chain_contents(contents, start)
-        if len(chained) != len(engine_hashes):
+        if len(contents) != len(engine_hashes):
             return False
         blocks = self._blocks
-        for eh, rh in zip(engine_hashes, chained, strict=True):
-            mine[eh] = rh
-            blocks[rh] = blocks.get(rh, 0) | bit
+        get = blocks.get
+        h = start
+        for eh, c in zip(engine_hashes, contents, strict=True):  # chain_contents, fused into the update loop
+            h = hash((h, c))
+            mine[eh] = h
+            blocks[h] = get(h, 0) | bit
         return True
 
     def apply_removed(self, worker: WorkerId, engine_hashes: Iterable[EngineHash]) -> None:
@@ -264,7 +255,7 @@ class TreeIndex:
         self._by_worker: dict[WorkerId, dict[EngineHash, _Node]] = {}
 
     def apply_stored(self, worker: WorkerId, parent: EngineHash | None, engine_hashes: Sequence[EngineHash],
-                     tokens: Sequence[int] | np.ndarray) -> bool:
+                     tokens: bytes | Sequence[int] | np.ndarray) -> bool:
         return self.apply_stored_content(worker, parent, engine_hashes, self.hasher.content(tokens))
 
     def apply_stored_content(self, worker: WorkerId, parent: EngineHash | None,

@@ -26,9 +26,11 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from workers.common.protocol import GenerateRequest
 from workers.kv_router import events as ev
@@ -165,10 +167,14 @@ class KvRouter:
                 log.warning("worker %x: batch %d, expected %d: resyncing", w, batch.seq, expected)
                 self.request_resync(w)
                 return
-        contents = iter(ev.stored_contents(index.hasher, batch.events))
+        width = 4 * index.block_size
         for e in batch.events:
             if isinstance(e, ev.Stored):
-                if not index.apply_stored_content(w, e.parent, e.hashes, next(contents)):
+                if len(e.tokens) != width * len(e.hashes):
+                    log.warning("worker %x: stored event with %d token bytes for %d blocks: skipped", w,
+                                len(e.tokens), len(e.hashes))
+                    continue
+                if not index.apply_stored_content(w, e.parent, e.hashes, index.hasher.content(e.tokens)):
                     if batch.snapshot:
                         continue  # a block whose parent went missing: unreachable, harmless
                     log.warning("worker %x: stored block with unknown parent: resyncing", w)
@@ -197,10 +203,10 @@ class KvRouter:
         return [w for w, t in self.awaiting_snapshot.items() if now - t > RESYNC_RETRY and w in self.workers]
 
     # ---- decisions --------------------------------------------------------------------------
-    def hashes(self, token_ids: list[int]) -> list[int]:
+    def hashes(self, token_ids: Sequence[int] | np.ndarray) -> list[int]:
         return self.index.hasher.chain(token_ids) if self.index is not None else []
 
-    def choose(self, token_ids: list[int], exclude: set[int] | None = None) -> Decision:
+    def choose(self, token_ids: Sequence[int] | np.ndarray, exclude: set[int] | None = None) -> Decision:
         candidates = [w for w in self.workers if not exclude or w not in exclude]
         if not candidates:
             raise RuntimeError("no kv worker is registered (is any worker up? launcher status)")
@@ -279,15 +285,16 @@ class Tokenizer:
 
         self.tok = AutoTokenizer.from_pretrained(model)
 
-    def __call__(self, req: GenerateRequest) -> list[int]:
+    def __call__(self, req: GenerateRequest) -> np.ndarray:
+        """Token ids as an int32 array: hashing blocks from an array avoids a Python int per token."""
         if req.token_ids is not None:
-            return list(req.token_ids)
+            return np.asarray(req.token_ids, dtype=np.int32)
         if req.messages is not None:
             ids: Any = self.tok.apply_chat_template(req.messages, tokenize=True, add_generation_prompt=True)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
                 ids = ids["input_ids"]
-            return list(ids)
-        return list(self.tok(req.prompt or "")["input_ids"])
+            return np.asarray(ids, dtype=np.int32)
+        return np.asarray(self.tok(req.prompt or "", return_tensors="np")["input_ids"][0], dtype=np.int32)
 
 
 class RouterService:
@@ -386,7 +393,7 @@ class RouterService:
                      decision.strategy, decision.process, decision.worker, decision.blocks, decision.matched,
                      decision.load, took_us)
             view = self.router.workers[decision.worker]
-            payload = GenerateRequest(request_id=req.request_id, token_ids=token_ids, sampling=req.sampling,
+            payload = GenerateRequest(request_id=req.request_id, token_ids=token_ids.tolist(), sampling=req.sampling,
                                       kv_transfer_params=req.kv_transfer_params).model_dump(exclude_none=True)
             self.router.started(decision)
             answered = False

@@ -78,17 +78,22 @@ def load_logger_factory(state: LoadState) -> Any:
     return lambda vllm_config, engine_index=0: LoadLogger(vllm_config, engine_index)
 
 
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("KV event relay stopped: %r", task.exception())
+
+
 class EventRelay:
     """vLLM's ZMQ KV events -> our numbered NATS batches, plus snapshots on request."""
 
-    def __init__(self, nc: Any, namespace: str, zmq_endpoint: str, block_size: int) -> None:
+    def __init__(self, nc: Any, namespace: str, zmq_endpoint: str) -> None:
         import zmq
         import zmq.asyncio
 
         self.nc = nc
         self.namespace = namespace
-        self.block_size = block_size
-        self.mirror = ev.BlockMirror(block_size)
+        self.block_size = 0
+        self.mirror = ev.BlockMirror(0)
         self.worker_id = 0
         self.seq = 0
         self.ready = asyncio.Event()  # set once the lease id (our worker id) is known
@@ -96,14 +101,21 @@ class EventRelay:
         self._ctx = zmq.asyncio.Context()
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self._sub.connect(zmq_endpoint)
+        # We bind and vLLM's publisher connects (it connects to any endpoint without '*'): the socket
+        # exists before the engine starts, so no event can be published before we listen.
+        self._sub.bind(zmq_endpoint)
         self.tasks: list[asyncio.Task[None]] = []
         self._vllm_seq: int | None = None
+
+    def set_block_size(self, block_size: int) -> None:
+        self.block_size = self.mirror.block_size = block_size
 
     def start(self, worker_id: int) -> None:
         self.worker_id = worker_id
         self.ready.set()
-        self.tasks.append(asyncio.create_task(self._relay()))
+        task = asyncio.create_task(self._relay())
+        task.add_done_callback(_log_failure)
+        self.tasks.append(task)
 
     async def listen_for_resync(self) -> None:
         await self.nc.subscribe(ev.resync_subject(self.namespace, self.worker_id), cb=self._on_resync)
@@ -155,6 +167,8 @@ class EventRelay:
             async with self._lock:
                 for e in out:
                     self.mirror.apply(e)
+                if self.seq == 0:
+                    log.info("first KV event batch relayed (%d events)", len(out))
                 await self._publish(out)
 
     async def close(self) -> None:
@@ -189,12 +203,13 @@ async def serve(args: Any) -> None:
     engine_args.kv_events_config = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
                                                   endpoint=f"tcp://127.0.0.1:{port}", topic="kv")
     load = LoadState()
+    assert ctx.nc is not None
+    relay = EventRelay(ctx.nc, settings.namespace, f"tcp://127.0.0.1:{port}")
+    ctx.on_shutdown.append(relay.close)
     engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[load_logger_factory(load)])
     ctx.on_shutdown.append(engine.shutdown)
     block_size = int(engine.vllm_config.cache_config.block_size)  # the real one, after platform defaults
-    assert ctx.nc is not None
-    relay = EventRelay(ctx.nc, settings.namespace, f"tcp://127.0.0.1:{port}", block_size)
-    ctx.on_shutdown.append(relay.close)
+    relay.set_block_size(block_size)
     handler = EngineHandler(engine, settings.process_name)
     # Our lease id is the worker id in events; the relay starts reading ZMQ before anyone can route to us.
     lease_id = await ctx.registry.grant() if ctx.registry else 0
