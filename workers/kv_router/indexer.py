@@ -171,7 +171,11 @@ class FlatIndex:
         for eh, c in zip(engine_hashes, contents, strict=True):  # chain_contents, fused into the update loop
             h = hash((h, c))
             mine[eh] = h
-            blocks[h] = get(h, 0) | bit
+            held = get(h)
+            if held is None:
+                blocks[h] = bit  # the worker's own bit object: no new int per block (memory)
+            elif not held & bit:
+                blocks[h] = held | bit
         return True
 
     def apply_removed(self, worker: WorkerId, engine_hashes: Iterable[EngineHash]) -> None:

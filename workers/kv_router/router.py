@@ -8,7 +8,7 @@ full blocks, hashed with the router's chained hash and matched against the index
 worker's KV events; the chosen worker gets the token ids on its per-instance subject and its
 stream is passed back. The decision is logged and attached to the final chunk as `routing`.
 
-Cost (strategy prefix), lowest wins, ties broken at random:
+Cost (strategy prefix), lowest wins; ties go to the worker holding the fewest blocks, then at random:
     cost(w) = blocks w must prefill + load_weight * blocks in flight on w
 where "in flight" counts this router's unfinished requests to w (their prompt blocks), raised to
 the worker's own running + waiting count when other routers keep it busier than we know.
@@ -239,15 +239,18 @@ class KvRouter:
             scored = {w: c for w, c in scored.items() if w in allowed}
         best_cost = min(scored.values(), default=float("inf"))
         best = [w for w, c in scored.items() if c == best_cost]
-        if best_cost < n or len(scored) == len(candidates):
-            return best[0] if len(best) == 1 else self.rng.choice(best)
-        # Some worker is idle with nothing cached: cost n. Pick one of those (and of any tie at n).
-        for _ in range(8):
-            w = self.rng.choice(candidates)
-            if w not in scored or scored[w] == n:
-                return w
-        idle = [w for w in candidates if w not in scored or scored[w] == n]
-        return self.rng.choice(idle)
+        if best_cost >= n:  # no worker saves anything: every idle worker with nothing cached costs n too
+            idle = [w for w in candidates if w not in scored]
+            if idle:
+                best = idle if best_cost > n else best + idle
+        if len(best) == 1:
+            return best[0]
+        # Ties: the worker holding the fewest blocks (most free cache), so new prefixes spread out.
+        index = self.index
+        if index is not None:
+            fewest = min(index.block_count(w) for w in best)
+            best = [w for w in best if index.block_count(w) == fewest]
+        return best[0] if len(best) == 1 else self.rng.choice(best)
 
     def _pending_blocks(self, w: int, n: int) -> float:
         view = self.workers[w]

@@ -1,0 +1,128 @@
+"""End to end: two real vLLM CPU kv workers behind real KV routers, started by the launcher.
+
+One deployment for the module (vLLM start-up is the expensive part): workers a and b, and three
+routers reading the same KV events, one per strategy, each serving its own component. A user
+checks the routing decision the router attaches to the last chunk (`routing`), and vLLM's own
+count of prompt tokens served from its prefix cache (`cached_tokens`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import CPU_ENGINE, CPU_ENV, Deployment, Services, raw_chunks, up
+from workers.common.protocol import GenerateRequest
+from workers.runtime.registry import Registry
+
+BLOCK = 32
+COMPONENTS = {"prefix": "preprocess", "round_robin": "preprocess_rr", "random": "preprocess_random"}
+
+
+def topology(model: Path) -> dict[str, Any]:
+    return {
+        "name": "e2e-kv-router",
+        "backend": "subprocess",
+        "model": str(model),
+        "engine": {**CPU_ENGINE, "block-size": BLOCK, "enable-prefix-caching": True},
+        "env": CPU_ENV,
+        "workers": [
+            {"name": "worker-a", "kind": "kv_worker", "cpus": "0", "ready_timeout": 300},
+            {"name": "worker-b", "kind": "kv_worker", "cpus": "1", "ready_timeout": 300,
+             "restart": {"policy": "never"}},
+        ],
+        "routers": [
+            {"name": f"router-{s}", "strategy": s, "args": ["--component", c]} for s, c in COMPONENTS.items()
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory, services: Services, tiny_model: Path
+               ) -> Iterator[Deployment]:
+    d = up(tmp_path_factory.mktemp("kv-router"), topology(tiny_model), services)
+    try:
+        yield d
+    finally:
+        d.down()
+
+
+def send(d: Deployment, strategy: str, prompt: str, max_tokens: int = 4) -> dict[str, Any]:
+    """The final chunk of one request (it carries `routing`, `worker`, `cached_tokens`)."""
+    req = GenerateRequest(prompt=prompt, sampling={"max_tokens": max_tokens, "temperature": 0.0})
+    chunks = raw_chunks(d.services.nats, d.namespace, COMPONENTS[strategy], req)
+    errors = [c for c in chunks if c.is_error()]
+    assert not errors, errors
+    final = chunks[-1].data
+    assert "routing" in final, chunks
+    return dict(final)
+
+
+def long_prompt(seed: int) -> str:
+    words = [f"w{(seed * 7919 + i * 104729) % 1000}" for i in range(80)]
+    return f"document {seed}: " + " ".join(words)
+
+
+def test_repeated_prompt_goes_to_the_worker_that_cached_it(deployment: Deployment) -> None:
+    first = send(deployment, "prefix", long_prompt(1))
+    blocks = first["routing"]["blocks"]
+    assert blocks >= 4, first["routing"]
+    time.sleep(1)  # let the KV events of the first request reach the router
+    second = send(deployment, "prefix", long_prompt(1))
+    chosen = second["routing"]["process"]
+    assert chosen == first["routing"]["process"] == second["worker"], (first["routing"], second["routing"])
+    assert second["routing"]["matched_blocks"][chosen] > 0, second["routing"]
+    assert second["cached_tokens"] > 0, second  # vLLM itself served the prefix from its cache
+    other = next(p for p in second["routing"]["matched_blocks"] if p != chosen)
+    assert second["routing"]["matched_blocks"][other] == 0, second["routing"]
+
+
+def test_round_robin_alternates(deployment: Deployment) -> None:
+    chosen = [send(deployment, "round_robin", f"hello {i}")["routing"]["process"] for i in range(4)]
+    assert chosen[0] != chosen[1] and chosen[:2] == chosen[2:], chosen
+    assert set(chosen) == {"worker-a", "worker-b"}
+
+
+def test_random_uses_both_workers(deployment: Deployment) -> None:
+    chosen = {send(deployment, "random", f"hi {i}", max_tokens=1)["routing"]["process"] for i in range(16)}
+    assert chosen == {"worker-a", "worker-b"}
+
+
+def _live_leases(d: Deployment) -> set[int]:
+    async def run() -> set[int]:
+        registry = await Registry.connect([d.services.etcd])
+        try:
+            return {r.lease_id for r in await registry.list(d.namespace, "backend")}
+        finally:
+            await registry.client.close()
+
+    return asyncio.run(run())
+
+
+def test_killed_worker_is_never_chosen_after_its_lease_is_gone(deployment: Deployment) -> None:
+    # Make worker-b hold a prefix first, so the prefix router would want it back.
+    b_lease = None
+    for i in range(20):
+        routing = send(deployment, "round_robin", long_prompt(100 + i))["routing"]
+        if routing["process"] == "worker-b":
+            b_lease, prompt = int(routing["worker"], 16), long_prompt(100 + i)
+            break
+    assert b_lease is not None
+    os.kill(deployment.process("worker-b")["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30  # the supervisor revokes a dead process's lease; the TTL is 10 s anyway
+    while b_lease in _live_leases(deployment) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert b_lease not in _live_leases(deployment)
+    time.sleep(0.5)  # the routers' etcd watch delivers the delete
+    for strategy in ("prefix", "round_robin", "random"):
+        for _ in range(3):
+            routing = send(deployment, strategy, prompt, max_tokens=1)["routing"]
+            assert routing["process"] == "worker-a", routing
+            assert "worker-b" not in routing["matched_blocks"], routing
