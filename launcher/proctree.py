@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 
 import psutil
 
@@ -50,6 +51,29 @@ def _is_zombie(proc: psutil.Process) -> bool:
         return True
 
 
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process has exited; returns those still running at the timeout.
+
+    Unlike psutil.wait_procs, a zombie counts as gone: a re-parented child is reaped by pid 1,
+    which in some containers takes seconds, and that wait would delay lease revocation and `down`.
+    """
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if _running(p)]
+    delay = 0.002
+    while alive and time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+        alive = [p for p in alive if _running(p)]
+    return alive
+
+
 def owns_pid(pid: int, create_time: float | None) -> bool:
     """False only when `pid` now names a *different* process (reused after ours died).
 
@@ -86,7 +110,7 @@ def stop_tree(pid: int, grace: float = 10.0, extra: list[psutil.Process] | None 
     for proc in members:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(members, timeout=grace)
+    alive = wait_gone(members, timeout=grace)
     if alive:
         if ours:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -94,7 +118,7 @@ def stop_tree(pid: int, grace: float = 10.0, extra: list[psutil.Process] | None 
         for proc in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
-        psutil.wait_procs(alive, timeout=10)
+        wait_gone(alive, timeout=10)
     return [p.pid for p in members]
 
 

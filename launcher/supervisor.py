@@ -169,7 +169,7 @@ class Supervisor:
         for proc in left:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
-        psutil.wait_procs(left, timeout=5)
+        proctree.wait_gone(left, timeout=5)
 
     def _stop_one(self, p: ProcState, grace: float = STOP_GRACE) -> None:
         if p.pid is not None:
