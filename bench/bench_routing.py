@@ -150,8 +150,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=24)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=4)
-    p.add_argument("--blocks-per-worker", type=int, default=96,
-                   help="KV blocks of 32 tokens per worker: 4 prefixes of ~30 blocks exceed one, fit two")
+    p.add_argument("--blocks-per-worker", type=int, default=72,
+                   help="KV blocks of 32 tokens per worker: 4 prefixes of ~29 blocks exceed one, fit in two")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     etcd_url, nats_url = f"http://127.0.0.1:{svc.free_port()}", f"nats://127.0.0.1:{svc.free_port()}"

@@ -233,3 +233,12 @@ def test_prefix_choice_is_a_cheapest_worker(held: list[int], inflight: list[int]
     allowed = [w for w in range(6) if w not in exclude]
     cost = {w: 4 - min(held[w], 4) + 0.5 * r.workers[w].inflight_blocks for w in allowed}
     assert cost[d.worker] == min(cost.values())
+
+
+def test_match_with_many_workers() -> None:
+    """More than 8 workers share blocks: the dense mask path gives the same answer as the sparse one."""
+    index = FlatIndex(2)
+    for w in range(40):
+        depth = 1 + w % 3
+        index.apply_stored(w, None, [f"{w}-{i}" for i in range(depth)], [1, 2, 3, 4, 5, 6][: 2 * depth])
+    assert index.match(index.hasher.chain([1, 2, 3, 4, 5, 6])) == {w: 1 + w % 3 for w in range(40)}

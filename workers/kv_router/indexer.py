@@ -81,6 +81,7 @@ class Index(Protocol):
     def match(self, chained: Sequence[int]) -> dict[WorkerId, int]: ...
     def workers(self) -> list[WorkerId]: ...
     def block_count(self, worker: WorkerId) -> int: ...
+    def fewest_blocks(self, workers: list[WorkerId]) -> list[WorkerId]: ...
 
 
 class _WorkerSlots:
@@ -107,6 +108,8 @@ class _WorkerSlots:
             self._free.append(bit.bit_length() - 1)
 
     def split(self, mask: int) -> list[WorkerId]:
+        if mask.bit_count() > 8:  # dense: one AND per live worker beats popping bits one by one
+            return [w for bit, w in self.worker_of_bit.items() if mask & bit]
         out = []
         while mask:
             low = mask & -mask
@@ -234,6 +237,13 @@ class FlatIndex:
     def block_count(self, worker: WorkerId) -> int:
         return len(self._by_worker.get(worker, ()))
 
+    def fewest_blocks(self, workers: list[WorkerId]) -> list[WorkerId]:
+        """The workers (of `workers`) that hold the fewest blocks."""
+        by = self._by_worker
+        sizes = [len(by[w]) if w in by else 0 for w in workers]
+        low = min(sizes)
+        return [w for w, size in zip(workers, sizes, strict=True) if size == low]
+
     def unique_blocks(self) -> int:
         return len(self._blocks)
 
@@ -324,3 +334,10 @@ class TreeIndex:
 
     def block_count(self, worker: WorkerId) -> int:
         return len(self._by_worker.get(worker, ()))
+
+    def fewest_blocks(self, workers: list[WorkerId]) -> list[WorkerId]:
+        """The workers (of `workers`) that hold the fewest blocks."""
+        by = self._by_worker
+        sizes = [len(by[w]) if w in by else 0 for w in workers]
+        low = min(sizes)
+        return [w for w, size in zip(workers, sizes, strict=True) if size == low]

@@ -227,29 +227,35 @@ class KvRouter:
     def _cheapest(self, candidates: list[int], matches: dict[int, int], n: int) -> int:
         """Lowest cost; only workers with a match or a load can cost less than n, so only they are scored."""
         workers = self.workers
-        lw = self.load_weight
-        scored: dict[int, float] = {}
-        for w in matches.keys() | self._busy:
-            view = workers.get(w)
-            if view is None or (w not in matches and w not in self._busy):
+        busy = self._busy
+        restricted = len(candidates) != len(workers)  # some excluded (a retry): score only the candidates
+        allowed = set(candidates) if restricted else workers
+        # Matched, not busy: cost n - matched, so the deepest match wins among them.
+        best_cost = float("inf")
+        best: list[int] = []
+        for w, m in matches.items():
+            if w in busy or w not in allowed:
                 continue
-            scored[w] = n - matches.get(w, 0) + (lw * self._pending_blocks(w, n) if w in self._busy else 0)
-        if len(candidates) != len(workers):  # some excluded (a retry): score only the candidates
-            allowed = set(candidates)
-            scored = {w: c for w, c in scored.items() if w in allowed}
-        best_cost = min(scored.values(), default=float("inf"))
-        best = [w for w, c in scored.items() if c == best_cost]
+            cost: float = n - m
+            if cost < best_cost:
+                best_cost, best = cost, [w]
+            elif cost == best_cost:
+                best.append(w)
+        for w in busy:
+            if w not in allowed:
+                continue
+            cost = n - matches.get(w, 0) + self.load_weight * self._pending_blocks(w, n)
+            if cost < best_cost:
+                best_cost, best = cost, [w]
+            elif cost == best_cost:
+                best.append(w)
         if best_cost >= n:  # no worker saves anything: every idle worker with nothing cached costs n too
-            idle = [w for w in candidates if w not in scored]
+            idle = [w for w in candidates if w not in busy and w not in matches]
             if idle:
                 best = idle if best_cost > n else best + idle
-        if len(best) == 1:
-            return best[0]
-        # Ties: the worker holding the fewest blocks (most free cache), so new prefixes spread out.
-        index = self.index
-        if index is not None:
-            fewest = min(index.block_count(w) for w in best)
-            best = [w for w in best if index.block_count(w) == fewest]
+            if len(best) > 1 and self.index is not None:
+                # A cold request: the worker holding the fewest blocks (most free cache), so prefixes spread.
+                best = self.index.fewest_blocks(best)
         return best[0] if len(best) == 1 else self.rng.choice(best)
 
     def _pending_blocks(self, w: int, n: int) -> float:
