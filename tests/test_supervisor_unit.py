@@ -21,6 +21,7 @@ from launcher.supervisor import (
     READY,
     STARTING,
     STOPPED,
+    ProcState,
     Supervisor,
     registered_by_process,
 )
@@ -244,7 +245,12 @@ def test_stop_all_stops_in_reverse_order_and_returns_every_lease(clock: Clock, t
     assert states(sup) == {"router": READY, "v": BACKOFF}
     stopped: list[str] = []
     real_stop_one = sup._stop_one
-    sup._stop_one = lambda p, grace=0.0: (stopped.append(p.name), real_stop_one(p, grace))  # type: ignore[method-assign]
+
+    def recording_stop_one(p: ProcState, grace: float = 0.0) -> None:
+        stopped.append(p.name)
+        real_stop_one(p, grace)
+
+    sup._stop_one = recording_stop_one  # type: ignore[method-assign]
     assert sup.stop_all(grace=0.0) == [0xA]
     assert stopped == ["v", "router"]
     assert states(sup) == {"router": STOPPED, "v": STOPPED}
