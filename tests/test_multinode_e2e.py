@@ -3,8 +3,8 @@
 The hosts are two network namespaces joined by a veth pair (10.77.0.1 and 10.77.0.2), so nothing
 works by accident through loopback: host b reaches etcd and NATS only at host a's address. Host a's
 launcher starts them there (managed: auto on a routable address). Where namespaces cannot be made
-(not root, no `ip`), the two hosts share this machine's loopback with distinct host names and
-shared servers (managed: never), and the test says so in its skip/print.
+(not root, no `ip`; or MULTINODE_E2E_LOOPBACK=1), the two hosts share this machine's loopback with
+distinct host names and shared servers (managed: never), and the test says so in its skip/print.
 
 The rule tests at the top need no vLLM; the end-to-end ones run two tiny-llama monolith workers.
 """
@@ -150,6 +150,8 @@ def _ip(*args: str) -> None:
 
 def _make_namespaces(tag: str) -> tuple[str, str] | str:
     """Two namespaces joined by a veth pair; or the reason they cannot be made here."""
+    if os.environ.get("MULTINODE_E2E_LOOPBACK"):
+        return "MULTINODE_E2E_LOOPBACK is set"
     if os.geteuid() != 0:
         return "network namespaces need root"
     ns_a, ns_b = f"lt{tag}a", f"lt{tag}b"
