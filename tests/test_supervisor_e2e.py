@@ -30,10 +30,14 @@ from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Services, launcher, write_t
 from workers.runtime.registry import Registration, Registry
 
 FAKE_WORKER = r'''
-"""Test double for a worker: see tests/test_supervisor_e2e.py. Active only when FAKE_WORKER is set."""
+"""Test double for a worker: see tests/test_supervisor_e2e.py.
+
+Active only in a process the launcher started (LAUNCHER_PROCESS set) with FAKE_WORKER set, so the
+launcher CLI and the supervisor, which may inherit the same PYTHONPATH, run for real.
+"""
 import os
 
-_mode = os.environ.get("FAKE_WORKER")
+_mode = os.environ.get("FAKE_WORKER") if os.environ.get("LAUNCHER_PROCESS") else None
 if _mode:
     import asyncio
     import signal
@@ -290,3 +294,26 @@ def test_down_after_up_of_real_vllm_leaves_no_process_session_or_service(
         assert rd.supervisor_pid() is None
     finally:
         launcher(["down", "e2e-down"], env, check=False)
+
+
+def test_kv_router_run_sh_starts_n_workers_and_a_router_in_tmux_sessions(
+        tmp_path: Path, fake_dir: Path, env: dict[str, str], tmux_socket: str) -> None:
+    """The seed's habit: `./kv-router-run.sh 3 round_robin`, then `tmux a -t v-1` / `tmux a -t v-router`."""
+    run_env = {**os.environ, **env, "PYTHONPATH": f"{fake_dir}{os.pathsep}{ROOT}", "FAKE_WORKER": "register"}
+    try:
+        out = subprocess.run([str(ROOT / "kv-router-run.sh"), "3", "round_robin", "--timeout", "120"], env=run_env,
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert tmux_sessions(tmux_socket) == ["v-1", "v-2", "v-3", "v-router"]
+        assert f"tmux -L {tmux_socket} a -t v-1" in out.stdout
+        assert "launcher down kv-router-run" in out.stdout
+        topology = (Path(env["LAUNCHER_HOME"]) / "kv-router-run.yaml").read_text()
+        assert "strategy: round_robin" in topology and "kind: kv_worker" in topology
+        status = json.loads(launcher(["status", "kv-router-run", "--json"], env).stdout)
+        assert status["backend"] == "tmux"
+        assert [(p["name"], p["kind"], p["state"]) for p in status["processes"]] == [
+            ("v-router", "router", "ready"), ("v-1", "kv_worker", "ready"), ("v-2", "kv_worker", "ready"),
+            ("v-3", "kv_worker", "ready")]
+    finally:
+        launcher(["down", "kv-router-run"], env, check=False)
+    assert tmux_sessions(tmux_socket) == []
