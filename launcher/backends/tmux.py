@@ -193,13 +193,15 @@ class TmuxBackend:
         return pid
 
     def _clear_session(self, process: str) -> None:
-        """Remove a dead pane left from the last run of this process; refuse to touch a stranger's."""
+        """Remove the session left from this process's last run; refuse to touch anyone else's (even
+        a dead pane: it may be another deployment's crash that someone wants to read)."""
         facts = _sessions(self.server).get(session_name(process))
         if facts is None:
             return
-        if facts["owner"] != self.owner and facts["dead"] != "1":
+        if facts["owner"] != self.owner:
             where = f"tmux server '{self.socket_name}'" if self.socket_name else "the default tmux server"
-            raise TmuxError(f"a live tmux session named '{session_name(process)}' already exists on {where} "
+            state = "dead" if facts["dead"] == "1" else "live"
+            raise TmuxError(f"a {state} tmux session named '{session_name(process)}' already exists on {where} "
                             f"and is not part of this deployment ({facts['owner'] or 'not started by launcher'}); "
                             "stop it (`launcher down` its deployment, or `tmux kill-session`) or rename the process")
         self.server.cmd("kill-session", "-t", _target(process))
