@@ -65,7 +65,8 @@ q() { "$python" -c 'import json, sys; print(json.dumps(sys.argv[1]))' "$1"; }
   if [ "$gpus" -ge "$n" ]; then
     echo "engine: {max-model-len: 16384, block-size: 64, enable-prefix-caching: true}"
   else
-    echo "engine: {max-model-len: 2048, block-size: 16, enable-prefix-caching: true, enforce-eager: true}"
+    # vLLM 0.32 CPU attention wants block sizes that are multiples of 32 (16 fails at engine start)
+    echo "engine: {max-model-len: 2048, block-size: 32, enable-prefix-caching: true, enforce-eager: true}"
     echo "env: {VLLM_CPU_KVCACHE_SPACE: \"1\"}"
   fi
   echo "workers:"
