@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -153,6 +154,8 @@ def main() -> None:
     p.add_argument("--blocks-per-worker", type=int, default=72,
                    help="KV blocks of 32 tokens per worker: 4 prefixes of ~29 blocks exceed one, fit in two")
     args = p.parse_args()
+    # A `timeout` around the bench sends SIGTERM: exit through `finally` so the deployment goes down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     etcd_url, nats_url = f"http://127.0.0.1:{svc.free_port()}", f"nats://127.0.0.1:{svc.free_port()}"
     started = [svc.start_etcd(etcd_url, tmp), svc.start_nats(nats_url, tmp)]
