@@ -154,8 +154,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         err.print(f"[red]error[/] {exc}")
         return EXIT_INVALID
     rd.create()
-    with contextlib.suppress(OSError):
-        rd.state_file.unlink()
+    for stale in (rd.state_file, rd.path / "stop.json"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
     previous = services.from_json(state.read_json(rd.services_file, []) or [])
     try:
         started = services.ensure_services(endpoints.etcd, endpoints.nats, topo.services.managed, rd.path,
@@ -178,6 +179,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 130
     elapsed = time.monotonic() - t0
     print_status(collect(rd), console)
+    if ok and backend == "tmux":
+        from launcher.backends.tmux import attach_argv
+
+        first = specs[0].name
+        console.print(f"live panes: {' '.join(attach_argv(rd, first))}  (or `launcher attach {first}`)")
     if ok:
         console.print(f"[green]ready[/] in {elapsed:.1f} s. Send a request:\n"
                       f"  python -m workers.common.client --namespace {topo.effective_namespace} "
@@ -213,6 +219,7 @@ def _down(rd: RunDir, grace: float = 10.0) -> dict[str, Any]:
     """Stop the supervisor (which stops its processes), then sweep leftovers and managed services."""
     pid = rd.supervisor_pid()
     if pid is not None:
+        state.write_json(rd.path / "stop.json", {"grace": grace})
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace + 30

@@ -26,7 +26,7 @@ import psutil
 from launcher import proctree
 from launcher.backends.base import Backend
 from launcher.plan import ProcessSpec
-from launcher.state import RunDir, write_json
+from launcher.state import RunDir, read_json, write_json
 
 log = logging.getLogger("launcher.supervisor")
 
@@ -254,7 +254,9 @@ async def run(run_dir: RunDir, stop: asyncio.Event | None = None) -> int:
                 await asyncio.wait_for(stop.wait(), TICK)
     finally:
         log.info("stopping every process")
-        revoke = await asyncio.to_thread(sup.stop_all)
+        # `launcher down --grace S` leaves its grace period here before signalling us.
+        grace = float((read_json(run_dir.path / "stop.json", {}) or {}).get("grace", STOP_GRACE))
+        revoke = await asyncio.to_thread(sup.stop_all, grace)
         for lease in revoke:
             await registry.revoke(lease)
         write_json(run_dir.state_file, {"supervisor_pid": None, "updated": time.time(),
