@@ -95,15 +95,33 @@ def test_random_uses_both_workers(deployment: Deployment) -> None:
     assert chosen == {"worker-a", "worker-b"}
 
 
-def _live_leases(d: Deployment) -> set[int]:
+def _live_leases(d: Deployment, component: str = "backend") -> set[int]:
     async def run() -> set[int]:
         registry = await Registry.connect([d.services.etcd])
         try:
-            return {r.lease_id for r in await registry.list(d.namespace, "backend")}
+            return {r.lease_id for r in await registry.list(d.namespace, component)}
         finally:
             await registry.client.close()
 
     return asyncio.run(run())
+
+
+def test_restarted_router_rebuilds_its_index_from_worker_snapshots(deployment: Deployment) -> None:
+    first = send(deployment, "prefix", long_prompt(7))
+    old_leases = _live_leases(deployment, "preprocess")
+    os.kill(deployment.process("router-prefix")["pid"], signal.SIGKILL)  # the supervisor restarts it
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        leases = _live_leases(deployment, "preprocess")
+        if leases and not leases & old_leases:
+            break
+        time.sleep(0.5)
+    assert leases and not leases & old_leases, "the router did not come back"
+    time.sleep(1)  # its resync requests are answered by snapshots on the event subject
+    again = send(deployment, "prefix", long_prompt(7))
+    chosen = first["routing"]["process"]
+    assert again["routing"]["process"] == chosen, again["routing"]
+    assert again["routing"]["matched_blocks"][chosen] > 0, again["routing"]
 
 
 def test_killed_worker_is_never_chosen_after_its_lease_is_gone(deployment: Deployment) -> None:
