@@ -20,7 +20,7 @@ measures both forms; the router uses `FlatIndex` (smaller and faster, same answe
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Sequence
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -139,20 +139,60 @@ def _prefix_counts(slots: _WorkerSlots, levels: Iterable[int], all_mask: int) ->
     return counts
 
 
-class FlatIndex:
-    """chained hash -> bitmask of workers holding that block (and, by construction, its prefix)."""
+_Entry = TypeVar("_Entry")  # what a worker's engine hash maps to: a chained hash (flat) or a tree node
+
+
+class _IndexBase(Generic[_Entry]):
+    """What both index forms share: worker slots, the per-worker engine-hash map, and the queries on it."""
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self.hasher = BlockHasher(block_size)
         self._slots = _WorkerSlots()
-        self._blocks: dict[int, int] = {}
-        self._by_worker: dict[WorkerId, dict[EngineHash, int]] = {}
+        self._by_worker: dict[WorkerId, dict[EngineHash, _Entry]] = {}
 
     def apply_stored(self, worker: WorkerId, parent: EngineHash | None, engine_hashes: Sequence[EngineHash],
                      tokens: bytes | Sequence[int] | np.ndarray) -> bool:
         """Add blocks; False when the parent is unknown (events were missed: the caller resyncs)."""
         return self.apply_stored_content(worker, parent, engine_hashes, self.hasher.content(tokens))
+
+    def apply_stored_content(self, worker: WorkerId, parent: EngineHash | None,
+                             engine_hashes: Sequence[EngineHash], contents: Sequence[int]) -> bool:
+        raise NotImplementedError
+
+    def apply_removed(self, worker: WorkerId, engine_hashes: Iterable[EngineHash]) -> None:
+        raise NotImplementedError
+
+    def clear(self, worker: WorkerId) -> None:
+        mine = self._by_worker.get(worker)
+        if mine:
+            self.apply_removed(worker, list(mine))
+
+    def remove_worker(self, worker: WorkerId) -> None:
+        self.clear(worker)
+        self._by_worker.pop(worker, None)
+        self._slots.release(worker)
+
+    def workers(self) -> list[WorkerId]:
+        return list(self._slots.bit)
+
+    def block_count(self, worker: WorkerId) -> int:
+        return len(self._by_worker.get(worker, ()))
+
+    def fewest_blocks(self, workers: list[WorkerId]) -> list[WorkerId]:
+        """The workers (of `workers`) that hold the fewest blocks."""
+        by = self._by_worker
+        sizes = [len(by[w]) if w in by else 0 for w in workers]
+        low = min(sizes)
+        return [w for w, size in zip(workers, sizes, strict=True) if size == low]
+
+
+class FlatIndex(_IndexBase[int]):
+    """chained hash -> bitmask of workers holding that block (and, by construction, its prefix)."""
+
+    def __init__(self, block_size: int) -> None:
+        super().__init__(block_size)
+        self._blocks: dict[int, int] = {}
 
     def apply_stored_content(self, worker: WorkerId, parent: EngineHash | None,
                              engine_hashes: Sequence[EngineHash], contents: Sequence[int]) -> bool:
@@ -197,16 +237,6 @@ class FlatIndex:
             else:
                 blocks.pop(rh, None)
 
-    def clear(self, worker: WorkerId) -> None:
-        mine = self._by_worker.get(worker)
-        if mine:
-            self.apply_removed(worker, list(mine))
-
-    def remove_worker(self, worker: WorkerId) -> None:
-        self.clear(worker)
-        self._by_worker.pop(worker, None)
-        self._slots.release(worker)
-
     def match(self, chained: Sequence[int]) -> dict[WorkerId, int]:
         # _prefix_counts inlined: this loop is the hot path of every routing decision.
         get = self._blocks.get
@@ -231,18 +261,6 @@ class FlatIndex:
                 counts[w] = depth
         return counts
 
-    def workers(self) -> list[WorkerId]:
-        return list(self._slots.bit)
-
-    def block_count(self, worker: WorkerId) -> int:
-        return len(self._by_worker.get(worker, ()))
-
-    def fewest_blocks(self, workers: list[WorkerId]) -> list[WorkerId]:
-        """The workers (of `workers`) that hold the fewest blocks."""
-        by = self._by_worker
-        sizes = [len(by[w]) if w in by else 0 for w in workers]
-        low = min(sizes)
-        return [w for w, size in zip(workers, sizes, strict=True) if size == low]
 
     def unique_blocks(self) -> int:
         return len(self._blocks)
@@ -258,19 +276,12 @@ class _Node:
         self.mask = 0
 
 
-class TreeIndex:
+class TreeIndex(_IndexBase["_Node"]):
     """The same index as an explicit prefix tree (nodes pruned when no worker holds them)."""
 
     def __init__(self, block_size: int) -> None:
-        self.block_size = block_size
-        self.hasher = BlockHasher(block_size)
-        self._slots = _WorkerSlots()
+        super().__init__(block_size)
         self.root = _Node(ROOT_HASH, None)
-        self._by_worker: dict[WorkerId, dict[EngineHash, _Node]] = {}
-
-    def apply_stored(self, worker: WorkerId, parent: EngineHash | None, engine_hashes: Sequence[EngineHash],
-                     tokens: bytes | Sequence[int] | np.ndarray) -> bool:
-        return self.apply_stored_content(worker, parent, engine_hashes, self.hasher.content(tokens))
 
     def apply_stored_content(self, worker: WorkerId, parent: EngineHash | None,
                              engine_hashes: Sequence[EngineHash], contents: Sequence[int]) -> bool:
@@ -307,16 +318,6 @@ class TreeIndex:
             if node is not None:
                 self._drop(node, keep)
 
-    def clear(self, worker: WorkerId) -> None:
-        mine = self._by_worker.get(worker)
-        if mine:
-            self.apply_removed(worker, list(mine))
-
-    def remove_worker(self, worker: WorkerId) -> None:
-        self.clear(worker)
-        self._by_worker.pop(worker, None)
-        self._slots.release(worker)
-
     def match(self, chained: Sequence[int]) -> dict[WorkerId, int]:
         def levels() -> Iterable[int]:
             node = self.root
@@ -329,15 +330,3 @@ class TreeIndex:
 
         return _prefix_counts(self._slots, levels(), sum(self._slots.bit.values()))
 
-    def workers(self) -> list[WorkerId]:
-        return list(self._slots.bit)
-
-    def block_count(self, worker: WorkerId) -> int:
-        return len(self._by_worker.get(worker, ()))
-
-    def fewest_blocks(self, workers: list[WorkerId]) -> list[WorkerId]:
-        """The workers (of `workers`) that hold the fewest blocks."""
-        by = self._by_worker
-        sizes = [len(by[w]) if w in by else 0 for w in workers]
-        low = min(sizes)
-        return [w for w, size in zip(workers, sizes, strict=True) if size == low]
