@@ -86,8 +86,8 @@ def _workers(topo: Topology) -> Iterable[tuple[int, Worker]]:
 def rule_unique_names(topo: Topology) -> list[Problem]:
     seen: dict[str, PathKey] = {}
     problems = []
-    entries: list[tuple[PathKey, str]] = [(("workers", i, "name"), w.name) for i, w in _workers(topo)]
-    entries += [(("routers", i, "name"), r.name) for i, r in enumerate(topo.routers)]
+    entries: list[tuple[PathKey, str]] = [((section, i, "name"), p.name)
+                                          for section, procs in topo.sections() for i, p in enumerate(procs)]
     for path, name in entries:
         if name in seen:
             problems.append(Problem(path, f"name '{name}' is used twice; every process needs its own name"))
@@ -278,7 +278,7 @@ def is_loopback(address: str) -> bool:
 
 
 def deployment_hosts(topo: Topology) -> set[str]:
-    return {p.host for p in [*topo.workers, *topo.routers] if p.host is not None}
+    return {p.host for _, procs in topo.sections() for p in procs if p.host is not None}
 
 
 def rule_multinode(topo: Topology) -> list[Problem]:
@@ -291,7 +291,7 @@ def rule_multinode(topo: Topology) -> list[Problem]:
     if not hosts:
         return []
     problems: list[Problem] = []
-    for section, procs in (("workers", topo.workers), ("routers", topo.routers)):
+    for section, procs in topo.sections():
         for i, p in enumerate(procs):
             if p.host is None:
                 problems.append(Problem((section, i, "name"), f"'{p.name}' names no host while others do "
@@ -318,7 +318,31 @@ def rule_multinode(topo: Topology) -> list[Problem]:
     return problems
 
 
+def rule_ports(topo: Topology) -> list[Problem]:
+    """A port is listened on by one process per host: a frontend's HTTP port, each worker's metrics port."""
+    from launcher.plan import listening_ports  # the plan assigns the default ports; one place decides them
+
+    problems: list[Problem] = []
+    owner: dict[tuple[str | None, int], str] = {}
+    for path, host, name, port in listening_ports(topo):
+        other = owner.get((host, port))
+        if other is not None:
+            problems.append(Problem(path, f"port {port} is already '{other}''s: give '{name}' another port"))
+        owner[(host, port)] = name
+    return problems
+
+
+def rule_frontends(topo: Topology) -> list[Problem]:
+    from workers.kinds import entry_component
+
+    if topo.frontends and entry_component({w.kind for w in topo.workers} | {r.kind for r in topo.routers}) is None:
+        return [Problem(("frontends",), "a frontend needs something to call: a monolith, decode or router process")]
+    return []
+
+
 RULES: list[Callable[[Topology], list[Problem]]] = [
+    rule_ports,
+    rule_frontends,
     rule_unique_names,
     rule_devices,
     rule_disaggregation,

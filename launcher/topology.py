@@ -64,6 +64,9 @@ class ProcessCommon(Strict):
 
 class Worker(ProcessCommon):
     kind: Literal["monolith", "prefill", "decode", "kv_worker"] = "monolith"
+    metrics_port: int | None = Field(None, ge=1, le=65535, description=(
+        "Prometheus port of this worker's vLLM metrics (default: the topology's metrics_port_base + its "
+        "position among the engine processes of its host)"))
     model: str | None = None
     gpus: list[int] | None = None
     cpus: str | None = Field(None, description="VLLM_CPU_OMP_THREADS_BIND, e.g. '0-3' or '0|1' for TP 2")
@@ -86,6 +89,21 @@ class Router(ProcessCommon):
     model: str | None = None
 
 
+class Frontend(ProcessCommon):
+    """The OpenAI-compatible HTTP front door: `/v1/chat/completions`, `/v1/completions`, `/v1/models`."""
+
+    kind: Literal["frontend"] = "frontend"
+    listen: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
+    port: int = Field(8000, ge=1, le=65535)
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description=(
+        "name of an environment variable holding the API key every /v1 route then requires "
+        "(as `vllm serve --api-key`); the key itself is never written in the topology"))
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    request_timeout: float = Field(10.0, gt=0, description=(
+        "seconds a worker may stay silent before the request fails with 504"))
+    retries: int = Field(2, ge=0, description="tries on another instance when one fails before its first token")
+
+
 class Topology(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     namespace: str | None = None
@@ -96,10 +114,17 @@ class Topology(Strict):
     env: dict[str, str] = Field(default_factory=dict)
     workers: list[Worker] = Field(min_length=1)
     routers: list[Router] = Field(default_factory=list)
+    frontends: list[Frontend] = Field(default_factory=list)
+    metrics_port_base: int = Field(9400, ge=1024, le=65000, description=(
+        "first Prometheus port given to engine workers that name none (one port per worker and replica)"))
 
     @property
     def effective_namespace(self) -> str:
         return self.namespace or self.name
+
+    def sections(self) -> list[tuple[str, list[Worker] | list[Router] | list[Frontend]]]:
+        """Every process list with its YAML key, for rules that look at all processes alike."""
+        return [("workers", self.workers), ("routers", self.routers), ("frontends", self.frontends)]
 
 
 class TopologyError(Exception):
@@ -143,7 +168,7 @@ def parse_topology(loaded: LoadedYaml) -> Topology:
     base = loaded.file.parent
     topo.model = _resolve_model_path(topo.model, base)
     for proc in [*topo.workers, *topo.routers]:
-        if isinstance(proc, (Worker, Router)) and proc.model:
+        if proc.model:
             proc.model = _resolve_model_path(proc.model, base)
     return topo
 

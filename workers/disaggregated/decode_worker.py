@@ -32,15 +32,16 @@ from workers.disaggregated.kvconfig import adapt_argv
 from workers.disaggregated.prefill_pool import PrefillInstance, PrefillPool
 from workers.disaggregated.prefill_worker import kv_role_of
 from workers.disaggregated.shared_storage import SharedStorage
-from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser
+from workers.kinds import KINDS
+from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser, registration_of
 from workers.runtime import requestplane
 from workers.runtime.serve import WorkerContext, setup_logging
 from workers.runtime.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_COMPONENT = "decode"
-DEFAULT_PREFILL_COMPONENT = "prefill"
+DEFAULT_COMPONENT = KINDS["decode"].component
+DEFAULT_PREFILL_COMPONENT = KINDS["prefill"].component
 DEFAULT_PREFILL_TIMEOUT = 5.0
 LOCAL = "local"
 
@@ -143,7 +144,7 @@ async def serve(args: argparse.Namespace) -> None:
     if engine_args.kv_transfer_config is None:
         raise SystemExit("a decode worker needs --kv-transfer-config (kv_connector, kv_role kv_consumer)")
     pool = PrefillPool()
-    engine = build_engine(engine_args)
+    engine = build_engine(engine_args, args.metrics_port)
     ctx.on_shutdown.append(engine.shutdown)
     # Know the prefill workers before taking the first request (they start before decode workers).
     await pool.sync(ctx.registry, settings.namespace, args.prefill_component)
@@ -157,8 +158,8 @@ async def serve(args: argparse.Namespace) -> None:
     storage = SharedStorage.of(engine_args.kv_transfer_config, block_size)
     handler = DisaggregatedHandler(ctx.nc, EngineHandler(engine, settings.process_name), pool, args.prefill_timeout,
                                    storage)
-    await ctx.serve(args.component, "generate", handler.generate, model=engine_args.model,
-                    block_size=block_size, kv_role=kv_role_of(engine_args))
+    await ctx.serve(args.component, "generate", handler.generate, **registration_of(engine, engine_args),
+                    kv_role=kv_role_of(engine_args))
     log.info("serving %s with %d prefill instance(s) known", args.component, len(pool.instances))
     await ctx.run_until_stopped()
 

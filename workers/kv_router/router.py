@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from workers.kinds import KINDS
 from workers.common.protocol import GenerateRequest
 from workers.kv_router import events as ev
 from workers.kv_router.indexer import FlatIndex, Index
@@ -435,8 +436,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="KV block size of the workers (default: the one they register with)")
     p.add_argument("--load-weight", type=float, default=0.5,
                    help="cost of one block in flight relative to one block to prefill (strategy prefix)")
-    p.add_argument("--component", default="preprocess", help="component this router serves")
-    p.add_argument("--worker-component", default="backend", help="component the kv workers register")
+    p.add_argument("--component", default=KINDS["router"].component, help="component this router serves")
+    p.add_argument("--worker-component", default=KINDS["kv_worker"].component,
+                   help="component the kv workers register")
     p.add_argument("--seed", type=int, default=None, help="seed of random choices (strategy random, ties)")
     return p.parse_args(argv)
 

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 KEEPALIVE_INTERVAL = 1.0
 DEFAULT_IDLE_TIMEOUT = 5.0
+# A cancel that arrives before its request (still queued in NATS) is remembered this long.
+EARLY_CANCEL_TTL = 60.0
 
 Handler = Callable[[dict[str, Any]], AsyncIterator[Any]]
 
@@ -41,6 +43,12 @@ def endpoint_subject(namespace: str, component: str, endpoint: str) -> str:
 
 def instance_subject(namespace: str, component: str, endpoint: str, instance_id: int) -> str:
     return f"{endpoint_subject(namespace, component, endpoint)}.{instance_id:x}"
+
+
+def cancel_subject(subject: str) -> str:
+    """Where a client cancels a stream it requested on `subject`: every server of that subject
+    listens there, and the message is the stream's reply inbox."""
+    return f"{subject}.cancel"
 
 async def connect(server: str, name: str) -> NATS:
     """Connect once, failing fast: a worker with no NATS is useless, and the log must say why."""
@@ -61,6 +69,8 @@ class EndpointServer:
         self._instance_subject = instance_subject
         self._handler = handler
         self._tasks: set[asyncio.Task[None]] = set()
+        self._streams: dict[str, asyncio.Task[None]] = {}  # reply inbox -> the task streaming to it
+        self._cancelled_early: dict[str, float] = {}  # reply inbox -> when its cancel arrived
         self._subs: list[Any] = []
 
     @property
@@ -70,6 +80,22 @@ class EndpointServer:
     async def start(self) -> None:
         self._subs.append(await self._nc.subscribe(self._subject, queue="workers", cb=self._on_msg))
         self._subs.append(await self._nc.subscribe(self._instance_subject, cb=self._on_msg))
+        for subject in (self._subject, self._instance_subject):
+            self._subs.append(await self._nc.subscribe(cancel_subject(subject), cb=self._on_cancel))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        """The client went away: stop its stream (the handler's finally aborts the engine request)."""
+        reply = msg.data.decode(errors="replace")
+        task = self._streams.get(reply)
+        if task is not None:
+            log.info("stream to %s cancelled by its client", reply)
+            task.cancel()
+            return
+        now = asyncio.get_running_loop().time()
+        # Every instance hears a cancel sent to the shared subject; only one ever sees the request.
+        # Remember it briefly in case the request is still on its way here.
+        self._cancelled_early = {r: t for r, t in self._cancelled_early.items() if now - t < EARLY_CANCEL_TTL}
+        self._cancelled_early[reply] = now
 
     async def stop(self) -> None:
         """Stop taking requests, then tell every open stream it ended with an error."""
@@ -85,9 +111,20 @@ class EndpointServer:
         if not msg.reply:
             log.warning("request on %s without a reply subject: dropped", msg.subject)
             return
+        if self._cancelled_early.pop(msg.reply, None) is not None:
+            log.info("request to %s was cancelled before it arrived: dropped", msg.reply)
+            return
+        reply = msg.reply
         task = asyncio.create_task(self._serve(msg))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._streams[reply] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if self._streams.get(reply) is t:
+                del self._streams[reply]
+
+        task.add_done_callback(done)
 
     async def _serve(self, msg: Msg) -> None:
         reply = msg.reply
@@ -99,7 +136,9 @@ class EndpointServer:
             async for item in self._handler(request):
                 await send(reply, Annotated(data=item).encode())
         except asyncio.CancelledError:
-            await send(reply, Annotated.error("worker shutting down: request aborted").encode())
+            # Cancelled by its client (nobody listens any more) or by stop(): either way, say so.
+            with contextlib.suppress(Exception):
+                await send(reply, Annotated.error("worker shutting down: request aborted").encode())
         except Exception as exc:
             log.exception("request failed")
             await send(reply, Annotated.error(f"{type(exc).__name__}: {exc}").encode())
@@ -122,10 +161,14 @@ async def stream(
 ) -> AsyncIterator[Annotated]:
     """Yield the worker's responses; end with an error Annotated instead of hanging.
 
-    The stream ends after the worker's end marker, or after an error, whichever is first.
+    The stream ends after the worker's end marker, or after an error, whichever is first. A caller
+    that stops iterating early (a client that disconnected, a request that was cancelled, a silent
+    worker given up on) makes this publish a cancel, so the worker aborts the request instead of
+    generating for nobody.
     """
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
+    finished = False
     try:
         await nc.publish(subject, json.dumps(request).encode(), reply=inbox)
         acked = False
@@ -149,13 +192,19 @@ async def stream(
             if item.event == EVENT_ACK:
                 acked = True
             if item.event == EVENT_END:
+                finished = True
                 return
             if item.event in CONTROL_EVENTS:
                 continue
+            if item.is_error():
+                finished = True  # the worker ended it
             yield item
             if item.is_error():
                 return
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+        if not finished:
+            with contextlib.suppress(Exception):
+                await nc.publish(cancel_subject(subject), inbox.encode())
 
