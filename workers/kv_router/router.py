@@ -36,6 +36,7 @@ from workers.common.protocol import GenerateRequest
 from workers.kv_router import events as ev
 from workers.kv_router.indexer import FlatIndex, Index
 from workers.runtime import requestplane
+from workers.runtime.annotated import Annotated, ErrorCode, StreamError, retryable
 from workers.runtime.registry import Registration, components_prefix
 from workers.runtime.serve import WorkerContext, setup_logging
 from workers.runtime.settings import RuntimeSettings
@@ -43,7 +44,12 @@ from workers.runtime.settings import RuntimeSettings
 log = logging.getLogger("workers.kv_router.router")
 
 RESYNC_RETRY = 5.0
+MAX_RETRIES = 2  # other instances tried after a lost one, before the first token only
 STRATEGIES = ("prefix", "round_robin", "random")
+
+
+class NoWorker(RuntimeError):
+    """No candidate left: none registered, or every one was tried for this request."""
 
 
 @dataclass
@@ -209,7 +215,7 @@ class KvRouter:
     def choose(self, token_ids: Sequence[int] | np.ndarray, exclude: set[int] | None = None) -> Decision:
         candidates = [w for w in self.workers if not exclude or w not in exclude]
         if not candidates:
-            raise RuntimeError("no kv worker is registered (is any worker up? launcher status)")
+            raise NoWorker("no kv worker is registered (is any worker up? launcher status)")
         hashes = self.hashes(token_ids)
         matches = self.index.match(hashes) if self.index is not None else {}
         n = len(hashes)
@@ -310,8 +316,9 @@ class RouterService:
     """NATS and etcd around a KvRouter: the `generate` endpoint, event and load feeds, membership."""
 
     def __init__(self, ctx: WorkerContext, router: KvRouter, tokenizer: Tokenizer, worker_component: str,
-                 idle_timeout: float = 10.0) -> None:
+                 idle_timeout: float = 10.0, max_retries: int = MAX_RETRIES) -> None:
         self.ctx = ctx
+        self.max_retries = max_retries
         self.router = router
         self.tokenizer = tokenizer
         self.worker_component = worker_component
@@ -396,7 +403,10 @@ class RouterService:
         token_ids = self.tokenizer(req)
         tried: set[int] = set()
         while True:
-            decision = self.router.choose(token_ids, exclude=tried)
+            try:
+                decision = self.router.choose(token_ids, exclude=tried)
+            except NoWorker as exc:
+                raise StreamError(str(exc), code=ErrorCode.NO_RESPONDERS) from None
             took_us = (time.perf_counter() - t0) * 1e6
             log.info("route %s: %s -> %s (%x), %d blocks, matched %s, load %s (%.0f us)", req.request_id,
                      decision.strategy, decision.process, decision.worker, decision.blocks, decision.matched,
@@ -406,25 +416,28 @@ class RouterService:
                                       kv_transfer_params=req.kv_transfer_params).model_dump(exclude_none=True)
             self.router.started(decision)
             answered = False
+            failure: Annotated | None = None
             try:
                 async for item in requestplane.stream(self.ctx.nc, view.reg.instance_subject, payload,
                                                       self.idle_timeout):
                     if item.is_error():
-                        text = "; ".join(item.comment)
-                        if not answered and text.startswith("no worker answered"):
-                            break  # it died before its lease expired: try another worker
-                        raise RuntimeError(f"worker {decision.process}: {text}")
+                        failure = item
+                        break
                     answered = True
                     chunk = dict(item.data or {})
                     if "finish_reason" in chunk:
                         chunk["routing"] = decision.as_dict()
                     yield chunk
-                else:
-                    return
             finally:
                 self.router.finished(decision)
-            log.warning("worker %s did not answer: routing %s elsewhere", decision.process, req.request_id)
+            if failure is None:
+                return
+            text = f"worker {decision.process}: {'; '.join(failure.comment)}"
             tried.add(decision.worker)
+            last_try = len(tried) > self.max_retries or not [w for w in self.router.workers if w not in tried]
+            if last_try or not retryable(failure.code, tokens_sent=answered):
+                raise StreamError(text, code=failure.code or ErrorCode.WORKER_ERROR)
+            log.warning("%s (%s): routing %s elsewhere", text, failure.code, req.request_id)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -438,6 +451,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--component", default="preprocess", help="component this router serves")
     p.add_argument("--worker-component", default="backend", help="component the kv workers register")
     p.add_argument("--seed", type=int, default=None, help="seed of random choices (strategy random, ties)")
+    p.add_argument("--max-retries", type=int, default=MAX_RETRIES,
+                   help="other workers tried when the chosen one is lost before its first token")
     return p.parse_args(argv)
 
 
@@ -446,7 +461,8 @@ async def serve(args: argparse.Namespace) -> None:
     ctx = WorkerContext(settings)
     await ctx.connect()
     router = KvRouter(args.routing_strategy, args.block_size, args.load_weight, random.Random(args.seed))
-    service = RouterService(ctx, router, Tokenizer(args.model), args.worker_component)
+    service = RouterService(ctx, router, Tokenizer(args.model), args.worker_component,
+                            max_retries=args.max_retries)
     await service.start()
     await ctx.serve(args.component, "generate", service.generate, model=args.model, block_size=args.block_size)
     log.info("router (%s) serving %s.%s", args.routing_strategy, settings.namespace, args.component)
