@@ -34,7 +34,7 @@ class PrefillInstance:
 
     @property
     def name(self) -> str:
-        return self.registration.process or f"{self.registration.lease_id:x}"
+        return self.registration.process or f"{self.registration.instance:x}"
 
 
 class PrefillPool:

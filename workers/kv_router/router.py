@@ -37,7 +37,7 @@ from workers.kv_router import events as ev
 from workers.kv_router.indexer import FlatIndex, Index
 from workers.runtime import requestplane
 from workers.runtime.annotated import Annotated, ErrorCode, StreamError, retryable
-from workers.runtime.registry import Registration, components_prefix
+from workers.runtime.registry import Registration, instance_of_key
 from workers.runtime.serve import WorkerContext, setup_logging
 from workers.runtime.settings import RuntimeSettings
 
@@ -61,7 +61,7 @@ class WorkerView:
 
     @property
     def name(self) -> str:
-        return self.reg.process or f"{self.reg.lease_id:x}"
+        return self.reg.process or f"{self.reg.instance:x}"
 
 
 @dataclass
@@ -126,24 +126,28 @@ class KvRouter:
             log.error("worker %s has block size %s, this router %s: not routing to it", reg.process,
                       reg.block_size, self.block_size)
             return
-        new = reg.lease_id not in self.workers
-        self.workers[reg.lease_id] = WorkerView(reg) if new else self.workers[reg.lease_id]
-        self.gone.discard(reg.lease_id)
-        if new:
-            log.info("worker %s (%x) joined", reg.process, reg.lease_id)
-        if known_before_start:
-            self.request_resync(reg.lease_id)
+        w = reg.instance
+        view = self.workers.get(w)
+        if view is None:
+            self.workers[w] = WorkerView(reg)
+            log.info("worker %s (%x) joined", reg.process, w)
+        else:
+            view.reg = reg  # the same instance under a new lease
+        back = w in self.gone  # its key was deleted (lost lease) and put again: its blocks were dropped
+        self.gone.discard(w)
+        if known_before_start or back:
+            self.request_resync(w)
 
-    def remove_worker(self, lease_id: int) -> None:
-        view = self.workers.pop(lease_id, None)
-        self.gone.add(lease_id)
-        self.last_seq.pop(lease_id, None)
-        self.awaiting_snapshot.pop(lease_id, None)
-        self._busy.discard(lease_id)
+    def remove_worker(self, w: int) -> None:
+        view = self.workers.pop(w, None)
+        self.gone.add(w)
+        self.last_seq.pop(w, None)
+        self.awaiting_snapshot.pop(w, None)
+        self._busy.discard(w)
         if self.index is not None:
-            self.index.remove_worker(lease_id)
+            self.index.remove_worker(w)
         if view is not None:
-            log.info("worker %s (%x) left: its blocks are dropped", view.name, lease_id)
+            log.info("worker %s (%x) left: its blocks are dropped", view.name, w)
 
     def request_resync(self, worker: int) -> None:
         if self.index is not None:
@@ -347,15 +351,13 @@ class RouterService:
 
     async def _watch(self) -> None:
         assert self.ctx.registry is not None
-        prefix = components_prefix(self.ns, self.worker_component)
         while True:
             try:
                 async for kind, reg, key in self.ctx.registry.watch(self.ns, self.worker_component):
                     if kind == "put" and reg is not None and reg.endpoint == "generate":
                         self.router.add_worker(reg)
                     elif kind == "delete":
-                        lease = int(key[len(prefix):].rsplit(":", 1)[-1], 16)
-                        self.router.remove_worker(lease)
+                        self.router.remove_worker(instance_of_key(key))
                     await self._flush_resyncs()
             except asyncio.CancelledError:
                 raise
@@ -363,9 +365,9 @@ class RouterService:
                 log.warning("etcd watch failed (%s); watching again", exc)
                 await asyncio.sleep(1)
                 with contextlib.suppress(Exception):
-                    live = {r.lease_id: r for r in await self.ctx.registry.list(self.ns, self.worker_component)}
-                    for lease in [w for w in self.router.workers if w not in live]:
-                        self.router.remove_worker(lease)
+                    live = {r.instance: r for r in await self.ctx.registry.list(self.ns, self.worker_component)}
+                    for gone in [w for w in self.router.workers if w not in live]:
+                        self.router.remove_worker(gone)
                     for reg in live.values():
                         self.router.add_worker(reg)
 
