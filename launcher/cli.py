@@ -158,16 +158,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         with contextlib.suppress(OSError):
             stale.unlink()
     previous = services.from_json(state.read_json(rd.services_file, []) or [])
+    if previous:  # from an earlier run that was not taken down: give them up first (stopped if unused)
+        services.release_services(previous, rd.path, say=lambda m: console.print(f"  {m}"))
+        state.write_json(rd.services_file, [])
     try:
-        started = services.ensure_services(endpoints.etcd, endpoints.nats, topo.services.managed, rd.path,
-                                           say=lambda m: console.print(f"  {m}"))
+        used = services.ensure_services(endpoints.etcd, endpoints.nats, topo.services.managed, rd.path,
+                                        say=lambda m: console.print(f"  {m}"))
     except services.ServiceError as exc:
         err.print(f"[red]error[/] {exc}")
         return 1
-    state.write_json(rd.services_file, services.to_json(previous + started))
-    _write_plan(rd, topo, specs, endpoints, backend, args.host, args.topology, everyone)
-    t0 = time.monotonic()
-    sup = _spawn_supervisor(rd, args.foreground)
+    state.write_json(rd.services_file, services.to_json(used))
+    try:
+        _write_plan(rd, topo, specs, endpoints, backend, args.host, args.topology, everyone)
+        t0 = time.monotonic()
+        sup = _spawn_supervisor(rd, args.foreground)
+    except BaseException:  # nothing supervises the services this `up` took: give them back
+        services.release_services(used, rd.path, say=lambda m: console.print(f"  {m}"))
+        state.write_json(rd.services_file, [])
+        raise
     console.print(f"[bold]{topo.name}[/]: {len(specs)} process(es), logs in {rd.logs}")
     try:
         ok = _wait_ready(rd, sup, args.timeout)
@@ -230,13 +238,14 @@ def _down(rd: RunDir, grace: float = 10.0) -> dict[str, Any]:
         for proc in leftovers({int(k): v for k, v in p.get("pids_seen", {}).items()}):
             swept += len(proctree.stop_tree(proc.pid, grace=2))
     svc = services.from_json(state.read_json(rd.services_file, []) or [])
-    services.stop_services(svc)
+    notes: list[str] = []
+    stopped = services.release_services(svc, rd.path, say=notes.append)
     state.write_json(rd.services_file, [])
     if rd.plan().get("backend") == "tmux":
         from launcher.backends.tmux import kill_sessions
 
         kill_sessions(rd)
-    return {"supervisor": pid, "swept": swept, "services": [s.name for s in svc]}
+    return {"supervisor": pid, "swept": swept, "services": stopped, "service_notes": notes}
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -244,8 +253,9 @@ def cmd_down(args: argparse.Namespace) -> int:
     result = _down(rd, args.grace)
     sup = f"supervisor {result['supervisor']} stopped" if result["supervisor"] else "no supervisor was running"
     extra = f", {result['swept']} leftover process(es) killed" if result["swept"] else ""
-    svc = f"; stopped {', '.join(result['services'])}" if result["services"] else ""
-    console.print(f"{rd.name}: {sup}{extra}{svc}")
+    console.print(f"{rd.name}: {sup}{extra}")
+    for note in result["service_notes"]:
+        console.print(f"  {note}")
     return 0
 
 

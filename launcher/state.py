@@ -36,6 +36,9 @@ def read_json(path: Path, default: Any = None) -> Any:
         return default
 
 
+RUNNING, ORPHANED, STOPPED = "running", "orphaned", "stopped"
+
+
 @dataclass(frozen=True)
 class RunDir:
     path: Path
@@ -81,6 +84,24 @@ class RunDir:
             return None
         pid, created = int(info["pid"]), info.get("create_time")
         return pid if proctree.is_same_process(pid, created) else None
+
+    def live_pids(self) -> list[int]:
+        """Processes the supervisor recorded (every tree member it saw) that are still alive."""
+        out = []
+        for p in self.state().get("processes", {}).values():
+            for pid, created in (p.get("pids_seen") or {}).items():
+                if proctree.is_same_process(int(pid), created):
+                    out.append(int(pid))
+        return out
+
+    def condition(self) -> str:
+        """running (supervisor alive), orphaned (supervisor gone, some process alive) or stopped."""
+        if self.supervisor_pid() is not None:
+            return RUNNING
+        return ORPHANED if self.live_pids() else STOPPED
+
+    def is_live(self) -> bool:
+        return self.condition() != STOPPED
 
     def plan(self) -> dict[str, Any]:
         return read_json(self.plan_file, {}) or {}

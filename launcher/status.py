@@ -20,7 +20,8 @@ from launcher.gpus import gpu_memory_by_pid
 from launcher.state import RunDir
 
 STATE_STYLE = {"ready": "green", "starting": "yellow", "backoff": "yellow", "pending": "dim",
-               "failed": "bold red", "exited": "red", "stopped": "dim", "stopping": "yellow"}
+               "failed": "bold red", "exited": "red", "stopped": "dim", "stopping": "yellow",
+               "unknown": "yellow"}
 
 
 async def _registrations(etcd: list[str], namespace: str, timeout: float = 2.0) -> list[Any] | None:
@@ -96,6 +97,8 @@ def collect(run_dir: RunDir, sample: float = 0.2) -> dict[str, Any]:
         state_name = ps.get("state", "pending")
         if supervisor is None and state_name in ("starting", "ready", "backoff"):
             state_name = "orphaned" if alive_pid else "stopped"
+        elif regs is None and state_name == "ready":
+            state_name = "unknown"  # etcd cannot be read: nobody can tell whether routers still see it
         rows.append({
             "name": name, "kind": spec["kind"], "host": spec.get("host"), "devices": spec["devices"],
             "pid": alive_pid, "state": state_name,

@@ -167,9 +167,12 @@ def parse_topology(loaded: LoadedYaml) -> Topology:
         raise TopologyError(problems) from None
     base = loaded.file.parent
     topo.model = _resolve_model_path(topo.model, base)
-    for proc in [*topo.workers, *topo.routers]:
-        if proc.model:
-            proc.model = _resolve_model_path(proc.model, base)
+    for w in topo.workers:
+        if w.model:
+            w.model = _resolve_model_path(w.model, base)
+    for r in topo.routers:
+        if r.model:
+            r.model = _resolve_model_path(r.model, base)
     return topo
 
 

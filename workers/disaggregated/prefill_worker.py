@@ -16,8 +16,8 @@ import asyncio
 import sys
 
 from workers.disaggregated.kvconfig import adapt_argv
-from workers.kinds import KINDS
 from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser, registration_of
+from workers.kinds import KINDS
 from workers.runtime.serve import WorkerContext, setup_logging
 from workers.runtime.settings import RuntimeSettings
 

@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from workers.frontend.catalog import Catalog, ModelRoute
 from workers.frontend.dispatch import Dispatcher, StreamBroken
-from workers.frontend.errors import ApiError, BadRequest, BodyTooLarge, ModelNotFound, NoWorker, NotFound, Unauthorized
+from workers.frontend.errors import ApiError, BadRequest, BodyTooLarge, ModelNotFound, NotFound, NoWorker, Unauthorized
 from workers.frontend.metrics import FrontendMetrics
 from workers.frontend.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from workers.frontend.tokens import Tokenizers
@@ -167,11 +167,8 @@ class FrontendApp:
     async def _prepare(self, request: Request, endpoint: Endpoint) -> Prepared:
         self._authorize(request)
         data = await self._read_json(request)
-        body: ChatCompletionRequest | CompletionRequest
-        if endpoint == "chat":
-            body = self._parse(ChatCompletionRequest, data)
-        else:
-            body = self._parse(CompletionRequest, data)
+        schema = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
+        body: ChatCompletionRequest | CompletionRequest = self._parse(schema, data)
         body.check_supported()
         route = self._route(body.model)
         if isinstance(body, ChatCompletionRequest):
@@ -426,7 +423,7 @@ class FrontendApp:
     # ---- the rest ---------------------------------------------------------------------------------
     async def models(self, request: Request) -> Response:
         self._authorize(request)
-        data = [{"id": name, "object": "model", "created": route.created, "owned_by": "vllm", "root": route.path,
+        data: list[dict[str, Any]] = [{"id": name, "object": "model", "created": route.created, "owned_by": "vllm", "root": route.path,
                  "parent": None, "max_model_len": route.max_model_len,
                  "permission": []} for name, route in sorted(self.catalog.serving().items())]
         return JSONResponse({"object": "list", "data": data})

@@ -80,7 +80,7 @@ class Catalog:
                          if r.component == component and r.endpoint == "generate" and r.model == route.path]
                 if found:
                     route.component = component
-                    route.instances = sorted(found, key=lambda r: r.lease_id)
+                    route.instances = sorted(found, key=lambda r: r.instance)
                     break
         return {r.name: r for r in by_path.values()}
 
@@ -95,7 +95,7 @@ async def follow(registry: Registry, namespace: str, catalog: Catalog) -> None:
     while True:
         touched: set[str] = set()
 
-        async def watch() -> None:
+        async def watch(touched: set[str]) -> None:
             async for kind, reg, key in registry.watch(namespace):
                 touched.add(key)
                 if kind == "put" and reg is not None:
@@ -103,7 +103,7 @@ async def follow(registry: Registry, namespace: str, catalog: Catalog) -> None:
                 else:
                     catalog.delete(key)
 
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(watch(touched))
         try:
             await asyncio.sleep(0.05)  # let the watch be created before the list is read
             listed = {}

@@ -55,11 +55,11 @@ class Dispatcher:
         self.retried = 0  # read by the metrics
 
     def pick(self, route: ModelRoute, exclude: set[int]) -> Registration | None:
-        candidates = [r for r in route.instances if r.lease_id not in exclude]
+        candidates = [r for r in route.instances if r.instance not in exclude]
         if not candidates:
             return None
-        least = min(self.inflight[r.lease_id] for r in candidates)
-        tied = [r for r in candidates if self.inflight[r.lease_id] == least]
+        least = min(self.inflight[r.instance] for r in candidates)
+        tied = [r for r in candidates if self.inflight[r.instance] == least]
         self._turn += 1
         return tied[self._turn % len(tied)]
 
@@ -75,9 +75,9 @@ class Dispatcher:
                 if last is not None:
                     raise last
                 raise NoWorker(f"no worker serves model '{model}' right now (starting, or down): retry shortly")
-            where = f"{route.component} instance {inst.process or f'{inst.lease_id:x}'}"
+            where = f"{route.component} instance {inst.process or f'{inst.instance:x}'}"
             sent = False
-            self.inflight[inst.lease_id] += 1
+            self.inflight[inst.instance] += 1
             try:
                 async for item in requestplane.stream(self.nc, inst.instance_subject, payload, self.timeout):
                     if item.is_error():
@@ -93,10 +93,10 @@ class Dispatcher:
                 else:
                     return
             finally:
-                self.inflight[inst.lease_id] -= 1
-                if not self.inflight[inst.lease_id]:
-                    del self.inflight[inst.lease_id]
-            tried.add(inst.lease_id)
+                self.inflight[inst.instance] -= 1
+                if not self.inflight[inst.instance]:
+                    del self.inflight[inst.instance]
+            tried.add(inst.instance)
             if attempt < self.retries:
                 self.retried += 1
                 log.warning("request %s: %s; trying another instance", payload.get("request_id"), last)

@@ -68,8 +68,12 @@ async def serve(args: argparse.Namespace) -> None:
     if args.model:
         # Loaded while the workers start, so the first request does not wait for it.
         warm = asyncio.create_task(tokenizers.get(args.model))
-        warm.add_done_callback(lambda t: t.cancelled() or t.exception() is None
-                               or log.warning("tokenizer of %s: %s", args.model, t.exception()))
+
+        def loaded(t: asyncio.Task[object]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("tokenizer of %s: %s", args.model, t.exception())
+
+        warm.add_done_callback(loaded)
     follower = asyncio.create_task(follow(ctx.registry, settings.namespace, catalog))
     dispatcher = Dispatcher(ctx.nc, catalog, args.request_timeout, args.retries)
     app = FrontendApp(dispatcher, catalog, tokenizers, Settings(key, args.max_request_bytes))

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 
-from workers.kinds import KINDS
 from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser, registration_of
+from workers.kinds import KINDS
 from workers.runtime.serve import WorkerContext, setup_logging
 from workers.runtime.settings import RuntimeSettings
 

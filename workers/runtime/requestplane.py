@@ -17,6 +17,7 @@ from typing import Any
 
 import nats
 import nats.errors
+import pydantic
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -26,6 +27,8 @@ from workers.runtime.annotated import (
     EVENT_END,
     EVENT_KEEPALIVE,
     Annotated,
+    ErrorCode,
+    StreamError,
 )
 from workers.runtime.settings import subject_token
 
@@ -138,7 +141,12 @@ class EndpointServer:
         except asyncio.CancelledError:
             # Cancelled by its client (nobody listens any more) or by stop(): either way, say so.
             with contextlib.suppress(Exception):
-                await send(reply, Annotated.error("worker shutting down: request aborted").encode())
+                await send(reply, Annotated.error("worker shutting down: request aborted",
+                                                  code=ErrorCode.SHUTTING_DOWN).encode())
+        except StreamError as exc:
+            await send(reply, Annotated.error(str(exc), code=exc.code).encode())
+        except (pydantic.ValidationError, json.JSONDecodeError) as exc:
+            await send(reply, Annotated.error(f"bad request: {exc}", code=ErrorCode.BAD_REQUEST).encode())
         except Exception as exc:
             log.exception("request failed")
             await send(reply, Annotated.error(f"{type(exc).__name__}: {exc}").encode())
@@ -177,16 +185,19 @@ async def stream(
                 msg = await sub.next_msg(timeout=idle_timeout)
             except nats.errors.TimeoutError:
                 if not acked:
-                    yield Annotated.error(f"no worker answered on {subject} within {idle_timeout:.0f} s")
+                    yield Annotated.error(f"no worker answered on {subject} within {idle_timeout:.0f} s",
+                                          code=ErrorCode.NO_ANSWER)
                 else:
                     yield Annotated.error(
-                        f"worker on {subject} went silent for {idle_timeout:.0f} s (it died or hung)"
+                        f"worker on {subject} went silent for {idle_timeout:.0f} s (it died or hung)",
+                        code=ErrorCode.SILENT,
                     )
                 return
             if not msg.data:
                 # nats-server answers a request nobody is subscribed to with an empty 503 status message.
                 status = (msg.headers or {}).get("Status", "")
-                yield Annotated.error(f"no worker serves {subject} (NATS status {status or 'empty'})")
+                yield Annotated.error(f"no worker serves {subject} (NATS status {status or 'empty'})",
+                                      code=ErrorCode.NO_RESPONDERS)
                 return
             item = Annotated.decode(msg.data)
             if item.event == EVENT_ACK:
