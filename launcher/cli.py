@@ -1,4 +1,4 @@
-"""`launcher validate | plan | up | status | down | logs | attach | schema`."""
+"""`launcher validate | plan | up | status | ls | down | logs | attach | schema`."""
 
 from __future__ import annotations
 
@@ -282,12 +282,7 @@ def _find(name: str | None, host: str | None = None) -> RunDir:
             name = f"{name}@{host}"
         elif host and not name:
             mine = [d for d in state.deployments() if d.name.endswith(f"@{host}")]
-            live = [d for d in mine if d.supervisor_pid() is not None] or mine
-            if len(live) != 1:
-                found = ", ".join(d.name for d in live) or "none"
-                raise state.NoDeployment(f"{len(live)} deployment(s) for host '{host}' under {state.state_root()} "
-                                         f"({found}): name one")
-            return live[0]
+            return state.only_one(mine, f"for host '{host}' under {state.state_root()}")
         return state.find(name)
     except state.NoDeployment as exc:
         err.print(str(exc))
@@ -310,6 +305,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         for info in infos:
             print_status(info, console)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """Every deployment under LAUNCHER_HOME with its condition; cheap (no etcd, no sampling)."""
+    rows: list[dict[str, Any]] = []
+    for rd in state.deployments():
+        plan = rd.plan()
+        rows.append({"name": rd.name, "state": rd.condition(), "namespace": plan.get("namespace"),
+                     "processes": len(plan.get("processes", [])), "alive": len(rd.live_pids()),
+                     "supervisor_pid": rd.supervisor_pid(), "run_dir": str(rd.path)})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        console.print(f"no deployment under {state.state_root()}")
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"deployments under {state.state_root()}", title_justify="left")
+    for col in ("name", "state", "namespace", "processes", "alive pids", "supervisor"):
+        table.add_column(col)
+    style = {state.RUNNING: "green", state.ORPHANED: "bold red", state.STOPPED: "dim"}
+    for r in rows:
+        table.add_row(r["name"], f"[{style[r['state']]}]{r['state']}[/]", r["namespace"] or "-",
+                      str(r["processes"]), str(r["alive"]), str(r["supervisor_pid"] or "-"))
+    console.print(table)
+    if any(r["state"] == state.ORPHANED for r in rows):
+        console.print("orphaned: the supervisor is gone but processes remain; `launcher down NAME` cleans them")
     return 0
 
 
@@ -365,12 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(func=cmd_up)
 
     s = sub.add_parser("status", help="processes, registration, CPU and memory")
-    s.add_argument("name", nargs="?", default=None, help="deployment (default: the running one)")
+    s.add_argument("name", nargs="?", default=None, help="deployment (default: the only live one)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--watch", action="store_true")
     s.add_argument("--all", action="store_true", help="every deployment under LAUNCHER_HOME")
     s.add_argument("--host", default=None, help="multi-node: this host's share (<name>@<host>)")
     s.set_defaults(func=cmd_status)
+
+    ls = sub.add_parser("ls", help="every deployment: running, orphaned or stopped")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
 
     d = sub.add_parser("down", help="stop everything; leave no process behind")
     d.add_argument("name", nargs="?", default=None)

@@ -122,17 +122,27 @@ def deployments() -> list[RunDir]:
 
 
 def find(name: str | None) -> RunDir:
-    """By name, or the only deployment whose supervisor is alive (else the only one at all)."""
+    """By name, or the only live deployment (running, or orphaned: processes left by a dead supervisor).
+
+    Stopped run directories do not count when another is live: they stay on disk for their logs.
+    With none live, the only deployment at all is still found (to read its logs or status).
+    """
     if name:
         for candidate in (state_root() / name, Path(name)):
             if (candidate / "plan.json").exists():
                 return RunDir(candidate)
-        raise NoDeployment(f"no deployment '{name}' under {state_root()} (see `launcher status --all`)")
-    every = deployments()
-    live = [d for d in every if d.supervisor_pid() is not None]
-    pool = live or every
-    if len(pool) == 1:
-        return pool[0]
-    if not pool:
-        raise NoDeployment(f"no deployment under {state_root()}: start one with `launcher up TOPOLOGY.yaml`")
-    raise NoDeployment("several deployments: " + ", ".join(d.name for d in pool) + "; name one")
+        raise NoDeployment(f"no deployment '{name}' under {state_root()} (see `launcher ls`)")
+    return only_one(deployments(), f"under {state_root()}")
+
+
+def only_one(candidates: list[RunDir], where: str) -> RunDir:
+    live = [d for d in candidates if d.is_live()]
+    if len(live) == 1 or (not live and len(candidates) == 1):
+        return (live or candidates)[0]
+    if not candidates:
+        raise NoDeployment(f"no deployment {where}: start one with `launcher up TOPOLOGY.yaml`")
+    if not live:
+        raise NoDeployment(f"no live deployment {where} (stopped: {', '.join(d.name for d in candidates)}); "
+                           "name one, or see `launcher ls`")
+    raise NoDeployment(f"several live deployments {where}: {', '.join(d.name for d in live)}; name one "
+                       "(`launcher ls` lists them)")

@@ -18,7 +18,7 @@ from typing import Any
 from workers.common.protocol import GenerateRequest
 from workers.runtime import registry, requestplane
 from workers.runtime.annotated import Annotated
-from workers.runtime.settings import RuntimeSettings
+from workers.runtime.settings import RuntimeSettings, ServiceUnavailable
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,7 +98,11 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(asyncio.run(run(parse_args(argv))))
+    try:
+        sys.exit(asyncio.run(run(parse_args(argv))))
+    except ServiceUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

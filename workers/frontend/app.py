@@ -423,9 +423,10 @@ class FrontendApp:
     # ---- the rest ---------------------------------------------------------------------------------
     async def models(self, request: Request) -> Response:
         self._authorize(request)
-        data: list[dict[str, Any]] = [{"id": name, "object": "model", "created": route.created, "owned_by": "vllm", "root": route.path,
-                 "parent": None, "max_model_len": route.max_model_len,
-                 "permission": []} for name, route in sorted(self.catalog.serving().items())]
+        data: list[dict[str, Any]] = [
+            {"id": name, "object": "model", "created": route.created, "owned_by": "vllm", "root": route.path,
+             "parent": None, "max_model_len": route.max_model_len, "permission": []}
+            for name, route in sorted(self.catalog.serving().items())]
         return JSONResponse({"object": "list", "data": data})
 
     async def health(self, request: Request) -> Response:

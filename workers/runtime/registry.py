@@ -25,6 +25,8 @@ from urllib.parse import urlparse
 
 import aetcd
 
+from workers.runtime.settings import ServiceUnavailable
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 10
@@ -91,10 +93,10 @@ async def connect(endpoints: tuple[str, ...] | list[str], timeout: float = 5.0) 
             await asyncio.wait_for(client.status(), timeout)
             return client
         except Exception as exc:
-            errors.append(f"{endpoint}: {type(exc).__name__}: {exc}")
+            errors.append(f"{endpoint}: {type(exc).__name__}" + (f": {exc}" if str(exc) else ""))
             with contextlib.suppress(Exception):
                 await client.close()
-    raise ConnectionError("no etcd endpoint answered: " + "; ".join(errors))
+    raise ServiceUnavailable("etcd", ",".join(endpoints), "; ".join(errors), "ETCD_ENDPOINTS")
 
 
 class Registry:

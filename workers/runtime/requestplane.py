@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlparse
 
 import nats
 import nats.errors
@@ -30,7 +31,7 @@ from workers.runtime.annotated import (
     ErrorCode,
     StreamError,
 )
-from workers.runtime.settings import subject_token
+from workers.runtime.settings import ServiceUnavailable, subject_token
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +54,40 @@ def cancel_subject(subject: str) -> str:
     listens there, and the message is the stream's reply inbox."""
     return f"{subject}.cancel"
 
-async def connect(server: str, name: str) -> NATS:
-    """Connect once, failing fast: a worker with no NATS is useless, and the log must say why."""
+
+async def connect(server: str, name: str, timeout: float = 5.0) -> NATS:
+    """Connect, failing fast with the address if nothing answers (nats-py would retry forever, since
+    reconnects are unlimited); once connected, reconnect forever (NATS restarts are survived)."""
+    await _probe(server, timeout)
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("NATS at %s: %s: %s", server, type(exc).__name__, exc)
+
     return await nats.connect(
         servers=[server],
         name=name,
-        connect_timeout=5,
+        connect_timeout=timeout,
         max_reconnect_attempts=-1,
         allow_reconnect=True,
+        error_cb=on_error,
     )
+
+
+async def _probe(server: str, timeout: float) -> None:
+    """A NATS server greets every connection with an INFO line."""
+    url = urlparse(server if "://" in server else f"nats://{server}")
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(url.hostname or "127.0.0.1", url.port or 4222), timeout)
+        try:
+            greeting = await asyncio.wait_for(reader.read(5), timeout)
+        finally:
+            writer.close()
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise ServiceUnavailable("NATS", server, f"{type(exc).__name__}: {exc}" if str(exc) else
+                                 type(exc).__name__, "NATS_SERVER") from None
+    if greeting != b"INFO ":
+        raise ServiceUnavailable("NATS", server, "something answers there, but not a NATS server", "NATS_SERVER")
 
 class EndpointServer:
     """Serves one endpoint on its shared subject (queue group) and its per-instance subject."""
