@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -193,9 +194,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         first = specs[0].name
         console.print(f"live panes: {' '.join(attach_argv(rd, first))}  (or `launcher attach {first}`)")
     if ok:
-        console.print(f"[green]ready[/] in {elapsed:.1f} s. Send a request:\n"
-                      f"  python -m workers.common.client --namespace {topo.effective_namespace} "
-                      f"--component {_client_component(topo)} --prompt 'what is the capital of france?' --chat")
+        console.print(f"[green]ready[/] in {elapsed:.1f} s. Send a request:", highlight=False)
+        for line in request_examples(topo, specs):
+            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     else:
         console.print("[red]not every process is ready[/]: `launcher logs NAME`, or `launcher down`")
     if args.foreground:
@@ -206,11 +207,28 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _client_component(topo: Topology) -> str:
-    kinds = {w.kind for w in topo.workers}
-    if topo.routers:
-        return "preprocess"
-    return "decode" if "decode" in kinds else "vllm"
+def request_examples(topo: Topology, specs: list[ProcessSpec]) -> list[str]:
+    """A curl line for each frontend this host runs (the API key by its variable, never its value),
+    and the NATS client."""
+    lines = []
+    for spec, front in ((s, f) for s in specs for f in topo.frontends if s.name == f.name and s.url):
+        body = json.dumps({"model": served_model_name(topo), "max_tokens": 32,
+                           "messages": [{"role": "user", "content": "what is the capital of france?"}]})
+        auth = ["-H", f'"Authorization: Bearer ${front.api_key_env}"'] if front.api_key_env else []
+        argv = ["curl", "-s", f"{spec.url}/v1/chat/completions", "-H", shlex.quote("Content-Type: application/json"),
+                *auth, "-d", shlex.quote(body)]
+        lines.append(" ".join(argv))
+    lines.append(f"python -m workers.common.client --namespace {topo.effective_namespace} "
+                 "--prompt 'what is the capital of france?' --chat")
+    return lines
+
+
+def served_model_name(topo: Topology) -> str:
+    """The name clients use for the topology's model: vLLM's --served-model-name, else the model."""
+    names = rules.engine_flags(topo, topo.workers[0]).get("served-model-name") if topo.workers else None
+    if isinstance(names, list) and names:
+        return str(names[0])
+    return str(names) if names else topo.model
 
 
 def _foreground_stop(rd: RunDir, sup: subprocess.Popen[bytes]) -> int:

@@ -188,17 +188,18 @@ class Registry:
             await self.client.close()
 
 
-async def namespaces_serving(endpoints: tuple[str, ...] | list[str], component: str) -> list[str]:
-    """Namespaces with at least one live registration of `component` (keys `{ns}/components/{component}/...`)."""
+async def components_by_namespace(endpoints: tuple[str, ...] | list[str]) -> dict[str, set[str]]:
+    """Every namespace with live registrations, and the components registered there
+    (keys `{ns}/components/{component}/...`)."""
     client = await connect(endpoints)
     try:
         result = await client.get_all(keys_only=True)
-        found = set()
+        found: dict[str, set[str]] = {}
         for kv in result:
             parts = kv.key.decode(errors="replace").split("/")
-            if len(parts) >= 4 and parts[-3] == "components" and parts[-2] == component:
-                found.add("/".join(parts[:-3]))
-        return sorted(found)
+            if len(parts) >= 4 and parts[-3] == "components":
+                found.setdefault("/".join(parts[:-3]), set()).add(parts[-2])
+        return found
     finally:
         with contextlib.suppress(Exception):
             await client.close()
