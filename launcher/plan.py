@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.rules import engine_flags
+from launcher.rules import block_size, engine_flags, parallel_sizes
 from launcher.topology import Router, Topology, Worker
 
 WORKER_MODULES = {
@@ -26,8 +26,6 @@ WORKER_MODULES = {
 # Start order: routers first so they see every worker's first KV event, then prefill (a decode
 # worker is useless without one), then everything else.
 TIERS = {"router": 0, "prefill": 1, "decode": 2, "monolith": 2, "kv_worker": 2}
-
-SECRET_HINTS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
 
 # Connectors that hand KV over through a folder both sides see; with no shared_storage_path the
 # folder is the deployment's own (<run_dir>/kv), not vLLM's default /tmp shared by every deployment.
@@ -70,9 +68,6 @@ class ProcessSpec:
     def from_json(cls, obj: dict[str, Any]) -> ProcessSpec:
         return cls(**obj)
 
-    def redacted_env(self) -> dict[str, str]:
-        """For printing: values of variables that look like credentials are hidden."""
-        return {k: ("***" if any(h in k.upper() for h in SECRET_HINTS) else v) for k, v in self.env.items()}
 
 
 def flags_to_argv(flags: dict[str, Any]) -> list[str]:
@@ -127,7 +122,8 @@ def _worker_specs(topo: Topology, w: Worker, endpoints: Endpoints, kv_dir: Path 
                   ) -> list[ProcessSpec]:
     flags = engine_flags(topo, w)
     model = w.model or topo.model
-    tp_pp = int(flags.get("tensor-parallel-size", 1)) * int(flags.get("pipeline-parallel-size", 1))
+    tp, pp = parallel_sizes(topo, w)
+    tp_pp = tp * pp
     per_replica = w.gpus_per_replica or tp_pp
     specs = []
     for k in range(w.replicas):
@@ -165,7 +161,7 @@ def _worker_specs(topo: Topology, w: Worker, endpoints: Endpoints, kv_dir: Path 
 def _router_spec(topo: Topology, r: Router, endpoints: Endpoints) -> ProcessSpec:
     argv = [sys.executable, "-m", WORKER_MODULES["router"], "--model", r.model or topo.model,
             "--routing-strategy", r.strategy]
-    block = next((engine_flags(topo, w).get("block-size") for w in topo.workers if w.kind == "kv_worker"), None)
+    block = next((block_size(topo, w) for w in topo.workers if w.kind == "kv_worker"), None)
     if block is not None:
         argv += ["--block-size", str(block)]
     argv += r.args
