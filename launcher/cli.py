@@ -36,11 +36,12 @@ def load_checked(path: Path) -> Topology:
     (file:line:col, redacted) and the footer, and exit 2."""
     checked = validation.check_file(path)
     for warning in checked.warnings:
-        err.print(f"[yellow]warning[/] {redact_text(warning)}", soft_wrap=True)
+        err.print(f"[yellow]warning[/] {escape(redact_text(warning))}", soft_wrap=True)
     if checked.topology is None:
         for problem in checked.problems:
             err.print(f"[red]error[/] {escape(redact_text(problem))}", soft_wrap=True)
-        err.print(escape(redact_text(f"{len(checked.problems)} problem(s) in {path}; nothing was started")))
+        err.print(escape(redact_text(f"{len(checked.problems)} problem(s) in {path}; nothing was started")),
+                  soft_wrap=True)
         sys.exit(EXIT_INVALID)
     return checked.topology
 

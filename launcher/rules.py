@@ -249,6 +249,8 @@ def rule_roles(topo: Topology) -> list[Problem]:
             problems.append(Problem(("workers", i, "kv_transfer"),
                                     f"'{w.name}' has kv_transfer but no kind: say kind: {role} (without a kind it "
                                     "would run as a monolith and never hand its KV cache over)"))
+    if problems:
+        return problems  # a role is unknown: which side is missing cannot be said yet
     kinds = {w.kind for w in topo.workers}
     for have, need in (("prefill", "decode"), ("decode", "prefill")):
         if have in kinds and need not in kinds:

@@ -216,6 +216,9 @@ def parse_topology(loaded: LoadedYaml) -> Topology:
             bad_value = err["type"].endswith(("_type", "_parsing")) or err["type"] in _BOUND_ERRORS
             if bad_value and (isinstance(value, (bool, int, float, str)) or value is None):
                 msg += f", not {redact_text(repr(value))[:80]}"
+            if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+                msg = "should be a mapping (key: value lines)" + (f", not {value!r}"[:80] if value is None or
+                                                                   isinstance(value, (bool, int, float)) else "")
             if err["type"] == "extra_forbidden":
                 msg = f"unknown key '{loc[-1]}' (check its spelling and indentation)"
             elif err["type"] == "missing":

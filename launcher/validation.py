@@ -8,6 +8,7 @@ with the schema's problems instead of one round later.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,14 @@ from typing import Any
 from launcher import engine_flags, rules
 from launcher.topology import Topology, TopologyError, parse_topology
 from launcher.yamlpos import LoadedYaml, PathKey, YamlLoadError, load_yaml
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """A key or value quoted in a message may hold a newline or a control character: show it escaped,
+    so every problem stays one `file:line:col: ...` line."""
+    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 @dataclass
@@ -45,7 +54,7 @@ def check_file(path: Path) -> Checked:
     try:
         loaded = load_yaml(path)
     except YamlLoadError as exc:
-        return Checked(None, [str(exc)])
+        return Checked(None, [one_line(str(exc))])
     result = Checked(None)
     table = None
     try:
@@ -65,4 +74,6 @@ def check_file(path: Path) -> Checked:
         result.problems += [p.render(loaded) for p in rules.check(result.topology)]
     if result.problems:
         result.topology = None
+    result.problems = [one_line(p) for p in result.problems]
+    result.warnings = [one_line(w) for w in result.warnings]
     return result
