@@ -95,6 +95,10 @@ def rule_unique_names(topo: Topology) -> list[Problem]:
     return problems
 
 
+# Environment the launcher derives from a worker's devices: (variable, field named in the message, attribute).
+DERIVED_ENV = (("CUDA_VISIBLE_DEVICES", "gpus", "gpus"), ("VLLM_CPU_OMP_THREADS_BIND", "cpus", "cpus"))
+
+
 def rule_devices(topo: Topology) -> list[Problem]:
     problems = []
     gpu_owner: dict[tuple[str | None, int], str] = {}
@@ -124,6 +128,15 @@ def rule_devices(topo: Topology) -> list[Problem]:
                         ("workers", i, "gpus"), f"GPU {gpu} is already given to '{owner}'; give each GPU once"
                     ))
                 gpu_owner[(w.host, gpu)] = w.name
+        for var, key, given in DERIVED_ENV:
+            if getattr(w, given) is None:
+                continue
+            if var in w.env:
+                problems.append(Problem(("workers", i, "env", var), f"the launcher sets {var} from {key}: "
+                                        "remove it from env (two sources of the devices disagree sooner or later)"))
+            elif var in topo.env and ("env", var) not in {p.path for p in problems}:
+                problems.append(Problem(("env", var), f"the launcher sets {var} from each worker's {key} "
+                                        f"('{w.name}' has {key}): remove it from env"))
         if w.cpus is not None and w.replicas > 1:
             problems.append(Problem(("workers", i, "cpus"), "cpus binds one process: with replicas > 1, "
                                     "list each replica as its own worker with its own cores"))

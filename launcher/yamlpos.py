@@ -25,7 +25,7 @@ PathKey = tuple[str | int, ...]
 
 MAX_BYTES = 1 << 20  # a topology is a few KB; a MiB is not a topology
 MAX_DEPTH = 32  # a topology nests ~5 deep
-MAX_VALUES = 20_000  # values after alias expansion; a topology has a few hundred
+MAX_VALUES = 5_000  # values after alias expansion; a topology has a few hundred at most
 
 # C0 controls except tab, newline, carriage return; DEL; C1 controls; and the BOM anywhere but the start.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff]")
