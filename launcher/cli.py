@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
-from launcher import gpus, proctree, rules, services, state
+from launcher import gpus, proctree, rules, services, state, validation
 from launcher.plan import Endpoints, ProcessSpec, build_plan, select_host
+from launcher.redact import redact_argv, redact_env, redact_obj, redact_text
 from launcher.state import RunDir
 from launcher.status import collect, print_status, render
 from launcher.supervisor import leftovers, log_tail
-from launcher.topology import Topology, TopologyError, json_schema, load_topology
+from launcher.topology import Topology, json_schema
 
 # Piped output (tests, `| less`) gets a wide table instead of rich's 80-column default.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -31,20 +33,18 @@ EXIT_INVALID = 2
 
 
 def load_checked(path: Path) -> Topology:
-    """Schema and rules; on any problem print every one (file:line:col) and exit 2."""
-    try:
-        topo, loaded = load_topology(path)
-    except TopologyError as exc:
-        for problem in exc.problems:
-            err.print(f"[red]error[/] {problem}", markup=True, soft_wrap=True)
+    """YAML, schema, engine flags and rules (launcher.validation); on any problem print every one
+    (file:line:col, redacted) and the footer, and exit 2."""
+    checked = validation.check_file(path)
+    for warning in checked.warnings:
+        err.print(f"[yellow]warning[/] {escape(redact_text(warning))}", soft_wrap=True)
+    if checked.topology is None:
+        for problem in checked.problems:
+            err.print(f"[red]error[/] {escape(redact_text(problem))}", soft_wrap=True)
+        err.print(escape(redact_text(f"{len(checked.problems)} problem(s) in {path}; nothing was started")),
+                  soft_wrap=True)
         sys.exit(EXIT_INVALID)
-    problems = rules.check(topo)
-    if problems:
-        for p in problems:
-            err.print(f"[red]error[/] {p.render(loaded)}", soft_wrap=True)
-        err.print(f"{len(problems)} problem(s) in {path}; nothing was started")
-        sys.exit(EXIT_INVALID)
-    return topo
+    return checked.topology
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -59,16 +59,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     kv_dir = RunDir.for_deployment(topo.name, args.host).path / "kv"
     specs = select_host(build_plan(topo, kv_dir=kv_dir), args.host)
     if args.json:
-        print(json.dumps([{**s.to_json(), "env": s.redacted_env()} for s in specs], indent=1))
+        print(json.dumps(redact_obj([s.to_json() for s in specs]), indent=1))
         return 0
     endpoints = Endpoints.resolve(topo)
-    console.print(f"[bold]{topo.name}[/] namespace={topo.effective_namespace} backend={topo.backend} "
-                  f"etcd={','.join(endpoints.etcd)} nats={endpoints.nats} (managed: {topo.services.managed})")
+    console.print(redact_text(f"[bold]{topo.name}[/] namespace={topo.effective_namespace} backend={topo.backend} "
+                              f"etcd={','.join(endpoints.etcd)} nats={endpoints.nats} "
+                              f"(managed: {topo.services.managed})"))
     for s in specs:
         deps = f" after {', '.join(s.depends_on)}" if s.depends_on else ""
         console.print(f"\n[bold]{s.name}[/] ({s.kind}, {s.devices}{', host ' + s.host if s.host else ''}){deps}")
-        console.print("  env: " + " ".join(f"{k}={v}" for k, v in s.redacted_env().items()), soft_wrap=True)
-        console.print("  argv: " + subprocess.list2cmdline(s.argv), soft_wrap=True, markup=False)
+        console.print("  env: " + " ".join(f"{k}={v}" for k, v in redact_env(s.env).items()), soft_wrap=True,
+                      markup=False)
+        console.print("  argv: " + subprocess.list2cmdline(redact_argv(s.argv)), soft_wrap=True, markup=False)
     return 0
 
 
@@ -141,7 +143,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     endpoints = Endpoints.resolve(topo)
     loopback = multinode_loopback(topo, endpoints)
     if loopback:
-        err.print(f"[red]error[/] {loopback}")
+        err.print(f"[red]error[/] {escape(redact_text(loopback))}")
         return EXIT_INVALID
     every_spec = build_plan(topo, endpoints, kv_dir=rd.path / "kv")
     everyone = [{"name": s.name, "kind": s.kind, "host": s.host, "devices": s.devices} for s in every_spec]
@@ -164,9 +166,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         state.write_json(rd.services_file, [])
     try:
         used = services.ensure_services(endpoints.etcd, endpoints.nats, topo.services.managed, rd.path,
-                                        say=lambda m: console.print(f"  {m}"))
+                                        say=lambda m: console.print(f"  {redact_text(str(m))}"))
     except services.ServiceError as exc:
-        err.print(f"[red]error[/] {exc}")
+        err.print(f"[red]error[/] {escape(redact_text(str(exc)))}")
         return 1
     state.write_json(rd.services_file, services.to_json(used))
     try:
@@ -319,7 +321,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     infos = [collect(rd) for rd in targets]
     if args.json:
-        print(json.dumps(infos if args.all else infos[0], indent=1))
+        print(json.dumps(redact_obj(infos if args.all else infos[0]), indent=1))
     else:
         for info in infos:
             print_status(info, console)

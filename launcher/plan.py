@@ -12,13 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.rules import engine_flags
+from launcher.rules import block_size, engine_flags, parallel_sizes
 from launcher.topology import Frontend, Router, Topology, Worker
 from workers.kinds import KINDS
 
 PathKey = tuple[str | int, ...]
-
-SECRET_HINTS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
 
 # Connectors that hand KV over through a folder both sides see; with no shared_storage_path the
 # folder is the deployment's own (<run_dir>/kv), not vLLM's default /tmp shared by every deployment.
@@ -63,9 +61,6 @@ class ProcessSpec:
     def from_json(cls, obj: dict[str, Any]) -> ProcessSpec:
         return cls(**obj)
 
-    def redacted_env(self) -> dict[str, str]:
-        """For printing: values of variables that look like credentials are hidden."""
-        return {k: ("***" if any(h in k.upper() for h in SECRET_HINTS) else v) for k, v in self.env.items()}
 
 
 def flags_to_argv(flags: dict[str, Any]) -> list[str]:
@@ -152,7 +147,8 @@ def _worker_specs(topo: Topology, index: int, w: Worker, endpoints: Endpoints, k
                   metrics_ports: dict[tuple[int, int], int]) -> list[ProcessSpec]:
     flags = engine_flags(topo, w)
     model = w.model or topo.model
-    tp_pp = int(flags.get("tensor-parallel-size", 1)) * int(flags.get("pipeline-parallel-size", 1))
+    tp, pp = parallel_sizes(topo, w)
+    tp_pp = tp * pp
     per_replica = w.gpus_per_replica or tp_pp
     specs = []
     for k in range(w.replicas):
@@ -192,7 +188,7 @@ def _worker_specs(topo: Topology, index: int, w: Worker, endpoints: Endpoints, k
 def _router_spec(topo: Topology, r: Router, endpoints: Endpoints) -> ProcessSpec:
     argv = [sys.executable, "-m", KINDS["router"].module, "--model", r.model or topo.model,
             "--routing-strategy", r.strategy]
-    block = next((engine_flags(topo, w).get("block-size") for w in topo.workers if w.kind == "kv_worker"), None)
+    block = next((block_size(topo, w) for w in topo.workers if w.kind == "kv_worker"), None)
     if block is not None:
         argv += ["--block-size", str(block)]
     argv += r.args

@@ -6,6 +6,12 @@
 
 The supervisor is the only writer of state.json; everyone else reads it. Writes are atomic
 (temp file + rename) so a reader never sees half a file.
+
+Secrets: plan.json keeps each process's real environment, credentials included, because the
+supervisor reads it back to start and restart processes exactly as `up` resolved them (with the
+ETCD_ENDPOINTS / NATS_SERVER of that moment; re-deriving from the topology later could drift).
+So the run directory is 0700 and every file written here is 0600; what is *shown* from these files
+(plan, status, errors) goes through launcher.redact.
 """
 
 from __future__ import annotations
@@ -24,8 +30,12 @@ def state_root() -> Path:
 
 
 def write_json(path: Path, obj: Any) -> None:
+    """Atomic, and 0600 from the first byte (the file may hold a process's environment)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # O_CREAT's mode does not apply to a leftover temp file
+        f.write(json.dumps(obj, indent=1, default=str))
     os.replace(tmp, path)
 
 
@@ -75,7 +85,11 @@ class RunDir:
         return self.logs / f"{process}.log"
 
     def create(self) -> None:
-        self.logs.mkdir(parents=True, exist_ok=True)
+        """The run directory and its logs, 0700: only the user who runs the deployment reads them."""
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.chmod(0o700)
+        self.logs.mkdir(mode=0o700, exist_ok=True)
+        self.logs.chmod(0o700)
 
     def supervisor_pid(self) -> int | None:
         """The live supervisor's pid, or None (a stale file from a crashed one does not count)."""

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from launcher import proctree
 from launcher.gpus import gpu_memory_by_pid
+from launcher.redact import redact_obj
 from launcher.scrape import load_text, metrics_url, scrape_all
 from launcher.state import RunDir
 
@@ -190,6 +191,7 @@ def render(info: dict[str, Any]) -> Table:
 
 
 def print_status(info: dict[str, Any], console: Console) -> None:
+    info = redact_obj(info)  # endpoints with credentials, secrets in messages and log tails
     console.print(render(info))
     if not info["etcd_reachable"]:
         console.print(f"[yellow]etcd at {','.join(info['etcd'] or [])} did not answer: registration unknown[/]")

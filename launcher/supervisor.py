@@ -32,6 +32,7 @@ import psutil
 from launcher import proctree
 from launcher.backends.base import Backend
 from launcher.plan import ProcessSpec
+from launcher.redact import install_log_filter
 from launcher.state import RunDir, read_json, write_json
 
 log = logging.getLogger("launcher.supervisor")
@@ -310,6 +311,7 @@ async def run(run_dir: RunDir, stop: asyncio.Event | None = None) -> int:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_filter()  # supervisor.log: no credential from an exception or a URL
     sys.exit(asyncio.run(run(RunDir(Path(sys.argv[1])))))
 
 

@@ -87,7 +87,8 @@ def test_an_etcd_that_does_not_answer_is_named_with_what_to_check() -> None:
 
 def test_the_client_says_which_service_did_not_answer_without_a_traceback() -> None:
     url = f"nats://127.0.0.1:{free_port()}"
-    out = subprocess.run([sys.executable, "-m", "workers.common.client", "--prompt", "hi", "--namespace", "x"],
+    out = subprocess.run([sys.executable, "-m", "workers.common.client", "--prompt", "hi", "--namespace", "x",
+                        "--component", "vllm"],
                          env={**os.environ, "NATS_SERVER": url}, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2

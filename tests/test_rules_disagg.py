@@ -82,7 +82,7 @@ def test_seed_layout_is_the_seeds() -> None:
     assert (decode.kv_transfer.kv_role, decode.kv_transfer.kv_rank, decode.kv_transfer.kv_parallel_size) == (
         "kv_consumer", 1, 2)
     assert topo.model == "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
-    assert topo.engine == {"max-model-len": 100, "enforce-eager": True}
+    assert topo.engine.flags() == {"max-model-len": 100, "enforce-eager": True}
 
 
 def test_base_is_valid(tmp_path: Path) -> None:

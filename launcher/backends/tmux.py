@@ -179,14 +179,14 @@ class TmuxBackend:
         self.scripts = run_dir.path / "tmux"
         self._pids: dict[str, tuple[int, float | None]] = {}
         self._dead_since: dict[str, float] = {}
-        run_dir.path.mkdir(parents=True, exist_ok=True)
+        run_dir.create()
         write_json(_config_file(run_dir), {"socket_name": self.socket_name, "tmux": self.tmux_bin})
 
     def start(self, spec: ProcessSpec, log: Path) -> int:
         name = session_name(spec.name)
         self._clear_session(spec.name)
         log.parent.mkdir(parents=True, exist_ok=True)
-        self.scripts.mkdir(parents=True, exist_ok=True)
+        self.scripts.mkdir(mode=0o700, parents=True, exist_ok=True)
         script = self.scripts / f"{name}.sh"
         channel = f"launcher-go-{uuid.uuid4().hex}"
         fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
