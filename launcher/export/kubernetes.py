@@ -450,11 +450,12 @@ def _nats(exp: Export) -> list[dict[str, Any]]:
         "volumeMounts": [{"name": "data", "mountPath": "/data"}],
     }
     return [_stateful_service(exp, "nats", labels, container),
-            _service(exp, "nats", labels, container["ports"], headless=False)]
+            _service(exp, "nats", labels, container["ports"], headless=True)]
 
 
 def _stateful_service(exp: Export, name: str, labels: dict[str, str], container: dict[str, Any]) -> dict[str, Any]:
-    """etcd / NATS: one replica with a volume, so leases and JetStream survive a pod restart."""
+    """etcd / NATS: one replica with a volume, so leases and JetStream survive a pod restart. Its
+    Service is headless (a StatefulSet's governing Service must be): `etcd` / `nats` resolve to the pod."""
     return {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": _meta(name, labels), "spec": {
         "serviceName": name, "replicas": 1, "selector": {"matchLabels": _selector(exp, name)},
         "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}},
