@@ -12,6 +12,8 @@ import contextlib
 import io
 import json
 import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,6 +171,28 @@ def test_kustomization_lists_every_manifest_and_references_resolve(exported, top
         containers = selected[0]["spec"]["template"]["spec"]["containers"]
         port_names = {p["name"] for c in containers for p in c.get("ports", [])}
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
+
+
+@pytest.mark.parametrize("topo", [t.stem for t in TOPOLOGIES])
+def test_kustomize_builds_the_set(exported, topo: str) -> None:  # type: ignore[no-untyped-def]
+    """kubectl's own kustomize (offline: `kubectl kustomize` needs no cluster) renders every object
+    into the deployment's namespace."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (it ships kustomize); the layout is still checked above")
+    folder, _ = exported[topo]
+    built = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    objects = [d for d in yaml.safe_load_all(built.stdout) if d]
+    assert sorted(_describe(d) for d in objects) == sorted(_describe(d) for d in docs_of(folder))
+    namespace = k8s.dns_label(topo)
+    for obj in objects:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == namespace
+
+
+def _describe(doc: dict[str, Any]) -> str:
+    return f"{doc['kind']}/{doc['metadata']['name']}"
 
 
 @pytest.mark.parametrize("topo", [t.stem for t in TOPOLOGIES])
