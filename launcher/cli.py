@@ -328,11 +328,11 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_export_kubernetes(args: argparse.Namespace) -> int:
-    from launcher.export.kubernetes import ExportError, export_kubernetes, write_export
+    from launcher.export.kubernetes import DEFAULT_IMAGE, ExportError, export_kubernetes, write_export
 
     topo = load_checked(args.topology)
     try:
-        exp = export_kubernetes(topo, str(args.topology), args.image)
+        exp = export_kubernetes(topo, str(args.topology), args.image or DEFAULT_IMAGE)
         out = args.output or Path(f"{exp.namespace}-kubernetes")
         written = write_export(exp, out, force=args.force)
     except ExportError as exc:
@@ -407,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     k8s = ex.add_parser("kubernetes", help="a Kustomize manifest set (kubectl apply -k DIR)")
     k8s.add_argument("topology", type=Path)
     k8s.add_argument("-o", "--output", type=Path, default=None, help="folder (default: ./<name>-kubernetes)")
-    k8s.add_argument("--image", default="vllm-launcher:vllm", help="image the processes run in "
-                     "(default: what container/build.sh builds)")
+    k8s.add_argument("--image", default=None, help="image the processes run in "
+                     "(default: vllm-launcher:vllm, what container/build.sh builds)")
     k8s.add_argument("--force", action="store_true", help="write into a folder with another kustomization.yaml")
     k8s.set_defaults(func=cmd_export_kubernetes)
     return p

@@ -389,10 +389,21 @@ def test_loopback_services_with_managed_never_are_a_warning(tmp_path: Path, monk
     for var in ("ETCD_ENDPOINTS", "NATS_SERVER"):
         monkeypatch.delenv(var, raising=False)
     topo = tmp_path / "t.yaml"
-    topo.write_text("name: t\nservices: {managed: never}\nmodel: m\nworkers: [{name: w}]\n")
+    topo.write_text("name: t\nservices: {managed: never}\nmodel: m\nworkers: [{name: w, args: [--host, 127.0.0.1], "
+                    "env: {CACHE_URL: 'http://localhost:9000', BIND: 0.0.0.0}}]\n")
     proc = cli(["export", "kubernetes", str(topo), "-o", str(tmp_path / "out")])
     assert "loopback" in proc.stderr
-    assert "WARNING services.etcd" in (tmp_path / "out" / "NOTES.txt").read_text()
+    notes = (tmp_path / "out" / "NOTES.txt").read_text()
+    assert "WARNING services.etcd" in notes and "WARNING services.nats" in notes
+    assert "WARNING w: argv --host is 127.0.0.1" in notes
+    assert "WARNING w: env CACHE_URL is http://localhost:9000" in notes
+    assert "BIND" not in notes  # 0.0.0.0 listens on the pod's interfaces: fine
+
+
+@pytest.mark.parametrize("topo", [t.stem for t in TOPOLOGIES])
+def test_shipped_topologies_leave_no_loopback_behind(exported, topo: str) -> None:  # type: ignore[no-untyped-def]
+    folder, _ = exported[topo]
+    assert "WARNING" not in (folder / "NOTES.txt").read_text()
 
 
 def test_named_ports_and_frontend_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import yaml
 
@@ -484,10 +485,20 @@ def _explain(ctx: _Context, units: list[Unit]) -> None:
              f"startupProbe's window ({PROBE_PERIOD_S} s x failureThreshold).")
     exp.note(f"shutdown: a deleted pod gets SIGTERM and {DRAIN_GRACE_S} s: the worker deregisters from etcd first "
              "(routers stop choosing it), then ends its open streams with an error event and stops vLLM.")
-    model_dirs = {a for u in units for a in _model_args(u.spec) if a.startswith("/")}
-    for path in sorted(model_dirs):
+    models = {a for u in units for a in _model_args(u.spec)}
+    for path in sorted(m for m in models if m.startswith("/")):
         exp.note(f"model {path} is a folder on this host: the pods need it at the same path (mount a volume "
                  "there in an overlay) or use a model hub id.")
+    hub = sorted(m for m in models if not m.startswith("/"))
+    if hub:
+        exp.note(f"model {', '.join(hub)}: on one host every process shares one download cache; here each pod "
+                 "downloads into its own container at start (mount a shared volume at HF_HOME in an overlay "
+                 "to download once).")
+    for u in units:
+        for where, value in _loopback_refs(ctx, u.spec):
+            exp.note(f"WARNING {u.process}: {where} is {value}, a loopback address: in a pod that is the pod "
+                     "itself (a server listening there cannot be reached from other pods, a client finds nothing "
+                     "there). In the topology, use a Service name to reach something, 0.0.0.0 to listen.")
     if not any("limits" in _resources(u) for u in units):
         exp.note(f"no process requests a GPU: the image ({exp.image}) is vLLM's CUDA image by default; give "
                  "--image with a CPU build of vLLM to run this topology on CPU nodes.")
@@ -531,6 +542,33 @@ def _explain(ctx: _Context, units: list[Unit]) -> None:
         if kv is not None and kv.get("kv_ip") is not None:
             exp.note(f"{spec.name}: kv_ip {kv['kv_ip']} (a host address) becomes {u.name}-0.{u.name} in "
                      "--kv-transfer-config: its StatefulSet pod's DNS name.")
+
+
+def _is_loopback_ref(value: str) -> bool:
+    """A URL or host[:port] on 127.x / localhost / ::1 (0.0.0.0 is fine in a pod: every interface)."""
+    value = value.strip()
+    if not value or " " in value or value.startswith("-"):
+        return False
+    try:
+        host = urlparse(value if "://" in value else f"//{value}").hostname or ""
+    except ValueError:
+        return False
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _loopback_refs(ctx: _Context, spec: ProcessSpec) -> list[tuple[str, str]]:
+    """Loopback addresses in env and argv that the export does not rewrite itself."""
+    rewritten = {"VLLM_NIXL_SIDE_CHANNEL_HOST", *(("ETCD_ENDPOINTS", "NATS_SERVER") if ctx.managed else ())}
+    found = []
+    for key, value in spec.env.items():
+        if key not in rewritten and not looks_secret(key, value) and any(
+                _is_loopback_ref(v) for v in value.split(",")):
+            found.append((f"env {key}", value))
+    for i, arg in enumerate(spec.argv[1:], start=1):
+        if _is_loopback_ref(arg):
+            flag = spec.argv[i - 1] if spec.argv[i - 1].startswith("-") else f"argument {i}"
+            found.append((f"argv {flag}", arg))
+    return found
 
 
 def _model_args(spec: ProcessSpec) -> list[str]:
