@@ -1,4 +1,4 @@
-"""`launcher validate | plan | up | status | ls | down | logs | attach | schema`."""
+"""`launcher validate | plan | up | status | ls | down | logs | attach | schema | export`."""
 
 from __future__ import annotations
 
@@ -381,6 +381,25 @@ def cmd_attach(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_kubernetes(args: argparse.Namespace) -> int:
+    from launcher.export.kubernetes import DEFAULT_IMAGE, ExportError, export_kubernetes, write_export
+
+    topo = load_checked(args.topology)
+    try:
+        exp = export_kubernetes(topo, str(args.topology), args.image or DEFAULT_IMAGE)
+        out = args.output or Path(f"{exp.namespace}-kubernetes")
+        written = write_export(exp, out, force=args.force)
+    except ExportError as exc:
+        for problem in exc.problems:
+            err.print(f"[red]error[/] {problem}", soft_wrap=True)
+        return EXIT_INVALID
+    for note in exp.notes:
+        err.print(f"[yellow]note[/] {note}", soft_wrap=True)
+    console.print(f"[green]wrote[/] {len(written)} files to {out}: `kubectl apply -k {out}` "
+                  f"(notes in {out / 'NOTES.txt'})")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(json_schema(), indent=1))
     return 0
@@ -440,6 +459,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("schema", help="JSON Schema of the topology file, for editors")
     sc.set_defaults(func=cmd_schema)
+
+    ex = sub.add_parser("export", help="write the plan for another orchestrator").add_subparsers(
+        dest="target", required=True)
+    k8s = ex.add_parser("kubernetes", help="a Kustomize manifest set (kubectl apply -k DIR)")
+    k8s.add_argument("topology", type=Path)
+    k8s.add_argument("-o", "--output", type=Path, default=None, help="folder (default: ./<name>-kubernetes)")
+    k8s.add_argument("--image", default=None, help="image the processes run in "
+                     "(default: vllm-launcher:vllm, what container/build.sh builds)")
+    k8s.add_argument("--force", action="store_true", help="write into a folder with another kustomization.yaml")
+    k8s.set_defaults(func=cmd_export_kubernetes)
     return p
 
 
