@@ -321,7 +321,7 @@ class RouterService:
     """NATS and etcd around a KvRouter: the `generate` endpoint, event and load feeds, membership."""
 
     def __init__(self, ctx: WorkerContext, router: KvRouter, tokenizer: Tokenizer, worker_component: str,
-                 idle_timeout: float = 10.0, max_retries: int = MAX_RETRIES) -> None:
+                 idle_timeout: float = requestplane.DEFAULT_IDLE_TIMEOUT, max_retries: int = MAX_RETRIES) -> None:
         self.ctx = ctx
         self.max_retries = max_retries
         self.router = router
@@ -455,6 +455,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-component", default=KINDS["kv_worker"].component,
                    help="component the kv workers register")
     p.add_argument("--seed", type=int, default=None, help="seed of random choices (strategy random, ties)")
+    p.add_argument("--idle-timeout", type=float, default=requestplane.DEFAULT_IDLE_TIMEOUT,
+                   help="seconds of silence (no token, no keepalive) before a worker counts as lost")
     p.add_argument("--max-retries", type=int, default=MAX_RETRIES,
                    help="other workers tried when the chosen one is lost before its first token")
     return p.parse_args(argv)
@@ -466,7 +468,7 @@ async def serve(args: argparse.Namespace) -> None:
     await ctx.connect()
     router = KvRouter(args.routing_strategy, args.block_size, args.load_weight, random.Random(args.seed))
     service = RouterService(ctx, router, Tokenizer(args.model), args.worker_component,
-                            max_retries=args.max_retries)
+                            idle_timeout=args.idle_timeout, max_retries=args.max_retries)
     await service.start()
     await ctx.serve(args.component, "generate", service.generate, model=args.model, block_size=args.block_size)
     log.info("router (%s) serving %s.%s", args.routing_strategy, settings.namespace, args.component)
