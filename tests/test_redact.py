@@ -134,3 +134,4 @@ def test_up_refuses_a_bad_env_override_without_showing_its_password(topology: Pa
     code, output = run_cli(["up", str(topology)])
     assert code == 2 and "NATS_SERVER: NATS URL 'nats://***@127.0.0.1:99999' has a bad port" in output
     assert PASSWORD not in output and "Traceback" not in output
+
