@@ -17,12 +17,12 @@ MAX_DEVICES = 4096  # core or GPU index bound: more than any host has, small eno
 ETCD_SCHEMES = ("http", "https")
 NATS_SCHEMES = ("nats", "tls")
 
-_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")  # "_": docker compose service names have it
 _CORE = re.compile(r"\d{1,9}")
 
 
 def check_host(host: str) -> None:
-    """An IP address (v4 or v6) or a DNS hostname (RFC 1123 labels)."""
+    """An IP address (v4 or v6) or a hostname (RFC 1123 labels, plus "_" as container names use)."""
     try:
         ipaddress.ip_address(host)
         return

@@ -107,7 +107,7 @@ def _wait_ready(rd: RunDir, sup: subprocess.Popen[bytes], timeout: float | None)
                         if p["state"] == "ready" and p.get("started_at") and p.get("ready_at"):
                             extra = f" in {p['ready_at'] - p['started_at']:.1f} s"
                         msg = f": {p['message']}" if p.get("message") and p["state"] != "starting" else ""
-                        console.print(f"  {name}: {p['state']}{extra}{msg}")
+                        console.print(f"  {name}: {p['state']}{extra}{redact_text(msg)}", markup=False)
             states = [p["state"] for p in procs.values()]
             if procs and all(s == "ready" for s in states):
                 return True
@@ -116,7 +116,7 @@ def _wait_ready(rd: RunDir, sup: subprocess.Popen[bytes], timeout: float | None)
             if sup.poll() is not None:
                 err.print(f"[red]the supervisor exited (code {sup.returncode})[/]; see {rd.logs / 'supervisor.log'}")
                 for line in log_tail(rd.logs / "supervisor.log"):
-                    err.print(f"  {line}", markup=False)
+                    err.print(f"  {redact_text(line)}", markup=False)
                 return False
             waiting = [n for n, p in procs.items() if p["state"] in ("starting", "pending", "backoff")]
             if waiting:
@@ -124,7 +124,7 @@ def _wait_ready(rd: RunDir, sup: subprocess.Popen[bytes], timeout: float | None)
                 p = procs[name]
                 elapsed = time.time() - p["started_at"] if p.get("started_at") else 0.0
                 last = next((ln for ln in reversed(log_tail(rd.log_path(name), 5)) if ln.strip()), "")
-                spinner.update(f"waiting for {name} ({p['state']}, {elapsed:.0f} s) {last[-90:]}")
+                spinner.update(escape(redact_text(f"waiting for {name} ({p['state']}, {elapsed:.0f} s) {last[-90:]}")))
             if timeout is not None and time.monotonic() - start > timeout:
                 err.print(f"[yellow]not ready after {timeout:.0f} s; still starting in the background[/]")
                 return False
@@ -140,6 +140,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                       "`launcher down` first to restart it.")
         print_status(collect(rd), console)
         return 0
+    for problem in validation.env_endpoint_problems(dict(os.environ)):
+        err.print(f"[red]error[/] {escape(redact_text(problem))}", soft_wrap=True)
+        return EXIT_INVALID
     endpoints = Endpoints.resolve(topo)
     loopback = multinode_loopback(topo, endpoints)
     if loopback:
@@ -317,7 +320,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         rd = targets[0]
         with Live(console=console, refresh_per_second=1) as live, contextlib.suppress(KeyboardInterrupt):
             while True:
-                live.update(render(collect(rd, sample=1.0)))
+                live.update(render(redact_obj(collect(rd, sample=1.0))))
         return 0
     infos = [collect(rd) for rd in targets]
     if args.json:

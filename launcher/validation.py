@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher import engine_flags, rules
+from launcher import addresses, engine_flags, rules
 from launcher.topology import Topology, TopologyError, parse_topology
 from launcher.yamlpos import LoadedYaml, PathKey, YamlLoadError, load_yaml
 
@@ -77,3 +77,16 @@ def check_file(path: Path) -> Checked:
     result.problems = [one_line(p) for p in result.problems]
     result.warnings = [one_line(w) for w in result.warnings]
     return result
+
+
+def env_endpoint_problems(environ: dict[str, str]) -> list[str]:
+    """ETCD_ENDPOINTS / NATS_SERVER override the file at `up`: the same URL checks as the schema's."""
+    problems = []
+    for var, schemes, what in (("ETCD_ENDPOINTS", addresses.ETCD_SCHEMES, "etcd"),
+                               ("NATS_SERVER", addresses.NATS_SCHEMES, "NATS")):
+        if environ.get(var):
+            try:
+                addresses.check_urls(environ[var], schemes, what)
+            except ValueError as exc:
+                problems.append(one_line(f"{var}: {exc}"))
+    return problems

@@ -126,3 +126,12 @@ def test_secret_names(name: str, secret: bool) -> None:
 ])
 def test_redact_text(text: str, shown: str) -> None:
     assert redact.redact_text(text) == shown
+
+
+def test_up_refuses_a_bad_env_override_without_showing_its_password(topology: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NATS_SERVER", f"nats://app:{PASSWORD}@127.0.0.1:99999")
+    code, output = run_cli(["up", str(topology)])
+    assert code == 2 and "NATS_SERVER: NATS URL 'nats://***@127.0.0.1:99999' has a bad port" in output
+    assert PASSWORD not in output and "Traceback" not in output
+
