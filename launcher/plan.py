@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher.cpu import choose_cpu_dtype, read_cpu_flags
 from launcher.rules import engine_flags
 from launcher.topology import Router, Topology, Worker
 
@@ -62,6 +63,7 @@ class ProcessSpec:
     backoff_max: float = 30.0
     ready_timeout: float = 600.0
     host: str | None = None
+    notes: list[str] = field(default_factory=list)  # choices the plan made for the user, and why
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,9 +125,38 @@ def nixl_side_channel_env(w: Worker, replica: int = 0) -> dict[str, str]:
     return env
 
 
-def _worker_specs(topo: Topology, w: Worker, endpoints: Endpoints, kv_dir: Path | None = None
-                  ) -> list[ProcessSpec]:
+class HostCpu:
+    """This host's CPU flags, read once and only if a CPU worker needs them (injectable for tests)."""
+
+    def __init__(self, flags: frozenset[str] | None = None, known: bool = False) -> None:
+        self._flags = flags
+        self._known = known or flags is not None
+
+    def flags(self) -> frozenset[str] | None:
+        if not self._known:
+            self._flags, self._known = read_cpu_flags(), True
+        return self._flags
+
+
+def cpu_engine_defaults(w: Worker, flags: dict[str, Any], cpu: HostCpu) -> tuple[dict[str, Any], list[str]]:
+    """Flags a CPU worker gets when its topology leaves them unset, and one note per choice.
+
+    Only workers without `gpus` (vLLM's CPU build) and never over an explicit value; GPU workers are
+    left exactly as written.
+    """
+    if w.gpus is not None or "dtype" in flags:
+        return {}, []
+    choice = choose_cpu_dtype(cpu.flags())
+    if choice is None:
+        return {}, ["dtype left to vLLM: this host's CPU flags could not be read"]
+    return {"dtype": choice.dtype}, [choice.reason]
+
+
+def _worker_specs(topo: Topology, w: Worker, endpoints: Endpoints, kv_dir: Path | None = None,
+                  cpu: HostCpu | None = None) -> list[ProcessSpec]:
     flags = engine_flags(topo, w)
+    defaults, notes = cpu_engine_defaults(w, flags, cpu or HostCpu())
+    flags.update(defaults)
     model = w.model or topo.model
     tp_pp = int(flags.get("tensor-parallel-size", 1)) * int(flags.get("pipeline-parallel-size", 1))
     per_replica = w.gpus_per_replica or tp_pp
@@ -157,7 +188,7 @@ def _worker_specs(topo: Topology, w: Worker, endpoints: Endpoints, kv_dir: Path 
             name=name, kind=w.kind, argv=argv, env=env, devices=devices, tier=TIERS[w.kind],
             restart_policy=w.restart.policy, max_restarts=w.restart.max_restarts,
             backoff=w.restart.backoff, backoff_max=w.restart.backoff_max,
-            ready_timeout=w.ready_timeout, host=w.host,
+            ready_timeout=w.ready_timeout, host=w.host, notes=list(notes),
         ))
     return specs
 
@@ -179,16 +210,19 @@ def _router_spec(topo: Topology, r: Router, endpoints: Endpoints) -> ProcessSpec
     )
 
 
-def build_plan(topo: Topology, endpoints: Endpoints | None = None, kv_dir: Path | None = None
-               ) -> list[ProcessSpec]:
+def build_plan(topo: Topology, endpoints: Endpoints | None = None, kv_dir: Path | None = None,
+               cpu_flags: frozenset[str] | None = None) -> list[ProcessSpec]:
     """Processes in start order; each depends on every process of the tiers before it.
 
     kv_dir: the shared_storage_path given to shared-storage connectors that have none.
+    cpu_flags: the CPU flags CPU workers' defaults are chosen from (default: this host's
+    /proc/cpuinfo; `plan`/`up` run on the host that starts the workers, `--host` on multi-node).
     """
     endpoints = endpoints or Endpoints.resolve(topo)
+    cpu = HostCpu(cpu_flags)
     specs = [_router_spec(topo, r, endpoints) for r in topo.routers]
     for w in topo.workers:
-        specs += _worker_specs(topo, w, endpoints, kv_dir)
+        specs += _worker_specs(topo, w, endpoints, kv_dir, cpu)
     specs.sort(key=lambda s: s.tier)
     for spec in specs:
         spec.depends_on = [s.name for s in specs if s.tier < spec.tier]
