@@ -93,11 +93,10 @@ def test_nobody_serving_is_an_error_not_a_hang(services) -> None:  # type: ignor
 
 def test_worker_dying_mid_stream_gives_an_error(services) -> None:  # type: ignore[no-untyped-def]
     """The worker's connection vanishes after one item (as with kill -9): the client errors, it does not hang."""
-    first_sent = asyncio.Event()
+    first_received = asyncio.Event()
 
     async def handler(req: dict[str, Any]) -> AsyncIterator[Any]:
         yield {"first": True}
-        first_sent.set()
         await asyncio.sleep(3600)
         yield {"never": True}
 
@@ -109,9 +108,10 @@ def test_worker_dying_mid_stream_gives_an_error(services) -> None:  # type: igno
         async def consume() -> None:
             async for a in requestplane.stream(nc, "t4.c.generate", {}, idle_timeout=1.5):
                 items.append(a)
+                first_received.set()
 
         task = asyncio.create_task(consume())
-        await first_sent.wait()
+        await asyncio.wait_for(first_received.wait(), timeout=30)  # the worker's sends are asynchronous
         # Kill the worker's side without any goodbye: close its socket, stop its tasks silently.
         for t in list(server._tasks):  # a crash: the stream stops with no error and no end marker
             t.cancel()
