@@ -13,6 +13,7 @@ sum, and the paired ratios bf16/fp32. Nothing is asserted: the figure goes into 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -30,11 +31,15 @@ sys.path.insert(0, str(ROOT))
 
 from launcher import services as svc  # noqa: E402
 from launcher.cpu import read_cpu_flags  # noqa: E402
+from workers.runtime import requestplane  # noqa: E402
 
 TOPOLOGY = ROOT / "topologies" / "cpu-monolith.yaml"
 QUESTION = ["--prompt", "what is the capital of france?", "--max-tokens", "24", "--temperature", "0", "--chat",
             "--quiet"]
 SIDES = ("bfloat16", "float32")
+LONG_PROMPT = " ".join(f"Paragraph {k}: the river bends past the old mill, and the town keeps its records."
+                       for k in range(60))
+KEYS = ("up_s", "answer_s", "total_s", "question_s", "long_ttft_s", "long_s")
 
 
 def run(argv: list[str], env: dict[str, str], timeout: float) -> tuple[float, str]:
@@ -62,10 +67,38 @@ def one(dtype: str, rep: int, tmp: Path) -> dict[str, Any]:
     try:
         up_s, _ = run([*launcher, "up", str(path)], env, 600)
         answer_s, text = run([sys.executable, "-m", "workers.common.client", *QUESTION], env, 300)
+        engine = asyncio.run(direct(topo["services"]["nats"], name))
     finally:
         subprocess.run([*launcher, "down", name], env=env, capture_output=True, timeout=120)
     return {"dtype": dtype, "rep": rep, "up_s": round(up_s, 2), "answer_s": round(answer_s, 2),
-            "total_s": round(up_s + answer_s, 2), "text": text}
+            "total_s": round(up_s + answer_s, 2), **engine, "text": text}
+
+
+async def direct(nats: str, namespace: str) -> dict[str, float]:
+    """Request-to-last-token inside one process (no client start-up): the demo question, and a long
+    prompt (~1,000 tokens, 32 output tokens) where the dtype's compute cost shows; 2 of each, mean."""
+    nc = await requestplane.connect(nats, "bench-dtype")
+    subject = requestplane.endpoint_subject(namespace, "vllm", "generate")
+    demo = {"messages": [{"role": "user", "content": "what is the capital of france?"}],
+            "sampling": {"max_tokens": 24, "temperature": 0}}
+    long = {"prompt": LONG_PROMPT, "sampling": {"max_tokens": 32, "temperature": 0, "ignore_eos": True}}
+    out: dict[str, list[float]] = {"question_s": [], "long_ttft_s": [], "long_s": []}
+    try:
+        for _ in range(2):
+            for key, req in (("question", demo), ("long", long)):
+                t0 = time.perf_counter()
+                first = None
+                async for item in requestplane.stream(nc, subject, req, 120):
+                    if item.is_error():
+                        raise RuntimeError(item.comment)
+                    if first is None and (item.data or {}).get("token_ids"):
+                        first = time.perf_counter() - t0
+                out[f"{key}_s"].append(time.perf_counter() - t0)
+                if key == "long" and first is not None:
+                    out["long_ttft_s"].append(first)
+    finally:
+        await nc.close()
+    return {k: round(statistics.mean(v), 3) for k, v in out.items() if v}
 
 
 def summary(xs: list[float]) -> str:
@@ -90,13 +123,15 @@ def main() -> None:
                 row = one(dtype, rep, Path(tmp))
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    print(f"\n{'side':10} {'up s (median [range])':>24} {'answer s':>24} {'up+answer s':>24}")
+    print("\nseconds, median [range]; up = launcher up to ready, answer = the client's process (demo), "
+          "question / long = request to last token measured in-process (long: ~1k-token prompt, 32 tokens)")
+    print(f"{'side':10} " + " ".join(f"{k:>24}" for k in KEYS))
     for dtype in SIDES:
         mine = [r for r in rows if r["dtype"] == dtype]
-        cells = [f"{summary([r[k] for r in mine]):>24}" for k in ("up_s", "answer_s", "total_s")]
+        cells = [f"{summary([r[k] for r in mine]):>24}" for k in KEYS]
         print(f"{dtype:10} " + " ".join(cells))
     print("\npaired ratios bfloat16 / float32 (per repetition):")
-    for key in ("up_s", "answer_s", "total_s"):
+    for key in KEYS:
         ratios = [next(r[key] for r in rows if r["rep"] == k and r["dtype"] == "bfloat16")
                   / next(r[key] for r in rows if r["rep"] == k and r["dtype"] == "float32") for k in range(args.reps)]
         print(f"  {key:9} median {statistics.median(ratios):.2f}  [{min(ratios):.2f}-{max(ratios):.2f}]")

@@ -60,12 +60,14 @@ def test_backlog_is_coalesced_in_order_and_closed_by_end() -> None:
         nc = RecordingNats()
         sender = Sender(nc, keepalive_interval=60)  # type: ignore[arg-type]
         box = sender.open("r")
-        for k in range(50):  # the engine ran ahead: nothing was sent meanwhile
-            box.put({"text": str(k % 10), "token_ids": [k]})
+        given = [{"text": str(k % 10), "token_ids": [k]} for k in range(50)]
+        for item in given:  # the engine ran ahead: nothing was sent meanwhile
+            box.put(item)
         box.put_raw(Annotated.error("boom").encode())
         box.end()
         await sender.drain()
         await sender.close()
+        assert given == [{"text": str(k % 10), "token_ids": [k]} for k in range(50)]  # the handler's dicts untouched
         return [p for _, p in nc.sent]
 
     payloads = asyncio.run(run())

@@ -59,6 +59,10 @@ def merge_into(acc: dict[str, Any], delta: dict[str, Any]) -> bool:
     return True
 
 
+class _Owned(dict[str, Any]):
+    """A pending data item the outbox copied, so merging into it changes nobody else's dict."""
+
+
 class Outbox:
     """One stream's pending messages; filled by the stream's task, emptied by the Sender's writer."""
 
@@ -76,11 +80,16 @@ class Outbox:
 
     def put(self, item: Any) -> None:
         """A data item from the handler; merged into the last pending one when both are token deltas."""
-        if isinstance(item, dict):
-            last = self._pending[-1] if self._pending else None
-            if isinstance(last, dict) and merge_into(last, item):
-                return
-            item = {k: (list(v) if k == "token_ids" and isinstance(v, list) else v) for k, v in item.items()}
+        if isinstance(item, dict) and self._pending:
+            last = self._pending[-1]
+            if isinstance(last, dict):
+                if not isinstance(last, _Owned):  # merge into a copy: the handler's dict stays as it was
+                    last = _Owned(last)
+                    if isinstance(last.get("token_ids"), list):
+                        last["token_ids"] = list(last["token_ids"])
+                    self._pending[-1] = last
+                if merge_into(last, item):
+                    return
         self._pending.append(item)
         self._sender.ready(self)
 
