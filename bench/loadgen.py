@@ -142,3 +142,14 @@ def _mean_range(xs: list[float], digits: int = 1) -> str:
     if not xs:
         return "-"
     return f"{statistics.mean(xs):.{digits}f} [{min(xs):.{digits}f}-{max(xs):.{digits}f}]"
+
+
+if __name__ == "__main__":  # python bench/loadgen.py rows.jsonl [baseline]: the report of a run cut short
+    import json
+    import sys
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]
+    sides = list(dict.fromkeys(r["side"] for r in rows))
+    base = sys.argv[2] if len(sys.argv) > 2 else ("inprocess" if "inprocess" in sides else sides[0])
+    print(report(rows, [base, *[s for s in sides if s != base]], base))

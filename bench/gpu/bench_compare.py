@@ -8,6 +8,8 @@ Sides (same engine flags, same seeded token-id prompts, ignore_eos, fixed max_to
 * nats: our monolith worker started by `launcher up` (etcd + nats-server of its own), our client's
   requestplane.stream over NATS;
 * serve: `vllm serve` (OpenAI HTTP), POST /v1/completions streamed, `return_token_ids`;
+* before: the same worker and client with the request plane of --before-plane (a requestplane.py
+  source file: the plane before issue 13), served by plane_worker.py on the same NATS server;
 * frontend: our OpenAI frontend in front of the nats worker (only with --frontend-url; same client).
 
 Order: every engine starts once (one after another, so vLLM's memory profiling of one never sees
@@ -38,14 +40,15 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-for p in (str(ROOT), str(ROOT / "bench")):
+for p in (str(ROOT), str(ROOT / "bench"), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
 import loadgen  # noqa: E402
 from sse_client import HttpError, get_json, post_sse  # noqa: E402
 
-SIDES = ("inprocess", "nats", "serve", "frontend")
+SIDES = ("inprocess", "nats", "before", "serve", "frontend")
+BEFORE_SUBJECT = "benchbefore.vllm.generate"
 
 
 def log(msg: str) -> None:
@@ -75,7 +78,7 @@ class Deployment:
             worker["gpus"] = [int(g) for g in args.gpus.split(",")]
         topo = {"name": self.name, "backend": "subprocess", "model": str(Path(args.model).resolve()),
                 "services": {"etcd": self.etcd, "nats": self.nats, "managed": "never"},
-                "engine": json.loads(args.engine), "env": {"VLLM_USE_FLASHINFER_SAMPLER": "0"},
+                "engine": json.loads(args.engine), "env": {"VLLM_USE_FLASHINFER_SAMPLER": "0", **_cpu_env()},
                 "workers": [worker]}
         self.topology = work / "bench-compare.yaml"
         self.topology.write_text(json.dumps(topo))  # JSON is YAML
@@ -98,6 +101,51 @@ class Deployment:
             (out_dir / "logs" / f"worker-{f.name}").write_text("\n".join(lines) + "\n")
         self.cli("down", self.name, timeout=120)
         svc.stop_services(self.started, grace=5)
+
+
+class PlaneWorker:
+    """plane_worker.py: our EngineHandler behind the request plane of a given source file."""
+
+    def __init__(self, args: argparse.Namespace, nats_url: str, work: Path) -> None:
+        from launcher.plan import flags_to_argv
+
+        self.log = work / "plane-worker.log"
+        argv = [sys.executable, str(HERE / "plane_worker.py"), "--plane", args.before_plane, "--nats", nats_url,
+                "--subject", BEFORE_SUBJECT, "--model", str(Path(args.model).resolve()),
+                *flags_to_argv(json.loads(args.engine))]
+        env = {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0", "PYTHONPATH": _pythonpath()}
+        if args.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = args.gpus
+        self.proc = subprocess.Popen(argv, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True, cwd=ROOT)
+
+    async def wait_ready(self, timeout: float = 500) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if b"READY" in self.log.read_bytes():
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"plane worker exited {self.proc.returncode}: {self.log.read_text()[-3000:]}")
+            await asyncio.sleep(1)
+        raise RuntimeError(f"plane worker not ready after {timeout:.0f} s")
+
+    def close(self, out_dir: Path) -> None:
+        _stop(self.proc)
+        (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+        lines = self.log.read_text(errors="replace").splitlines()[-200:]
+        (out_dir / "logs" / "plane-worker-before.log").write_text("\n".join(lines) + "\n")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
 
 
 class VllmServe:
@@ -136,18 +184,15 @@ class VllmServe:
         raise RuntimeError(f"vllm serve not ready after {timeout:.0f} s")
 
     def close(self, out_dir: Path) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
+        _stop(self.proc)
         (out_dir / "logs").mkdir(parents=True, exist_ok=True)
         lines = self.log.read_text(errors="replace").splitlines()[-200:]
         (out_dir / "logs" / "vllm-serve.log").write_text("\n".join(lines) + "\n")
+
+
+def _cpu_env() -> dict[str, str]:
+    """The CPU build's KV-cache size, when the caller set one (the CPU dry run), reaches the worker too."""
+    return {k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE",) if k in os.environ}
 
 
 def _cpu_build() -> bool:
@@ -184,11 +229,13 @@ def http_side(host: str, port: int, model: str, counts: dict[str, int]) -> loadg
     return stream
 
 
-def nats_side(nc: Any, subject: str, idle_timeout: float) -> loadgen.Stream:
-    from workers.runtime import requestplane
+def nats_side(nc: Any, subject: str, idle_timeout: float, plane: Any = None) -> loadgen.Stream:
+    """Our client's stream over NATS (plane: another requestplane module, for the before side)."""
+    if plane is None:
+        from workers.runtime import requestplane as plane
 
     async def stream(req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async for item in requestplane.stream(nc, subject, req, idle_timeout):
+        async for item in plane.stream(nc, subject, req, idle_timeout):
             if item.is_error():
                 raise RuntimeError(f"worker error: {item.comment}")
             yield item.data or {}
@@ -206,11 +253,11 @@ async def run(args: argparse.Namespace) -> None:
     rows_file = out / "rows.jsonl"
     (out / "command.txt").write_text(" ".join(sys.argv) + "\n")
     work = Path(tempfile.mkdtemp(prefix="bench-compare-"))
-    sides = [s for s in args.sides if s != "frontend" or args.frontend_url]
+    sides = [s for s in args.sides if (s != "frontend" or args.frontend_url) and (s != "before" or args.before_plane)]
     streams: dict[str, loadgen.Stream] = {}
     counts: dict[str, int] = {}
     t_start = time.monotonic()
-    dep = serve = engine = nc = None
+    dep = serve = engine = nc = before = nc_before = None
     try:
         if "nats" in sides or "frontend" in sides:
             try:
@@ -223,6 +270,19 @@ async def run(args: argparse.Namespace) -> None:
                                             args.idle_timeout)
             except Exception as exc:  # a side that cannot start is reported, the others still run
                 log(f"FAIL side nats: {type(exc).__name__}: {exc}")
+        if "before" in sides and dep is not None:
+            try:
+                from plane_worker import load_plane
+
+                log(f"plane worker with {args.before_plane} starting")
+                before = PlaneWorker(args, dep.nats, work)
+                await before.wait_ready()
+                old_plane = load_plane(args.before_plane)
+                nc_before = await old_plane.connect(dep.nats, "bench-compare-before")
+                streams["before"] = nats_side(nc_before, BEFORE_SUBJECT, args.idle_timeout, old_plane)
+                log("plane worker ready")
+            except Exception as exc:
+                log(f"FAIL side before: {type(exc).__name__}: {exc}")
         if "serve" in sides:
             try:
                 log("vllm serve starting")
@@ -286,8 +346,11 @@ async def run(args: argparse.Namespace) -> None:
         text += f"\n\ncounts: {counts}\nwall: {time.monotonic() - t_start:.0f} s\n"
         (out / "report.txt").write_text(text)
         print(text, flush=True)
-        if nc is not None:
-            await nc.close()
+        for conn in (nc, nc_before):
+            if conn is not None:
+                await conn.close()
+        if before is not None:
+            before.close(out)
         if engine is not None:
             engine.shutdown()
         if serve is not None:
@@ -302,6 +365,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine", default="{}", help="vLLM flags as a topology's engine: JSON object")
     p.add_argument("--gpus", default="", help="CUDA_VISIBLE_DEVICES for every side (empty: CPU)")
     p.add_argument("--sides", nargs="+", default=["inprocess", "nats", "serve"], choices=SIDES)
+    p.add_argument("--before-plane", default="", help="requestplane.py source of the 'before' side")
     p.add_argument("--frontend-url", default="", help="http://host:port of our OpenAI frontend (side frontend)")
     p.add_argument("--frontend-model", default="")
     p.add_argument("--loads", nargs="+", default=["waves", "sustained"], choices=list(loadgen.LOADS))
