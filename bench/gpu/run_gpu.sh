@@ -72,7 +72,7 @@ set +e
 if [ "$run" = bench ]; then
     # Issue 13: in-process vs worker + NATS (+ the plane before) vs vllm serve: one engine each on GPU 0.
     "$GPU_PY" bench/gpu/bench_compare.py --model "$model_dir" --gpus 0 \
-        --engine '{"max-model-len": 4096, "gpu-memory-utilization": 0.2}' --out "$OUT/bench" "$@" \
+        --engine '{"max-model-len": 4096, "gpu-memory-utilization": 0.2, "max-num-batched-tokens": 8192, "max-num-seqs": 1024}' --out "$OUT/bench" "$@" \
         2>&1 | tee -a "$OUT/run_gpu.log"
 else
     "$GPU_PY" bench/gpu/gpu_runs.py "$run" --out "$OUT" "$@" 2>&1 | tee -a "$OUT/run_gpu.log"
