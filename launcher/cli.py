@@ -68,6 +68,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for s in specs:
         deps = f" after {', '.join(s.depends_on)}" if s.depends_on else ""
         console.print(f"\n[bold]{s.name}[/] ({s.kind}, {s.devices}{', host ' + s.host if s.host else ''}){deps}")
+        for note in s.notes:
+            console.print(f"  note: {note}", soft_wrap=True, markup=False)
         console.print("  env: " + " ".join(f"{k}={v}" for k, v in redact_env(s.env).items()), soft_wrap=True,
                       markup=False)
         console.print("  argv: " + subprocess.list2cmdline(redact_argv(s.argv)), soft_wrap=True, markup=False)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher.cpu import choose_cpu_dtype, read_cpu_flags
 from launcher.rules import block_size, engine_flags, parallel_sizes
 from launcher.topology import Frontend, Router, Topology, Worker
 from workers.kinds import KINDS
@@ -53,6 +54,7 @@ class ProcessSpec:
     host: str | None = None
     ports: dict[str, int] = field(default_factory=dict)  # what it listens on: "http", "metrics"
     url: str | None = None  # where a user reaches it (the frontend)
+    notes: list[str] = field(default_factory=list)  # choices the plan made for the user, and why
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +113,34 @@ def nixl_side_channel_env(w: Worker, replica: int = 0) -> dict[str, str]:
     return env
 
 
+class HostCpu:
+    """This host's CPU flags, read once and only if a CPU worker needs them (injectable for tests)."""
+
+    def __init__(self, flags: frozenset[str] | None = None, known: bool = False) -> None:
+        self._flags = flags
+        self._known = known or flags is not None
+
+    def flags(self) -> frozenset[str] | None:
+        if not self._known:
+            self._flags, self._known = read_cpu_flags(), True
+        return self._flags
+
+
+def cpu_engine_defaults(w: Worker, flags: dict[str, Any], cpu: HostCpu) -> tuple[dict[str, Any], list[str]]:
+    """Flags a CPU worker gets when its topology leaves them unset, and one note per choice.
+
+    Only workers without `gpus` (vLLM's CPU build) and never over an explicit value; GPU workers are
+    left exactly as written.
+    """
+    if w.gpus is not None or "dtype" in flags:
+        return {}, []
+    choice = choose_cpu_dtype(cpu.flags())
+    if choice is None:
+        return {}, ["dtype left to vLLM: this host's CPU flags could not be read"]
+    return {"dtype": choice.dtype}, [choice.reason]
+
+
+
 def _metrics_ports(topo: Topology) -> dict[tuple[int, int], int]:
     """(worker index, replica) -> its Prometheus port: the worker's own, else base + its position among
     the engine processes of its host without one (so two hosts may use the same numbers)."""
@@ -144,8 +174,10 @@ def _replica_name(w: Worker, k: int) -> str:
 
 
 def _worker_specs(topo: Topology, index: int, w: Worker, endpoints: Endpoints, kv_dir: Path | None,
-                  metrics_ports: dict[tuple[int, int], int]) -> list[ProcessSpec]:
+                  metrics_ports: dict[tuple[int, int], int], cpu: HostCpu | None = None) -> list[ProcessSpec]:
     flags = engine_flags(topo, w)
+    defaults, notes = cpu_engine_defaults(w, flags, cpu or HostCpu())
+    flags.update(defaults)
     model = w.model or topo.model
     tp, pp = parallel_sizes(topo, w)
     tp_pp = tp * pp
@@ -180,7 +212,7 @@ def _worker_specs(topo: Topology, index: int, w: Worker, endpoints: Endpoints, k
             name=name, kind=w.kind, argv=argv, env=env, devices=devices, tier=KINDS[w.kind].tier,
             restart_policy=w.restart.policy, max_restarts=w.restart.max_restarts,
             backoff=w.restart.backoff, backoff_max=w.restart.backoff_max,
-            ready_timeout=w.ready_timeout, host=w.host, ports={"metrics": metrics_port},
+            ready_timeout=w.ready_timeout, host=w.host, ports={"metrics": metrics_port}, notes=list(notes),
         ))
     return specs
 
@@ -221,18 +253,21 @@ def _frontend_spec(topo: Topology, f: Frontend, endpoints: Endpoints) -> Process
     )
 
 
-def build_plan(topo: Topology, endpoints: Endpoints | None = None, kv_dir: Path | None = None
-               ) -> list[ProcessSpec]:
+def build_plan(topo: Topology, endpoints: Endpoints | None = None, kv_dir: Path | None = None,
+               cpu_flags: frozenset[str] | None = None) -> list[ProcessSpec]:
     """Processes in start order; each depends on every process of the tiers before it.
 
     kv_dir: the shared_storage_path given to shared-storage connectors that have none.
+    cpu_flags: the CPU flags CPU workers' defaults are chosen from (default: this host's
+    /proc/cpuinfo; `plan`/`up` run on the host that starts the workers, `--host` on multi-node).
     """
     endpoints = endpoints or Endpoints.resolve(topo)
+    cpu = HostCpu(cpu_flags)
     specs = [_frontend_spec(topo, f, endpoints) for f in topo.frontends]
     specs += [_router_spec(topo, r, endpoints) for r in topo.routers]
     metrics_ports = _metrics_ports(topo)
     for i, w in enumerate(topo.workers):
-        specs += _worker_specs(topo, i, w, endpoints, kv_dir, metrics_ports)
+        specs += _worker_specs(topo, i, w, endpoints, kv_dir, metrics_ports, cpu)
     specs.sort(key=lambda s: s.tier)
     for spec in specs:
         spec.depends_on = [s.name for s in specs if s.tier < spec.tier and KINDS[s.kind].gates]

@@ -197,11 +197,10 @@ def test_worker_stopping_mid_request_is_shutting_down(services) -> None:  # type
 
 def test_worker_dying_mid_stream_gives_an_error(services) -> None:  # type: ignore[no-untyped-def]
     """The worker's connection vanishes after one item (as with kill -9): the client errors, it does not hang."""
-    first_sent = asyncio.Event()
+    first_received = asyncio.Event()
 
     async def handler(req: dict[str, Any]) -> AsyncIterator[Any]:
         yield {"first": True}
-        first_sent.set()
         await asyncio.sleep(3600)
         yield {"never": True}
 
@@ -213,9 +212,10 @@ def test_worker_dying_mid_stream_gives_an_error(services) -> None:  # type: igno
         async def consume() -> None:
             async for a in requestplane.stream(nc, "t4.c.generate", {}, idle_timeout=1.5):
                 items.append(a)
+                first_received.set()
 
         task = asyncio.create_task(consume())
-        await first_sent.wait()
+        await asyncio.wait_for(first_received.wait(), timeout=30)  # the worker's sends are asynchronous
         # Kill the worker's side without any goodbye: close its socket, stop its tasks silently.
         for t in list(server._tasks):  # a crash: the stream stops with no error and no end marker
             t.cancel()
@@ -252,3 +252,55 @@ def test_registration_lives_under_a_lease(services) -> None:  # type: ignore[no-
     assert before[0].subject == "t5.c.generate"
     assert after == []
     assert components_prefix("ns", "c") == "ns/components/c/"
+
+
+@pytest.mark.parametrize("via", ["shared subject", "instance subject", "cancel before the request arrives"])
+def test_a_caller_that_leaves_cancels_the_workers_stream(services, via: str) -> None:  # type: ignore[no-untyped-def]
+    """The handler's generator is closed (where the engine request is aborted) once the caller stops
+    reading, whichever subject it called, and a request cancelled before it arrives never runs."""
+    subject = f"test.cancel{abs(hash(via))}.generate"
+    closed = asyncio.Event()
+    started: list[str] = []
+
+    async def handler(req: dict[str, Any]) -> AsyncIterator[Any]:
+        started.append(req["id"])
+        try:
+            for i in range(10_000):
+                yield {"i": i}
+                await asyncio.sleep(0.01)
+        finally:
+            closed.set()
+
+    async def run() -> None:
+        nc, server = await _serve(services.nats, subject, handler)
+        client = await requestplane.connect(services.nats, "test-client")
+        try:
+            if via == "cancel before the request arrives":
+                await client.publish(requestplane.cancel_subject(subject), b"_INBOX.gone.1")
+                await client.flush()
+                await asyncio.sleep(0.2)
+                await client.publish(subject, b'{"id": "late"}', reply="_INBOX.gone.1")
+                await client.flush()
+                await asyncio.sleep(0.5)
+                assert started == [] and server.in_flight == 0
+                return
+            target = subject if via == "shared subject" else subject + ".1"
+            got = 0
+            gen = requestplane.stream(client, target, {"id": via}, idle_timeout=5)
+            async for item in gen:
+                assert not item.is_error(), item
+                got += 1
+                if got == 3:
+                    break
+            await gen.aclose()
+            await asyncio.wait_for(closed.wait(), 5)
+            deadline = time.monotonic() + 5
+            while server.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert server.in_flight == 0
+        finally:
+            await server.stop()
+            await nc.close()
+            await client.close()
+
+    asyncio.run(run())

@@ -190,6 +190,7 @@ import sys
 bad = []
 for mod in ["torch", "transformers", "vllm", "vllm.v1.engine.async_llm", "xgrammar", "nats", "aetcd", "libtmux",
             "yaml", "rich", "psutil", "pydantic", "msgspec", "zmq", "nixl._api",
+            "uvicorn", "uvloop", "vllm.entrypoints.openai.api_server",
             "launcher.cli", "workers.engine", "workers.monolith.worker"]:
     try:
         importlib.import_module(mod)

@@ -5,6 +5,8 @@
 #   bash bench/gpu/run_gpu.sh run2          # 2 GPUs: 1P1D over NixlConnector, then the KV router
 #   bash bench/gpu/run_gpu.sh run2 --parts router      # only the router half (or --parts 1p1d)
 #   bash bench/gpu/run_gpu.sh check         # only: environment, imports, GPUs (seconds)
+#   bash bench/gpu/run_gpu.sh model         # only: check + make the model
+#   bash bench/gpu/run_gpu.sh bench [--reps 4 --budget-s 420 ...]   # issue 13: bench_compare.py on GPU 0
 #
 # Results: PASS/FAIL/INFO lines on stdout, and $OUT/<run>.json, $OUT/bench-*.json, $OUT/logs/ (the device
 # tool returns what is under $OUT). Extra arguments go to gpu_runs.py (--requests, --concurrency, ...).
@@ -62,9 +64,19 @@ if [ -d "$model_dir" ] && [ ! -f "$stamp" ]; then
 fi
 "$GPU_PY" bench/gpu/make_gpu_model.py "$model_size" "$model_dir" 2>&1 | tail -2
 touch "$stamp"
+if [ "$run" = model ]; then
+    exit 0  # only the model (a command of its own, so that the next one has all its minutes)
+fi
 
 set +e
-"$GPU_PY" bench/gpu/gpu_runs.py "$run" --out "$OUT" "$@" 2>&1 | tee -a "$OUT/run_gpu.log"
+if [ "$run" = bench ]; then
+    # Issue 13: in-process vs worker + NATS (+ the plane before) vs vllm serve: one engine each on GPU 0.
+    "$GPU_PY" bench/gpu/bench_compare.py --model "$model_dir" --gpus 0 \
+        --engine '{"max-model-len": 4096, "gpu-memory-utilization": 0.2, "max-num-batched-tokens": 8192, "max-num-seqs": 1024}' --out "$OUT/bench" "$@" \
+        2>&1 | tee -a "$OUT/run_gpu.log"
+else
+    "$GPU_PY" bench/gpu/gpu_runs.py "$run" --out "$OUT" "$@" 2>&1 | tee -a "$OUT/run_gpu.log"
+fi
 rc=${PIPESTATUS[0]}
 set -e
 echo "== run_gpu.sh $run exit $rc" | tee -a "$OUT/run_gpu.log"
