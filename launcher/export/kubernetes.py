@@ -520,6 +520,9 @@ def _explain(ctx: _Context, units: list[Unit]) -> None:
     if not any("limits" in _resources(u) for u in units):
         exp.note(f"no process requests a GPU: the image ({exp.image}) is vLLM's CUDA image by default; give "
                  "--image with a CPU build of vLLM to run this topology on CPU nodes.")
+    if any(u.nixl for u in units):
+        exp.note("NIXL between pods goes over the pod network (UCX over TCP) unless the pods get RDMA devices: "
+                 "add your cluster's RDMA device-plugin resource (and, if it needs it, IPC_LOCK) in an overlay.")
     shared = [u for u in units if _shared_storage_paths(u)]
     if shared:
         paths = sorted({p for u in shared for p in _shared_storage_paths(u)})
