@@ -478,6 +478,7 @@ def test_default_image_has_what_the_manifests_run() -> None:
 
 def test_small_helpers() -> None:
     assert k8s.count_cpus("0-3") == 4 and k8s.count_cpus("0|1") == 2 and k8s.count_cpus("0,2-3") == 3
+    assert k8s.count_cpus("auto") is None and k8s.count_cpus("") is None
     assert k8s.dns_label("Prefill_Worker.1") == "prefill-worker-1"
     assert k8s.image_name("vllm-launcher:vllm") == "vllm-launcher"
     assert k8s.image_name("reg.io:5000/team/img:tag") == "reg.io:5000/team/img"

@@ -98,16 +98,18 @@ def port_name(name: str) -> str:
     return label if re.search(r"[a-z]", label) else f"p-{label}"[:15]
 
 
-def count_cpus(binding: str) -> int:
-    """'0-3' -> 4, '0|1' -> 2 (one set per TP rank), '0,2-3' -> 3."""
+def count_cpus(binding: str) -> int | None:
+    """'0-3' -> 4, '0|1' -> 2 (one set per TP rank), '0,2-3' -> 3; None for vLLM's words (auto, nobind)."""
     total = 0
-    for part in re.split(r"[|,]", binding):
-        part = part.strip()
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        total += int(hi) - int(lo) + 1 if hi else 1
-    return max(total, 1)
+    try:
+        for part in re.split(r"[|,]", binding):
+            part = part.strip()
+            if part:
+                lo, _, hi = part.partition("-")
+                total += int(hi or lo) - int(lo) + 1
+    except ValueError:
+        return None
+    return total or None
 
 
 def kv_config(argv: list[str]) -> tuple[int, dict[str, Any]] | None:
@@ -338,8 +340,9 @@ def _resources(unit: Unit) -> dict[str, Any]:
     requests: dict[str, Any] = {}
     if env.get("CUDA_VISIBLE_DEVICES"):
         limits["nvidia.com/gpu"] = len(env["CUDA_VISIBLE_DEVICES"].split(","))
-    if env.get("VLLM_CPU_OMP_THREADS_BIND"):
-        requests["cpu"] = count_cpus(env["VLLM_CPU_OMP_THREADS_BIND"])
+    cpus = count_cpus(env.get("VLLM_CPU_OMP_THREADS_BIND", ""))
+    if cpus:
+        requests["cpu"] = cpus
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests
@@ -545,8 +548,9 @@ def _explain(ctx: _Context, units: list[Unit]) -> None:
                      "is dropped (the device plugin chooses the GPUs and numbers them from 0).")
         if env.get("VLLM_CPU_OMP_THREADS_BIND"):
             binding = env["VLLM_CPU_OMP_THREADS_BIND"]
+            request = f"a CPU request of {count_cpus(binding)}" if count_cpus(binding) else "no CPU request"
             exp.note(f"{spec.name}: cpus '{binding}' pins cores of one host (VLLM_CPU_OMP_THREADS_BIND); in a pod "
-                     f"it becomes a CPU request of {count_cpus(binding)} and the binding is dropped (which cores a "
+                     f"it becomes {request} and the binding is dropped (which cores a "
                      "pod gets is the kubelet's choice). TP > 1 on the CPU needs one core set per rank: set "
                      "VLLM_CPU_OMP_THREADS_BIND in an overlay with the static CPU manager policy.")
         if spec.host:
