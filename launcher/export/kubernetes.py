@@ -153,7 +153,6 @@ class Export:
     resources: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # file -> documents
     notes: list[str] = field(default_factory=list)
     secrets: dict[str, list[str]] = field(default_factory=dict)  # Secret key -> processes reading it
-    units: list[Unit] = field(default_factory=list)
 
     @property
     def secret_name(self) -> str:
@@ -600,7 +599,7 @@ def _model_args(spec: ProcessSpec) -> list[str]:
     return [spec.argv[i + 1] for i, a in enumerate(spec.argv[:-1]) if a == "--model"]
 
 
-def _check_names(exp: Export, units: list[Unit], managed: bool) -> None:
+def _check_names(units: list[Unit], managed: bool) -> None:
     problems = []
     seen: dict[str, str] = {}
     reserved = {*RESERVED_FILES, *(("etcd", "nats") if managed else ())}
@@ -622,9 +621,8 @@ def export_kubernetes(topo: Topology, topology_file: str, image: str = DEFAULT_I
     exp = Export(topology=topology_file, namespace=dns_label(topo.name), image=image)
     specs = build_plan(topo, kv_dir=Path(KV_MOUNT))
     units = _units(topo, specs)
-    exp.units = units
     ctx = _Context(exp, topo)
-    _check_names(exp, units, ctx.managed)
+    _check_names(units, ctx.managed)
     exp.resources["namespace.yaml"] = [{"apiVersion": "v1", "kind": "Namespace",
                                         "metadata": _meta(exp.namespace, {"app.kubernetes.io/part-of": exp.namespace})}]
     if ctx.managed:
