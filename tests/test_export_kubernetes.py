@@ -467,8 +467,18 @@ def test_service_images_match_docker_compose() -> None:
     assert compose["services"]["nats"]["image"] == k8s.NATS_IMAGE
 
 
+def test_default_image_has_what_the_manifests_run() -> None:
+    """The exec probes and init container run `python3 -m launcher.probe` in the default image."""
+    dockerfile = (ROOT / "container" / "Dockerfile").read_text()
+    assert "COPY launcher/ launcher/" in dockerfile and "COPY workers/ workers/" in dockerfile
+    assert '"aetcd' in dockerfile and '"psutil' in dockerfile and "python3 -m pip" in dockerfile
+    assert "vllm-launcher:$FRAMEWORK" in (ROOT / "container" / "build.sh").read_text()
+    assert k8s.DEFAULT_IMAGE == "vllm-launcher:vllm"
+
+
 def test_small_helpers() -> None:
     assert k8s.count_cpus("0-3") == 4 and k8s.count_cpus("0|1") == 2 and k8s.count_cpus("0,2-3") == 3
+    assert k8s.count_cpus("auto") is None and k8s.count_cpus("") is None
     assert k8s.dns_label("Prefill_Worker.1") == "prefill-worker-1"
     assert k8s.image_name("vllm-launcher:vllm") == "vllm-launcher"
     assert k8s.image_name("reg.io:5000/team/img:tag") == "reg.io:5000/team/img"

@@ -98,16 +98,18 @@ def port_name(name: str) -> str:
     return label if re.search(r"[a-z]", label) else f"p-{label}"[:15]
 
 
-def count_cpus(binding: str) -> int:
-    """'0-3' -> 4, '0|1' -> 2 (one set per TP rank), '0,2-3' -> 3."""
+def count_cpus(binding: str) -> int | None:
+    """'0-3' -> 4, '0|1' -> 2 (one set per TP rank), '0,2-3' -> 3; None for vLLM's words (auto, nobind)."""
     total = 0
-    for part in re.split(r"[|,]", binding):
-        part = part.strip()
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        total += int(hi) - int(lo) + 1 if hi else 1
-    return max(total, 1)
+    try:
+        for part in re.split(r"[|,]", binding):
+            part = part.strip()
+            if part:
+                lo, _, hi = part.partition("-")
+                total += int(hi or lo) - int(lo) + 1
+    except ValueError:
+        return None
+    return total or None
 
 
 def kv_config(argv: list[str]) -> tuple[int, dict[str, Any]] | None:
@@ -151,7 +153,6 @@ class Export:
     resources: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # file -> documents
     notes: list[str] = field(default_factory=list)
     secrets: dict[str, list[str]] = field(default_factory=dict)  # Secret key -> processes reading it
-    units: list[Unit] = field(default_factory=list)
 
     @property
     def secret_name(self) -> str:
@@ -338,8 +339,9 @@ def _resources(unit: Unit) -> dict[str, Any]:
     requests: dict[str, Any] = {}
     if env.get("CUDA_VISIBLE_DEVICES"):
         limits["nvidia.com/gpu"] = len(env["CUDA_VISIBLE_DEVICES"].split(","))
-    if env.get("VLLM_CPU_OMP_THREADS_BIND"):
-        requests["cpu"] = count_cpus(env["VLLM_CPU_OMP_THREADS_BIND"])
+    cpus = count_cpus(env.get("VLLM_CPU_OMP_THREADS_BIND", ""))
+    if cpus:
+        requests["cpu"] = cpus
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests
@@ -520,6 +522,9 @@ def _explain(ctx: _Context, units: list[Unit]) -> None:
     if not any("limits" in _resources(u) for u in units):
         exp.note(f"no process requests a GPU: the image ({exp.image}) is vLLM's CUDA image by default; give "
                  "--image with a CPU build of vLLM to run this topology on CPU nodes.")
+    if any(u.nixl for u in units):
+        exp.note("NIXL between pods goes over the pod network (UCX over TCP) unless the pods get RDMA devices: "
+                 "add your cluster's RDMA device-plugin resource (and, if it needs it, IPC_LOCK) in an overlay.")
     shared = [u for u in units if _shared_storage_paths(u)]
     if shared:
         paths = sorted({p for u in shared for p in _shared_storage_paths(u)})
@@ -542,8 +547,9 @@ def _explain(ctx: _Context, units: list[Unit]) -> None:
                      "is dropped (the device plugin chooses the GPUs and numbers them from 0).")
         if env.get("VLLM_CPU_OMP_THREADS_BIND"):
             binding = env["VLLM_CPU_OMP_THREADS_BIND"]
+            request = f"a CPU request of {count_cpus(binding)}" if count_cpus(binding) else "no CPU request"
             exp.note(f"{spec.name}: cpus '{binding}' pins cores of one host (VLLM_CPU_OMP_THREADS_BIND); in a pod "
-                     f"it becomes a CPU request of {count_cpus(binding)} and the binding is dropped (which cores a "
+                     f"it becomes {request} and the binding is dropped (which cores a "
                      "pod gets is the kubelet's choice). TP > 1 on the CPU needs one core set per rank: set "
                      "VLLM_CPU_OMP_THREADS_BIND in an overlay with the static CPU manager policy.")
         if spec.host:
@@ -593,7 +599,7 @@ def _model_args(spec: ProcessSpec) -> list[str]:
     return [spec.argv[i + 1] for i, a in enumerate(spec.argv[:-1]) if a == "--model"]
 
 
-def _check_names(exp: Export, units: list[Unit], managed: bool) -> None:
+def _check_names(units: list[Unit], managed: bool) -> None:
     problems = []
     seen: dict[str, str] = {}
     reserved = {*RESERVED_FILES, *(("etcd", "nats") if managed else ())}
@@ -615,9 +621,8 @@ def export_kubernetes(topo: Topology, topology_file: str, image: str = DEFAULT_I
     exp = Export(topology=topology_file, namespace=dns_label(topo.name), image=image)
     specs = build_plan(topo, kv_dir=Path(KV_MOUNT))
     units = _units(topo, specs)
-    exp.units = units
     ctx = _Context(exp, topo)
-    _check_names(exp, units, ctx.managed)
+    _check_names(units, ctx.managed)
     exp.resources["namespace.yaml"] = [{"apiVersion": "v1", "kind": "Namespace",
                                         "metadata": _meta(exp.namespace, {"app.kubernetes.io/part-of": exp.namespace})}]
     if ctx.managed:
