@@ -162,6 +162,22 @@ def test_completions_stream_and_unary(front: Front) -> None:
     assert usage is not None and usage.completion_tokens == unary.usage.completion_tokens
 
 
+def test_logprobs_one_per_token(front: Front) -> None:
+    client = _openai(front)
+    r = client.completions.create(model=SERVED, prompt="The capital of France is", max_tokens=6, temperature=0,
+                                  logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.usage is not None and lp is not None and lp.tokens is not None and lp.token_logprobs is not None
+    assert len(lp.tokens) == len(lp.token_logprobs) == r.usage.completion_tokens
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert all(p <= 0 for p in lp.token_logprobs)
+    c = client.chat.completions.create(model=SERVED, messages=_messages(), max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=2)
+    content = c.choices[0].logprobs.content if c.choices[0].logprobs else None
+    assert content and c.usage is not None and len(content) == c.usage.completion_tokens
+    assert all(len(t.top_logprobs) <= 2 for t in content)
+
+
 def test_models_lists_the_served_name(front: Front) -> None:
     models = _openai(front).models.list()
     assert [m.id for m in models.data] == [SERVED]

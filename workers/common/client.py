@@ -51,8 +51,10 @@ def build_request(args: argparse.Namespace) -> GenerateRequest:
 
 async def generate(nc: requestplane.NATS, subject: str, request: GenerateRequest,
                    idle_timeout: float) -> AsyncIterator[Annotated]:
-    """Yield Annotated whose data is the text so far; errors pass through unchanged."""
+    """Yield Annotated whose data is the text so far; errors pass through unchanged. An answer with no
+    text at all (the model ended at once) still yields one Annotated, so the caller sees it ended."""
     text = ""
+    shown = False
     async for item in requestplane.stream(nc, subject, request.model_dump(exclude_none=True), idle_timeout):
         if item.is_error():
             yield item
@@ -62,7 +64,10 @@ async def generate(nc: requestplane.NATS, subject: str, request: GenerateRequest
         if not delta:
             continue  # a step that added no text (e.g. the final bookkeeping chunk) prints nothing
         text += delta
+        shown = True
         yield Annotated(data=text, event=item.event, comment=item.comment, id=item.id)
+    if not shown:
+        yield Annotated(data=text)
 
 
 def entry_of(components: set[str], wanted: str | None) -> str | None:
