@@ -60,11 +60,14 @@ def logprobs_of(token_ids: Any, steps: Any) -> list[TokenLogprob]:
     out: list[TokenLogprob] = []
     for token_id, step in zip(token_ids, steps, strict=False):
         chosen = step.get(token_id)
-        top = sorted(step.items(), key=lambda kv: kv[1].rank or 0)
+        # vLLM gives the top k by rank, plus the sampled token when it is not among them: leave that one out.
+        extra = chosen is not None and (chosen.rank or 0) > len(step) - 1
+        top = sorted(((tid, lp) for tid, lp in step.items() if not (extra and tid == token_id)),
+                     key=lambda kv: kv[1].rank or 0)
         out.append({
             "token": (chosen.decoded_token if chosen is not None else None) or "",
             "logprob": float(chosen.logprob) if chosen is not None else float("-inf"),
-            "top": [[lp.decoded_token or "", float(lp.logprob)] for tid, lp in top if tid != token_id or lp.rank],
+            "top": [[lp.decoded_token or "", float(lp.logprob)] for _, lp in top],
         })
     return out
 
