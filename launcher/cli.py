@@ -35,7 +35,7 @@ EXIT_INVALID = 2
 def load_checked(path: Path) -> Topology:
     """YAML, schema, engine flags and rules (launcher.validation); on any problem print every one
     (file:line:col, redacted) and the footer, and exit 2."""
-    checked = validation.check_file(path)
+    checked = validation.check_file(path, say=lambda note: err.print(escape(note), style="dim", soft_wrap=True))
     for warning in checked.warnings:
         err.print(f"[yellow]warning[/] {escape(redact_text(warning))}", soft_wrap=True)
     if checked.topology is None:
