@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from launcher.services import free_port
 from workers.common.client import generate
 from workers.common.protocol import GenerateRequest
 from workers.runtime import requestplane
@@ -98,6 +99,8 @@ def raw_chunks(nats: str, namespace: str, component: str, request: GenerateReque
 
 def up(tmp: Path, topo: dict[str, Any], services: Services, extra_args: list[str] | None = None,
        timeout: float = 600) -> Deployment:
+    # Ports of its own, so deployments of one test session never compete for the default ones.
+    topo.setdefault("metrics_port_base", free_port())
     path = write_topology(tmp / f"{topo['name']}.yaml", topo)
     launcher(["up", str(path), *(extra_args or [])], services.env, timeout=timeout)
     return Deployment(topo["name"], topo.get("namespace", topo["name"]), path, services.env, services)

@@ -34,6 +34,7 @@ import pytest
 
 from launcher import proctree
 from launcher import services as svc
+from launcher.services import free_port
 from launcher.state import RunDir
 from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Services, launcher, write_topology
 from tests.test_supervisor_e2e import alive, every_pid
@@ -157,6 +158,7 @@ def topology(model: Path, s: Services) -> dict[str, Any]:
         "workers": [{"name": "worker-a", "kind": "kv_worker", "cpus": "0", "ready_timeout": 300},
                     {"name": "worker-b", "kind": "kv_worker", "cpus": "1", "ready_timeout": 300}],
         "routers": [{"name": "router", "strategy": "prefix"}],
+        "metrics_port_base": free_port(),  # never the default ports another deployment may hold
     }
 
 

@@ -50,8 +50,12 @@ def build_engine(engine_args: Any, metrics_port: int | None = None, stat_loggers
     if metrics_port is not None:
         import prometheus_client
 
-        prometheus_client.start_http_server(metrics_port, addr=os.environ.get("LAUNCHER_METRICS_ADDR", "127.0.0.1"))
-        log.info("vLLM metrics on http://127.0.0.1:%d/metrics", metrics_port)
+        addr = os.environ.get("LAUNCHER_METRICS_ADDR", "127.0.0.1")
+        try:
+            prometheus_client.start_http_server(metrics_port, addr=addr)
+            log.info("vLLM metrics on http://%s:%d/metrics", addr, metrics_port)
+        except OSError as exc:  # serving matters more than its metrics: say so and go on
+            log.warning("cannot serve metrics on %s:%d (%s); serving without them", addr, metrics_port, exc)
     return engine
 
 
