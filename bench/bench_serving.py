@@ -182,7 +182,7 @@ async def bench_vllm_serve(model: str, args: argparse.Namespace, tmp: Path) -> d
 
             async def one(text: str, max_tokens: int) -> tuple[float, int]:
                 body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0,
-                        "ignore_eos": True, "stream": True}
+                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
                 start = time.perf_counter()
                 ttft, n = 0.0, 0
                 async with http.post(f"{base}/v1/completions", json=body) as resp:
@@ -191,10 +191,11 @@ async def bench_vllm_serve(model: str, args: argparse.Namespace, tmp: Path) -> d
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
                         chunk = json.loads(line[6:])
-                        if chunk["choices"] and chunk["choices"][0].get("text"):
-                            if n == 0:
-                                ttft = time.perf_counter() - start
-                            n += 1  # one SSE event per engine step, one token per step here
+                        if chunk["choices"] and chunk["choices"][0].get("text") and not ttft:
+                            ttft = time.perf_counter() - start
+                        if chunk.get("usage"):
+                            # Tokens as the server counted them (an SSE event may carry several).
+                            n = int(chunk["usage"]["completion_tokens"])
                 return ttft, n
 
             return await measure(one, args)

@@ -1,4 +1,4 @@
-"""`launcher validate | plan | up | status | down | logs | attach | schema`."""
+"""`launcher validate | plan | up | status | ls | down | logs | attach | schema | export`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
-from launcher import gpus, proctree, rules, services, state
+from launcher import gpus, proctree, rules, services, state, validation
 from launcher.plan import Endpoints, ProcessSpec, build_plan, select_host
+from launcher.redact import redact_argv, redact_env, redact_obj, redact_text
 from launcher.state import RunDir
 from launcher.status import collect, print_status, render
 from launcher.supervisor import leftovers, log_tail
-from launcher.topology import Topology, TopologyError, json_schema, load_topology
+from launcher.topology import Topology, json_schema
 
 # Piped output (tests, `| less`) gets a wide table instead of rich's 80-column default.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -30,20 +33,18 @@ EXIT_INVALID = 2
 
 
 def load_checked(path: Path) -> Topology:
-    """Schema and rules; on any problem print every one (file:line:col) and exit 2."""
-    try:
-        topo, loaded = load_topology(path)
-    except TopologyError as exc:
-        for problem in exc.problems:
-            err.print(f"[red]error[/] {problem}", markup=True, soft_wrap=True)
+    """YAML, schema, engine flags and rules (launcher.validation); on any problem print every one
+    (file:line:col, redacted) and the footer, and exit 2."""
+    checked = validation.check_file(path)
+    for warning in checked.warnings:
+        err.print(f"[yellow]warning[/] {escape(redact_text(warning))}", soft_wrap=True)
+    if checked.topology is None:
+        for problem in checked.problems:
+            err.print(f"[red]error[/] {escape(redact_text(problem))}", soft_wrap=True)
+        err.print(escape(redact_text(f"{len(checked.problems)} problem(s) in {path}; nothing was started")),
+                  soft_wrap=True)
         sys.exit(EXIT_INVALID)
-    problems = rules.check(topo)
-    if problems:
-        for p in problems:
-            err.print(f"[red]error[/] {p.render(loaded)}", soft_wrap=True)
-        err.print(f"{len(problems)} problem(s) in {path}; nothing was started")
-        sys.exit(EXIT_INVALID)
-    return topo
+    return checked.topology
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -58,18 +59,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     kv_dir = RunDir.for_deployment(topo.name, args.host).path / "kv"
     specs = select_host(build_plan(topo, kv_dir=kv_dir), args.host)
     if args.json:
-        print(json.dumps([{**s.to_json(), "env": s.redacted_env()} for s in specs], indent=1))
+        print(json.dumps(redact_obj([s.to_json() for s in specs]), indent=1))
         return 0
     endpoints = Endpoints.resolve(topo)
-    console.print(f"[bold]{topo.name}[/] namespace={topo.effective_namespace} backend={topo.backend} "
-                  f"etcd={','.join(endpoints.etcd)} nats={endpoints.nats} (managed: {topo.services.managed})")
+    console.print(redact_text(f"[bold]{topo.name}[/] namespace={topo.effective_namespace} backend={topo.backend} "
+                              f"etcd={','.join(endpoints.etcd)} nats={endpoints.nats} "
+                              f"(managed: {topo.services.managed})"))
     for s in specs:
         deps = f" after {', '.join(s.depends_on)}" if s.depends_on else ""
         console.print(f"\n[bold]{s.name}[/] ({s.kind}, {s.devices}{', host ' + s.host if s.host else ''}){deps}")
         for note in s.notes:
             console.print(f"  note: {note}", soft_wrap=True, markup=False)
-        console.print("  env: " + " ".join(f"{k}={v}" for k, v in s.redacted_env().items()), soft_wrap=True)
-        console.print("  argv: " + subprocess.list2cmdline(s.argv), soft_wrap=True, markup=False)
+        console.print("  env: " + " ".join(f"{k}={v}" for k, v in redact_env(s.env).items()), soft_wrap=True,
+                      markup=False)
+        console.print("  argv: " + subprocess.list2cmdline(redact_argv(s.argv)), soft_wrap=True, markup=False)
     return 0
 
 
@@ -106,7 +109,7 @@ def _wait_ready(rd: RunDir, sup: subprocess.Popen[bytes], timeout: float | None)
                         if p["state"] == "ready" and p.get("started_at") and p.get("ready_at"):
                             extra = f" in {p['ready_at'] - p['started_at']:.1f} s"
                         msg = f": {p['message']}" if p.get("message") and p["state"] != "starting" else ""
-                        console.print(f"  {name}: {p['state']}{extra}{msg}")
+                        console.print(f"  {name}: {p['state']}{extra}{redact_text(msg)}", markup=False)
             states = [p["state"] for p in procs.values()]
             if procs and all(s == "ready" for s in states):
                 return True
@@ -115,7 +118,7 @@ def _wait_ready(rd: RunDir, sup: subprocess.Popen[bytes], timeout: float | None)
             if sup.poll() is not None:
                 err.print(f"[red]the supervisor exited (code {sup.returncode})[/]; see {rd.logs / 'supervisor.log'}")
                 for line in log_tail(rd.logs / "supervisor.log"):
-                    err.print(f"  {line}", markup=False)
+                    err.print(f"  {redact_text(line)}", markup=False)
                 return False
             waiting = [n for n, p in procs.items() if p["state"] in ("starting", "pending", "backoff")]
             if waiting:
@@ -123,7 +126,7 @@ def _wait_ready(rd: RunDir, sup: subprocess.Popen[bytes], timeout: float | None)
                 p = procs[name]
                 elapsed = time.time() - p["started_at"] if p.get("started_at") else 0.0
                 last = next((ln for ln in reversed(log_tail(rd.log_path(name), 5)) if ln.strip()), "")
-                spinner.update(f"waiting for {name} ({p['state']}, {elapsed:.0f} s) {last[-90:]}")
+                spinner.update(escape(redact_text(f"waiting for {name} ({p['state']}, {elapsed:.0f} s) {last[-90:]}")))
             if timeout is not None and time.monotonic() - start > timeout:
                 err.print(f"[yellow]not ready after {timeout:.0f} s; still starting in the background[/]")
                 return False
@@ -139,10 +142,13 @@ def cmd_up(args: argparse.Namespace) -> int:
                       "`launcher down` first to restart it.")
         print_status(collect(rd), console)
         return 0
+    for problem in validation.env_endpoint_problems(dict(os.environ)):
+        err.print(f"[red]error[/] {escape(redact_text(problem))}", soft_wrap=True)
+        return EXIT_INVALID
     endpoints = Endpoints.resolve(topo)
     loopback = multinode_loopback(topo, endpoints)
     if loopback:
-        err.print(f"[red]error[/] {loopback}")
+        err.print(f"[red]error[/] {escape(redact_text(loopback))}")
         return EXIT_INVALID
     every_spec = build_plan(topo, endpoints, kv_dir=rd.path / "kv")
     everyone = [{"name": s.name, "kind": s.kind, "host": s.host, "devices": s.devices} for s in every_spec]
@@ -160,16 +166,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         with contextlib.suppress(OSError):
             stale.unlink()
     previous = services.from_json(state.read_json(rd.services_file, []) or [])
+    if previous:  # from an earlier run that was not taken down: give them up first (stopped if unused)
+        services.release_services(previous, rd.path, say=lambda m: console.print(f"  {m}"))
+        state.write_json(rd.services_file, [])
     try:
-        started = services.ensure_services(endpoints.etcd, endpoints.nats, topo.services.managed, rd.path,
-                                           say=lambda m: console.print(f"  {m}"))
+        used = services.ensure_services(endpoints.etcd, endpoints.nats, topo.services.managed, rd.path,
+                                        say=lambda m: console.print(f"  {redact_text(str(m))}"))
     except services.ServiceError as exc:
-        err.print(f"[red]error[/] {exc}")
+        err.print(f"[red]error[/] {escape(redact_text(str(exc)))}")
         return 1
-    state.write_json(rd.services_file, services.to_json(previous + started))
-    _write_plan(rd, topo, specs, endpoints, backend, args.host, args.topology, everyone)
-    t0 = time.monotonic()
-    sup = _spawn_supervisor(rd, args.foreground)
+    state.write_json(rd.services_file, services.to_json(used))
+    try:
+        _write_plan(rd, topo, specs, endpoints, backend, args.host, args.topology, everyone)
+        t0 = time.monotonic()
+        sup = _spawn_supervisor(rd, args.foreground)
+    except BaseException:  # nothing supervises the services this `up` took: give them back
+        services.release_services(used, rd.path, say=lambda m: console.print(f"  {m}"))
+        state.write_json(rd.services_file, [])
+        raise
     console.print(f"[bold]{topo.name}[/]: {len(specs)} process(es), logs in {rd.logs}")
     try:
         ok = _wait_ready(rd, sup, args.timeout)
@@ -187,9 +201,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         first = specs[0].name
         console.print(f"live panes: {' '.join(attach_argv(rd, first))}  (or `launcher attach {first}`)")
     if ok:
-        console.print(f"[green]ready[/] in {elapsed:.1f} s. Send a request:\n"
-                      f"  python -m workers.common.client --namespace {topo.effective_namespace} "
-                      f"--component {_client_component(topo)} --prompt 'what is the capital of france?' --chat")
+        console.print(f"[green]ready[/] in {elapsed:.1f} s. Send a request:", highlight=False)
+        for line in request_examples(topo, specs):
+            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     else:
         console.print("[red]not every process is ready[/]: `launcher logs NAME`, or `launcher down`")
     if args.foreground:
@@ -200,11 +214,28 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _client_component(topo: Topology) -> str:
-    kinds = {w.kind for w in topo.workers}
-    if topo.routers:
-        return "preprocess"
-    return "decode" if "decode" in kinds else "vllm"
+def request_examples(topo: Topology, specs: list[ProcessSpec]) -> list[str]:
+    """A curl line for each frontend this host runs (the API key by its variable, never its value),
+    and the NATS client."""
+    lines = []
+    for spec, front in ((s, f) for s in specs for f in topo.frontends if s.name == f.name and s.url):
+        body = json.dumps({"model": served_model_name(topo), "max_tokens": 32,
+                           "messages": [{"role": "user", "content": "what is the capital of france?"}]})
+        auth = ["-H", f'"Authorization: Bearer ${front.api_key_env}"'] if front.api_key_env else []
+        argv = ["curl", "-s", f"{spec.url}/v1/chat/completions", "-H", shlex.quote("Content-Type: application/json"),
+                *auth, "-d", shlex.quote(body)]
+        lines.append(" ".join(argv))
+    lines.append(f"python -m workers.common.client --namespace {topo.effective_namespace} "
+                 "--prompt 'what is the capital of france?' --chat")
+    return lines
+
+
+def served_model_name(topo: Topology) -> str:
+    """The name clients use for the topology's model: vLLM's --served-model-name, else the model."""
+    names = rules.engine_flags(topo, topo.workers[0]).get("served-model-name") if topo.workers else None
+    if isinstance(names, list) and names:
+        return str(names[0])
+    return str(names) if names else topo.model
 
 
 def _foreground_stop(rd: RunDir, sup: subprocess.Popen[bytes]) -> int:
@@ -232,13 +263,14 @@ def _down(rd: RunDir, grace: float = 10.0) -> dict[str, Any]:
         for proc in leftovers({int(k): v for k, v in p.get("pids_seen", {}).items()}):
             swept += len(proctree.stop_tree(proc.pid, grace=2))
     svc = services.from_json(state.read_json(rd.services_file, []) or [])
-    services.stop_services(svc)
+    notes: list[str] = []
+    stopped = services.release_services(svc, rd.path, say=notes.append)
     state.write_json(rd.services_file, [])
     if rd.plan().get("backend") == "tmux":
         from launcher.backends.tmux import kill_sessions
 
         kill_sessions(rd)
-    return {"supervisor": pid, "swept": swept, "services": [s.name for s in svc]}
+    return {"supervisor": pid, "swept": swept, "services": stopped, "service_notes": notes}
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -246,8 +278,9 @@ def cmd_down(args: argparse.Namespace) -> int:
     result = _down(rd, args.grace)
     sup = f"supervisor {result['supervisor']} stopped" if result["supervisor"] else "no supervisor was running"
     extra = f", {result['swept']} leftover process(es) killed" if result["swept"] else ""
-    svc = f"; stopped {', '.join(result['services'])}" if result["services"] else ""
-    console.print(f"{rd.name}: {sup}{extra}{svc}")
+    console.print(f"{rd.name}: {sup}{extra}")
+    for note in result["service_notes"]:
+        console.print(f"  {note}")
     return 0
 
 
@@ -274,12 +307,7 @@ def _find(name: str | None, host: str | None = None) -> RunDir:
             name = f"{name}@{host}"
         elif host and not name:
             mine = [d for d in state.deployments() if d.name.endswith(f"@{host}")]
-            live = [d for d in mine if d.supervisor_pid() is not None] or mine
-            if len(live) != 1:
-                found = ", ".join(d.name for d in live) or "none"
-                raise state.NoDeployment(f"{len(live)} deployment(s) for host '{host}' under {state.state_root()} "
-                                         f"({found}): name one")
-            return live[0]
+            return state.only_one(mine, f"for host '{host}' under {state.state_root()}")
         return state.find(name)
     except state.NoDeployment as exc:
         err.print(str(exc))
@@ -294,14 +322,43 @@ def cmd_status(args: argparse.Namespace) -> int:
         rd = targets[0]
         with Live(console=console, refresh_per_second=1) as live, contextlib.suppress(KeyboardInterrupt):
             while True:
-                live.update(render(collect(rd, sample=1.0)))
+                live.update(render(redact_obj(collect(rd, sample=1.0))))
         return 0
     infos = [collect(rd) for rd in targets]
     if args.json:
-        print(json.dumps(infos if args.all else infos[0], indent=1))
+        print(json.dumps(redact_obj(infos if args.all else infos[0]), indent=1))
     else:
         for info in infos:
             print_status(info, console)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """Every deployment under LAUNCHER_HOME with its condition; cheap (no etcd, no sampling)."""
+    rows: list[dict[str, Any]] = []
+    for rd in state.deployments():
+        plan = rd.plan()
+        rows.append({"name": rd.name, "state": rd.condition(), "namespace": plan.get("namespace"),
+                     "processes": len(plan.get("processes", [])), "alive": len(rd.live_pids()),
+                     "supervisor_pid": rd.supervisor_pid(), "run_dir": str(rd.path)})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        console.print(f"no deployment under {state.state_root()}")
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"deployments under {state.state_root()}", title_justify="left")
+    for col in ("name", "state", "namespace", "processes", "alive pids", "supervisor"):
+        table.add_column(col)
+    style = {state.RUNNING: "green", state.ORPHANED: "bold red", state.STOPPED: "dim"}
+    for r in rows:
+        table.add_row(r["name"], f"[{style[r['state']]}]{r['state']}[/]", r["namespace"] or "-",
+                      str(r["processes"]), str(r["alive"]), str(r["supervisor_pid"] or "-"))
+    console.print(table)
+    if any(r["state"] == state.ORPHANED for r in rows):
+        console.print("orphaned: the supervisor is gone but processes remain; `launcher down NAME` cleans them")
     return 0
 
 
@@ -326,6 +383,25 @@ def cmd_attach(args: argparse.Namespace) -> int:
     from launcher.backends.tmux import attach_argv
 
     os.execvp("tmux", attach_argv(rd, args.process))
+    return 0
+
+
+def cmd_export_kubernetes(args: argparse.Namespace) -> int:
+    from launcher.export.kubernetes import DEFAULT_IMAGE, ExportError, export_kubernetes, write_export
+
+    topo = load_checked(args.topology)
+    try:
+        exp = export_kubernetes(topo, str(args.topology), args.image or DEFAULT_IMAGE)
+        out = args.output or Path(f"{exp.namespace}-kubernetes")
+        written = write_export(exp, out, force=args.force)
+    except ExportError as exc:
+        for problem in exc.problems:
+            err.print(f"[red]error[/] {problem}", soft_wrap=True)
+        return EXIT_INVALID
+    for note in exp.notes:
+        err.print(f"[yellow]note[/] {note}", soft_wrap=True)
+    console.print(f"[green]wrote[/] {len(written)} files to {out}: `kubectl apply -k {out}` "
+                  f"(notes in {out / 'NOTES.txt'})")
     return 0
 
 
@@ -357,12 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(func=cmd_up)
 
     s = sub.add_parser("status", help="processes, registration, CPU and memory")
-    s.add_argument("name", nargs="?", default=None, help="deployment (default: the running one)")
+    s.add_argument("name", nargs="?", default=None, help="deployment (default: the only live one)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--watch", action="store_true")
     s.add_argument("--all", action="store_true", help="every deployment under LAUNCHER_HOME")
     s.add_argument("--host", default=None, help="multi-node: this host's share (<name>@<host>)")
     s.set_defaults(func=cmd_status)
+
+    ls = sub.add_parser("ls", help="every deployment: running, orphaned or stopped")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
 
     d = sub.add_parser("down", help="stop everything; leave no process behind")
     d.add_argument("name", nargs="?", default=None)
@@ -384,6 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("schema", help="JSON Schema of the topology file, for editors")
     sc.set_defaults(func=cmd_schema)
+
+    ex = sub.add_parser("export", help="write the plan for another orchestrator").add_subparsers(
+        dest="target", required=True)
+    k8s = ex.add_parser("kubernetes", help="a Kustomize manifest set (kubectl apply -k DIR)")
+    k8s.add_argument("topology", type=Path)
+    k8s.add_argument("-o", "--output", type=Path, default=None, help="folder (default: ./<name>-kubernetes)")
+    k8s.add_argument("--image", default=None, help="image the processes run in "
+                     "(default: vllm-launcher:vllm, what container/build.sh builds)")
+    k8s.add_argument("--force", action="store_true", help="write into a folder with another kustomization.yaml")
+    k8s.set_defaults(func=cmd_export_kubernetes)
     return p
 
 

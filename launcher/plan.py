@@ -13,22 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from launcher.cpu import choose_cpu_dtype, read_cpu_flags
-from launcher.rules import engine_flags
-from launcher.topology import Router, Topology, Worker
+from launcher.rules import block_size, engine_flags, parallel_sizes
+from launcher.topology import Frontend, Router, Topology, Worker
+from workers.kinds import KINDS
 
-WORKER_MODULES = {
-    "monolith": "workers.monolith.worker",
-    "prefill": "workers.disaggregated.prefill_worker",
-    "decode": "workers.disaggregated.decode_worker",
-    "kv_worker": "workers.kv_router.worker",
-    "router": "workers.kv_router.router",
-}
-
-# Start order: routers first so they see every worker's first KV event, then prefill (a decode
-# worker is useless without one), then everything else.
-TIERS = {"router": 0, "prefill": 1, "decode": 2, "monolith": 2, "kv_worker": 2}
-
-SECRET_HINTS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
+PathKey = tuple[str | int, ...]
 
 # Connectors that hand KV over through a folder both sides see; with no shared_storage_path the
 # folder is the deployment's own (<run_dir>/kv), not vLLM's default /tmp shared by every deployment.
@@ -63,6 +52,8 @@ class ProcessSpec:
     backoff_max: float = 30.0
     ready_timeout: float = 600.0
     host: str | None = None
+    ports: dict[str, int] = field(default_factory=dict)  # what it listens on: "http", "metrics"
+    url: str | None = None  # where a user reaches it (the frontend)
     notes: list[str] = field(default_factory=list)  # choices the plan made for the user, and why
 
     def to_json(self) -> dict[str, Any]:
@@ -72,9 +63,6 @@ class ProcessSpec:
     def from_json(cls, obj: dict[str, Any]) -> ProcessSpec:
         return cls(**obj)
 
-    def redacted_env(self) -> dict[str, str]:
-        """For printing: values of variables that look like credentials are hidden."""
-        return {k: ("***" if any(h in k.upper() for h in SECRET_HINTS) else v) for k, v in self.env.items()}
 
 
 def flags_to_argv(flags: dict[str, Any]) -> list[str]:
@@ -152,18 +140,54 @@ def cpu_engine_defaults(w: Worker, flags: dict[str, Any], cpu: HostCpu) -> tuple
     return {"dtype": choice.dtype}, [choice.reason]
 
 
-def _worker_specs(topo: Topology, w: Worker, endpoints: Endpoints, kv_dir: Path | None = None,
-                  cpu: HostCpu | None = None) -> list[ProcessSpec]:
+
+def _metrics_ports(topo: Topology) -> dict[tuple[int, int], int]:
+    """(worker index, replica) -> its Prometheus port: the worker's own, else base + its position among
+    the engine processes of its host without one (so two hosts may use the same numbers)."""
+    ports: dict[tuple[int, int], int] = {}
+    next_free: dict[str | None, int] = {}
+    for i, w in enumerate(topo.workers):
+        for k in range(w.replicas):
+            if w.metrics_port is not None:
+                ports[(i, k)] = w.metrics_port + k
+            else:
+                port = next_free.get(w.host, topo.metrics_port_base)
+                ports[(i, k)] = port
+                next_free[w.host] = port + 1
+    return ports
+
+
+def listening_ports(topo: Topology) -> list[tuple[PathKey, str | None, str, int]]:
+    """(path to blame, host, process, port) of every port the deployment listens on."""
+    out: list[tuple[PathKey, str | None, str, int]] = []
+    for (i, k), port in _metrics_ports(topo).items():
+        w = topo.workers[i]
+        where: PathKey = ("workers", i, "metrics_port") if w.metrics_port is not None else ("workers", i, "name")
+        out.append((where, w.host, _replica_name(w, k), port))
+    for i, f in enumerate(topo.frontends):
+        out.append((("frontends", i, "port"), f.host, f.name, f.port))
+    return out
+
+
+def _replica_name(w: Worker, k: int) -> str:
+    return w.name if w.replicas == 1 else f"{w.name}-{k + 1}"
+
+
+def _worker_specs(topo: Topology, index: int, w: Worker, endpoints: Endpoints, kv_dir: Path | None,
+                  metrics_ports: dict[tuple[int, int], int], cpu: HostCpu | None = None) -> list[ProcessSpec]:
     flags = engine_flags(topo, w)
     defaults, notes = cpu_engine_defaults(w, flags, cpu or HostCpu())
     flags.update(defaults)
     model = w.model or topo.model
-    tp_pp = int(flags.get("tensor-parallel-size", 1)) * int(flags.get("pipeline-parallel-size", 1))
+    tp, pp = parallel_sizes(topo, w)
+    tp_pp = tp * pp
     per_replica = w.gpus_per_replica or tp_pp
     specs = []
     for k in range(w.replicas):
-        name = w.name if w.replicas == 1 else f"{w.name}-{k + 1}"
-        argv = [sys.executable, "-m", WORKER_MODULES[w.kind], "--model", model, *flags_to_argv(flags)]
+        name = _replica_name(w, k)
+        metrics_port = metrics_ports[(index, k)]
+        argv = [sys.executable, "-m", KINDS[w.kind].module, "--model", model, *flags_to_argv(flags),
+                "--metrics-port", str(metrics_port)]
         if w.kv_transfer is not None:
             kt = w.kv_transfer.model_copy()
             if kt.kv_rank is not None:
@@ -185,28 +209,47 @@ def _worker_specs(topo: Topology, w: Worker, endpoints: Endpoints, kv_dir: Path 
         env.update(nixl_side_channel_env(w, k))
         env.update(w.env)
         specs.append(ProcessSpec(
-            name=name, kind=w.kind, argv=argv, env=env, devices=devices, tier=TIERS[w.kind],
+            name=name, kind=w.kind, argv=argv, env=env, devices=devices, tier=KINDS[w.kind].tier,
             restart_policy=w.restart.policy, max_restarts=w.restart.max_restarts,
             backoff=w.restart.backoff, backoff_max=w.restart.backoff_max,
-            ready_timeout=w.ready_timeout, host=w.host, notes=list(notes),
+            ready_timeout=w.ready_timeout, host=w.host, ports={"metrics": metrics_port}, notes=list(notes),
         ))
     return specs
 
 
 def _router_spec(topo: Topology, r: Router, endpoints: Endpoints) -> ProcessSpec:
-    argv = [sys.executable, "-m", WORKER_MODULES["router"], "--model", r.model or topo.model,
+    argv = [sys.executable, "-m", KINDS["router"].module, "--model", r.model or topo.model,
             "--routing-strategy", r.strategy]
-    block = next((engine_flags(topo, w).get("block-size") for w in topo.workers if w.kind == "kv_worker"), None)
+    block = next((block_size(topo, w) for w in topo.workers if w.kind == "kv_worker"), None)
     if block is not None:
         argv += ["--block-size", str(block)]
     argv += r.args
     env = _base_env(topo, endpoints, r.name, r.host)
     env.update(r.env)
     return ProcessSpec(
-        name=r.name, kind="router", argv=argv, env=env, devices="-", tier=TIERS["router"],
+        name=r.name, kind="router", argv=argv, env=env, devices="-", tier=KINDS["router"].tier,
         restart_policy=r.restart.policy, max_restarts=r.restart.max_restarts,
         backoff=r.restart.backoff, backoff_max=r.restart.backoff_max,
         ready_timeout=r.ready_timeout, host=r.host,
+    )
+
+
+def _frontend_spec(topo: Topology, f: Frontend, endpoints: Endpoints) -> ProcessSpec:
+    argv = [sys.executable, "-m", KINDS["frontend"].module, "--host", f.listen, "--port", str(f.port),
+            "--model", topo.model, "--max-request-bytes", str(f.max_request_bytes),
+            "--request-timeout", str(f.request_timeout), "--retries", str(f.retries)]
+    if f.api_key_env:
+        argv += ["--api-key-env", f.api_key_env]  # the name of the variable, never the key
+    argv += f.args
+    env = _base_env(topo, endpoints, f.name, f.host)
+    env.update(f.env)
+    shown = "127.0.0.1" if f.listen in ("0.0.0.0", "::") else f.listen
+    return ProcessSpec(
+        name=f.name, kind="frontend", argv=argv, env=env, devices="-", tier=KINDS["frontend"].tier,
+        restart_policy=f.restart.policy, max_restarts=f.restart.max_restarts,
+        backoff=f.restart.backoff, backoff_max=f.restart.backoff_max,
+        ready_timeout=f.ready_timeout, host=f.host, ports={"http": f.port},
+        url=f"http://{f'[{shown}]' if ':' in shown else shown}:{f.port}",
     )
 
 
@@ -220,12 +263,14 @@ def build_plan(topo: Topology, endpoints: Endpoints | None = None, kv_dir: Path 
     """
     endpoints = endpoints or Endpoints.resolve(topo)
     cpu = HostCpu(cpu_flags)
-    specs = [_router_spec(topo, r, endpoints) for r in topo.routers]
-    for w in topo.workers:
-        specs += _worker_specs(topo, w, endpoints, kv_dir, cpu)
+    specs = [_frontend_spec(topo, f, endpoints) for f in topo.frontends]
+    specs += [_router_spec(topo, r, endpoints) for r in topo.routers]
+    metrics_ports = _metrics_ports(topo)
+    for i, w in enumerate(topo.workers):
+        specs += _worker_specs(topo, i, w, endpoints, kv_dir, metrics_ports, cpu)
     specs.sort(key=lambda s: s.tier)
     for spec in specs:
-        spec.depends_on = [s.name for s in specs if s.tier < spec.tier]
+        spec.depends_on = [s.name for s in specs if s.tier < spec.tier and KINDS[s.kind].gates]
     return specs
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+from launcher.addresses import parse_cpu_sets
+from launcher.engine_flags import TableUnavailable, load_table
 from launcher.topology import Topology, Worker
 from launcher.yamlpos import LoadedYaml, PathKey
 
@@ -40,43 +42,41 @@ def _path_text(path: PathKey) -> str:
 
 
 def engine_flags(topo: Topology, worker: Worker) -> dict[str, Any]:
-    """Topology-wide flags overlaid by the worker's, keys normalised to vLLM's dashed spelling."""
-    merged = {k.replace("_", "-"): v for k, v in topo.engine.items()}
-    merged.update({k.replace("_", "-"): v for k, v in worker.engine.items()})
-    return merged
+    """Topology-wide flags overlaid by the worker's, keys in vLLM's dashed spelling."""
+    return {**topo.engine.flags(), **worker.engine.flags()}
+
+
+def _engine_value(topo: Topology, worker: Worker, field: str) -> Any:
+    """A typed flag (validated by the schema): the worker's if it sets it, else the topology's."""
+    source = worker.engine if field in worker.engine.model_fields_set else topo.engine
+    return getattr(source, field)
 
 
 def parallel_sizes(topo: Topology, worker: Worker) -> tuple[int, int]:
-    flags = engine_flags(topo, worker)
-    tp = int(flags.get("tensor-parallel-size", 1))
-    pp = int(flags.get("pipeline-parallel-size", 1))
+    tp: int = _engine_value(topo, worker, "tensor_parallel_size")
+    pp: int = _engine_value(topo, worker, "pipeline_parallel_size")
     return tp, pp
 
 
+def block_size(topo: Topology, worker: Worker) -> int | None:
+    value: int | None = _engine_value(topo, worker, "block_size")
+    return value
+
+
 def parse_cpu_set(spec: str) -> set[int]:
-    """vLLM's VLLM_CPU_OMP_THREADS_BIND syntax: '0-3', '0,2', '0-1|2-3' (one set per TP rank)."""
-    cores: set[int] = set()
-    for rank_part in spec.split("|"):
-        for piece in rank_part.split(","):
-            piece = piece.strip()
-            if not piece:
-                continue
-            if "-" in piece:
-                lo, hi = piece.split("-", 1)
-                cores.update(range(int(lo), int(hi) + 1))
-            else:
-                cores.add(int(piece))
-    return cores
+    """vLLM's VLLM_CPU_OMP_THREADS_BIND syntax: '0-3', '0,2', '0-1|2-3' (all ranks' cores together)."""
+    return set().union(*parse_cpu_sets(spec))
 
 
 @functools.cache
 def installed_connectors() -> frozenset[str] | None:
-    """Connector names the installed vLLM registers; None when vLLM is not importable here."""
+    """Connector names the installed vLLM registers (from the cached flag table, so no vLLM import);
+    None when vLLM is not installed or its table cannot be read."""
     try:
-        from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
-    except Exception:
+        table = load_table()
+    except TableUnavailable:
         return None
-    return frozenset(KVConnectorFactory._registry)
+    return frozenset(table.connectors) or None
 
 
 def _workers(topo: Topology) -> Iterable[tuple[int, Worker]]:
@@ -86,13 +86,17 @@ def _workers(topo: Topology) -> Iterable[tuple[int, Worker]]:
 def rule_unique_names(topo: Topology) -> list[Problem]:
     seen: dict[str, PathKey] = {}
     problems = []
-    entries: list[tuple[PathKey, str]] = [(("workers", i, "name"), w.name) for i, w in _workers(topo)]
-    entries += [(("routers", i, "name"), r.name) for i, r in enumerate(topo.routers)]
+    entries: list[tuple[PathKey, str]] = [((section, i, "name"), p.name)
+                                          for section, procs in topo.sections() for i, p in enumerate(procs)]
     for path, name in entries:
         if name in seen:
             problems.append(Problem(path, f"name '{name}' is used twice; every process needs its own name"))
         seen[name] = path
     return problems
+
+
+# Environment the launcher derives from a worker's devices: (variable, field named in the message, attribute).
+DERIVED_ENV = (("CUDA_VISIBLE_DEVICES", "gpus", "gpus"), ("VLLM_CPU_OMP_THREADS_BIND", "cpus", "cpus"))
 
 
 def rule_devices(topo: Topology) -> list[Problem]:
@@ -124,16 +128,21 @@ def rule_devices(topo: Topology) -> list[Problem]:
                         ("workers", i, "gpus"), f"GPU {gpu} is already given to '{owner}'; give each GPU once"
                     ))
                 gpu_owner[(w.host, gpu)] = w.name
+        for var, key, given in DERIVED_ENV:
+            if getattr(w, given) is None:
+                continue
+            if var in w.env:
+                problems.append(Problem(("workers", i, "env", var), f"the launcher sets {var} from {key}: "
+                                        "remove it from env (two sources of the devices disagree sooner or later)"))
+            elif var in topo.env and ("env", var) not in {p.path for p in problems}:
+                problems.append(Problem(("env", var), f"the launcher sets {var} from each worker's {key} "
+                                        f"('{w.name}' has {key}): remove it from env"))
         if w.cpus is not None and w.replicas > 1:
             problems.append(Problem(("workers", i, "cpus"), "cpus binds one process: with replicas > 1, "
                                     "list each replica as its own worker with its own cores"))
         if w.cpus is not None:
-            try:
-                cores = parse_cpu_set(w.cpus)
-            except ValueError:
-                problems.append(Problem(("workers", i, "cpus"), f"cannot read '{w.cpus}': write e.g. '0-3' or '0|1'"))
-                continue
-            ranks = len(w.cpus.split("|"))
+            cores = set().union(*w.cpu_sets)
+            ranks = len(w.cpu_sets)
             if ranks != tp * pp:
                 problems.append(Problem(
                     ("workers", i, "cpus"),
@@ -243,6 +252,28 @@ def rule_disaggregation(topo: Topology) -> list[Problem]:
     return problems
 
 
+def rule_roles(topo: Topology) -> list[Problem]:
+    """A role is never guessed where it matters: kv_transfer without `kind:` would quietly become a
+    monolith; and a disaggregated deployment needs a prefill side and a decode side."""
+    problems: list[Problem] = []
+    for i, w in _workers(topo):
+        if w.kv_transfer is not None and not w.kind_given:
+            role = {"kv_producer": "prefill", "kv_consumer": "decode"}.get(w.kv_transfer.kv_role, "prefill or decode")
+            problems.append(Problem(("workers", i, "kv_transfer"),
+                                    f"'{w.name}' has kv_transfer but no kind: say kind: {role} (without a kind it "
+                                    "would run as a monolith and never hand its KV cache over)"))
+    if problems:
+        return problems  # a role is unknown: which side is missing cannot be said yet
+    kinds = {w.kind for w in topo.workers}
+    for have, need in (("prefill", "decode"), ("decode", "prefill")):
+        if have in kinds and need not in kinds:
+            first = next(i for i, w in _workers(topo) if w.kind == have)
+            problems.append(Problem(("workers", first, "kind"),
+                                    f"a disaggregated deployment needs both sides: there is a {have} worker but no "
+                                    f"{need} worker; add one (kind: {need})"))
+    return problems
+
+
 def rule_kv_router(topo: Topology) -> list[Problem]:
     problems: list[Problem] = []
     kv_workers = [(i, w) for i, w in _workers(topo) if w.kind == "kv_worker"]
@@ -253,12 +284,11 @@ def rule_kv_router(topo: Topology) -> list[Problem]:
                                 "kv_worker processes are served through a router: add one under routers:"))
     block_sizes: dict[int, str] = {}
     for i, w in kv_workers:
-        flags = engine_flags(topo, w)
-        if flags.get("enable-prefix-caching") is False:
+        if _engine_value(topo, w, "enable_prefix_caching") is False:
             problems.append(Problem(("workers", i, "engine"),
                                     "workers behind a KV router need prefix caching on: remove "
                                     "enable-prefix-caching: false"))
-        bs = int(flags.get("block-size", 16))
+        bs = block_size(topo, w) or 16
         if block_sizes and bs not in block_sizes:
             other_bs, other = next(iter(block_sizes.items()))
             problems.append(Problem(("workers", i, "engine"),
@@ -278,7 +308,7 @@ def is_loopback(address: str) -> bool:
 
 
 def deployment_hosts(topo: Topology) -> set[str]:
-    return {p.host for p in [*topo.workers, *topo.routers] if p.host is not None}
+    return {p.host for _, procs in topo.sections() for p in procs if p.host is not None}
 
 
 def rule_multinode(topo: Topology) -> list[Problem]:
@@ -291,7 +321,7 @@ def rule_multinode(topo: Topology) -> list[Problem]:
     if not hosts:
         return []
     problems: list[Problem] = []
-    for section, procs in (("workers", topo.workers), ("routers", topo.routers)):
+    for section, procs in topo.sections():
         for i, p in enumerate(procs):
             if p.host is None:
                 problems.append(Problem((section, i, "name"), f"'{p.name}' names no host while others do "
@@ -318,9 +348,34 @@ def rule_multinode(topo: Topology) -> list[Problem]:
     return problems
 
 
+def rule_ports(topo: Topology) -> list[Problem]:
+    """A port is listened on by one process per host: a frontend's HTTP port, each worker's metrics port."""
+    from launcher.plan import listening_ports  # the plan assigns the default ports; one place decides them
+
+    problems: list[Problem] = []
+    owner: dict[tuple[str | None, int], str] = {}
+    for path, host, name, port in listening_ports(topo):
+        other = owner.get((host, port))
+        if other is not None:
+            problems.append(Problem(path, f"port {port} is already '{other}''s: give '{name}' another port"))
+        owner[(host, port)] = name
+    return problems
+
+
+def rule_frontends(topo: Topology) -> list[Problem]:
+    from workers.kinds import entry_component
+
+    if topo.frontends and entry_component({w.kind for w in topo.workers} | {r.kind for r in topo.routers}) is None:
+        return [Problem(("frontends",), "a frontend needs something to call: a monolith, decode or router process")]
+    return []
+
+
 RULES: list[Callable[[Topology], list[Problem]]] = [
+    rule_ports,
+    rule_frontends,
     rule_unique_names,
     rule_devices,
+    rule_roles,
     rule_disaggregation,
     rule_kv_router,
     rule_multinode,

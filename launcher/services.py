@@ -1,7 +1,8 @@
-"""etcd and NATS: use what answers, or start local servers in the run directory.
+"""etcd and NATS: use what answers, or start local servers (in a directory shared by deployments).
 
-Only servers the launcher started are recorded (services.json) and stopped by `down`; a shared
-etcd someone else runs is never touched.
+Only servers the launcher started are managed: each deployment records the ones it uses (started
+or adopted from another deployment) in its services.json and as a user in launcher.service_users;
+`down` stops one only when no live deployment uses it. An etcd someone else runs is never touched.
 """
 
 from __future__ import annotations
@@ -133,29 +134,74 @@ def start_nats(endpoint: str, run_dir: Path) -> ManagedService:
     return ManagedService("nats-server", proc.pid, proctree.create_time(proc.pid), endpoint, str(log))
 
 
-def ensure_services(etcd: list[str], nats: str, managed: str, run_dir: Path,
+def ensure_services(etcd: list[str], nats: str, managed: str, user: Path,
                     say: object = print) -> list[ManagedService]:
-    """Probe each endpoint; start a local server for each that does not answer (unless managed: never)."""
+    """Probe each endpoint; start a local server for each that does not answer (unless managed: never).
+
+    Returns the managed servers this deployment (`user`, its run directory) now uses: the ones
+    started here, and the ones another deployment started that answer (adopted), each recorded in
+    launcher.service_users. If a start fails, the servers started here are stopped before raising.
+    """
+    from launcher import service_users
+
+    used: list[ManagedService] = []
     started: list[ManagedService] = []
-    checks = [("etcd", etcd[0] if etcd else "", etcd_healthy, start_etcd, len(etcd) == 1),
-              ("NATS", nats, nats_healthy, start_nats, True)]
-    for label, endpoint, probe, start, single in checks:
-        answering = any(probe(e) for e in (etcd if label == "etcd" else [nats]))
-        if answering and managed != "always":
-            say(f"{label}: using {endpoint}")  # type: ignore[operator]
+    checks = [("etcd", etcd[0] if etcd else "", etcd_healthy, start_etcd, len(etcd) == 1, "etcd"),
+              ("NATS", nats, nats_healthy, start_nats, True, "nats-server")]
+    try:
+        for label, endpoint, probe, start, single, kind in checks:
+            answering = any(probe(e) for e in (etcd if label == "etcd" else [nats]))
+            if answering and managed != "always":
+                shared = service_users.adopt(kind, endpoint, user) if single else None
+                if shared is not None:
+                    used.append(shared)
+                    say(f"{label}: using {endpoint} (managed by the launcher, shared)")  # type: ignore[operator]
+                else:
+                    say(f"{label}: using {endpoint}")  # type: ignore[operator]
+                continue
+            if answering and managed == "always":
+                raise ServiceError(f"{label}: services.managed is 'always' but something already answers on "
+                                   f"{endpoint}; stop it or use managed: auto")
+            if managed == "never":
+                raise ServiceError(f"{label}: nothing answers on {endpoint} and services.managed is 'never': "
+                                   "start it, or fix the endpoint (ETCD_ENDPOINTS / NATS_SERVER override the file)")
+            if not single or not is_local(endpoint):
+                raise ServiceError(f"{label}: nothing answers on {endpoint}, a remote endpoint the launcher cannot "
+                                   "start: start that server, or fix the endpoint (ETCD_ENDPOINTS / NATS_SERVER)")
+            say(f"{label}: nothing on {endpoint}, starting a local server")  # type: ignore[operator]
+            svc = start(endpoint, service_users.service_dir(kind, endpoint))
+            started.append(svc)
+            service_users.record_started(kind, svc, user)
+            used.append(svc)
+    except BaseException:
+        for svc in started:  # a partial start leaves nothing behind, recorded or not
+            say(f"{svc.name}: stopping the server this failed start began (pid {svc.pid})")  # type: ignore[operator]
+            release_services([svc], user, say=lambda m: None)
+        for svc in used:
+            if svc not in started:
+                release_services([svc], user, say=lambda m: None)
+        raise
+    return used
+
+
+def release_services(used: list[ManagedService], user: Path, grace: float = 10.0,
+                     say: object = print) -> list[str]:
+    """`user` gives up each managed server; one is stopped only when no live deployment uses it.
+    Returns the names of the servers stopped; says what happened to each either way."""
+    from launcher import service_users
+
+    stopped = []
+    for svc in reversed(used):
+        others = service_users.release(svc.name, svc, user)
+        if others:
+            names = ", ".join(Path(o).name for o in others)
+            say(f"{svc.name} on {svc.endpoint} left running: still used by {names}")  # type: ignore[operator]
             continue
-        if answering and managed == "always":
-            raise ServiceError(f"{label}: services.managed is 'always' but something already answers on "
-                               f"{endpoint}; stop it or use managed: auto")
-        if managed == "never":
-            raise ServiceError(f"{label}: nothing answers on {endpoint} and services.managed is 'never': "
-                               "start it, or fix the endpoint (ETCD_ENDPOINTS / NATS_SERVER override the file)")
-        if not single or not is_local(endpoint):
-            raise ServiceError(f"{label}: nothing answers on {endpoint}, a remote endpoint the launcher cannot "
-                               "start: start that server, or fix the endpoint (ETCD_ENDPOINTS / NATS_SERVER)")
-        say(f"{label}: nothing on {endpoint}, starting a local server")  # type: ignore[operator]
-        started.append(start(endpoint, run_dir))
-    return started
+        if proctree.is_same_process(svc.pid, svc.create_time):
+            proctree.stop_tree(svc.pid, grace=grace)
+            stopped.append(svc.name)
+            say(f"{svc.name} on {svc.endpoint} stopped: no other deployment uses it")  # type: ignore[operator]
+    return stopped
 
 
 def stop_services(services: list[ManagedService], grace: float = 10.0) -> None:

@@ -17,10 +17,13 @@ from rich.table import Table
 
 from launcher import proctree
 from launcher.gpus import gpu_memory_by_pid
+from launcher.redact import redact_obj
+from launcher.scrape import load_text, metrics_url, scrape_all
 from launcher.state import RunDir
 
 STATE_STYLE = {"ready": "green", "starting": "yellow", "backoff": "yellow", "pending": "dim",
-               "failed": "bold red", "exited": "red", "stopped": "dim", "stopping": "yellow"}
+               "failed": "bold red", "exited": "red", "stopped": "dim", "stopping": "yellow",
+               "unknown": "yellow"}
 
 
 async def _registrations(etcd: list[str], namespace: str, timeout: float = 2.0) -> list[Any] | None:
@@ -83,7 +86,13 @@ def collect(run_dir: RunDir, sample: float = 0.2) -> dict[str, Any]:
         pid = ps.get("pid")
         alive = bool(pid) and proctree.is_same_process(pid, ps.get("create_time"))
         live_pids[spec["name"]] = pid if alive else None
-    usage = _usage(live_pids, sample)
+    urls = {spec["name"]: url for spec in plan.get("processes", [])
+            if live_pids.get(spec["name"]) and (url := metrics_url(spec))}
+    t0 = time.monotonic()
+    before = scrape_all(urls)
+    usage = _usage(live_pids, sample)  # the CPU sample doubles as the window of the request rates
+    after = scrape_all(urls)
+    window = time.monotonic() - t0
     gpu_mem = _gpu_memory(plan, live_pids)
     now = time.time()
     rows = []
@@ -96,6 +105,8 @@ def collect(run_dir: RunDir, sample: float = 0.2) -> dict[str, Any]:
         state_name = ps.get("state", "pending")
         if supervisor is None and state_name in ("starting", "ready", "backoff"):
             state_name = "orphaned" if alive_pid else "stopped"
+        elif regs is None and state_name == "ready":
+            state_name = "unknown"  # etcd cannot be read: nobody can tell whether routers still see it
         rows.append({
             "name": name, "kind": spec["kind"], "host": spec.get("host"), "devices": spec["devices"],
             "pid": alive_pid, "state": state_name,
@@ -104,6 +115,8 @@ def collect(run_dir: RunDir, sample: float = 0.2) -> dict[str, Any]:
             "restarts": ps.get("restarts", 0),
             "uptime_s": round(now - ps["started_at"], 1) if alive_pid and ps.get("started_at") else None,
             "cpu_percent": round(cpu, 1), "rss_bytes": rss, "gpu_mem_mib": gpu_mem.get(name),
+            "url": spec.get("url"),
+            "load": load_text(spec["kind"], before.get(name), after.get(name), window) if name in urls else "-",
             "exit_code": ps.get("exit_code"), "message": ps.get("message", ""),
             "log": str(run_dir.log_path(name)), "log_tail": ps.get("log_tail", []) if state_name == "failed" else [],
             "local": True,
@@ -138,7 +151,7 @@ def _remote_rows(plan: dict[str, Any], regs: list[Any] | None, by_process: dict[
             "pid": first.pid if first else None, "state": "remote",
             "registered": None if regs is None else bool(regs_here),
             "leases": [f"{r.lease_id:x}" for r in regs_here], "restarts": None, "uptime_s": None,
-            "cpu_percent": None, "rss_bytes": None, "gpu_mem_mib": None, "exit_code": None,
+            "cpu_percent": None, "rss_bytes": None, "gpu_mem_mib": None, "exit_code": None, "url": None, "load": "-",
             "message": "" if regs_here else "not registered in etcd (not started, or down, on its host)",
             "log": None, "log_tail": [], "local": False,
         })
@@ -162,7 +175,7 @@ def render(info: dict[str, Any]) -> Table:
     show_gpu = any(r["devices"].startswith("gpu") for r in info["processes"])
     show_host = any(r.get("host") for r in info["processes"])
     columns = ["process", "role", *(["host"] if show_host else []), "devices", "pid", "state", "registered",
-               "restarts", "uptime", "cpu %", "mem"]
+               "restarts", "uptime", "cpu %", "mem", "load"]
     for col in [*columns, *(["gpu mem"] if show_gpu else [])]:
         table.add_column(col, justify="right" if col in ("pid", "restarts", "cpu %", "mem", "gpu mem") else "left")
     for r in info["processes"]:
@@ -172,16 +185,19 @@ def render(info: dict[str, Any]) -> Table:
         table.add_row(r["name"], r["kind"], *([r.get("host") or "-"] if show_host else []), r["devices"],
                       str(r["pid"] or "-"), state, reg, "-" if r["restarts"] is None else str(r["restarts"]),
                       _fmt_uptime(r["uptime_s"]), "-" if r["cpu_percent"] is None else f"{r['cpu_percent']:.0f}",
-                      f"{r['rss_bytes'] / 2**20:.0f} MiB" if r["rss_bytes"] else "-",
+                      f"{r['rss_bytes'] / 2**20:.0f} MiB" if r["rss_bytes"] else "-", r.get("load", "-"),
                       *([f"{r['gpu_mem_mib']} MiB" if r["gpu_mem_mib"] else "-"] if show_gpu else []))
     return table
 
 
 def print_status(info: dict[str, Any], console: Console) -> None:
+    info = redact_obj(info)  # endpoints with credentials, secrets in messages and log tails
     console.print(render(info))
     if not info["etcd_reachable"]:
         console.print(f"[yellow]etcd at {','.join(info['etcd'] or [])} did not answer: registration unknown[/]")
     for r in info["processes"]:
+        if r.get("url"):
+            console.print(f"[bold]{r['name']}[/]: OpenAI API at {r['url']}/v1", highlight=False)
         if r["message"] and r["state"] not in ("ready",):
             console.print(f"[bold]{r['name']}[/]: {r['message']}")
         if r["log_tail"]:

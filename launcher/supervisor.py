@@ -4,6 +4,11 @@ The decision logic (`Supervisor.step`) takes the time, the backend and the live 
 inputs and does no I/O of its own, so tests drive it with a fake clock and a fake backend and no
 sleeping. `run` is the thin loop around it that talks to etcd and writes state.json.
 
+The loop never blocks: `step` (which may wait for a process tree to die, or call tmux) and every
+other blocking call run on one worker thread, in order, while the event loop only awaits them; etcd
+calls have timeouts. So SIGTERM is seen at once (state.json says `stopping` within a tick), and an
+etcd that does not answer leaves readiness as it was instead of stalling supervision.
+
     python -m launcher.supervisor RUN_DIR      # what `launcher up` leaves running in the background
 """
 
@@ -17,6 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +32,14 @@ import psutil
 from launcher import proctree
 from launcher.backends.base import Backend
 from launcher.plan import ProcessSpec
+from launcher.redact import install_log_filter
 from launcher.state import RunDir, read_json, write_json
 
 log = logging.getLogger("launcher.supervisor")
 
 TICK = 0.25
 STOP_GRACE = 10.0
+ETCD_TIMEOUT = 2.0  # one list or revoke; the next tick tries again
 
 PENDING, STARTING, READY, BACKOFF, EXITED, FAILED, STOPPING, STOPPED = (
     "pending", "starting", "ready", "backoff", "exited", "failed", "stopping", "stopped")
@@ -88,9 +96,10 @@ class Supervisor:
         self.procs = {s.name: ProcState(s.name) for s in specs}
 
     # --- decisions -------------------------------------------------------------------------
-    def step(self, registered: dict[str, list[int]]) -> list[int]:
+    def step(self, registered: dict[str, list[int]] | None) -> list[int]:
         """One pass over every process. `registered`: process name -> lease ids of its live keys
-        (already filtered to the current pid). Returns leases to revoke (of processes that died)."""
+        (already filtered to the current pid), or None when etcd could not be read (readiness and
+        known leases stay as they were). Returns leases to revoke (of processes that died)."""
         now = self.clock()
         revoke: list[int] = []
         for name in self.order:
@@ -101,6 +110,8 @@ class Supervisor:
                 code = self.backend.poll(name) if p.pid is not None else None
                 if code is not None:
                     revoke += self._on_exit(spec, p, code, now)
+                elif registered is None:
+                    continue  # etcd unknown: neither ready nor timed out on its account
                 elif name in registered:
                     p.lease_ids = list(registered[name])
                     if p.state == STARTING:
@@ -235,34 +246,64 @@ async def run(run_dir: RunDir, stop: asyncio.Event | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     write_json(run_dir.supervisor_pid_file, {"pid": os.getpid(), "create_time": proctree.create_time(os.getpid())})
+    # One thread, so steps never overlap each other or stop_all; the loop itself only awaits.
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="supervisor")
+
+    def off_loop(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        return loop.run_in_executor(worker, fn, *args)
+
+    def write_state(**extra: Any) -> None:
+        write_json(run_dir.state_file, {"supervisor_pid": os.getpid(), "updated": time.time(),
+                                        "processes": sup.snapshot(), **extra})
+
+    async def revoke(leases: list[int]) -> None:
+        for lease in leases:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(registry.revoke(lease), ETCD_TIMEOUT)
+
     last_tree_scan = 0.0
+    in_flight: asyncio.Future[Any] | None = None
+    stopped = asyncio.ensure_future(stop.wait())
     try:
         while not stop.is_set():
             try:
-                regs = await registry.list(namespace)
+                regs: list[Any] | None = await asyncio.wait_for(registry.list(namespace), ETCD_TIMEOUT)
             except Exception as exc:  # etcd blip: keep supervising processes, readiness waits
-                log.warning("etcd list failed: %s", exc)
-                regs = []
-            for lease in sup.step(registered_by_process(regs, sup.procs)):
-                await registry.revoke(lease)
+                log.warning("etcd list failed: %s", exc or type(exc).__name__)
+                regs = None
+            registered = None if regs is None else registered_by_process(regs, sup.procs)
+            in_flight = off_loop(sup.step, registered)
+            await asyncio.wait({in_flight, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not in_flight.done():
+                break  # stop asked while the step works: its leases are revoked below, after it
+            leases, in_flight = in_flight.result(), None
+            await revoke(leases)
             if time.monotonic() - last_tree_scan > 2.0:
-                sup.remember_trees()
+                await off_loop(sup.remember_trees)
                 last_tree_scan = time.monotonic()
-            write_json(run_dir.state_file, {"supervisor_pid": os.getpid(), "updated": time.time(),
-                                            "processes": sup.snapshot()})
+            await off_loop(write_state)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), TICK)
+                await asyncio.wait_for(asyncio.shield(stopped), TICK)
     finally:
         log.info("stopping every process")
+        with contextlib.suppress(RuntimeError):  # a step thread may be mid-change: the next write is whole
+            write_state(stopping=True)  # at once: `status` and `down` see the stop begin
+        stopped.cancel()
         # `launcher down --grace S` leaves its grace period here before signalling us.
         grace = float((read_json(run_dir.path / "stop.json", {}) or {}).get("grace", STOP_GRACE))
-        revoke = await asyncio.to_thread(sup.stop_all, grace)
-        for lease in revoke:
-            await registry.revoke(lease)
+        leases = []
+        if in_flight is not None:
+            with contextlib.suppress(Exception):
+                leases += await in_flight
+        leases += await off_loop(sup.stop_all, grace)
+        await revoke(leases)
         write_json(run_dir.state_file, {"supervisor_pid": None, "updated": time.time(),
                                         "processes": sup.snapshot()})
-        backend.close()
-        await registry.close()
+        with contextlib.suppress(Exception):
+            await off_loop(backend.close)
+        worker.shutdown(wait=False)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(registry.close(), ETCD_TIMEOUT)
         with contextlib.suppress(OSError):
             run_dir.supervisor_pid_file.unlink()
     return 0
@@ -270,6 +311,7 @@ async def run(run_dir: RunDir, stop: asyncio.Event | None = None) -> int:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_filter()  # supervisor.log: no credential from an exception or a URL
     sys.exit(asyncio.run(run(RunDir(Path(sys.argv[1])))))
 
 

@@ -1,7 +1,10 @@
 """Pydantic models of the topology YAML, and loading with errors that name file:line:field.
 
 Unknown keys are errors (extra="forbid"): a misspelt `tensor_parallel_size` silently ignored
-would cost a user minutes of model loading before they notice.
+would cost a user minutes of model loading before they notice. Types are strict: YAML already
+types its scalars, so `kv_port: true` or `replicas: "2"` is a mistake, not something to coerce.
+Values the launcher itself reads (parallel sizes, block size, cpus, URLs, addresses) are parsed
+and bounded here, so the rules and the plan only ever see validated, typed values.
 """
 
 from __future__ import annotations
@@ -10,16 +13,52 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 
+from launcher import addresses
+from launcher.redact import redact_text
 from launcher.yamlpos import LoadedYaml, YamlLoadError, load_yaml
 from workers.runtime.settings import DEFAULT_ETCD, DEFAULT_NATS
 
-EngineFlags = dict[str, Any]
-
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _flag(name: str) -> Any:
+    """A vLLM flag the launcher reads itself, accepted in either spelling (dashes or underscores)."""
+    return AliasChoices(name, name.replace("-", "_"))
+
+
+class Engine(BaseModel):
+    """vLLM engine flags, by vLLM's own names. Any flag is allowed here (launcher.engine_flags checks
+    them against the installed vLLM's parser); the few the launcher reads itself are typed."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    tensor_parallel_size: StrictInt = Field(1, ge=1, le=4096, validation_alias=_flag("tensor-parallel-size"))
+    pipeline_parallel_size: StrictInt = Field(1, ge=1, le=4096, validation_alias=_flag("pipeline-parallel-size"))
+    block_size: StrictInt | None = Field(None, ge=1, le=1 << 20, validation_alias=_flag("block-size"))
+    enable_prefix_caching: StrictBool | None = Field(None, validation_alias=_flag("enable-prefix-caching"))
+
+    def flags(self) -> dict[str, Any]:
+        """The flags as written (dashed), typed ones first: what becomes the worker's argv."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            if name in self.model_fields_set:
+                out[name.replace("_", "-")] = getattr(self, name)
+        for key, value in (self.model_extra or {}).items():
+            out.setdefault(str(key).replace("_", "-"), value)
+        return out
 
 
 class Services(Strict):
@@ -29,12 +68,24 @@ class Services(Strict):
         "auto", description="auto: start local etcd/nats-server when nothing answers"
     )
 
+    @field_validator("etcd")
+    @classmethod
+    def _etcd(cls, value: str) -> str:
+        addresses.check_urls(value, addresses.ETCD_SCHEMES, "etcd")
+        return value
+
+    @field_validator("nats")
+    @classmethod
+    def _nats(cls, value: str) -> str:
+        addresses.check_urls(value, addresses.NATS_SCHEMES, "NATS")
+        return value
+
 
 class Restart(Strict):
     policy: Literal["never", "on-failure", "always"] = "on-failure"
-    max_restarts: int = Field(3, ge=0)
-    backoff: float = Field(1.0, gt=0, description="first delay in seconds; doubles after each restart")
-    backoff_max: float = Field(30.0, gt=0)
+    max_restarts: int = Field(3, ge=0, le=1_000_000)
+    backoff: float = Field(1.0, gt=0, le=1e6, description="first delay in seconds; doubles after each restart")
+    backoff_max: float = Field(30.0, gt=0, le=1e6)
 
 
 class KvTransfer(Strict):
@@ -42,12 +93,19 @@ class KvTransfer(Strict):
 
     kv_connector: str
     kv_role: Literal["kv_producer", "kv_consumer", "kv_both"]
-    kv_rank: int | None = Field(None, ge=0)
-    kv_parallel_size: int | None = Field(None, ge=1)
+    kv_rank: int | None = Field(None, ge=0, le=1 << 16)
+    kv_parallel_size: int | None = Field(None, ge=1, le=1 << 16)
     kv_ip: str | None = None
     kv_port: int | None = Field(None, ge=1, le=65535)
     kv_buffer_device: str | None = None
     kv_connector_extra_config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kv_ip")
+    @classmethod
+    def _kv_ip(cls, value: str | None) -> str | None:
+        if value is not None:
+            addresses.check_host(value)
+        return value
 
     def to_vllm_json(self) -> str:
         return json.dumps(self.model_dump(exclude_none=True))
@@ -58,26 +116,46 @@ class ProcessCommon(Strict):
     host: str | None = Field(None, description="multi-node: only `launcher up --host NAME` starts it")
     env: dict[str, str] = Field(default_factory=dict)
     restart: Restart = Field(default_factory=lambda: Restart())
-    ready_timeout: float = Field(600.0, gt=0, description="seconds to register in etcd before failing")
+    ready_timeout: float = Field(600.0, gt=0, le=1e7, description="seconds to register in etcd before failing")
     args: list[str] = Field(default_factory=list, description="extra argv appended verbatim")
 
 
 class Worker(ProcessCommon):
     kind: Literal["monolith", "prefill", "decode", "kv_worker"] = "monolith"
+    metrics_port: int | None = Field(None, ge=1, le=65535, description=(
+        "Prometheus port of this worker's vLLM metrics (default: the topology's metrics_port_base + its "
+        "position among the engine processes of its host)"))
     model: str | None = None
-    gpus: list[int] | None = None
+    gpus: list[int] | None = Field(None, max_length=addresses.MAX_DEVICES)
     cpus: str | None = Field(None, description="VLLM_CPU_OMP_THREADS_BIND, e.g. '0-3' or '0|1' for TP 2")
-    engine: EngineFlags = Field(default_factory=dict)
+    engine: Engine = Field(default_factory=lambda: Engine())
     kv_transfer: KvTransfer | None = None
-    replicas: int = Field(1, ge=1)
-    gpus_per_replica: int | None = Field(None, ge=1)
+    replicas: int = Field(1, ge=1, le=addresses.MAX_DEVICES)
+    gpus_per_replica: int | None = Field(None, ge=1, le=addresses.MAX_DEVICES)
 
     @field_validator("gpus")
     @classmethod
     def _non_negative(cls, gpus: list[int] | None) -> list[int] | None:
-        if gpus is not None and any(g < 0 for g in gpus):
-            raise ValueError("GPU indices are >= 0")
+        if gpus is not None and any(g < 0 or g >= addresses.MAX_DEVICES for g in gpus):
+            raise ValueError(f"GPU indices are 0 to {addresses.MAX_DEVICES - 1}")
         return gpus
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus(cls, cpus: str | None) -> str | None:
+        if cpus is not None:
+            addresses.parse_cpu_sets(cpus)
+        return cpus
+
+    @property
+    def cpu_sets(self) -> list[frozenset[int]]:
+        """One core set per TP rank ('0-1|2-3' -> [{0, 1}, {2, 3}]); [] without cpus."""
+        return addresses.parse_cpu_sets(self.cpus) if self.cpus is not None else []
+
+    @property
+    def kind_given(self) -> bool:
+        """Whether the file says `kind:` (the default, monolith, is a guess the rules may refuse)."""
+        return "kind" in self.model_fields_set
 
 
 class Router(ProcessCommon):
@@ -86,20 +164,42 @@ class Router(ProcessCommon):
     model: str | None = None
 
 
+class Frontend(ProcessCommon):
+    """The OpenAI-compatible HTTP front door: `/v1/chat/completions`, `/v1/completions`, `/v1/models`."""
+
+    kind: Literal["frontend"] = "frontend"
+    listen: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
+    port: int = Field(8000, ge=1, le=65535)
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description=(
+        "name of an environment variable holding the API key every /v1 route then requires "
+        "(as `vllm serve --api-key`); the key itself is never written in the topology"))
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    request_timeout: float = Field(10.0, gt=0, description=(
+        "seconds a worker may stay silent before the request fails with 504"))
+    retries: int = Field(2, ge=0, description="tries on another instance when one fails before its first token")
+
+
 class Topology(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     namespace: str | None = None
     services: Services = Field(default_factory=lambda: Services())
     backend: Literal["subprocess", "tmux"] = "subprocess"
     model: str
-    engine: EngineFlags = Field(default_factory=dict, description="vLLM flags for every worker")
+    engine: Engine = Field(default_factory=lambda: Engine(), description="vLLM flags for every worker")
     env: dict[str, str] = Field(default_factory=dict)
     workers: list[Worker] = Field(min_length=1)
     routers: list[Router] = Field(default_factory=list)
+    frontends: list[Frontend] = Field(default_factory=list)
+    metrics_port_base: int = Field(9400, ge=1024, le=65000, description=(
+        "first Prometheus port given to engine workers that name none (one port per worker and replica)"))
 
     @property
     def effective_namespace(self) -> str:
         return self.namespace or self.name
+
+    def sections(self) -> list[tuple[str, list[Worker] | list[Router] | list[Frontend]]]:
+        """Every process list with its YAML key, for rules that look at all processes alike."""
+        return [("workers", self.workers), ("routers", self.routers), ("frontends", self.frontends)]
 
 
 class TopologyError(Exception):
@@ -108,6 +208,9 @@ class TopologyError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "literal_error")
 
 
 def _loc_text(loc: tuple[str | int, ...]) -> str:
@@ -133,7 +236,14 @@ def parse_topology(loaded: LoadedYaml) -> Topology:
         problems = []
         for err in exc.errors():
             loc = tuple(err["loc"])
-            msg = err["msg"]
+            msg = err["msg"].removeprefix("Value error, ")
+            value = err.get("input")
+            bad_value = err["type"].endswith(("_type", "_parsing")) or err["type"] in _BOUND_ERRORS
+            if bad_value and (isinstance(value, (bool, int, float, str)) or value is None):
+                msg += f", not {redact_text(repr(value))[:80]}"
+            if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+                msg = "should be a mapping (key: value lines)" + (f", not {value!r}"[:80] if value is None or
+                                                                   isinstance(value, (bool, int, float)) else "")
             if err["type"] == "extra_forbidden":
                 msg = f"unknown key '{loc[-1]}' (check its spelling and indentation)"
             elif err["type"] == "missing":
@@ -142,9 +252,12 @@ def parse_topology(loaded: LoadedYaml) -> Topology:
         raise TopologyError(problems) from None
     base = loaded.file.parent
     topo.model = _resolve_model_path(topo.model, base)
-    for proc in [*topo.workers, *topo.routers]:
-        if isinstance(proc, (Worker, Router)) and proc.model:
-            proc.model = _resolve_model_path(proc.model, base)
+    for w in topo.workers:
+        if w.model:
+            w.model = _resolve_model_path(w.model, base)
+    for r in topo.routers:
+        if r.model:
+            r.model = _resolve_model_path(r.model, base)
     return topo
 
 

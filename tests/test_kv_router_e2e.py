@@ -99,7 +99,7 @@ def _live_leases(d: Deployment, component: str = "backend") -> set[int]:
     async def run() -> set[int]:
         registry = await Registry.connect([d.services.etcd])
         try:
-            return {r.lease_id for r in await registry.list(d.namespace, component)}
+            return {r.instance for r in await registry.list(d.namespace, component)}  # = first lease
         finally:
             await registry.client.close()
 

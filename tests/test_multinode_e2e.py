@@ -104,7 +104,9 @@ def test_multinode_yaml_plans_each_hosts_share_with_nixl_side_channels(tmp_path:
     assert decode["env"]["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "10.0.0.2"
     assert decode["env"]["ETCD_ENDPOINTS"] == "http://10.0.0.1:2379"
     assert decode["env"]["LAUNCHER_HOST"] == "b"
-    (prefill,) = json.loads(_launcher(["plan", "topologies/multinode.yaml", "--host", "a", "--json"], env).stdout)
+    frontend, prefill = json.loads(_launcher(["plan", "topologies/multinode.yaml", "--host", "a", "--json"],
+                                             env).stdout)
+    assert (frontend["kind"], frontend["host"]) == ("frontend", "a")
     assert prefill["name"] == "prefill" and prefill["depends_on"] == [], "host a must not wait for host b"
 
 

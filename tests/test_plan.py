@@ -40,7 +40,9 @@ workers:
     env: {EXTRA: "1"}
 """)
     assert spec.argv[1:4] == ["-m", "workers.monolith.worker", "--model"]
-    assert spec.argv[4:] == ["org/model", "--max-model-len", "200", "--enforce-eager", "--tensor-parallel-size", "2"]
+    assert spec.argv[4:] == ["org/model", "--max-model-len", "200", "--enforce-eager", "--tensor-parallel-size", "2",
+                             "--metrics-port", "9400"]
+    assert spec.ports == {"metrics": 9400}
     assert spec.env["CUDA_VISIBLE_DEVICES"] == "2,3"
     assert spec.env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
     assert spec.env["LAUNCHER_NAMESPACE"] == "demo" and spec.env["LAUNCHER_PROCESS"] == "w"
@@ -119,3 +121,25 @@ def test_plan_cli_hides_secrets(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "hf_abc123" not in out.stdout and "HF_TOKEN=***" in out.stdout
     assert "workers.monolith.worker" in out.stdout
+
+
+def test_frontend_spec_gates_nothing_and_ports_are_assigned(tmp_path: Path) -> None:
+    specs = plan_of(tmp_path, """\
+name: fe
+model: org/model
+metrics_port_base: 9500
+workers:
+  - {name: a, kind: monolith, replicas: 2, gpus: [0, 1]}
+  - {name: b, kind: monolith, metrics_port: 9600, gpus: [2]}
+frontends:
+  - {name: web, port: 8080, listen: 0.0.0.0, api_key_env: MY_KEY}
+""")
+    by_name = {s.name: s for s in specs}
+    web = by_name["web"]
+    assert web.kind == "frontend" and web.url == "http://127.0.0.1:8080" and web.ports == {"http": 8080}
+    assert web.argv[1:3] == ["-m", "workers.frontend.server"]
+    assert web.argv[web.argv.index("--api-key-env") + 1] == "MY_KEY"  # the variable's name, never a key
+    assert [by_name[n].ports["metrics"] for n in ("a-1", "a-2", "b")] == [9500, 9501, 9600]
+    # The frontend starts first (so /health answers while workers load) but no worker waits for it.
+    assert specs[0].name == "web" and not web.depends_on
+    assert all("web" not in s.depends_on for s in specs)

@@ -11,7 +11,7 @@ import pytest
 
 from workers.common.protocol import GenerateRequest
 from workers.runtime import requestplane
-from workers.runtime.annotated import Annotated
+from workers.runtime.annotated import Annotated, ErrorCode, StreamError, retryable
 from workers.runtime.registry import Registration, Registry, components_prefix
 
 
@@ -23,6 +23,18 @@ def test_annotated_roundtrip() -> None:
     a = Annotated(data={"text": "x", "token_ids": [1, 2]}, event=None, comment=["c"], id="7")
     assert Annotated.decode(a.encode()) == a
     assert Annotated.error("boom").is_error()
+    err = Annotated.error("gone", code=ErrorCode.SILENT)
+    assert Annotated.decode(err.encode()) == err and Annotated.decode(err.encode()).code == ErrorCode.SILENT
+    assert repr(err) == "Annotated(data=None, event='error', comment=['gone'], id=None)"
+
+
+def test_retry_only_before_the_first_token_and_only_for_a_lost_worker() -> None:
+    lost = {ErrorCode.NO_RESPONDERS, ErrorCode.NO_ANSWER, ErrorCode.SILENT, ErrorCode.SHUTTING_DOWN}
+    for code in ErrorCode:
+        assert retryable(code, tokens_sent=False) == (code in lost), code
+        assert not retryable(code, tokens_sent=True), code
+    assert not retryable(None, tokens_sent=False)
+    assert not retryable("some-future-code", tokens_sent=False)
 
 
 def test_generate_request_needs_exactly_one_input() -> None:
@@ -77,6 +89,27 @@ def test_handler_exception_becomes_error_event(services) -> None:  # type: ignor
     items = asyncio.run(run())
     assert items[0].data == {"ok": 1}
     assert items[-1].is_error() and "model exploded" in items[-1].comment[0]
+    assert items[-1].code == ErrorCode.WORKER_ERROR
+
+
+def test_handler_passes_on_a_typed_error(services) -> None:  # type: ignore[no-untyped-def]
+    """A router relays its worker's failure with the worker's code, so its own caller decides alike."""
+    async def handler(req: dict[str, Any]) -> AsyncIterator[Any]:
+        raise StreamError("worker w1: no worker serves x", code=ErrorCode.NO_RESPONDERS)
+        yield {}
+
+    async def run() -> list[Annotated]:
+        nc_w, server = await _serve(services.nats, "t2b.c.generate", handler)
+        nc = await requestplane.connect(services.nats, "c")
+        try:
+            return [a async for a in requestplane.stream(nc, "t2b.c.generate", {}, idle_timeout=2)]
+        finally:
+            await server.stop()
+            await nc.close()
+            await nc_w.close()
+
+    (item,) = asyncio.run(run())
+    assert item.is_error() and item.code == ErrorCode.NO_RESPONDERS and "w1" in item.comment[0]
 
 
 def test_nobody_serving_is_an_error_not_a_hang(services) -> None:  # type: ignore[no-untyped-def]
@@ -89,6 +122,77 @@ def test_nobody_serving_is_an_error_not_a_hang(services) -> None:  # type: ignor
 
     (item,) = asyncio.run(run())
     assert item.is_error() and "no worker serves t3.nobody.generate" in item.comment[0]
+    assert item.code == ErrorCode.NO_RESPONDERS
+
+
+def test_a_subscriber_that_never_acks_is_no_answer(services) -> None:  # type: ignore[no-untyped-def]
+    """Something holds the subject but never answers (a wedged process): NO_ANSWER after the idle timeout."""
+    async def ignore(msg: Any) -> None:
+        return None
+
+    async def run() -> list[Annotated]:
+        nc_w = await requestplane.connect(services.nats, "mute")
+        await nc_w.subscribe("t3b.c.generate", cb=ignore)
+        nc = await requestplane.connect(services.nats, "c")
+        try:
+            return [a async for a in requestplane.stream(nc, "t3b.c.generate", {}, idle_timeout=1)]
+        finally:
+            await nc.close()
+            await nc_w.close()
+
+    (item,) = asyncio.run(run())
+    assert item.is_error() and item.code == ErrorCode.NO_ANSWER and "no worker answered" in item.comment[0]
+
+
+def test_invalid_request_is_bad_request(services) -> None:  # type: ignore[no-untyped-def]
+    async def handler(req: dict[str, Any]) -> AsyncIterator[Any]:
+        GenerateRequest.model_validate(req)
+        yield {"never": True}
+
+    async def run() -> list[Annotated]:
+        nc_w, server = await _serve(services.nats, "t3c.c.generate", handler)
+        nc = await requestplane.connect(services.nats, "c")
+        try:
+            return [a async for a in requestplane.stream(nc, "t3c.c.generate", {"prompt": "a", "token_ids": [1]},
+                                                         idle_timeout=2)]
+        finally:
+            await server.stop()
+            await nc.close()
+            await nc_w.close()
+
+    (item,) = asyncio.run(run())
+    assert item.is_error() and item.code == ErrorCode.BAD_REQUEST
+    assert not retryable(item.code, tokens_sent=False)
+
+
+def test_worker_stopping_mid_request_is_shutting_down(services) -> None:  # type: ignore[no-untyped-def]
+    started = asyncio.Event()
+
+    async def handler(req: dict[str, Any]) -> AsyncIterator[Any]:
+        started.set()
+        await asyncio.sleep(3600)
+        yield {"never": True}
+
+    async def run() -> list[Annotated]:
+        nc_w, server = await _serve(services.nats, "t3d.c.generate", handler)
+        nc = await requestplane.connect(services.nats, "c")
+        items: list[Annotated] = []
+
+        async def consume() -> None:
+            async for a in requestplane.stream(nc, "t3d.c.generate", {}, idle_timeout=2):
+                items.append(a)
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(started.wait(), 10)
+        await server.stop()
+        await asyncio.wait_for(task, 10)
+        await nc.close()
+        await nc_w.close()
+        return items
+
+    (item,) = asyncio.run(run())
+    assert item.is_error() and item.code == ErrorCode.SHUTTING_DOWN
+    assert retryable(item.code, tokens_sent=False)
 
 
 def test_worker_dying_mid_stream_gives_an_error(services) -> None:  # type: ignore[no-untyped-def]
@@ -124,6 +228,7 @@ def test_worker_dying_mid_stream_gives_an_error(services) -> None:  # type: igno
     items, waited = asyncio.run(run())
     assert items[0].data == {"first": True}
     assert items[-1].is_error() and "went silent" in items[-1].comment[0]
+    assert items[-1].code == ErrorCode.SILENT
     assert waited < 30
 
 
@@ -147,3 +252,55 @@ def test_registration_lives_under_a_lease(services) -> None:  # type: ignore[no-
     assert before[0].subject == "t5.c.generate"
     assert after == []
     assert components_prefix("ns", "c") == "ns/components/c/"
+
+
+@pytest.mark.parametrize("via", ["shared subject", "instance subject", "cancel before the request arrives"])
+def test_a_caller_that_leaves_cancels_the_workers_stream(services, via: str) -> None:  # type: ignore[no-untyped-def]
+    """The handler's generator is closed (where the engine request is aborted) once the caller stops
+    reading, whichever subject it called, and a request cancelled before it arrives never runs."""
+    subject = f"test.cancel{abs(hash(via))}.generate"
+    closed = asyncio.Event()
+    started: list[str] = []
+
+    async def handler(req: dict[str, Any]) -> AsyncIterator[Any]:
+        started.append(req["id"])
+        try:
+            for i in range(10_000):
+                yield {"i": i}
+                await asyncio.sleep(0.01)
+        finally:
+            closed.set()
+
+    async def run() -> None:
+        nc, server = await _serve(services.nats, subject, handler)
+        client = await requestplane.connect(services.nats, "test-client")
+        try:
+            if via == "cancel before the request arrives":
+                await client.publish(requestplane.cancel_subject(subject), b"_INBOX.gone.1")
+                await client.flush()
+                await asyncio.sleep(0.2)
+                await client.publish(subject, b'{"id": "late"}', reply="_INBOX.gone.1")
+                await client.flush()
+                await asyncio.sleep(0.5)
+                assert started == [] and server.in_flight == 0
+                return
+            target = subject if via == "shared subject" else subject + ".1"
+            got = 0
+            gen = requestplane.stream(client, target, {"id": via}, idle_timeout=5)
+            async for item in gen:
+                assert not item.is_error(), item
+                got += 1
+                if got == 3:
+                    break
+            await gen.aclose()
+            await asyncio.wait_for(closed.wait(), 5)
+            deadline = time.monotonic() + 5
+            while server.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert server.in_flight == 0
+        finally:
+            await server.stop()
+            await nc.close()
+            await client.close()
+
+    asyncio.run(run())

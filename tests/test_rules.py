@@ -77,3 +77,27 @@ def test_parse_cpu_set() -> None:
     assert rules.parse_cpu_set("0-3") == {0, 1, 2, 3}
     assert rules.parse_cpu_set("0|1") == {0, 1}
     assert rules.parse_cpu_set("0,2-3") == {0, 2, 3}
+
+
+def test_port_clash_names_the_port(tmp_path: Path) -> None:
+    problems = check(tmp_path, """\
+name: clash
+model: m
+workers:
+  - {name: w, metrics_port: 8000}
+frontends:
+  - {name: web, port: 8000}
+""")
+    assert any("port 8000" in p and "frontends[0].port" in p for p in problems), problems
+
+
+def test_frontend_needs_something_to_call(tmp_path: Path) -> None:
+    problems = check(tmp_path, """\
+name: lonely
+model: m
+workers:
+  - {name: p, kind: prefill, kv_transfer: {kv_connector: ExampleConnector, kv_role: kv_producer}}
+frontends:
+  - {name: web}
+""")
+    assert any("frontend needs something to call" in p for p in problems), problems

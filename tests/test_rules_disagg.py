@@ -82,7 +82,7 @@ def test_seed_layout_is_the_seeds() -> None:
     assert (decode.kv_transfer.kv_role, decode.kv_transfer.kv_rank, decode.kv_transfer.kv_parallel_size) == (
         "kv_consumer", 1, 2)
     assert topo.model == "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
-    assert topo.engine == {"max-model-len": 100, "enforce-eager": True}
+    assert topo.engine.flags() == {"max-model-len": 100, "enforce-eager": True}
 
 
 def test_base_is_valid(tmp_path: Path) -> None:
@@ -228,7 +228,7 @@ def test_roles_match_kinds(tmp_path: Path) -> None:
 def test_plan_fills_in_the_shared_storage_folder(tmp_path: Path) -> None:
     """ExampleConnector with no shared_storage_path gets the deployment's own folder, the same for P and D."""
     topo, _ = load_topology(TOPOLOGIES / "cpu-disagg-2p1d.yaml")
-    specs = build_plan(topo, kv_dir=tmp_path / "kv")
+    specs = [s for s in build_plan(topo, kv_dir=tmp_path / "kv") if "--kv-transfer-config" in s.argv]
     configs = [yaml.safe_load(s.argv[s.argv.index("--kv-transfer-config") + 1]) for s in specs]
     assert [c["kv_connector_extra_config"]["shared_storage_path"] for c in configs] == [str(tmp_path / "kv")] * 3
     assert [c["kv_rank"] for c in configs] == [0, 1, 2]

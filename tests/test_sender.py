@@ -125,3 +125,12 @@ def test_many_streams_share_one_connection_without_cross_talk(services) -> None:
     for i, ids, text in asyncio.run(run()):
         assert ids == [i * 1000 + k for k in range(40)]
         assert text == "".join(f"{i}:{k} " for k in range(40))
+
+
+def test_merged_deltas_keep_one_logprob_per_token() -> None:
+    from workers.runtime.sender import merge_into
+
+    acc = {"text": "a", "token_ids": [1], "logprobs": [{"token": "a", "logprob": -0.1, "top": []}]}
+    assert merge_into(acc, {"text": "b", "token_ids": [2], "logprobs": [{"token": "b", "logprob": -0.2, "top": []}]})
+    assert acc["text"] == "ab" and acc["token_ids"] == [1, 2]
+    assert [e["token"] for e in acc["logprobs"]] == ["a", "b"]

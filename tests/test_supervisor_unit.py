@@ -282,3 +282,15 @@ def test_only_the_current_pid_registration_counts_as_ready(clock: Clock, tmp_pat
     assert fresh == {"w": [0x2]}
     sup.step(fresh)
     assert sup.procs["w"].state == READY
+
+
+def test_unreadable_etcd_changes_neither_readiness_nor_known_leases(clock: Clock, tmp_path: Path) -> None:
+    sup, backend = make([spec("w", ready_timeout=10), spec("x", ready_timeout=10)], clock, tmp_path)
+    sup.step({})
+    sup.step({"w": [0x1]})
+    assert states(sup) == {"w": READY, "x": STARTING}
+    clock.advance(30)  # etcd is down past x's ready_timeout: x is not failed on etcd's account
+    sup.step(None)
+    assert states(sup) == {"w": READY, "x": STARTING} and sup.procs["w"].lease_ids == [0x1]
+    backend.exit_codes["w"] = -9
+    assert sup.step(None) == [0x1], "the dead worker's lease is still known, to revoke"

@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import os
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from workers.common.protocol import GenerateChunk, GenerateRequest
+from workers.common.protocol import GenerateChunk, GenerateRequest, TokenLogprob
+from workers.runtime.annotated import ErrorCode, StreamError
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -26,6 +29,8 @@ def make_parser(description: str) -> argparse.ArgumentParser:
 
     parser = FlexibleArgumentParser(description=description)
     AsyncEngineArgs.add_cli_args(parser)
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve vLLM's Prometheus metrics (vllm:num_requests_running, ...) on this port")
     return parser
 
 
@@ -35,10 +40,49 @@ def engine_args_from(args: argparse.Namespace) -> Any:
     return AsyncEngineArgs.from_cli_args(args)
 
 
-def build_engine(engine_args: Any) -> AsyncLLM:
+def build_engine(engine_args: Any, metrics_port: int | None = None, stat_loggers: list[Any] | None = None
+                 ) -> AsyncLLM:
+    """The engine, and its Prometheus metrics on `metrics_port` (vLLM's stat loggers fill the default
+    registry of this process; `launcher status` and Prometheus read them there)."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    return AsyncLLM.from_engine_args(engine_args)
+    engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=stat_loggers)
+    if metrics_port is not None:
+        import prometheus_client
+
+        prometheus_client.start_http_server(metrics_port, addr=os.environ.get("LAUNCHER_METRICS_ADDR", "127.0.0.1"))
+        log.info("vLLM metrics on http://127.0.0.1:%d/metrics", metrics_port)
+    return engine
+
+
+def logprobs_of(token_ids: Any, steps: Any) -> list[TokenLogprob]:
+    """vLLM's per-token {token id: Logprob} dicts -> the sampled token's text and logprob, and the top ones."""
+    out: list[TokenLogprob] = []
+    for token_id, step in zip(token_ids, steps, strict=False):
+        chosen = step.get(token_id)
+        # vLLM gives the top k by rank, plus the sampled token when it is not among them: leave that one out.
+        extra = chosen is not None and (chosen.rank or 0) > len(step) - 1
+        top = sorted(((tid, lp) for tid, lp in step.items() if not (extra and tid == token_id)),
+                     key=lambda kv: kv[1].rank or 0)
+        out.append({
+            "token": (chosen.decoded_token if chosen is not None else None) or "",
+            "logprob": float(chosen.logprob) if chosen is not None else float("-inf"),
+            "top": [[lp.decoded_token or "", float(lp.logprob)] for _, lp in top],
+        })
+    return out
+
+
+def registration_of(engine: Any, engine_args: Any) -> dict[str, Any]:
+    """What a frontend needs to know of an engine worker: its model, served name and context length."""
+    names = engine_args.served_model_name
+    served = names[0] if isinstance(names, list) and names else (names or engine_args.model)
+    cache = engine.vllm_config.cache_config
+    return {
+        "model": engine_args.model,
+        "block_size": cache.block_size,
+        "extra": {"served_model_name": served, "max_model_len": engine.vllm_config.model_config.max_model_len,
+                  "started_at": int(time.time())},
+    }
 
 
 class EngineHandler:
@@ -71,7 +115,10 @@ class EngineHandler:
     def sampling_params(self, req: GenerateRequest) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-        params = SamplingParams(**req.sampling)
+        try:
+            params = SamplingParams(**req.sampling)
+        except (TypeError, ValueError) as exc:  # vLLM's own check of the values: the caller's mistake
+            raise StreamError(f"invalid sampling parameters: {exc}", ErrorCode.BAD_REQUEST) from None
         params.output_kind = RequestOutputKind.DELTA
         if req.kv_transfer_params is not None:
             params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": req.kv_transfer_params}
@@ -87,9 +134,12 @@ class EngineHandler:
             async for out in self.engine.generate(prompt, params, request_id):
                 completion = out.outputs[0]
                 chunk: GenerateChunk = {"text": completion.text, "token_ids": list(completion.token_ids)}
+                if completion.logprobs:
+                    chunk["logprobs"] = logprobs_of(completion.token_ids, completion.logprobs)
                 if out.finished:
                     finished = True
                     chunk["finish_reason"] = completion.finish_reason
+                    chunk["stop_reason"] = completion.stop_reason
                     chunk["prompt_tokens"] = len(out.prompt_token_ids or [])
                     chunk["cached_tokens"] = out.num_cached_tokens
                     chunk["kv_transfer_params"] = out.kv_transfer_params

@@ -18,6 +18,9 @@ the subprocess backend gives a child. Before it execs the worker, the script wai
 `wait-for` channel that the backend signals only after `remain-on-exit` and `pipe-pane` are set:
 a worker that crashes in its first millisecond still leaves its exit status and its output.
 
+Every tmux call is a subprocess with a timeout (TMUX_TIMEOUT): the supervisor calls these from a
+worker thread, and a wedged tmux server must cost it a TmuxError, never a hang.
+
 The socket: the default tmux server, unless LAUNCHER_TMUX_SOCKET names a private one (tests do).
 The choice is recorded in the run dir (`tmux.json`) so `status`, `attach` and `down` from another
 shell talk to the same server. Sessions carry the run dir in a user option (`@launcher_run_dir`),
@@ -29,12 +32,12 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import subprocess
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import libtmux
 import psutil
 
 from launcher import proctree
@@ -51,6 +54,8 @@ UNKNOWN_EXIT = 1
 SESSION_GONE_EXIT = -1
 # Seconds to wait for tmux to record the exit status of a pane whose process has gone.
 STATUS_WAIT = 3.0
+# Seconds any one tmux command may take (they take milliseconds; a wedged server must not hang us).
+TMUX_TIMEOUT = 5.0
 
 
 class TmuxError(RuntimeError):
@@ -81,27 +86,44 @@ def recorded_socket(run_dir: RunDir) -> str | None:
     return os.environ.get(SOCKET_ENV) or None
 
 
-def _server(socket_name: str | None) -> libtmux.Server:
+class TmuxServer:
+    """One tmux server (default, or `-L socket_name`); each command bounded by TMUX_TIMEOUT."""
+
+    def __init__(self, socket_name: str | None, tmux_bin: str) -> None:
+        self.socket_name = socket_name
+        self.tmux_bin = tmux_bin
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        argv = [self.tmux_bin, *(["-L", self.socket_name] if self.socket_name else []), *args]
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                  timeout=TMUX_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise TmuxError(f"tmux {args[0]} did not answer within {TMUX_TIMEOUT:.0f} s "
+                            "(is the tmux server wedged? `tmux kill-server` ends it)") from None
+
+
+def _server(socket_name: str | None) -> TmuxServer:
     tmux_bin = shutil.which("tmux")
     if tmux_bin is None:
         raise TmuxError("backend tmux needs the `tmux` program (apt-get install tmux), or use backend: subprocess")
-    return libtmux.Server(socket_name=socket_name, tmux_bin=tmux_bin)
+    return TmuxServer(socket_name, tmux_bin)
 
 
-def _cmd(server: libtmux.Server, *args: str) -> list[str]:
-    proc = server.cmd(*args)
-    if proc.stderr:
-        raise TmuxError(f"tmux {' '.join(args)}: {' '.join(proc.stderr)}")
-    return list(proc.stdout)
+def _cmd(server: TmuxServer, *args: str) -> list[str]:
+    proc = server.run(*args)
+    if proc.returncode != 0 or proc.stderr.strip():
+        raise TmuxError(f"tmux {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout.splitlines()
 
 
-def _sessions(server: libtmux.Server) -> dict[str, dict[str, str]]:
+def _sessions(server: TmuxServer) -> dict[str, dict[str, str]]:
     """session name -> its first pane's facts. One tmux call; {} when no server runs."""
     fmt = "\t".join(["#{session_name}", "#{pane_pid}", "#{pane_dead}", "#{pane_dead_status}",
                      "#{pane_dead_signal}", "#{" + OWNER_OPTION + "}"])
-    proc = server.cmd("list-panes", "-a", "-F", fmt)
+    proc = server.run("list-panes", "-a", "-F", fmt)
     out: dict[str, dict[str, str]] = {}
-    for line in proc.stdout:
+    for line in proc.stdout.splitlines():
         parts = line.split("\t")
         if len(parts) != 6:
             continue
@@ -152,19 +174,19 @@ class TmuxBackend:
         self.run_dir = run_dir
         self.socket_name = socket_name if socket_name is not None else (os.environ.get(SOCKET_ENV) or None)
         self.server = _server(self.socket_name)
-        self.tmux_bin = str(self.server.tmux_bin or "tmux")
+        self.tmux_bin = self.server.tmux_bin
         self.owner = str(run_dir.path.resolve())
         self.scripts = run_dir.path / "tmux"
         self._pids: dict[str, tuple[int, float | None]] = {}
         self._dead_since: dict[str, float] = {}
-        run_dir.path.mkdir(parents=True, exist_ok=True)
+        run_dir.create()
         write_json(_config_file(run_dir), {"socket_name": self.socket_name, "tmux": self.tmux_bin})
 
     def start(self, spec: ProcessSpec, log: Path) -> int:
         name = session_name(spec.name)
         self._clear_session(spec.name)
         log.parent.mkdir(parents=True, exist_ok=True)
-        self.scripts.mkdir(parents=True, exist_ok=True)
+        self.scripts.mkdir(mode=0o700, parents=True, exist_ok=True)
         script = self.scripts / f"{name}.sh"
         channel = f"launcher-go-{uuid.uuid4().hex}"
         fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
@@ -173,9 +195,8 @@ class TmuxBackend:
         os.chmod(script, 0o700)
         # The supervisor's working directory, as the subprocess backend gives (a tmux server started
         # elsewhere would otherwise put the pane in its own).
-        session = self.server.new_session(session_name=name, window_name=name, x=200, y=50,
-                                          start_directory=os.getcwd(),
-                                          window_command=f"exec /bin/sh {shlex.quote(str(script))}")
+        _cmd(self.server, "new-session", "-d", "-s", name, "-n", name, "-x", "200", "-y", "50",
+             "-c", os.getcwd(), f"exec /bin/sh {shlex.quote(str(script))}")
         try:
             target = _target(spec.name)
             _cmd(self.server, "set-option", "-t", target, OWNER_OPTION, self.owner)
@@ -183,11 +204,11 @@ class TmuxBackend:
             _cmd(self.server, "pipe-pane", "-t", target, f"cat >> {shlex.quote(str(log))}")
             pid = int(_cmd(self.server, "display-message", "-p", "-t", target, "#{pane_pid}")[0])
         except Exception:
-            session.kill()
+            self.server.run("kill-session", "-t", _target(spec.name))
             raise
         finally:
             # Open the gate even on failure, so the script never waits forever.
-            self.server.cmd("wait-for", "-S", channel)
+            self.server.run("wait-for", "-S", channel)
         self._pids[spec.name] = (pid, proctree.create_time(pid))
         self._dead_since.pop(spec.name, None)
         return pid
@@ -204,7 +225,7 @@ class TmuxBackend:
             raise TmuxError(f"a {state} tmux session named '{session_name(process)}' already exists on {where} "
                             f"and is not part of this deployment ({facts['owner'] or 'not started by launcher'}); "
                             "stop it (`launcher down` its deployment, or `tmux kill-session`) or rename the process")
-        self.server.cmd("kill-session", "-t", _target(process))
+        self.server.run("kill-session", "-t", _target(process))
 
     def poll(self, name: str) -> int | None:
         """Cheap while the pid lives (psutil, no tmux call); once it is gone, tmux has its exit status.
@@ -254,7 +275,7 @@ def kill_sessions(run_dir: RunDir, socket_name: str | None = None) -> list[str]:
     killed = []
     for name, facts in _sessions(server).items():
         if facts["owner"] == owner:
-            server.cmd("kill-session", "-t", f"={name}:")
+            server.run("kill-session", "-t", f"={name}:")
             killed.append(name)
     return killed
 

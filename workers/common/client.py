@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from workers.common.protocol import GenerateRequest
+from workers.kinds import ENTRY_COMPONENTS
 from workers.runtime import registry, requestplane
 from workers.runtime.annotated import Annotated
-from workers.runtime.settings import RuntimeSettings
+from workers.runtime.settings import RuntimeSettings, ServiceUnavailable
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,8 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
-    p.add_argument("--component", default="vllm",
-                   help="vllm (monolith), decode (disaggregated) or preprocess (KV router)")
+    p.add_argument("--component", default=None,
+                   help="default: what the deployment serves (preprocess: a KV router, decode: disaggregated, "
+                        "vllm: monolith)")
     p.add_argument("--endpoint", default="generate")
     p.add_argument("--namespace", default=None, help="default: LAUNCHER_NAMESPACE, else the topology name")
     p.add_argument("--timeout", type=float, default=requestplane.DEFAULT_IDLE_TIMEOUT * 2,
@@ -49,8 +51,10 @@ def build_request(args: argparse.Namespace) -> GenerateRequest:
 
 async def generate(nc: requestplane.NATS, subject: str, request: GenerateRequest,
                    idle_timeout: float) -> AsyncIterator[Annotated]:
-    """Yield Annotated whose data is the text so far; errors pass through unchanged."""
+    """Yield Annotated whose data is the text so far; errors pass through unchanged. An answer with no
+    text at all (the model ended at once) still yields one Annotated, so the caller sees it ended."""
     text = ""
+    shown = False
     async for item in requestplane.stream(nc, subject, request.model_dump(exclude_none=True), idle_timeout):
         if item.is_error():
             yield item
@@ -60,26 +64,43 @@ async def generate(nc: requestplane.NATS, subject: str, request: GenerateRequest
         if not delta:
             continue  # a step that added no text (e.g. the final bookkeeping chunk) prints nothing
         text += delta
+        shown = True
         yield Annotated(data=text, event=item.event, comment=item.comment, id=item.id)
+    if not shown:
+        yield Annotated(data=text)
 
 
-async def discover_namespace(settings: RuntimeSettings, component: str) -> str:
-    """With no --namespace and no LAUNCHER_NAMESPACE: the one namespace whose workers serve `component`."""
-    namespaces = await registry.namespaces_serving(settings.etcd_endpoints, component)
-    if len(namespaces) == 1:
-        return namespaces[0]
-    if not namespaces:
-        raise SystemExit(f"no deployment serves '{component}' in etcd at {','.join(settings.etcd_endpoints)}: "
-                         "is it up (launcher status)? Or pass --namespace / --component")
-    raise SystemExit(f"several deployments serve '{component}': {', '.join(namespaces)}; pass --namespace")
+def entry_of(components: set[str], wanted: str | None) -> str | None:
+    """The component to call among those registered: the one asked for, else the deployment's way in."""
+    if wanted is not None:
+        return wanted if wanted in components else None
+    return next((c for c in ENTRY_COMPONENTS if c in components), None)
+
+
+async def discover(settings: RuntimeSettings, namespace: str | None, component: str | None) -> tuple[str, str]:
+    """(namespace, component) to call: with neither given, the one deployment in etcd that serves anything."""
+    where = ",".join(settings.etcd_endpoints)
+    found = await registry.components_by_namespace(settings.etcd_endpoints)
+    if namespace is not None:
+        found = {namespace: found.get(namespace, set())}
+    serving = {ns: c for ns, comps in found.items() if (c := entry_of(comps, component)) is not None}
+    if len(serving) == 1:
+        return next(iter(serving.items()))
+    what = f"'{component}'" if component else "requests (a monolith, decode or router process)"
+    if not serving:
+        scope = f"namespace '{namespace}'" if namespace else "any namespace"
+        raise SystemExit(f"nothing in {scope} serves {what} in etcd at {where}: is the deployment up "
+                         "(launcher status)? Or pass --namespace / --component")
+    raise SystemExit(f"several deployments serve {what}: {', '.join(sorted(serving))}; pass --namespace")
 
 
 async def run(args: argparse.Namespace) -> int:
     settings = RuntimeSettings.from_env()
     namespace = args.namespace or os.environ.get("LAUNCHER_NAMESPACE")
-    if not namespace:
-        namespace = await discover_namespace(settings, args.component)
-    subject = requestplane.endpoint_subject(namespace, args.component, args.endpoint)
+    component = args.component
+    if namespace is None or component is None:
+        namespace, component = await discover(settings, namespace, component)
+    subject = requestplane.endpoint_subject(namespace, component, args.endpoint)
     nc = await requestplane.connect(settings.nats_server, name="client")
     status = 0
     last = Annotated(data="")
@@ -98,7 +119,11 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(asyncio.run(run(parse_args(argv))))
+    try:
+        sys.exit(asyncio.run(run(parse_args(argv))))
+    except ServiceUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,22 @@ class GenerateRequest(BaseModel):
         return self
 
 
+class TokenLogprob(TypedDict):
+    """One generated token's text and logprob, and the top alternatives as [text, logprob] pairs."""
+
+    token: str
+    logprob: float
+    top: list[list[Any]]
+
+
 class GenerateChunk(TypedDict, total=False):
     """One engine step: the new text and tokens; the last chunk carries finish_reason and counts."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    stop_reason: int | str | None
+    logprobs: list[TokenLogprob]
     prompt_tokens: int
     cached_tokens: int | None
     kv_transfer_params: dict[str, Any] | None

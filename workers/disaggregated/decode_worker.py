@@ -11,10 +11,12 @@ It serves component `decode` (endpoint `generate`), so clients talk to it exactl
 3. run the request here with the kv_transfer_params the prefill returned, so the connector loads
    the prompt's KV instead of computing it.
 
-If no prefill instance is registered, or the chosen one does not answer within
---prefill-timeout seconds of silence, or it fails, the prompt is prefilled here and the log says
-so: a client never waits on a dead prefill worker. The final chunk names the prefill worker used
-(`prefill_worker`, "local" for a local prefill) so a user can see where the prompt ran.
+If the chosen prefill instance is lost (NATS no-responders, no answer or silence past
+--prefill-timeout, shutting down: retryable error codes), another one is tried, at most
+--prefill-retries times. If none is registered, none is left, or the error is not one a retry cures,
+the prompt is prefilled here and the log says so: a client never waits on a dead prefill worker.
+The final chunk names the prefill worker used (`prefill_worker`, "local" for a local prefill) so a
+user can see where the prompt ran.
 """
 
 from __future__ import annotations
@@ -32,21 +34,28 @@ from workers.disaggregated.kvconfig import adapt_argv
 from workers.disaggregated.prefill_pool import PrefillInstance, PrefillPool
 from workers.disaggregated.prefill_worker import kv_role_of
 from workers.disaggregated.shared_storage import SharedStorage
-from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser
+from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser, registration_of
+from workers.kinds import KINDS
 from workers.runtime import requestplane
+from workers.runtime.annotated import ErrorCode, retryable
 from workers.runtime.serve import WorkerContext, setup_logging
 from workers.runtime.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_COMPONENT = "decode"
-DEFAULT_PREFILL_COMPONENT = "prefill"
+DEFAULT_COMPONENT = KINDS["decode"].component
+DEFAULT_PREFILL_COMPONENT = KINDS["prefill"].component
 DEFAULT_PREFILL_TIMEOUT = 5.0
+DEFAULT_PREFILL_RETRIES = 2
 LOCAL = "local"
 
 
 class PrefillFailed(Exception):
-    """The remote prefill gave no usable answer; the caller prefills locally instead."""
+    """The remote prefill gave no usable answer; `code` (an ErrorCode) says whether another instance may."""
+
+    def __init__(self, text: str, code: str | None = None) -> None:
+        super().__init__(text)
+        self.code = code
 
 
 def prefill_request(req: GenerateRequest) -> dict[str, Any]:
@@ -65,8 +74,10 @@ class DisaggregatedHandler:
     """The decode component's `generate`: remote prefill first, local decode after."""
 
     def __init__(self, nc: requestplane.NATS, engine: EngineHandler, pool: PrefillPool,
-                 prefill_timeout: float = DEFAULT_PREFILL_TIMEOUT, storage: SharedStorage | None = None) -> None:
+                 prefill_timeout: float = DEFAULT_PREFILL_TIMEOUT, storage: SharedStorage | None = None,
+                 max_retries: int = DEFAULT_PREFILL_RETRIES) -> None:
         self.nc = nc
+        self.max_retries = max_retries
         self.engine = engine
         self.pool = pool
         self.prefill_timeout = prefill_timeout
@@ -93,7 +104,7 @@ class DisaggregatedHandler:
             async for item in requestplane.stream(self.nc, inst.subject, prefill_request(req),
                                                   idle_timeout=self.prefill_timeout):
                 if item.is_error():
-                    raise PrefillFailed("; ".join(item.comment) or "error without a message")
+                    raise PrefillFailed("; ".join(item.comment) or "error without a message", item.code)
                 chunk = item.data or {}
                 if chunk.get("finish_reason") is not None or "kv_transfer_params" in chunk:
                     final = chunk
@@ -103,20 +114,33 @@ class DisaggregatedHandler:
 
     async def prefill(self, req: GenerateRequest) -> tuple[dict[str, Any] | None, str]:
         """(kv_transfer_params for the decode, name of the prefill worker or "local")."""
-        inst = self.pool.pick()
-        if inst is None:
-            log.warning("request %s: no prefill worker registered; prefilling locally", req.request_id)
-            return None, LOCAL
-        started = time.monotonic()
-        try:
-            final = await self.remote_prefill(inst, req)
-        except (PrefillFailed, OSError, asyncio.TimeoutError) as exc:
-            self.pool.mark_failed(inst, str(exc))
-            log.warning("request %s: prefill on %s failed (%s); prefilling locally", req.request_id, inst.name, exc)
-            await self.discard_partial_kv(req)
-            return None, LOCAL
-        log.info("request %s: prefill on %s took %.3f s", req.request_id, inst.name, time.monotonic() - started)
-        return final.get("kv_transfer_params"), str(final.get("worker") or inst.name)
+        tried: set[str] = set()
+        while True:
+            inst = self.pool.pick(exclude=tried)
+            if inst is None:
+                if tried:
+                    log.warning("request %s: no other prefill worker to try; prefilling locally", req.request_id)
+                else:
+                    log.warning("request %s: no prefill worker registered; prefilling locally", req.request_id)
+                return None, LOCAL
+            tried.add(inst.key)
+            started = time.monotonic()
+            try:
+                final = await self.remote_prefill(inst, req)
+            except (PrefillFailed, OSError, asyncio.TimeoutError) as exc:
+                code = exc.code if isinstance(exc, PrefillFailed) else ErrorCode.NO_ANSWER
+                if code != ErrorCode.BAD_REQUEST:  # the request's fault, not the instance's
+                    self.pool.mark_failed(inst, str(exc))
+                await self.discard_partial_kv(req)
+                if retryable(code, tokens_sent=False) and len(tried) <= self.max_retries:
+                    log.warning("request %s: prefill on %s failed (%s: %s); trying another prefill worker",
+                                req.request_id, inst.name, code, exc)
+                    continue
+                log.warning("request %s: prefill on %s failed (%s: %s); prefilling locally", req.request_id,
+                            inst.name, code, exc)
+                return None, LOCAL
+            log.info("request %s: prefill on %s took %.3f s", req.request_id, inst.name, time.monotonic() - started)
+            return final.get("kv_transfer_params"), str(final.get("worker") or inst.name)
 
     async def generate(self, raw: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         req = GenerateRequest.model_validate(raw)
@@ -143,7 +167,7 @@ async def serve(args: argparse.Namespace) -> None:
     if engine_args.kv_transfer_config is None:
         raise SystemExit("a decode worker needs --kv-transfer-config (kv_connector, kv_role kv_consumer)")
     pool = PrefillPool()
-    engine = build_engine(engine_args)
+    engine = build_engine(engine_args, args.metrics_port)
     ctx.on_shutdown.append(engine.shutdown)
     # Know the prefill workers before taking the first request (they start before decode workers).
     await pool.sync(ctx.registry, settings.namespace, args.prefill_component)
@@ -156,9 +180,9 @@ async def serve(args: argparse.Namespace) -> None:
     block_size = engine.vllm_config.cache_config.block_size  # the platform's choice when the flag is absent
     storage = SharedStorage.of(engine_args.kv_transfer_config, block_size)
     handler = DisaggregatedHandler(ctx.nc, EngineHandler(engine, settings.process_name), pool, args.prefill_timeout,
-                                   storage)
-    await ctx.serve(args.component, "generate", handler.generate, model=engine_args.model,
-                    block_size=block_size, kv_role=kv_role_of(engine_args))
+                                   storage, max_retries=args.prefill_retries)
+    await ctx.serve(args.component, "generate", handler.generate, **registration_of(engine, engine_args),
+                    kv_role=kv_role_of(engine_args))
     log.info("serving %s with %d prefill instance(s) known", args.component, len(pool.instances))
     await ctx.run_until_stopped()
 
@@ -173,6 +197,9 @@ def main() -> None:
     parser.add_argument("--prefill-timeout", type=float, default=DEFAULT_PREFILL_TIMEOUT,
                         help="seconds of silence from a prefill worker before prefilling locally "
                              f"(default: {DEFAULT_PREFILL_TIMEOUT})")
+    parser.add_argument("--prefill-retries", type=int, default=DEFAULT_PREFILL_RETRIES,
+                        help="other prefill workers tried when one is lost, before prefilling locally "
+                             f"(default: {DEFAULT_PREFILL_RETRIES})")
     asyncio.run(serve(parser.parse_args(adapt_argv(sys.argv[1:]))))
 
 

@@ -34,7 +34,7 @@ class PrefillInstance:
 
     @property
     def name(self) -> str:
-        return self.registration.process or f"{self.registration.lease_id:x}"
+        return self.registration.process or f"{self.registration.instance:x}"
 
 
 class PrefillPool:
@@ -59,8 +59,9 @@ class PrefillPool:
     def healthy(self) -> list[PrefillInstance]:
         return [i for i in self.instances.values() if not i.failed]
 
-    def pick(self) -> PrefillInstance | None:
-        candidates = self.healthy()
+    def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> PrefillInstance | None:
+        """Least outstanding work among healthy instances not in `exclude` (keys already tried)."""
+        candidates = [i for i in self.healthy() if i.key not in exclude]
         if not candidates:
             return None
         return min(candidates, key=lambda i: (i.in_flight, i.sent, i.key))

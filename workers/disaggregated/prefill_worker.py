@@ -16,11 +16,12 @@ import asyncio
 import sys
 
 from workers.disaggregated.kvconfig import adapt_argv
-from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser
+from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser, registration_of
+from workers.kinds import KINDS
 from workers.runtime.serve import WorkerContext, setup_logging
 from workers.runtime.settings import RuntimeSettings
 
-DEFAULT_COMPONENT = "prefill"
+DEFAULT_COMPONENT = KINDS["prefill"].component
 
 
 def kv_role_of(engine_args: object) -> str | None:
@@ -36,11 +37,11 @@ async def serve(args: argparse.Namespace) -> None:
     engine_args = engine_args_from(args)
     if engine_args.kv_transfer_config is None:
         raise SystemExit("a prefill worker needs --kv-transfer-config (kv_connector, kv_role kv_producer)")
-    engine = build_engine(engine_args)
+    engine = build_engine(engine_args, args.metrics_port)
     ctx.on_shutdown.append(engine.shutdown)
     handler = EngineHandler(engine, settings.process_name)
-    await ctx.serve(args.component, "generate", handler.generate, model=engine_args.model,
-                    block_size=engine_args.block_size, kv_role=kv_role_of(engine_args))
+    await ctx.serve(args.component, "generate", handler.generate, **registration_of(engine, engine_args),
+                    kv_role=kv_role_of(engine_args))
     await ctx.run_until_stopped()
 
 

@@ -33,17 +33,24 @@ from typing import Any
 import numpy as np
 
 from workers.common.protocol import GenerateRequest
+from workers.kinds import KINDS
 from workers.kv_router import events as ev
 from workers.kv_router.indexer import FlatIndex, Index
 from workers.runtime import requestplane
-from workers.runtime.registry import Registration, components_prefix
+from workers.runtime.annotated import Annotated, ErrorCode, StreamError, retryable
+from workers.runtime.registry import Registration, instance_of_key
 from workers.runtime.serve import WorkerContext, setup_logging
 from workers.runtime.settings import RuntimeSettings
 
 log = logging.getLogger("workers.kv_router.router")
 
 RESYNC_RETRY = 5.0
+MAX_RETRIES = 2  # other instances tried after a lost one, before the first token only
 STRATEGIES = ("prefix", "round_robin", "random")
+
+
+class NoWorker(RuntimeError):
+    """No candidate left: none registered, or every one was tried for this request."""
 
 
 @dataclass
@@ -55,7 +62,7 @@ class WorkerView:
 
     @property
     def name(self) -> str:
-        return self.reg.process or f"{self.reg.lease_id:x}"
+        return self.reg.process or f"{self.reg.instance:x}"
 
 
 @dataclass
@@ -120,24 +127,28 @@ class KvRouter:
             log.error("worker %s has block size %s, this router %s: not routing to it", reg.process,
                       reg.block_size, self.block_size)
             return
-        new = reg.lease_id not in self.workers
-        self.workers[reg.lease_id] = WorkerView(reg) if new else self.workers[reg.lease_id]
-        self.gone.discard(reg.lease_id)
-        if new:
-            log.info("worker %s (%x) joined", reg.process, reg.lease_id)
-        if known_before_start:
-            self.request_resync(reg.lease_id)
+        w = reg.instance
+        view = self.workers.get(w)
+        if view is None:
+            self.workers[w] = WorkerView(reg)
+            log.info("worker %s (%x) joined", reg.process, w)
+        else:
+            view.reg = reg  # the same instance under a new lease
+        back = w in self.gone  # its key was deleted (lost lease) and put again: its blocks were dropped
+        self.gone.discard(w)
+        if known_before_start or back:
+            self.request_resync(w)
 
-    def remove_worker(self, lease_id: int) -> None:
-        view = self.workers.pop(lease_id, None)
-        self.gone.add(lease_id)
-        self.last_seq.pop(lease_id, None)
-        self.awaiting_snapshot.pop(lease_id, None)
-        self._busy.discard(lease_id)
+    def remove_worker(self, w: int) -> None:
+        view = self.workers.pop(w, None)
+        self.gone.add(w)
+        self.last_seq.pop(w, None)
+        self.awaiting_snapshot.pop(w, None)
+        self._busy.discard(w)
         if self.index is not None:
-            self.index.remove_worker(lease_id)
+            self.index.remove_worker(w)
         if view is not None:
-            log.info("worker %s (%x) left: its blocks are dropped", view.name, lease_id)
+            log.info("worker %s (%x) left: its blocks are dropped", view.name, w)
 
     def request_resync(self, worker: int) -> None:
         if self.index is not None:
@@ -209,7 +220,7 @@ class KvRouter:
     def choose(self, token_ids: Sequence[int] | np.ndarray, exclude: set[int] | None = None) -> Decision:
         candidates = [w for w in self.workers if not exclude or w not in exclude]
         if not candidates:
-            raise RuntimeError("no kv worker is registered (is any worker up? launcher status)")
+            raise NoWorker("no kv worker is registered (is any worker up? launcher status)")
         hashes = self.hashes(token_ids)
         matches = self.index.match(hashes) if self.index is not None else {}
         n = len(hashes)
@@ -310,8 +321,9 @@ class RouterService:
     """NATS and etcd around a KvRouter: the `generate` endpoint, event and load feeds, membership."""
 
     def __init__(self, ctx: WorkerContext, router: KvRouter, tokenizer: Tokenizer, worker_component: str,
-                 idle_timeout: float = 10.0) -> None:
+                 idle_timeout: float = requestplane.DEFAULT_IDLE_TIMEOUT, max_retries: int = MAX_RETRIES) -> None:
         self.ctx = ctx
+        self.max_retries = max_retries
         self.router = router
         self.tokenizer = tokenizer
         self.worker_component = worker_component
@@ -340,15 +352,13 @@ class RouterService:
 
     async def _watch(self) -> None:
         assert self.ctx.registry is not None
-        prefix = components_prefix(self.ns, self.worker_component)
         while True:
             try:
                 async for kind, reg, key in self.ctx.registry.watch(self.ns, self.worker_component):
                     if kind == "put" and reg is not None and reg.endpoint == "generate":
                         self.router.add_worker(reg)
                     elif kind == "delete":
-                        lease = int(key[len(prefix):].rsplit(":", 1)[-1], 16)
-                        self.router.remove_worker(lease)
+                        self.router.remove_worker(instance_of_key(key))
                     await self._flush_resyncs()
             except asyncio.CancelledError:
                 raise
@@ -356,9 +366,9 @@ class RouterService:
                 log.warning("etcd watch failed (%s); watching again", exc)
                 await asyncio.sleep(1)
                 with contextlib.suppress(Exception):
-                    live = {r.lease_id: r for r in await self.ctx.registry.list(self.ns, self.worker_component)}
-                    for lease in [w for w in self.router.workers if w not in live]:
-                        self.router.remove_worker(lease)
+                    live = {r.instance: r for r in await self.ctx.registry.list(self.ns, self.worker_component)}
+                    for gone in [w for w in self.router.workers if w not in live]:
+                        self.router.remove_worker(gone)
                     for reg in live.values():
                         self.router.add_worker(reg)
 
@@ -396,7 +406,10 @@ class RouterService:
         token_ids = self.tokenizer(req)
         tried: set[int] = set()
         while True:
-            decision = self.router.choose(token_ids, exclude=tried)
+            try:
+                decision = self.router.choose(token_ids, exclude=tried)
+            except NoWorker as exc:
+                raise StreamError(str(exc), code=ErrorCode.NO_RESPONDERS) from None
             took_us = (time.perf_counter() - t0) * 1e6
             log.info("route %s: %s -> %s (%x), %d blocks, matched %s, load %s (%.0f us)", req.request_id,
                      decision.strategy, decision.process, decision.worker, decision.blocks, decision.matched,
@@ -406,25 +419,28 @@ class RouterService:
                                       kv_transfer_params=req.kv_transfer_params).model_dump(exclude_none=True)
             self.router.started(decision)
             answered = False
+            failure: Annotated | None = None
             try:
                 async for item in requestplane.stream(self.ctx.nc, view.reg.instance_subject, payload,
                                                       self.idle_timeout):
                     if item.is_error():
-                        text = "; ".join(item.comment)
-                        if not answered and text.startswith("no worker answered"):
-                            break  # it died before its lease expired: try another worker
-                        raise RuntimeError(f"worker {decision.process}: {text}")
+                        failure = item
+                        break
                     answered = True
                     chunk = dict(item.data or {})
                     if "finish_reason" in chunk:
                         chunk["routing"] = decision.as_dict()
                     yield chunk
-                else:
-                    return
             finally:
                 self.router.finished(decision)
-            log.warning("worker %s did not answer: routing %s elsewhere", decision.process, req.request_id)
+            if failure is None:
+                return
+            text = f"worker {decision.process}: {'; '.join(failure.comment)}"
             tried.add(decision.worker)
+            last_try = len(tried) > self.max_retries or not [w for w in self.router.workers if w not in tried]
+            if last_try or not retryable(failure.code, tokens_sent=answered):
+                raise StreamError(text, code=failure.code or ErrorCode.WORKER_ERROR)
+            log.warning("%s (%s): routing %s elsewhere", text, failure.code, req.request_id)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -435,9 +451,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="KV block size of the workers (default: the one they register with)")
     p.add_argument("--load-weight", type=float, default=0.5,
                    help="cost of one block in flight relative to one block to prefill (strategy prefix)")
-    p.add_argument("--component", default="preprocess", help="component this router serves")
-    p.add_argument("--worker-component", default="backend", help="component the kv workers register")
+    p.add_argument("--component", default=KINDS["router"].component, help="component this router serves")
+    p.add_argument("--worker-component", default=KINDS["kv_worker"].component,
+                   help="component the kv workers register")
     p.add_argument("--seed", type=int, default=None, help="seed of random choices (strategy random, ties)")
+    p.add_argument("--idle-timeout", type=float, default=requestplane.DEFAULT_IDLE_TIMEOUT,
+                   help="seconds of silence (no token, no keepalive) before a worker counts as lost")
+    p.add_argument("--max-retries", type=int, default=MAX_RETRIES,
+                   help="other workers tried when the chosen one is lost before its first token")
     return p.parse_args(argv)
 
 
@@ -446,7 +467,8 @@ async def serve(args: argparse.Namespace) -> None:
     ctx = WorkerContext(settings)
     await ctx.connect()
     router = KvRouter(args.routing_strategy, args.block_size, args.load_weight, random.Random(args.seed))
-    service = RouterService(ctx, router, Tokenizer(args.model), args.worker_component)
+    service = RouterService(ctx, router, Tokenizer(args.model), args.worker_component,
+                            idle_timeout=args.idle_timeout, max_retries=args.max_retries)
     await service.start()
     await ctx.serve(args.component, "generate", service.generate, model=args.model, block_size=args.block_size)
     log.info("router (%s) serving %s.%s", args.routing_strategy, settings.namespace, args.component)

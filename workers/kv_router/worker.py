@@ -22,7 +22,8 @@ from typing import Any
 
 import msgspec
 
-from workers.engine import EngineHandler, engine_args_from, make_parser
+from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser, registration_of
+from workers.kinds import KINDS
 from workers.kv_router import events as ev
 from workers.runtime.serve import WorkerContext, setup_logging
 from workers.runtime.settings import RuntimeSettings
@@ -30,7 +31,7 @@ from workers.runtime.settings import RuntimeSettings
 log = logging.getLogger("workers.kv_router.worker")
 
 LOAD_INTERVAL = 1.0
-COMPONENT = "backend"
+COMPONENT = KINDS["kv_worker"].component
 
 
 def free_port() -> int:
@@ -190,7 +191,6 @@ async def publish_load(nc: Any, namespace: str, worker_id: int, process: str, st
 
 async def serve(args: Any) -> None:
     from vllm.config import KVEventsConfig
-    from vllm.v1.engine.async_llm import AsyncLLM
 
     settings = RuntimeSettings.from_env()
     ctx = WorkerContext(settings)
@@ -206,25 +206,26 @@ async def serve(args: Any) -> None:
     assert ctx.nc is not None
     relay = EventRelay(ctx.nc, settings.namespace, f"tcp://127.0.0.1:{port}")
     ctx.on_shutdown.append(relay.close)
-    engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[load_logger_factory(load)])
+    engine = build_engine(engine_args, args.metrics_port, stat_loggers=[load_logger_factory(load)])
     ctx.on_shutdown.append(engine.shutdown)
     block_size = int(engine.vllm_config.cache_config.block_size)  # the real one, after platform defaults
     relay.set_block_size(block_size)
     handler = EngineHandler(engine, settings.process_name)
-    # Our lease id is the worker id in events; the relay starts reading ZMQ before anyone can route to us.
-    lease_id = await ctx.registry.grant() if ctx.registry else 0
-    relay.start(lease_id)
+    # Our first lease id is our instance id, the worker id in events for the process's life (a lost lease is
+    # replaced, the id stays); the relay starts reading ZMQ before anyone can route to us.
+    instance_id = await ctx.registry.grant() if ctx.registry else 0
+    relay.start(instance_id)
     await relay.listen_for_resync()
-    reg = await _serve_with_lease(ctx, lease_id, handler, engine_args.model, block_size)
+    reg = await _serve_with_lease(ctx, instance_id, handler, registration_of(engine, engine_args))
     log.info("kv worker %x serving %s, block size %d, KV events from zmq port %d",
-             reg.lease_id, reg.instance_subject, block_size, port)
-    loader = asyncio.create_task(publish_load(ctx.nc, settings.namespace, lease_id, settings.process_name, load))
+             reg.instance, reg.instance_subject, block_size, port)
+    loader = asyncio.create_task(publish_load(ctx.nc, settings.namespace, instance_id, settings.process_name, load))
     relay.tasks.append(loader)  # cancelled with the relay at shutdown
     await ctx.run_until_stopped()
 
 
-async def _serve_with_lease(ctx: WorkerContext, lease_id: int, handler: EngineHandler, model: str,
-                            block_size: int) -> Any:
+async def _serve_with_lease(ctx: WorkerContext, lease_id: int, handler: EngineHandler,
+                            registration: dict[str, Any]) -> Any:
     """WorkerContext.serve, but under a lease granted earlier (the relay needed the id first)."""
     from workers.runtime import requestplane
     from workers.runtime.registry import Registration
@@ -233,7 +234,8 @@ async def _serve_with_lease(ctx: WorkerContext, lease_id: int, handler: EngineHa
     s = ctx.settings
     subject = requestplane.endpoint_subject(s.namespace, COMPONENT, "generate")
     reg = Registration(namespace=s.namespace, component=COMPONENT, endpoint="generate", subject=subject,
-                       lease_id=lease_id, host=s.host, process=s.process_name, model=model, block_size=block_size)
+                       lease_id=lease_id, instance_id=lease_id, host=s.host, process=s.process_name,
+                       **registration)
     server = requestplane.EndpointServer(ctx.nc, subject, reg.instance_subject, handler.generate)
     await server.start()
     ctx.servers.append(server)

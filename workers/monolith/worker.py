@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 
-from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser
+from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser, registration_of
+from workers.kinds import KINDS
 from workers.runtime.serve import WorkerContext, setup_logging
 from workers.runtime.settings import RuntimeSettings
 
@@ -17,18 +18,19 @@ async def serve(args: object) -> None:
     ctx = WorkerContext(settings)
     await ctx.connect()  # fail fast on a wrong endpoint, before minutes of model loading
     engine_args = engine_args_from(args)  # type: ignore[arg-type]
-    engine = build_engine(engine_args)
+    engine = build_engine(engine_args, args.metrics_port)  # type: ignore[attr-defined]
     ctx.on_shutdown.append(engine.shutdown)
     handler = EngineHandler(engine, settings.process_name)
-    await ctx.serve(args.component, "generate", handler.generate, model=engine_args.model,  # type: ignore[attr-defined]
-                    block_size=engine_args.block_size)
+    await ctx.serve(args.component, "generate", handler.generate,  # type: ignore[attr-defined]
+                    **registration_of(engine, engine_args))
     await ctx.run_until_stopped()
 
 
 def main() -> None:
     setup_logging()
     parser = make_parser(__doc__ or "")
-    parser.add_argument("--component", default="vllm", help="registration component (default: vllm)")
+    component = KINDS["monolith"].component
+    parser.add_argument("--component", default=component, help=f"registration component (default: {component})")
     asyncio.run(serve(parser.parse_args()))
 
 

@@ -7,6 +7,7 @@ client can tell a slow worker from a dead one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import msgspec
@@ -23,6 +24,40 @@ EVENT_END = "end"
 CONTROL_EVENTS = frozenset({EVENT_ACK, EVENT_KEEPALIVE, EVENT_END})
 
 
+class ErrorCode(StrEnum):
+    """Why a stream failed: the one thing code may decide on (retry or not), never the message text."""
+
+    NO_RESPONDERS = "no_responders"  # NATS 503: nobody subscribed to the subject (a dead worker)
+    NO_ANSWER = "no_answer"  # no ack within the idle timeout
+    SILENT = "silent"  # acked, then silent past the idle timeout: the worker died or hung
+    WORKER_ERROR = "worker_error"  # the handler raised
+    SHUTTING_DOWN = "shutting_down"  # the worker is stopping and aborted the request
+    BAD_REQUEST = "bad_request"  # the request is invalid: another worker would refuse it too
+    CANCELLED = "cancelled"  # the caller cancelled the request
+
+
+# Codes where the request never reached a working engine, so another instance may serve it.
+RETRYABLE = frozenset({ErrorCode.NO_RESPONDERS, ErrorCode.NO_ANSWER, ErrorCode.SILENT, ErrorCode.SHUTTING_DOWN})
+
+
+def retryable(code: str | None, tokens_sent: bool) -> bool:
+    """Retry only before anything reached the caller (no duplicated tokens) and only for a lost worker."""
+    if tokens_sent or code is None:
+        return False
+    try:
+        return ErrorCode(code) in RETRYABLE
+    except ValueError:  # a code from a newer peer: not known to be safe to retry
+        return False
+
+
+class StreamError(Exception):
+    """Raised by a handler to end its stream with a typed error, e.g. a router passing on a worker's code."""
+
+    def __init__(self, text: str, code: str = ErrorCode.WORKER_ERROR) -> None:
+        super().__init__(text)
+        self.code = str(code)
+
+
 @dataclass
 class Annotated:
     """Field order matches the seed's printout: Annotated(data=' Well', event=None, comment=[], id=None)."""
@@ -31,12 +66,16 @@ class Annotated:
     event: str | None = None
     comment: list[str] = field(default_factory=list)
     id: str | None = None
+    code: str | None = field(default=None, repr=False)  # an ErrorCode on error events
 
     def is_error(self) -> bool:
         return self.event == EVENT_ERROR
 
     def encode(self) -> bytes:
-        return _encode({"data": self.data, "event": self.event, "comment": self.comment, "id": self.id})
+        obj = {"data": self.data, "event": self.event, "comment": self.comment, "id": self.id}
+        if self.code is not None:
+            obj["code"] = self.code
+        return _encode(obj)
 
     @classmethod
     def decode(cls, raw: bytes) -> Annotated:
@@ -46,8 +85,9 @@ class Annotated:
             event=obj.get("event"),
             comment=list(obj.get("comment") or []),
             id=obj.get("id"),
+            code=obj.get("code"),
         )
 
     @classmethod
-    def error(cls, text: str, id: str | None = None) -> Annotated:
-        return cls(event=EVENT_ERROR, comment=[text], id=id)
+    def error(cls, text: str, code: str = ErrorCode.WORKER_ERROR, id: str | None = None) -> Annotated:
+        return cls(event=EVENT_ERROR, comment=[text], id=id, code=str(code))

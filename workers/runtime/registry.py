@@ -1,8 +1,14 @@
 """etcd registry: a worker's registration lives under a lease, so it vanishes when the worker does.
 
-Key: `{namespace}/components/{component}/{endpoint}:{lease_id:x}`; value: Registration as JSON.
+Key: `{namespace}/components/{component}/{endpoint}:{instance_id:x}`; value: Registration as JSON.
 The launcher reads the same records to decide readiness, which is why this module is the one
 definition of a registration for both sides.
+
+A worker's identity (`instance_id`: the key, its per-instance NATS subject, the worker id in its KV
+events) is chosen once, as its first lease id, and outlives that lease: when the lease is lost
+(revoked, or expired during an etcd outage) the worker puts the same key again under a new lease,
+so routers reach it and accept its KV events again within seconds, with no restart of anything.
+The current lease (what the launcher revokes) is always the registration value's `lease_id`.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from urllib.parse import urlparse
 
 import aetcd
 
+from workers.runtime.settings import ServiceUnavailable
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 10
@@ -30,7 +38,8 @@ class Registration:
     component: str
     endpoint: str
     subject: str
-    lease_id: int = 0
+    lease_id: int = 0  # the current lease; changes when a lost lease is replaced
+    instance_id: int = 0  # stable for the process's life (0 in records from before it existed: the lease id)
     host: str = ""
     pid: int = field(default_factory=os.getpid)
     process: str = ""
@@ -40,12 +49,16 @@ class Registration:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def instance(self) -> int:
+        return self.instance_id or self.lease_id
+
+    @property
     def key(self) -> str:
-        return registration_key(self.namespace, self.component, self.endpoint, self.lease_id)
+        return registration_key(self.namespace, self.component, self.endpoint, self.instance)
 
     @property
     def instance_subject(self) -> str:
-        return f"{self.subject}.{self.lease_id:x}"
+        return f"{self.subject}.{self.instance:x}"
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -60,8 +73,13 @@ def components_prefix(namespace: str, component: str | None = None) -> str:
     return base if component is None else f"{base}{component}/"
 
 
-def registration_key(namespace: str, component: str, endpoint: str, lease_id: int) -> str:
-    return f"{components_prefix(namespace, component)}{endpoint}:{lease_id:x}"
+def registration_key(namespace: str, component: str, endpoint: str, instance_id: int) -> str:
+    return f"{components_prefix(namespace, component)}{endpoint}:{instance_id:x}"
+
+
+def instance_of_key(key: str) -> int:
+    """The instance id a registration key ends with (what a delete event tells about)."""
+    return int(key.rsplit(":", 1)[-1], 16)
 
 
 async def connect(endpoints: tuple[str, ...] | list[str], timeout: float = 5.0) -> aetcd.Client:
@@ -75,10 +93,10 @@ async def connect(endpoints: tuple[str, ...] | list[str], timeout: float = 5.0) 
             await asyncio.wait_for(client.status(), timeout)
             return client
         except Exception as exc:
-            errors.append(f"{endpoint}: {type(exc).__name__}: {exc}")
+            errors.append(f"{endpoint}: {type(exc).__name__}" + (f": {exc}" if str(exc) else ""))
             with contextlib.suppress(Exception):
                 await client.close()
-    raise ConnectionError("no etcd endpoint answered: " + "; ".join(errors))
+    raise ServiceUnavailable("etcd", ",".join(endpoints), "; ".join(errors), "ETCD_ENDPOINTS")
 
 
 class Registry:
@@ -101,10 +119,15 @@ class Registry:
         return int(lease.id)
 
     async def register(self, reg: Registration, ttl: int = DEFAULT_TTL) -> Registration:
-        """Put the key under reg.lease_id (granted now if 0) and keep that lease alive."""
+        """Put the key under reg.lease_id (granted now if 0) and keep that lease alive.
+
+        The first lease id becomes the instance id unless one was set; a later call (after a lost
+        lease) keeps it, so the key and the instance subject stay the same."""
         self._ttl = ttl
         if not reg.lease_id:
             reg.lease_id = await self.grant(ttl)
+        if not reg.instance_id:
+            reg.instance_id = reg.lease_id
         await self.client.put(reg.key.encode(), reg.encode(), lease=reg.lease_id)
         self._own = reg
         if self._keepalive is None:
@@ -122,7 +145,7 @@ class Registry:
                 reply = await self.client.refresh_lease(own.lease_id)
                 if reply is None or reply.TTL <= 0:
                     # The lease is gone (expired during an outage, or revoked): come back under a new one.
-                    log.warning("lease %x lost; registering again", own.lease_id)
+                    log.warning("lease %x lost; registering %s again under a new lease", own.lease_id, own.key)
                     own.lease_id = 0
                     await self.register(own, self._ttl)
             except Exception as exc:
@@ -165,17 +188,18 @@ class Registry:
             await self.client.close()
 
 
-async def namespaces_serving(endpoints: tuple[str, ...] | list[str], component: str) -> list[str]:
-    """Namespaces with at least one live registration of `component` (keys `{ns}/components/{component}/...`)."""
+async def components_by_namespace(endpoints: tuple[str, ...] | list[str]) -> dict[str, set[str]]:
+    """Every namespace with live registrations, and the components registered there
+    (keys `{ns}/components/{component}/...`)."""
     client = await connect(endpoints)
     try:
         result = await client.get_all(keys_only=True)
-        found = set()
+        found: dict[str, set[str]] = {}
         for kv in result:
             parts = kv.key.decode(errors="replace").split("/")
-            if len(parts) >= 4 and parts[-3] == "components" and parts[-2] == component:
-                found.add("/".join(parts[:-3]))
-        return sorted(found)
+            if len(parts) >= 4 and parts[-3] == "components":
+                found.setdefault("/".join(parts[:-3]), set()).add(parts[-2])
+        return found
     finally:
         with contextlib.suppress(Exception):
             await client.close()

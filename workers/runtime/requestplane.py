@@ -14,10 +14,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlparse
 
 import msgspec
 import nats
 import nats.errors
+import pydantic
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -26,15 +28,19 @@ from workers.runtime.annotated import (
     EVENT_ACK,
     EVENT_END,
     Annotated,
+    ErrorCode,
+    StreamError,
 )
 from workers.runtime.inbox import InboxMux, ReplyTimeout
 from workers.runtime.sender import Sender
-from workers.runtime.settings import subject_token
+from workers.runtime.settings import ServiceUnavailable, subject_token
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_INTERVAL = 1.0
 DEFAULT_IDLE_TIMEOUT = 5.0
+# A cancel that arrives before its request (still queued in NATS) is remembered this long.
+EARLY_CANCEL_TTL = 60.0
 
 Handler = Callable[[dict[str, Any]], AsyncIterator[Any]]
 
@@ -48,15 +54,46 @@ def endpoint_subject(namespace: str, component: str, endpoint: str) -> str:
 def instance_subject(namespace: str, component: str, endpoint: str, instance_id: int) -> str:
     return f"{endpoint_subject(namespace, component, endpoint)}.{instance_id:x}"
 
-async def connect(server: str, name: str) -> NATS:
-    """Connect once, failing fast: a worker with no NATS is useless, and the log must say why."""
+
+def cancel_subject(subject: str) -> str:
+    """Where a client cancels a stream it requested on `subject`: every server of that subject
+    listens there, and the message is the stream's reply inbox."""
+    return f"{subject}.cancel"
+
+
+async def connect(server: str, name: str, timeout: float = 5.0) -> NATS:
+    """Connect, failing fast with the address if nothing answers (nats-py would retry forever, since
+    reconnects are unlimited); once connected, reconnect forever (NATS restarts are survived)."""
+    await _probe(server, timeout)
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("NATS at %s: %s: %s", server, type(exc).__name__, exc)
+
     return await nats.connect(
         servers=[server],
         name=name,
-        connect_timeout=5,
+        connect_timeout=timeout,
         max_reconnect_attempts=-1,
         allow_reconnect=True,
+        error_cb=on_error,
     )
+
+
+async def _probe(server: str, timeout: float) -> None:
+    """A NATS server greets every connection with an INFO line."""
+    url = urlparse(server if "://" in server else f"nats://{server}")
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(url.hostname or "127.0.0.1", url.port or 4222), timeout)
+        try:
+            greeting = await asyncio.wait_for(reader.read(5), timeout)
+        finally:
+            writer.close()
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise ServiceUnavailable("NATS", server, f"{type(exc).__name__}: {exc}" if str(exc) else
+                                 type(exc).__name__, "NATS_SERVER") from None
+    if greeting != b"INFO ":
+        raise ServiceUnavailable("NATS", server, "something answers there, but not a NATS server", "NATS_SERVER")
 
 class EndpointServer:
     """Serves one endpoint on its shared subject (queue group) and its per-instance subject."""
@@ -67,6 +104,8 @@ class EndpointServer:
         self._instance_subject = instance_subject
         self._handler = handler
         self._tasks: set[asyncio.Task[None]] = set()
+        self._streams: dict[str, asyncio.Task[None]] = {}  # reply inbox -> the task streaming to it
+        self._cancelled_early: dict[str, float] = {}  # reply inbox -> when its cancel arrived
         self._subs: list[Any] = []
         self._sender = Sender(nc, KEEPALIVE_INTERVAL)
 
@@ -77,6 +116,22 @@ class EndpointServer:
     async def start(self) -> None:
         self._subs.append(await self._nc.subscribe(self._subject, queue="workers", cb=self._on_msg))
         self._subs.append(await self._nc.subscribe(self._instance_subject, cb=self._on_msg))
+        for subject in (self._subject, self._instance_subject):
+            self._subs.append(await self._nc.subscribe(cancel_subject(subject), cb=self._on_cancel))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        """The client went away: stop its stream (the handler's finally aborts the engine request)."""
+        reply = msg.data.decode(errors="replace")
+        task = self._streams.get(reply)
+        if task is not None:
+            log.info("stream to %s cancelled by its client", reply)
+            task.cancel()
+            return
+        now = asyncio.get_running_loop().time()
+        # Every instance hears a cancel sent to the shared subject; only one ever sees the request.
+        # Remember it briefly in case the request is still on its way here.
+        self._cancelled_early = {r: t for r, t in self._cancelled_early.items() if now - t < EARLY_CANCEL_TTL}
+        self._cancelled_early[reply] = now
 
     async def stop(self) -> None:
         """Stop taking requests, then tell every open stream it ended with an error."""
@@ -93,9 +148,20 @@ class EndpointServer:
         if not msg.reply:
             log.warning("request on %s without a reply subject: dropped", msg.subject)
             return
+        if self._cancelled_early.pop(msg.reply, None) is not None:
+            log.info("request to %s was cancelled before it arrived: dropped", msg.reply)
+            return
+        reply = msg.reply
         task = asyncio.create_task(self._serve(msg))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._streams[reply] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if self._streams.get(reply) is t:
+                del self._streams[reply]
+
+        task.add_done_callback(done)
 
     async def _serve(self, msg: Msg) -> None:
         # This task only feeds the engine's deltas to the outbox; the sender encodes and publishes.
@@ -105,7 +171,13 @@ class EndpointServer:
             async for item in self._handler(request):
                 out.put(item)
         except asyncio.CancelledError:
-            out.put_raw(Annotated.error("worker shutting down: request aborted").encode())
+            # Cancelled by its client (nobody listens any more) or by stop(): either way, say so.
+            out.put_raw(Annotated.error("worker shutting down: request aborted",
+                                        code=ErrorCode.SHUTTING_DOWN).encode())
+        except StreamError as exc:
+            out.put_raw(Annotated.error(str(exc), code=exc.code).encode())
+        except (pydantic.ValidationError, msgspec.DecodeError) as exc:
+            out.put_raw(Annotated.error(f"bad request: {exc}", code=ErrorCode.BAD_REQUEST).encode())
         except Exception as exc:
             log.exception("request failed")
             out.put_raw(Annotated.error(f"{type(exc).__name__}: {exc}").encode())
@@ -120,9 +192,13 @@ async def stream(
 ) -> AsyncIterator[Annotated]:
     """Yield the worker's responses; end with an error Annotated instead of hanging.
 
-    The stream ends after the worker's end marker, or after an error, whichever is first.
+    The stream ends after the worker's end marker, or after an error, whichever is first. A caller
+    that stops iterating early (a client that disconnected, a request that was cancelled, a silent
+    worker given up on) makes this publish a cancel, so the worker aborts the request instead of
+    generating for nobody.
     """
     replies = (await InboxMux.for_connection(nc)).open()
+    finished = False
     try:
         await nc.publish(subject, _encode_request(request), reply=replies.subject)
         acked = False
@@ -131,27 +207,36 @@ async def stream(
                 msg = await replies.next(idle_timeout)
             except ReplyTimeout:
                 if not acked:
-                    yield Annotated.error(f"no worker answered on {subject} within {idle_timeout:.0f} s")
+                    yield Annotated.error(f"no worker answered on {subject} within {idle_timeout:.0f} s",
+                                          code=ErrorCode.NO_ANSWER)
                 else:
                     yield Annotated.error(
-                        f"worker on {subject} went silent for {idle_timeout:.0f} s (it died or hung)"
+                        f"worker on {subject} went silent for {idle_timeout:.0f} s (it died or hung)",
+                        code=ErrorCode.SILENT,
                     )
                 return
             if not msg.data:
                 # nats-server answers a request nobody is subscribed to with an empty 503 status message.
                 status = (msg.headers or {}).get("Status", "")
-                yield Annotated.error(f"no worker serves {subject} (NATS status {status or 'empty'})")
+                yield Annotated.error(f"no worker serves {subject} (NATS status {status or 'empty'})",
+                                      code=ErrorCode.NO_RESPONDERS)
                 return
             item = Annotated.decode(msg.data)
             if item.event == EVENT_ACK:
                 acked = True
             if item.event == EVENT_END:
+                finished = True
                 return
             if item.event in CONTROL_EVENTS:
                 continue
+            if item.is_error():
+                finished = True  # the worker ended it
             yield item
             if item.is_error():
                 return
     finally:
         replies.close()
+        if not finished:
+            with contextlib.suppress(Exception):
+                await nc.publish(cancel_subject(subject), replies.subject.encode())
 

@@ -54,6 +54,8 @@ def merge_into(acc: dict[str, Any], delta: dict[str, Any]) -> bool:
             ids.extend(more)
         elif key == "text":
             acc["text"] = text + more_text
+        elif key == "logprobs" and isinstance(acc.get("logprobs"), list) and isinstance(value, list):
+            acc["logprobs"] = [*acc["logprobs"], *value]  # one entry per token, like token_ids
         else:
             acc[key] = value
     return True

@@ -47,7 +47,7 @@ class WorkerContext:
         lease_id = await self.registry.grant()
         subject = requestplane.endpoint_subject(s.namespace, component, endpoint)
         reg = Registration(namespace=s.namespace, component=component, endpoint=endpoint, subject=subject,
-                           lease_id=lease_id, host=s.host, process=s.process_name, **registration)  # type: ignore[arg-type]
+                           lease_id=lease_id, instance_id=lease_id, host=s.host, process=s.process_name, **registration)  # type: ignore[arg-type]
         server = requestplane.EndpointServer(self.nc, subject, reg.instance_subject, handler)
         await server.start()
         self.servers.append(server)

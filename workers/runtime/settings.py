@@ -38,3 +38,14 @@ class RuntimeSettings:
             process_name=os.environ.get("LAUNCHER_PROCESS", ""),
             host=os.environ.get("LAUNCHER_HOST", socket.gethostname()),
         )
+
+
+class ServiceUnavailable(ConnectionError):
+    """etcd or NATS did not answer: names the address and what to check, instead of a bare errno."""
+
+    def __init__(self, service: str, url: str, cause: str, env_var: str) -> None:
+        self.service, self.url = service, url
+        super().__init__(
+            f"{service} at {url} did not answer ({cause}). Is it running? `launcher ls` / `launcher status` "
+            f"show the deployments and their {service}; {env_var} overrides the address.")
+

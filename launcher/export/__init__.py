@@ -1,0 +1,1 @@
+"""`launcher export`: the same plan that `up` runs, written for another orchestrator."""

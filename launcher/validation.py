@@ -1,0 +1,92 @@
+"""The whole check of a topology file, in order: YAML, schema, engine flags, rules.
+
+Every stage reports problems as `file:line:col: field: message` lines; the CLI prints them,
+redacted, with one footer. The rules run only on a schema-valid topology (they read typed values);
+the engine flags are checked from the file as written, so a misspelt flag is reported together
+with the schema's problems instead of one round later.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher import addresses, engine_flags, rules
+from launcher.topology import Topology, TopologyError, parse_topology
+from launcher.yamlpos import LoadedYaml, PathKey, YamlLoadError, load_yaml
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """A key or value quoted in a message may hold a newline or a control character: show it escaped,
+    so every problem stays one `file:line:col: ...` line."""
+    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+@dataclass
+class Checked:
+    topology: Topology | None
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _engine_problems(loaded: LoadedYaml, table: engine_flags.FlagTable | None) -> list[rules.Problem]:
+    data = loaded.data if isinstance(loaded.data, dict) else {}
+    raw_workers = data.get("workers")
+    workers: list[Any] = raw_workers if isinstance(raw_workers, list) else []
+    kinds = [w.get("kind") if isinstance(w, dict) else None for w in workers]
+    mappings: list[tuple[PathKey, Any, str | None]] = [
+        (("engine",), data.get("engine"), "kv_worker" if "kv_worker" in kinds else "")]
+    mappings += [(("workers", i, "engine"), w.get("engine"), kinds[i] if isinstance(kinds[i], str) else "")
+                 for i, w in enumerate(workers) if isinstance(w, dict)]
+    out = []
+    for path, flags, kind in mappings:
+        if isinstance(flags, dict):
+            for key, message in engine_flags.check_flags(flags, table, kind):
+                out.append(rules.Problem((*path, key), message))
+    return out
+
+
+def check_file(path: Path) -> Checked:
+    try:
+        loaded = load_yaml(path)
+    except YamlLoadError as exc:
+        return Checked(None, [one_line(str(exc))])
+    result = Checked(None)
+    table = None
+    try:
+        table = engine_flags.load_table()
+    except engine_flags.TableUnavailable as exc:
+        result.warnings.append(str(exc))
+    try:
+        result.topology = parse_topology(loaded)
+    except TopologyError as exc:
+        result.problems += exc.problems
+    flagged = {p.split(": ", 1)[0] for p in result.problems}
+    for problem in _engine_problems(loaded, table):
+        text = problem.render(loaded)
+        if text.split(": ", 1)[0] not in flagged:  # the schema already said what is wrong there
+            result.problems.append(text)
+    if result.topology is not None:
+        result.problems += [p.render(loaded) for p in rules.check(result.topology)]
+    if result.problems:
+        result.topology = None
+    result.problems = [one_line(p) for p in result.problems]
+    result.warnings = [one_line(w) for w in result.warnings]
+    return result
+
+
+def env_endpoint_problems(environ: dict[str, str]) -> list[str]:
+    """ETCD_ENDPOINTS / NATS_SERVER override the file at `up`: the same URL checks as the schema's."""
+    problems = []
+    for var, schemes, what in (("ETCD_ENDPOINTS", addresses.ETCD_SCHEMES, "etcd"),
+                               ("NATS_SERVER", addresses.NATS_SCHEMES, "NATS")):
+        if environ.get(var):
+            try:
+                addresses.check_urls(environ[var], schemes, what)
+            except ValueError as exc:
+                problems.append(one_line(f"{var}: {exc}"))
+    return problems

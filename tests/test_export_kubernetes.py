@@ -1,0 +1,489 @@
+"""`launcher export kubernetes`: every shipped topology exports to manifests that validate offline
+against the Kubernetes schemas, whose argv and env are `launcher plan --json`'s (minus the rewrites
+listed here), and that say what they changed on the way from one host to a cluster.
+
+No cluster runs here: what a kubelet or controller would do with these manifests is checked on
+paper (schemas, references between objects), not by applying them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes_validate.utils import validate
+
+from launcher.cli import main
+from launcher.export import kubernetes as k8s
+from launcher.export.secrets import looks_secret
+from launcher.topology import load_topology
+from tests.helpers import ROOT
+
+TOPOLOGIES = sorted((ROOT / "topologies").glob("*.yaml"))
+# The oldest Kubernetes minor still commonly run, and the newest whose schemas kubernetes-validate ships.
+K8S_VERSIONS = ("1.29", "1.37")
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+# The in-cluster rewrites of the plan's environment, listed here on purpose (not imported): the
+# export may change nothing else, and a new rewrite must be added here knowingly.
+DROPPED_ENV = {"CUDA_VISIBLE_DEVICES", "VLLM_CPU_OMP_THREADS_BIND", "LAUNCHER_HOST"}
+IN_CLUSTER_ENV = {"ETCD_ENDPOINTS": "http://etcd:2379", "NATS_SERVER": "nats://nats:4222"}
+POD_IP = {"fieldRef": {"fieldPath": "status.podIP"}}
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(args: list[str], check: bool = True) -> Result:
+    """The real CLI entry point, in this process: `launcher validate` imports vLLM to check the
+    connector (seconds each time); once per test session is enough."""
+    out, err = io.StringIO(), io.StringIO()
+    code: int | str | None = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(args)
+        except SystemExit as exc:
+            code = exc.code
+    result = Result(int(code or 0), out.getvalue(), err.getvalue())
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def load_dir(out: Path) -> dict[str, list[dict[str, Any]]]:
+    return {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d is not None]
+            for p in sorted(out.glob("*.yaml")) if p.name != "kustomization.yaml"}
+
+
+def docs_of(out: Path) -> list[dict[str, Any]]:
+    return [d for docs in load_dir(out).values() for d in docs]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind} {name}: {len(found)} found"
+    return found[0]
+
+
+def workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def process_workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The topology's processes (not etcd / NATS): annotated with the plan processes they run."""
+    return [w for w in workloads(docs) if "vllm-launcher/processes" in w["spec"]["template"]["metadata"].get(
+        "annotations", {})]
+
+
+def container(workload: dict[str, Any]) -> dict[str, Any]:
+    (main,) = workload["spec"]["template"]["spec"]["containers"]
+    return main
+
+
+def env_of(workload: dict[str, Any]) -> dict[str, Any]:
+    """name -> value, or name -> valueFrom for variables the pod does not get literally."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(workload)["env"]}
+
+
+def argv_of(workload: dict[str, Any]) -> list[str]:
+    c = container(workload)
+    return [*c["command"], *c["args"]]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
+    """Each shipped topology through the real CLI, as a user runs it: name -> (folder, plan --json)."""
+    out: dict[str, tuple[Path, list[dict[str, Any]]]] = {}
+    base = tmp_path_factory.mktemp("k8s")
+    for topo in TOPOLOGIES:
+        folder = base / topo.stem
+        cli(["export", "kubernetes", str(topo), "-o", str(folder)])
+        plan = json.loads(cli(["plan", str(topo), "--json"]).stdout)
+        out[topo.stem] = (folder, plan)
+    return out
+
+
+@pytest.mark.parametrize("topo", [t.stem for t in TOPOLOGIES])
+def test_every_manifest_validates_against_kubernetes_schemas(exported, topo: str) -> None:  # type: ignore[no-untyped-def]
+    folder, _ = exported[topo]
+    docs = docs_of(folder)
+    assert workloads(docs)
+    for doc in docs:
+        for version in K8S_VERSIONS:
+            validate(doc, version, strict=True)  # raises on an unknown or mistyped field
+
+
+def test_the_schema_check_can_fail(exported) -> None:  # type: ignore[no-untyped-def]
+    folder, _ = exported["disagg"]
+    bad = find(docs_of(folder), "StatefulSet", "decode")
+    container(bad)["resource"] = container(bad).pop("resources")  # a typo kubectl would reject
+    with pytest.raises(Exception, match="resource"):
+        validate(bad, K8S_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("topo", [t.stem for t in TOPOLOGIES])
+def test_kustomization_lists_every_manifest_and_references_resolve(exported, topo: str) -> None:  # type: ignore[no-untyped-def]
+    folder, _ = exported[topo]
+    kust = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    assert kust["kind"] == "Kustomization" and kust["namespace"] == k8s.dns_label(topo)
+    on_disk = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
+    assert sorted(kust["resources"]) == sorted(on_disk) and len(set(kust["resources"])) == len(kust["resources"])
+    assert {p.name for p in folder.iterdir()} == on_disk | {"kustomization.yaml", "NOTES.txt", "README.md"}
+
+    docs = docs_of(folder)
+    names = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    assert len(names) == len(set(names)), "two objects of one kind share a name"
+    assert all(DNS_LABEL.match(name) for _, name in names)
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    processes = {env_of(w)["LAUNCHER_PROCESS"] for w in process_workloads(docs)}
+    for w in workloads(docs):
+        template = w["spec"]["template"]
+        labels = template["metadata"]["labels"]
+        assert w["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        if w["kind"] == "StatefulSet":
+            headless = services[w["spec"]["serviceName"]]
+            assert headless["spec"]["clusterIP"] == "None"
+        for vol in template["spec"].get("volumes", []):
+            if "persistentVolumeClaim" in vol:
+                assert vol["persistentVolumeClaim"]["claimName"] in claims
+        for init in template["spec"].get("initContainers", []):
+            waits_for = init["command"][init["command"].index("wait") + 1:]
+            assert set(waits_for) <= processes, f"{w['metadata']['name']} waits for an unknown process"
+    for svc in services.values():
+        selected = [w for w in workloads(docs) if svc["spec"]["selector"].items()
+                    <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(selected) == 1, f"Service {svc['metadata']['name']} selects {len(selected)} workloads"
+        containers = selected[0]["spec"]["template"]["spec"]["containers"]
+        port_names = {p["name"] for c in containers for p in c.get("ports", [])}
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
+
+
+@pytest.mark.parametrize("topo", [t.stem for t in TOPOLOGIES])
+def test_kustomize_builds_the_set(exported, topo: str) -> None:  # type: ignore[no-untyped-def]
+    """kubectl's own kustomize (offline: `kubectl kustomize` needs no cluster) renders every object
+    into the deployment's namespace."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (it ships kustomize); the layout is still checked above")
+    folder, _ = exported[topo]
+    built = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    objects = [d for d in yaml.safe_load_all(built.stdout) if d]
+    assert sorted(_describe(d) for d in objects) == sorted(_describe(d) for d in docs_of(folder))
+    namespace = k8s.dns_label(topo)
+    for obj in objects:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == namespace
+
+
+def _describe(doc: dict[str, Any]) -> str:
+    return f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+@pytest.mark.parametrize("topo", [t.stem for t in TOPOLOGIES])
+def test_argv_and_env_are_the_plans(exported, topo: str) -> None:  # type: ignore[no-untyped-def]
+    """For every process of `launcher plan --json`: the same argv (interpreter aside) and env (the
+    rewrites listed at the top of this file aside), so `up` and the cluster cannot drift apart."""
+    folder, plan = exported[topo]
+    topology, _ = load_topology(ROOT / "topologies" / f"{topo}.yaml")
+    managed = topology.services.managed != "never"
+    by_process = {}
+    for w in process_workloads(docs_of(folder)):
+        for name in w["spec"]["template"]["metadata"]["annotations"]["vllm-launcher/processes"].split(","):
+            by_process[name] = w
+    assert sorted(by_process) == sorted(p["name"] for p in plan)
+    for p in plan:
+        w = by_process[p["name"]]
+        argv = argv_of(w)
+        assert argv[0] == "python3" and p["argv"][0].endswith(("python", "python3", "python3.11", "python3.12"))
+        expected_argv = list(p["argv"][1:])
+        if "--kv-transfer-config" in expected_argv:
+            i = expected_argv.index("--kv-transfer-config") + 1
+            planned, got = json.loads(expected_argv[i]), json.loads(argv[1:][i])
+            extra = planned.get("kv_connector_extra_config", {})
+            if "shared_storage_path" in extra:  # the run dir of this host -> the shared volume
+                extra["shared_storage_path"] = k8s.KV_MOUNT
+            if "kv_ip" in planned:  # a host address -> the StatefulSet pod's DNS name
+                planned["kv_ip"] = f"{w['metadata']['name']}-0.{w['metadata']['name']}"
+            assert got == planned
+            expected_argv[i] = argv[1:][i]
+        if w["spec"]["replicas"] > 1 and "--metrics-port" in expected_argv:  # one port for every pod of it
+            i = expected_argv.index("--metrics-port") + 1
+            expected_argv[i] = argv[1:][i]
+        if p["kind"] == "frontend":  # listens on the pod's address, for its Service
+            expected_argv[expected_argv.index("--host") + 1] = "0.0.0.0"
+        assert argv[1:] == expected_argv
+
+        env = env_of(w)
+        expected = {k: v for k, v in p["env"].items() if k not in DROPPED_ENV}
+        if managed:
+            expected.update(IN_CLUSTER_ENV)
+        if w["spec"]["replicas"] > 1:  # replicas share a workload and register under its name
+            expected["LAUNCHER_PROCESS"] = w["metadata"]["name"]
+        if "nixl" in {port["name"] for port in container(w).get("ports", [])}:
+            expected["VLLM_NIXL_SIDE_CHANNEL_HOST"] = POD_IP
+        if "metrics" in p["ports"]:  # vLLM's metrics on the pod's address, for a scraper
+            expected["LAUNCHER_METRICS_ADDR"] = "0.0.0.0"
+        assert env == expected
+
+
+def test_disaggregated_layout(exported) -> None:  # type: ignore[no-untyped-def]
+    """topologies/disagg.yaml, field by field: what a reviewer of the manifests would check."""
+    folder, _ = exported["disagg"]
+    docs = docs_of(folder)
+    prefill, decode = find(docs, "StatefulSet", "prefill"), find(docs, "StatefulSet", "decode")
+
+    # GPUs: TP 1 and TP 2, as limits; host indices gone.
+    assert container(prefill)["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert container(decode)["resources"] == {"limits": {"nvidia.com/gpu": 2}}
+    assert "--tensor-parallel-size" in argv_of(decode)
+    assert argv_of(decode)[argv_of(decode).index("--tensor-parallel-size") + 1] == "2"
+
+    # KV roles and ranks, from the same --kv-transfer-config the plan builds.
+    def kv(w: dict[str, Any]) -> dict[str, Any]:
+        argv = argv_of(w)
+        return dict(json.loads(argv[argv.index("--kv-transfer-config") + 1]))
+
+    assert (kv(prefill)["kv_connector"], kv(prefill)["kv_role"], kv(prefill)["kv_rank"]) == (
+        "NixlConnector", "kv_producer", 0)
+    assert (kv(decode)["kv_connector"], kv(decode)["kv_role"], kv(decode)["kv_rank"]) == (
+        "NixlConnector", "kv_consumer", 1)
+    assert kv(prefill)["kv_parallel_size"] == kv(decode)["kv_parallel_size"] == 2
+    assert argv_of(prefill)[:3] == ["python3", "-m", "workers.disaggregated.prefill_worker"]
+    assert argv_of(decode)[:3] == ["python3", "-m", "workers.disaggregated.decode_worker"]
+
+    # NIXL side channel: the topology's ports, listening on the pod IP, behind a headless Service each.
+    for w, port in ((prefill, 5600), (decode, 5610)):
+        name = w["metadata"]["name"]
+        env = env_of(w)
+        assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == str(port)
+        assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == POD_IP
+        assert {"name": "nixl", "containerPort": port, "protocol": "TCP"} in container(w)["ports"]
+        assert {"name": "metrics", "containerPort": 9400 + (w is decode), "protocol": "TCP"} in container(w)["ports"]
+        svc = find(docs, "Service", name)
+        assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+        assert {"name": "nixl", "port": port, "targetPort": "nixl", "protocol": "TCP"} in svc["spec"]["ports"]
+        assert w["spec"]["serviceName"] == name and w["spec"]["replicas"] == 1
+
+        # The rest of the environment: the plan's, with etcd / NATS in the cluster.
+        assert env["ETCD_ENDPOINTS"] == "http://etcd:2379" and env["NATS_SERVER"] == "nats://nats:4222"
+        assert env["LAUNCHER_NAMESPACE"] == "disagg" and env["LAUNCHER_PROCESS"] == name
+        assert env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+        assert "CUDA_VISIBLE_DEVICES" not in env
+
+        # Shared memory for NCCL / NIXL, probes that mean "registered in etcd", time to drain.
+        pod = w["spec"]["template"]["spec"]
+        assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "10Gi"}} in pod["volumes"]
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in container(w)["volumeMounts"]
+        probe = ["python3", "-m", "launcher.probe"]
+        assert container(w)["readinessProbe"]["exec"]["command"] == [*probe, "ready"]
+        assert container(w)["startupProbe"]["exec"]["command"] == [*probe, "ready"]
+        assert container(w)["livenessProbe"]["exec"]["command"] == [*probe, "live"]
+        # ready_timeout: 1800 in the file = the startup probe's window
+        startup = container(w)["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] == 1800
+        assert pod["terminationGracePeriodSeconds"] >= 30
+        assert pod["enableServiceLinks"] is False
+
+    # Start order: decode after prefill (the plan's depends_on), prefill after nothing.
+    assert "initContainers" not in prefill["spec"]["template"]["spec"]
+    (init,) = decode["spec"]["template"]["spec"]["initContainers"]
+    assert init["command"] == ["python3", "-m", "launcher.probe", "wait", "prefill"]
+
+    # etcd and NATS with JetStream, in the cluster.
+    assert "-js" in container(find(docs, "StatefulSet", "nats"))["args"]
+    assert find(docs, "Service", "nats")["spec"]["ports"][0]["port"] == 4222
+    assert find(docs, "Service", "etcd")["spec"]["ports"][0]["port"] == 2379
+
+    notes = (folder / "NOTES.txt").read_text()
+    assert "CUDA_VISIBLE_DEVICES" in notes and "pod IP" in notes and "backend: tmux" in notes
+
+
+def test_interchangeable_replicas_are_one_workload(exported) -> None:  # type: ignore[no-untyped-def]
+    folder, _ = exported["kv-router"]
+    docs = docs_of(folder)
+    worker = find(docs, "Deployment", "worker")
+    assert worker["spec"]["replicas"] == 8
+    assert container(worker)["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert worker["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0  # no spare GPU for a surge pod
+    assert env_of(worker)["LAUNCHER_PROCESS"] == "worker"
+    router = find(docs, "Deployment", "router")
+    assert "initContainers" not in router["spec"]["template"]["spec"]
+    assert worker["spec"]["template"]["spec"]["initContainers"][0]["command"][-1] == "router"
+
+
+def test_replicas_with_their_own_kv_rank_stay_apart(exported) -> None:  # type: ignore[no-untyped-def]
+    folder, _ = exported["cpu-disagg-2p1d"]
+    docs = docs_of(folder)
+    ranks = {}
+    for name in ("prefill-1", "prefill-2", "decode"):
+        w = find(docs, "StatefulSet", name)
+        argv = argv_of(w)
+        kv = json.loads(argv[argv.index("--kv-transfer-config") + 1])
+        ranks[name] = kv["kv_rank"]
+        assert kv["kv_connector_extra_config"]["shared_storage_path"] == k8s.KV_MOUNT
+        assert {"name": k8s.KV_CLAIM, "mountPath": k8s.KV_MOUNT} in container(w)["volumeMounts"]
+    assert ranks == {"prefill-1": 0, "prefill-2": 1, "decode": 2}
+    claim = find(docs, "PersistentVolumeClaim", k8s.KV_CLAIM)
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert "ReadWriteMany" in (folder / "NOTES.txt").read_text()
+
+
+def test_one_host_rules_are_explained(exported) -> None:  # type: ignore[no-untyped-def]
+    folder, _ = exported["cpu-kv-router"]
+    a = find(docs_of(folder), "Deployment", "worker-a")
+    assert container(a)["resources"] == {"requests": {"cpu": 1}}
+    notes = (folder / "NOTES.txt").read_text()
+    assert "cpus '0'" in notes and "VLLM_CPU_OMP_THREADS_BIND" in notes
+    assert "no process requests a GPU" in notes and "is a folder on this host" in notes
+
+    folder, _ = exported["multinode"]
+    notes = (folder / "NOTES.txt").read_text()
+    assert "host a" in notes and "host b" in notes and "nodeSelector" in notes
+    assert "kv_ip 10.0.0.1" in notes and "prefill-0.prefill" in notes
+    assert "10.0.0.1" not in (folder / "prefill.yaml").read_text()
+
+
+def test_secrets_become_secret_refs_and_never_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("ETCD_ENDPOINTS", "NATS_SERVER"):  # they would override the file's services
+        monkeypatch.delenv(var, raising=False)
+    topo = tmp_path / "secret.yaml"
+    topo.write_text("""\
+name: Secret_Demo
+services: {etcd: "http://10.1.2.3:2379", nats: "nats://alice:s3cr3t-pw@nats.example:4222", managed: never}
+model: org/model
+env: {HF_TOKEN: hf_hunter2, PLAIN: visible}
+workers:
+  - {name: vllm, gpus: [0], env: {MY_API_KEY: k-123456}}
+""")
+    out = tmp_path / "out"
+    cli(["export", "kubernetes", str(topo), "-o", str(out)])
+    everything = "".join(p.read_text() for p in out.iterdir())
+    for value in ("hf_hunter2", "s3cr3t-pw", "alice", "k-123456"):
+        assert value not in everything
+    docs = docs_of(out)
+    (w,) = workloads(docs)
+    env = env_of(w)
+    ref = {"secretKeyRef": {"name": "secret-demo-secrets", "key": "HF_TOKEN"}}
+    assert env["HF_TOKEN"] == ref
+    assert env["NATS_SERVER"] == {"secretKeyRef": {"name": "secret-demo-secrets", "key": "NATS_SERVER"}}
+    assert env["MY_API_KEY"]["secretKeyRef"]["key"] == "MY_API_KEY"
+    assert env["PLAIN"] == "visible" and env["ETCD_ENDPOINTS"] == "http://10.1.2.3:2379"  # managed: never
+    assert not any(d["kind"] == "StatefulSet" for d in docs)  # no etcd / NATS of our own
+    readme = (out / "README.md").read_text()
+    for key in ("HF_TOKEN", "NATS_SERVER", "MY_API_KEY"):
+        assert f"--from-literal={key}=..." in readme
+    for doc in docs:
+        validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+def test_loopback_services_with_managed_never_are_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    for var in ("ETCD_ENDPOINTS", "NATS_SERVER"):
+        monkeypatch.delenv(var, raising=False)
+    topo = tmp_path / "t.yaml"
+    topo.write_text("name: t\nservices: {managed: never}\nmodel: m\nworkers: [{name: w, args: [--host, 127.0.0.1], "
+                    "env: {CACHE_URL: 'http://localhost:9000', BIND: 0.0.0.0}}]\n")
+    proc = cli(["export", "kubernetes", str(topo), "-o", str(tmp_path / "out")])
+    assert "loopback" in proc.stderr
+    notes = (tmp_path / "out" / "NOTES.txt").read_text()
+    assert "WARNING services.etcd" in notes and "WARNING services.nats" in notes
+    assert "WARNING w: argv --host is 127.0.0.1" in notes
+    assert "WARNING w: env CACHE_URL is http://localhost:9000" in notes
+    assert "BIND" not in notes  # 0.0.0.0 listens on the pod's interfaces: fine
+
+
+@pytest.mark.parametrize("topo", [t.stem for t in TOPOLOGIES])
+def test_shipped_topologies_leave_no_loopback_behind(exported, topo: str) -> None:  # type: ignore[no-untyped-def]
+    folder, _ = exported[topo]
+    assert "WARNING" not in (folder / "NOTES.txt").read_text()
+
+
+def test_named_ports_and_frontend_service(tmp_path: Path) -> None:
+    """ProcessSpec.ports (a frontend's http, each worker's metrics): every named port is a containerPort
+    and a Service port; the frontend gets a ClusterIP Service and listens on the pod's address."""
+    topo, _ = load_topology(ROOT / "topologies" / "cpu-monolith.yaml")
+    exp = k8s.export_kubernetes(topo, "cpu-monolith.yaml")
+    k8s.write_export(exp, tmp_path)
+    docs = docs_of(tmp_path)
+    front = find(docs, "Deployment", "frontend")
+    assert container(front)["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    args = argv_of(front)
+    assert args[args.index("--host") + 1] == "0.0.0.0"
+    svc = find(docs, "Service", "frontend")
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
+    assert container(front)["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    vllm = find(docs, "Deployment", "vllm")
+    assert container(vllm)["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
+    assert find(docs, "Service", "vllm")["spec"]["ports"][0]["port"] == 9400
+    for doc in docs:
+        validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+def test_names_that_collide_are_refused(tmp_path: Path) -> None:
+    topo = tmp_path / "t.yaml"
+    topo.write_text("name: t\nmodel: m\nworkers: [{name: etcd}, {name: a_b}, {name: a.b}]\n")
+    proc = cli(["export", "kubernetes", str(topo), "-o", str(tmp_path / "out")], check=False)
+    assert proc.returncode == 2
+    assert "'etcd'" in proc.stderr and "'a_b' and 'a.b'" in proc.stderr
+
+
+def test_reexport_replaces_its_own_files_only(tmp_path: Path) -> None:
+    topo, _ = load_topology(ROOT / "topologies" / "cpu-kv-router.yaml")
+    k8s.write_export(k8s.export_kubernetes(topo, "x"), tmp_path)
+    (tmp_path / "worker-a.yaml").rename(tmp_path / "stale.yaml")
+    kust = (tmp_path / "kustomization.yaml").read_text().replace("worker-a.yaml", "stale.yaml")
+    (tmp_path / "kustomization.yaml").write_text(kust)
+    (tmp_path / "mine.txt").write_text("keep")
+    k8s.write_export(k8s.export_kubernetes(topo, "x"), tmp_path)
+    assert not (tmp_path / "stale.yaml").exists() and (tmp_path / "worker-a.yaml").exists()
+    assert (tmp_path / "mine.txt").read_text() == "keep"
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "kustomization.yaml").write_text("resources: [app.yaml]\n")
+    with pytest.raises(k8s.ExportError, match="did not write"):
+        k8s.write_export(k8s.export_kubernetes(topo, "x"), foreign)
+
+
+def test_service_images_match_docker_compose() -> None:
+    compose = yaml.safe_load((ROOT / "container" / "docker-compose.yml").read_text())
+    assert compose["services"]["etcd"]["image"] == k8s.ETCD_IMAGE
+    assert compose["services"]["nats"]["image"] == k8s.NATS_IMAGE
+
+
+def test_default_image_has_what_the_manifests_run() -> None:
+    """The exec probes and init container run `python3 -m launcher.probe` in the default image."""
+    dockerfile = (ROOT / "container" / "Dockerfile").read_text()
+    assert "COPY launcher/ launcher/" in dockerfile and "COPY workers/ workers/" in dockerfile
+    assert '"aetcd' in dockerfile and '"psutil' in dockerfile and "python3 -m pip" in dockerfile
+    assert "vllm-launcher:$FRAMEWORK" in (ROOT / "container" / "build.sh").read_text()
+    assert k8s.DEFAULT_IMAGE == "vllm-launcher:vllm"
+
+
+def test_small_helpers() -> None:
+    assert k8s.count_cpus("0-3") == 4 and k8s.count_cpus("0|1") == 2 and k8s.count_cpus("0,2-3") == 3
+    assert k8s.count_cpus("auto") is None and k8s.count_cpus("") is None
+    assert k8s.dns_label("Prefill_Worker.1") == "prefill-worker-1"
+    assert k8s.image_name("vllm-launcher:vllm") == "vllm-launcher"
+    assert k8s.image_name("reg.io:5000/team/img:tag") == "reg.io:5000/team/img"
+    assert k8s.image_name("reg.io:5000/img@sha256:abc") == "reg.io:5000/img"
+    assert k8s.port_name("metrics") == "metrics" and k8s.port_name("9100") == "p-9100"
+    assert looks_secret("HF_TOKEN", "x") and looks_secret("DB_PASSWORD", "x") and looks_secret("X", "nats://u:p@h:1")
+    assert looks_secret("ETCD", "http://a:1,http://user:pw@b:2")
+    assert not looks_secret("NATS_SERVER", "nats://nats:4222") and not looks_secret("VLLM_CPU_KVCACHE_SPACE", "1")

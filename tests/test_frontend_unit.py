@@ -1,0 +1,102 @@
+"""The frontend's decisions, one piece of logic at a time (no engine, no network): which component a
+request goes to, which instance, how a worker's typed error becomes an HTTP status, how an OpenAI body
+becomes vLLM sampling parameters. The whole path runs for real in test_frontend_e2e.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.common.client import entry_of
+from workers.frontend.catalog import Catalog
+from workers.frontend.dispatch import Dispatcher, api_error
+from workers.frontend.errors import BadRequest, NoWorker, WorkerFailed, WorkerSilent
+from workers.frontend.protocol import ChatCompletionRequest, CompletionRequest
+from workers.kinds import ENTRY_COMPONENTS, KINDS, entry_component
+from workers.runtime.annotated import Annotated, ErrorCode
+from workers.runtime.registry import Registration
+
+MODEL = "/models/smol"
+
+
+def reg(component: str, instance: int, served: str | None = "smol", max_len: int | None = 2048) -> Registration:
+    extra = {"served_model_name": served, "max_model_len": max_len} if KINDS_BY_COMPONENT[component].engine else {}
+    return Registration(namespace="ns", component=component, endpoint="generate", subject=f"ns.{component}.generate",
+                        lease_id=instance, instance_id=instance, model=MODEL, extra=extra)
+
+
+KINDS_BY_COMPONENT = {k.component: k for k in KINDS.values()}
+
+
+def catalog_of(*regs: Registration) -> Catalog:
+    cat = Catalog()
+    for r in regs:
+        cat.put(r.key, r)
+    return cat
+
+
+def test_entry_order_is_router_then_decode_then_monolith() -> None:
+    assert ENTRY_COMPONENTS == ("preprocess", "decode", "vllm")
+    assert entry_component({"kv_worker", "router", "frontend"}) == "preprocess"
+    assert entry_component({"prefill", "decode"}) == "decode"
+    assert entry_component({"prefill"}) is None
+    assert entry_of({"vllm", "frontend"}, None) == "vllm"
+    assert entry_of({"vllm"}, "decode") is None
+
+
+def test_catalog_routes_to_the_best_entry_and_forgets_the_gone() -> None:
+    cat = catalog_of(reg("backend", 1), reg("backend", 2), reg("preprocess", 3, served=None))
+    route = cat.serving()["smol"]
+    assert (route.component, [r.instance for r in route.instances], route.max_model_len) == ("preprocess", [3], 2048)
+    cat.delete(reg("preprocess", 3).key)  # the router left: kv workers are not an entry of their own
+    assert cat.serving() == {} and "smol" in cat.routes()
+
+
+def test_dispatcher_spreads_over_the_least_busy_instances() -> None:
+    cat = catalog_of(reg("vllm", 1), reg("vllm", 2), reg("vllm", 3))
+    d = Dispatcher(nc=None, catalog=cat, timeout=1, retries=1)  # type: ignore[arg-type]
+    route = cat.serving()["smol"]
+    d.inflight[1] = 2
+    d.inflight[2] = 1
+    assert d.pick(route, set()).instance == 3  # type: ignore[union-attr]
+    d.inflight[3] = 1
+    picks = {d.pick(route, set()).instance for _ in range(4)}  # type: ignore[union-attr]
+    assert picks == {2, 3}  # ties take turns
+    assert d.pick(route, {2, 3}).instance == 1  # type: ignore[union-attr]
+    assert d.pick(route, {1, 2, 3}) is None
+
+
+@pytest.mark.parametrize(("code", "error"), [
+    (ErrorCode.BAD_REQUEST, BadRequest), (ErrorCode.NO_RESPONDERS, NoWorker), (ErrorCode.SHUTTING_DOWN, NoWorker),
+    (ErrorCode.SILENT, WorkerSilent), (ErrorCode.NO_ANSWER, WorkerSilent), (ErrorCode.WORKER_ERROR, WorkerFailed),
+    (None, WorkerFailed),
+])
+def test_worker_errors_map_to_statuses_by_code(code: ErrorCode | None, error: type) -> None:
+    got = api_error(Annotated.error("whatever the text says", code=code), "vllm instance w")
+    assert type(got) is error
+    assert got.body()["error"]["code"] == got.status
+
+
+def test_sampling_follows_openai_fields() -> None:
+    chat = ChatCompletionRequest.model_validate({
+        "model": "smol", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "max_completion_tokens": 5, "stop": "\n", "logprobs": True, "top_logprobs": 2, "logit_bias": {"7": -1},
+        "seed": 3, "ignore_eos": True})
+    assert chat.requested_max_tokens() == 5
+    assert chat.template_messages() == [{"role": "user", "content": "hi"}]
+    assert chat.sampling(5) == {"max_tokens": 5, "seed": 3, "stop": ["\n"], "ignore_eos": True,
+                                "logit_bias": {7: -1.0}, "logprobs": 2}
+    with pytest.raises(BadRequest) as info:
+        ChatCompletionRequest.model_validate({"model": "smol", "messages": [{"role": "user", "content": "x"}],
+                                              "n": 2}).check_supported()
+    assert info.value.param == "n"
+
+
+def test_completion_prompts_one_at_a_time() -> None:
+    def prompt_of(p: object) -> object:
+        return CompletionRequest.model_validate({"model": "smol", "prompt": p}).single_prompt()
+
+    assert prompt_of("hello") == "hello"
+    assert prompt_of([1, 2, 3]) == [1, 2, 3]
+    assert prompt_of(["only"]) == "only"
+    with pytest.raises(BadRequest):
+        prompt_of(["a", "b"])

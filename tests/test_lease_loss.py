@@ -1,0 +1,117 @@
+"""A worker whose etcd lease is lost (revoked, or expired in an outage) comes back under the same identity.
+
+Real etcd and nats-server; the worker is an EndpointServer registered through Registry (what every
+worker does), the router a real RouterService watching etcd. Nothing is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+
+from workers.common.protocol import GenerateRequest
+from workers.kv_router import events as ev
+from workers.kv_router.router import KvRouter, RouterService
+from workers.runtime import requestplane
+from workers.runtime.registry import Registration, Registry
+from workers.runtime.serve import WorkerContext
+from workers.runtime.settings import RuntimeSettings
+
+
+async def until(cond: Any, timeout: float, what: str) -> float:
+    """Seconds until `cond()` (sync or async) is true; fails after `timeout`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        result = cond()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return time.monotonic() - t0
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def test_a_revoked_lease_is_replaced_under_the_same_key(services) -> None:  # type: ignore[no-untyped-def]
+    async def run() -> tuple[Registration, Registration, list[str]]:
+        worker = await Registry.connect([services.etcd])
+        other = await Registry.connect([services.etcd])  # the launcher, or an operator's etcdctl
+        try:
+            reg = Registration(namespace="ll1", component="backend", endpoint="generate",
+                               subject="ll1.backend.generate", process="w")
+            await worker.register(reg, ttl=3)
+            (before,) = await other.list("ll1")
+            await other.revoke(before.lease_id)
+
+            async def back() -> bool:
+                regs = await other.list("ll1")
+                return len(regs) == 1 and regs[0].lease_id != before.lease_id
+
+            await until(back, 10, "the registration back under a new lease")
+            (after,) = await other.list("ll1")
+            keys = [kv.key.decode() for kv in await other.client.get_prefix(b"ll1/")]
+            return before, after, keys
+        finally:
+            await worker.close()
+            await other.close()
+
+    before, after, keys = asyncio.run(run())
+    assert after.instance_id == before.instance_id == before.lease_id  # the identity is the first lease
+    assert after.lease_id != before.lease_id  # the launcher finds the lease to revoke in the value
+    assert after.key == before.key and keys == [before.key]
+    assert after.instance_subject == before.instance_subject
+
+
+def test_router_reaches_a_worker_and_takes_its_kv_events_after_its_lease_is_lost(services) -> None:  # type: ignore[no-untyped-def]
+    ns = "ll2"
+
+    async def handler(req: dict[str, Any]) -> AsyncIterator[Any]:
+        yield {"text": " Paris", "worker": "w"}
+        yield {"text": "", "finish_reason": "stop", "worker": "w"}
+
+    async def run() -> list[dict[str, Any]]:
+        # The worker.
+        w_nc = await requestplane.connect(services.nats, "w")
+        w_reg = await Registry.connect([services.etcd])
+        subject = requestplane.endpoint_subject(ns, "backend", "generate")
+        lease = await w_reg.grant(ttl=3)
+        reg = Registration(namespace=ns, component="backend", endpoint="generate", subject=subject,
+                           lease_id=lease, instance_id=lease, process="w", block_size=2)
+        server = requestplane.EndpointServer(w_nc, subject, reg.instance_subject, handler)
+        await server.start()
+        await w_reg.register(reg, ttl=3)
+        # The router.
+        ctx = WorkerContext(RuntimeSettings(ns, (services.etcd,), services.nats, "router", "localhost"))
+        await ctx.connect()
+        router = KvRouter("prefix", None)
+        service = RouterService(ctx, router, lambda r: np.asarray(r.token_ids, dtype=np.int32),  # type: ignore[arg-type]
+                                "backend", idle_timeout=2)
+        await service.start()
+        operator = await Registry.connect([services.etcd])
+        try:
+            await until(lambda: lease in router.workers, 10, "the router sees the worker")
+            await operator.revoke(lease)
+            await until(lambda: lease not in router.workers, 10, "the router sees the key deleted")
+            await until(lambda: lease in router.workers, 10, "the router sees the worker again")
+            # Its KV events (tagged with its instance id) are taken again: a snapshot, as the resync asks.
+            stored = ev.Stored(hashes=[11, 12], parent=None, tokens=ev.tokens_bytes([1, 2, 3, 4]))
+            batch = ev.EventBatch(worker=lease, seq=7, block_size=2, events=[stored], snapshot=True)
+            await w_nc.publish(ev.events_subject(ns), ev.batch_encoder.encode(batch))
+            await until(lambda: router.choose([1, 2, 3, 4, 5]).matches.get(lease) == 2, 10,
+                        "its KV events accepted")
+            chunks = [c async for c in service.generate(GenerateRequest(token_ids=[1, 2, 3, 4, 5]).model_dump(
+                exclude_none=True))]
+            return chunks
+        finally:
+            service.stop()
+            await operator.close()
+            await ctx.close()
+            await server.stop()
+            await w_reg.close()
+            await w_nc.close()
+
+    chunks = asyncio.run(run())
+    assert chunks[0]["text"] == " Paris" and chunks[-1]["routing"]["process"] == "w"
