@@ -35,7 +35,7 @@ EXIT_INVALID = 2
 def load_checked(path: Path) -> Topology:
     """YAML, schema, engine flags and rules (launcher.validation); on any problem print every one
     (file:line:col, redacted) and the footer, and exit 2."""
-    checked = validation.check_file(path)
+    checked = validation.check_file(path, say=lambda note: err.print(escape(note), style="dim", soft_wrap=True))
     for warning in checked.warnings:
         err.print(f"[yellow]warning[/] {escape(redact_text(warning))}", soft_wrap=True)
     if checked.topology is None:
@@ -161,6 +161,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     except gpus.GpuError as exc:
         err.print(f"[red]error[/] {exc}")
         return EXIT_INVALID
+    taken = ports_in_use(specs)
+    if taken:
+        for line in taken:
+            err.print(f"[red]error[/] {line}", soft_wrap=True)
+        err.print(f"{len(taken)} problem(s) in {args.topology}; nothing was started")
+        return EXIT_INVALID
     rd.create()
     for stale in (rd.state_file, rd.path / "stop.json"):
         with contextlib.suppress(OSError):
@@ -212,6 +218,24 @@ def cmd_up(args: argparse.Namespace) -> int:
             sup.wait()
         return _foreground_stop(rd, sup)
     return 0 if ok else 1
+
+
+def ports_in_use(specs: list[ProcessSpec]) -> list[str]:
+    """Ports this host's processes will listen on that something already holds (another deployment,
+    a `vllm serve`): said now, not as a crash loop after the engines loaded."""
+    import socket
+
+    problems = []
+    for spec in specs:
+        for role, port in spec.ports.items():
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    problems.append(f"port {port} ({spec.name}'s {role} port) is already in use on this host: stop "
+                                    f"what holds it, or give '{spec.name}' another port in the topology")
+    return problems
 
 
 def request_examples(topo: Topology, specs: list[ProcessSpec]) -> list[str]:

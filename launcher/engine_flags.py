@@ -170,6 +170,15 @@ class TableUnavailable(Exception):
     """No table: vLLM is not installed, or its parser could not be read. The message says which."""
 
 
+def pending_build() -> tuple[str, Path] | None:
+    """(vLLM version, cache file) when the next load_table will build the table (seconds), else None."""
+    found = installed_vllm()
+    if found is None or _table_or_reason.cache_info().currsize:
+        return None
+    path = cache_path(*found)
+    return None if path.exists() else (found[1], path)
+
+
 def load_table() -> FlagTable:
     """The cached table, building it (seconds, once per vLLM version) when missing; raises
     TableUnavailable (once worded, then remembered for this process) when there is none."""

@@ -248,7 +248,9 @@ def _frontend_spec(topo: Topology, f: Frontend, endpoints: Endpoints) -> Process
         name=f.name, kind="frontend", argv=argv, env=env, devices="-", tier=KINDS["frontend"].tier,
         restart_policy=f.restart.policy, max_restarts=f.restart.max_restarts,
         backoff=f.restart.backoff, backoff_max=f.restart.backoff_max,
-        ready_timeout=f.ready_timeout, host=f.host, ports={"http": f.port},
+        # Ready once a worker serves: it waits as long as the slowest worker may take to load.
+        ready_timeout=max([f.ready_timeout, *(w.ready_timeout for w in topo.workers)]), host=f.host,
+        ports={"http": f.port},
         url=f"http://{f'[{shown}]' if ':' in shown else shown}:{f.port}",
     )
 

@@ -9,6 +9,7 @@ with the schema's problems instead of one round later.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,13 +51,17 @@ def _engine_problems(loaded: LoadedYaml, table: engine_flags.FlagTable | None) -
     return out
 
 
-def check_file(path: Path) -> Checked:
+def check_file(path: Path, say: Callable[[str], None] | None = None) -> Checked:
+    """say: told before a slow step (reading vLLM's flags the first time for a vLLM version)."""
     try:
         loaded = load_yaml(path)
     except YamlLoadError as exc:
         return Checked(None, [one_line(str(exc))])
     result = Checked(None)
     table = None
+    pending = engine_flags.pending_build()
+    if pending and say:
+        say(f"reading vLLM {pending[0]}'s engine flags, once for this version (about 30 s; cached in {pending[1]})")
     try:
         table = engine_flags.load_table()
     except engine_flags.TableUnavailable as exc:

@@ -152,3 +152,27 @@ def test_warm_validate_does_not_import_vllm(tmp_path: Path) -> None:
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_cold_cache_is_announced_before_the_slow_build(isolated_cache: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    from launcher import validation
+
+    monkeypatch.setattr(engine_flags, "installed_vllm", lambda: ("vllm", "9.9"))
+
+    def build(*args: object, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        path = engine_flags.cache_path("vllm", "9.9")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(small_table().to_json()))
+        return subprocess.CompletedProcess([], 0, "", "")
+
+    monkeypatch.setattr(engine_flags.subprocess, "run", build)
+    topo = tmp_path / "t.yaml"
+    topo.write_text("name: t\nmodel: m\nengine: {dtype: fp33}\nworkers:\n  - name: w\n")
+    notes: list[str] = []
+    checked = validation.check_file(topo, say=notes.append)
+    assert len(notes) == 1 and "reading vLLM 9.9's engine flags" in notes[0]
+    assert any("'dtype' is one of auto, float16, bfloat16; not 'fp33'" in p for p in checked.problems)
+    notes.clear()
+    validation.check_file(topo, say=notes.append)
+    assert notes == []  # warm now

@@ -100,3 +100,19 @@ def test_completion_prompts_one_at_a_time() -> None:
     assert prompt_of(["only"]) == "only"
     with pytest.raises(BadRequest):
         prompt_of(["a", "b"])
+
+
+def test_up_names_a_port_already_in_use() -> None:
+    import socket
+
+    from launcher.cli import ports_in_use
+    from launcher.plan import ProcessSpec
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        spec = ProcessSpec(name="web", kind="frontend", argv=[], env={}, devices="-", tier=0, ports={"http": port})
+        (problem,) = ports_in_use([spec])
+        assert f"port {port} (web's http port) is already in use" in problem
+    assert ports_in_use([spec]) == []
