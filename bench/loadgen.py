@@ -1,8 +1,9 @@
 """Load shapes and figures shared by the serving benchmarks: the same requests, timed the same way.
 
 A side is a `Stream`: a function from a request dict to an async iterator of chunks, each chunk a
-dict whose `token_ids` list holds the tokens it adds (every side is reduced to that, so tokens are
-counted the same way everywhere: token ids, not messages or SSE events).
+dict whose `token_ids` list holds the tokens it adds, or whose `n_tokens` says how many (an HTTP
+side without token ids: the cumulative `usage.completion_tokens` of continuous usage stats). Tokens
+are counted, never messages or SSE events.
 
 * waves: send N at once, wait for all, repeat (N = the concurrency);
 * sustained: keep C requests in flight, a new one starting as soon as one ends.
@@ -48,11 +49,13 @@ async def timed(stream: Stream, req: dict[str, Any]) -> Sample:
     ttft = None
     tokens = 0
     async for chunk in stream(req):
-        ids = chunk.get("token_ids")
-        if ids:
+        n = chunk.get("n_tokens")
+        if n is None:
+            n = len(chunk.get("token_ids") or ())
+        if n:
             if ttft is None:
                 ttft = time.perf_counter() - t0
-            tokens += len(ids)
+            tokens += n
     return Sample(ttft, time.perf_counter() - t0, tokens)
 
 

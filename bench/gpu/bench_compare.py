@@ -10,13 +10,15 @@ Sides (same engine flags, same seeded token-id prompts, ignore_eos, fixed max_to
 * serve: `vllm serve` (OpenAI HTTP), POST /v1/completions streamed, `return_token_ids`;
 * before: the same worker and client with the request plane of --before-plane (a requestplane.py
   source file: the plane before issue 13), served by plane_worker.py on the same NATS server;
-* frontend: our OpenAI frontend in front of the nats worker (only with --frontend-url; same client).
+* frontend: our OpenAI frontend (a `frontends:` entry of the same deployment, or --frontend-url) in
+  front of the nats worker; the same HTTP client as `serve`.
 
 Order: every engine starts once (one after another, so vLLM's memory profiling of one never sees
 another's start-up); then every side gets the same warm-up (one wave at each concurrency); then for
 each repetition, load and concurrency the sides run one after another in an order that rotates,
 each on a fresh seeded request set (the same prompts on every side; never seen before by any engine,
-so no prefix-cache hits). Tokens are counted from token ids on every side.
+so no prefix-cache hits). Tokens are counted, never messages: token ids on the NATS sides, the
+cumulative usage of continuous usage stats on the HTTP sides (token ids cross-check it).
 
 Every measured row is appended to OUT/rows.jsonl as it happens (a run cut short still reports), and
 at the end OUT/report.txt holds the table: means [min-max] and paired ratios against inprocess.
@@ -80,6 +82,10 @@ class Deployment:
                 "services": {"etcd": self.etcd, "nats": self.nats, "managed": "never"},
                 "engine": json.loads(args.engine), "env": {"VLLM_USE_FLASHINFER_SAMPLER": "0", **_cpu_env()},
                 "workers": [worker]}
+        self.frontend_port = 0
+        if "frontend" in args.sides and not args.frontend_url:
+            self.frontend_port = svc.free_port()
+            topo["frontends"] = [{"name": "frontend", "port": self.frontend_port, "ready_timeout": 300}]
         self.topology = work / "bench-compare.yaml"
         self.topology.write_text(json.dumps(topo))  # JSON is YAML
 
@@ -206,25 +212,33 @@ def _cpu_build() -> bool:
 
 
 def http_side(host: str, port: int, model: str, counts: dict[str, int]) -> loadgen.Stream:
-    """An OpenAI /v1/completions stream reduced to token-id chunks; usage checks the count."""
+    """An OpenAI /v1/completions stream reduced to token counts per chunk.
+
+    Counted from `usage.completion_tokens` (continuous usage stats: cumulative per chunk), which both
+    `vllm serve` and our frontend send; `token_ids` (return_token_ids) cross-check it where present.
+    """
 
     async def stream(req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         s = req["sampling"]
         body = {"model": model, "prompt": req["token_ids"], "max_tokens": s["max_tokens"], "temperature": 0.0,
                 "ignore_eos": True, "stream": True, "return_token_ids": True,
-                "stream_options": {"include_usage": True}}
-        got = 0
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        done = 0
+        ids_seen = 0
         async for event in post_sse(host, port, "/v1/completions", body):
             for choice in event.get("choices") or []:
-                ids = choice.get("token_ids")
-                if ids is None and choice.get("text"):
-                    counts["chunks_without_token_ids"] = counts.get("chunks_without_token_ids", 0) + 1
-                if ids:
-                    got += len(ids)
-                    yield {"token_ids": ids}
-            usage = event.get("usage")
-            if usage and usage.get("completion_tokens") != got:
-                counts["usage_mismatch"] = counts.get("usage_mismatch", 0) + 1
+                ids_seen += len(choice.get("token_ids") or ())
+            usage = event.get("usage") or {}
+            total = usage.get("completion_tokens")
+            if total is None:
+                if event.get("choices"):
+                    counts["chunks_without_usage"] = counts.get("chunks_without_usage", 0) + 1
+                continue
+            if total > done:
+                yield {"n_tokens": total - done}
+                done = total
+        if ids_seen and ids_seen != done:
+            counts["token_ids_vs_usage_mismatch"] = counts.get("token_ids_vs_usage_mismatch", 0) + 1
 
     return stream
 
@@ -253,7 +267,7 @@ async def run(args: argparse.Namespace) -> None:
     rows_file = out / "rows.jsonl"
     (out / "command.txt").write_text(" ".join(sys.argv) + "\n")
     work = Path(tempfile.mkdtemp(prefix="bench-compare-"))
-    sides = [s for s in args.sides if (s != "frontend" or args.frontend_url) and (s != "before" or args.before_plane)]
+    sides = [s for s in args.sides if s != "before" or args.before_plane]
     streams: dict[str, loadgen.Stream] = {}
     counts: dict[str, int] = {}
     t_start = time.monotonic()
@@ -293,9 +307,19 @@ async def run(args: argparse.Namespace) -> None:
             except Exception as exc:
                 log(f"FAIL side serve: {type(exc).__name__}: {exc}")
         if "frontend" in sides:
-            host, _, port = args.frontend_url.removeprefix("http://").partition(":")
-            streams["frontend"] = http_side(host, int(port), args.frontend_model or str(Path(args.model).resolve()),
-                                            counts)
+            try:
+                if args.frontend_url:
+                    host, _, port_text = args.frontend_url.removeprefix("http://").partition(":")
+                    port = int(port_text)
+                elif dep is not None and dep.frontend_port:
+                    host, port = "127.0.0.1", dep.frontend_port
+                else:
+                    raise RuntimeError("no deployment to put a frontend in")
+                models = await get_json(host, port, "/v1/models")
+                streams["frontend"] = http_side(host, port, models["data"][0]["id"], counts)
+                log(f"frontend on {host}:{port}")
+            except Exception as exc:
+                log(f"FAIL side frontend: {type(exc).__name__}: {exc}")
         if "inprocess" in sides:
             log("in-process AsyncLLM starting")
             if args.gpus:
@@ -367,7 +391,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sides", nargs="+", default=["inprocess", "nats", "serve"], choices=SIDES)
     p.add_argument("--before-plane", default="", help="requestplane.py source of the 'before' side")
     p.add_argument("--frontend-url", default="", help="http://host:port of our OpenAI frontend (side frontend)")
-    p.add_argument("--frontend-model", default="")
     p.add_argument("--loads", nargs="+", default=["waves", "sustained"], choices=list(loadgen.LOADS))
     p.add_argument("--concurrency", nargs="+", type=int, default=[16, 64, 256])
     p.add_argument("--reps", type=int, default=4)
