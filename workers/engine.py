@@ -43,10 +43,16 @@ def engine_args_from(args: argparse.Namespace) -> Any:
 def build_engine(engine_args: Any, metrics_port: int | None = None, stat_loggers: list[Any] | None = None
                  ) -> AsyncLLM:
     """The engine, and its Prometheus metrics on `metrics_port` (vLLM's stat loggers fill the default
-    registry of this process; `launcher status` and Prometheus read them there)."""
+    registry of this process; `launcher status` and Prometheus read them there).
+
+    Built in vLLM's OpenAI-server usage context: unset scheduler limits (max-num-batched-tokens,
+    max-num-seqs) then default exactly as under `vllm serve` (8,192 batched tokens on an H200, where
+    the engine context gives 2,048), so a worker schedules like the server users compare it with."""
+    from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=stat_loggers)
+    engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER,
+                                       stat_loggers=stat_loggers)
     if metrics_port is not None:
         import prometheus_client
 
