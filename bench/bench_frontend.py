@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -80,6 +81,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still takes both sides down (finally)
     served = "bench-model"
     engine = {"max-model-len": 1024, "enforce-eager": True, "dtype": args.dtype, "served-model-name": served}
     tmp = Path(tempfile.mkdtemp(prefix="bench-frontend-"))
