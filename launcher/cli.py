@@ -172,15 +172,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         with contextlib.suppress(OSError):
             stale.unlink()
     previous = services.from_json(state.read_json(rd.services_file, []) or [])
-    if previous:  # from an earlier run that was not taken down: give them up first (stopped if unused)
-        services.release_services(previous, rd.path, say=lambda m: console.print(f"  {m}"))
-        state.write_json(rd.services_file, [])
     try:
         used = services.ensure_services(endpoints.etcd, endpoints.nats, topo.services.managed, rd.path,
                                         say=lambda m: console.print(f"  {redact_text(str(m))}"))
     except services.ServiceError as exc:
         err.print(f"[red]error[/] {escape(redact_text(str(exc)))}")
         return 1
+    # An earlier run that was not taken down may have used servers this one no longer does: give them up.
+    unused = [p for p in previous if (p.name, p.endpoint) not in {(u.name, u.endpoint) for u in used}]
+    if unused:
+        services.release_services(unused, rd.path, say=lambda m: console.print(f"  {m}"))
     state.write_json(rd.services_file, services.to_json(used))
     try:
         _write_plan(rd, topo, specs, endpoints, backend, args.host, args.topology, everyone)

@@ -11,8 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import numpy as np
-
+from tests.test_retries import IdsOnly
 from workers.common.protocol import GenerateRequest
 from workers.kv_router import events as ev
 from workers.kv_router.router import KvRouter, RouterService
@@ -87,7 +86,7 @@ def test_router_reaches_a_worker_and_takes_its_kv_events_after_its_lease_is_lost
         ctx = WorkerContext(RuntimeSettings(ns, (services.etcd,), services.nats, "router", "localhost"))
         await ctx.connect()
         router = KvRouter("prefix", None)
-        service = RouterService(ctx, router, lambda r: np.asarray(r.token_ids, dtype=np.int32),  # type: ignore[arg-type]
+        service = RouterService(ctx, router, IdsOnly(),  # type: ignore[arg-type]
                                 "backend", idle_timeout=2)
         await service.start()
         operator = await Registry.connect([services.etcd])

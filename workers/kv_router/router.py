@@ -25,9 +25,11 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -298,17 +300,59 @@ class KvRouter:
 
 
 class Tokenizer:
-    """transformers' tokenizer of --model: plain prompts as vLLM would encode them, chats templated."""
+    """transformers' tokenizer of --model: plain prompts as vLLM would encode them, chats templated.
+
+    Importing transformers takes seconds (it imports torch: ~16 s on a busy 2-core machine), and a
+    restarted router serves nothing until it can tokenize. So when the model folder has a
+    tokenizer.json, plain prompts are encoded at once with the `tokenizers` library (what
+    transformers' fast tokenizers run anyway) while transformers loads on a thread; once loaded, the
+    two are compared on probe strings and on any difference the fast path is dropped (logged).
+    Chat messages wait for transformers (`ready`).
+    """
+
+    PROBES = ("hello world", " The capital of France is", "a\nb  c\t123 !?", "document 3: w1 w2")
 
     def __init__(self, model: str) -> None:
-        from transformers import AutoTokenizer
+        self.model = model
+        self.tok: Any = None
+        self.fast: Any = None
+        self.loaded = threading.Event()
+        tokenizer_json = Path(model) / "tokenizer.json"
+        if tokenizer_json.is_file():
+            from tokenizers import Tokenizer as FastTokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(model)
+            self.fast = FastTokenizer.from_file(str(tokenizer_json))
+            threading.Thread(target=self._load, name="load-tokenizer", daemon=True).start()
+        else:
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(self.model)
+            if self.fast is not None and any(self.fast.encode(p).ids != list(tok(p)["input_ids"])
+                                             for p in self.PROBES):
+                log.warning("tokenizer.json and transformers' tokenizer disagree: using transformers only")
+                self.fast = None
+            self.tok = tok
+        except Exception:
+            log.exception("could not load the tokenizer of %s with transformers", self.model)
+        finally:
+            self.loaded.set()
+
+    def ready(self, req: GenerateRequest) -> bool:
+        """Whether `req` can be encoded now without waiting for transformers."""
+        return self.loaded.is_set() or req.token_ids is not None or (req.messages is None and self.fast is not None)
 
     def __call__(self, req: GenerateRequest) -> np.ndarray:
         """Token ids as an int32 array: hashing blocks from an array avoids a Python int per token."""
         if req.token_ids is not None:
             return np.asarray(req.token_ids, dtype=np.int32)
+        if req.messages is None and self.fast is not None:
+            return np.asarray(self.fast.encode(req.prompt or "").ids, dtype=np.int32)
+        if self.tok is None:
+            raise RuntimeError(f"the tokenizer of {self.model} is not loaded (see the router's log)")
         if req.messages is not None:
             ids: Any = self.tok.apply_chat_template(req.messages, tokenize=True, add_generation_prompt=True)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
@@ -403,6 +447,8 @@ class RouterService:
         assert self.ctx.nc is not None
         req = GenerateRequest.model_validate(raw)
         t0 = time.perf_counter()
+        if not self.tokenizer.ready(req):  # a chat right after start: transformers is still loading
+            await asyncio.to_thread(self.tokenizer.loaded.wait, 120)
         token_ids = self.tokenizer(req)
         tried: set[int] = set()
         while True:
