@@ -116,3 +116,36 @@ def test_up_names_a_port_already_in_use() -> None:
         (problem,) = ports_in_use([spec])
         assert f"port {port} (web's http port) is already in use" in problem
     assert ports_in_use([spec]) == []
+
+
+def test_a_dead_instance_is_retried_then_503_even_when_streaming(services) -> None:  # type: ignore[no-untyped-def]
+    """Two registered instances nobody serves any more (killed before their leases went): the request is
+    tried on each (no-responders is retryable), then answered 503 with Retry-After: a streaming client
+    gets the status too, since nothing was streamed yet. Real nats-server; no engine needed."""
+    import asyncio
+
+    import httpx
+
+    from workers.frontend.app import FrontendApp, Settings
+    from workers.frontend.tokens import Tokenizers
+    from workers.runtime import requestplane
+
+    async def run() -> list[tuple[int, str | None, str]]:
+        nc = await requestplane.connect(services.nats, "test-frontend")
+        try:
+            catalog = catalog_of(reg("vllm", 11), reg("vllm", 12))
+            dispatcher = Dispatcher(nc, catalog, timeout=2, retries=2)
+            app = FrontendApp(dispatcher, catalog, Tokenizers(), Settings())
+            out = []
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.app), base_url="http://t") as http:
+                for stream in (False, True):
+                    r = await http.post("/v1/completions", json={"model": "smol", "prompt": [1, 2, 3],
+                                                                 "max_tokens": 4, "stream": stream})
+                    out.append((r.status_code, r.headers.get("retry-after"), r.json()["error"]["type"]))
+            assert dispatcher.retried == 2  # once per request: the second instance, then nothing left
+            return out
+        finally:
+            await nc.close()
+
+    for status, retry_after, kind in asyncio.run(run()):
+        assert (status, retry_after, kind) == (503, "5", "ServiceUnavailableError")

@@ -12,12 +12,13 @@ is cancelled, and the request plane tells the worker, which aborts the engine re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,7 +207,7 @@ class FrontendApp:
                              f"completion). Please reduce the prompt or {param}.", param=param)
         return asked
 
-    async def _chunks(self, request: Request, prep: Prepared) -> AsyncIterator[dict[str, Any]]:
+    async def _chunks(self, request: Request, prep: Prepared) -> AsyncGenerator[dict[str, Any], None]:
         """The worker's chunks; if the client disconnects, the generation is cancelled (and the worker
         told) and ClientGone is raised."""
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -223,6 +224,7 @@ class FrontendApp:
         async def watch() -> None:
             while (await request.receive())["type"] != "http.disconnect":
                 pass
+            producer.cancel()  # at once, even if nobody reads the queue any more
             queue.put_nowait(_GONE)
 
         producer = asyncio.create_task(produce())
@@ -315,8 +317,7 @@ class FrontendApp:
         model, stream = prep.body.model, prep.body.stream
         self.metrics.input_tokens.labels(model).inc(len(prep.prompt_ids))
         if stream:
-            return StreamingResponse(self._sse(request, prep, started), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Request-Id": prep.request_id})
+            return await self._stream(request, prep, started)
         inflight = self.metrics.inflight.labels(model)
         inflight.inc()
         status = "200"
@@ -350,10 +351,38 @@ class FrontendApp:
             body.update(system_fingerprint=None, prompt_logprobs=None, kv_transfer_params=None)
         return Response(_json(body), media_type="application/json", headers={"X-Request-Id": prep.request_id})
 
-    async def _sse(self, request: Request, prep: Prepared, started: float) -> AsyncIterator[bytes]:
+    async def _stream(self, request: Request, prep: Prepared, started: float) -> Response:
+        """Wait for the first chunk before answering 200: until then a failure (no worker, a silent one,
+        a bad request the worker refused) is still an HTTP status a client can act on."""
         model = prep.body.model
         inflight = self.metrics.inflight.labels(model)
         inflight.inc()
+        chunks = self._chunks(request, prep)
+        try:
+            first = await anext(chunks, None)
+        except (ApiError, ClientGone) as exc:
+            inflight.dec()
+            await chunks.aclose()
+            status = str(exc.status) if isinstance(exc, ApiError) else "499"
+            self.metrics.requests.labels(prep.endpoint, model, "stream", status).inc()
+            if isinstance(exc, ApiError):
+                raise
+            self.metrics.cancelled.labels(model).inc()
+            return Response(status_code=499)
+        return StreamingResponse(self._sse(prep, started, first, chunks, inflight), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Request-Id": prep.request_id})
+
+    @staticmethod
+    async def _after(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]
+                     ) -> AsyncIterator[dict[str, Any]]:
+        if first is not None:
+            yield first
+            async for chunk in rest:
+                yield chunk
+
+    async def _sse(self, prep: Prepared, started: float, first_chunk: dict[str, Any] | None,
+                   chunks: AsyncGenerator[dict[str, Any], None], inflight: Any) -> AsyncIterator[bytes]:
+        model = prep.body.model
         status = "200"
         out = Outcome()
         last_token_at: float | None = None
@@ -367,7 +396,7 @@ class FrontendApp:
                 first = self._envelope(prep, [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                "logprobs": None, "finish_reason": None}], stream=True)
                 yield event(first)
-            async for chunk in self._chunks(request, prep):
+            async for chunk in self._after(first_chunk, chunks):
                 before = len(out.text)
                 n_logprobs = len(out.logprobs)
                 self._absorb(out, chunk)
@@ -409,6 +438,8 @@ class FrontendApp:
             self.metrics.cancelled.labels(model).inc()
             raise
         finally:
+            with contextlib.suppress(Exception):
+                await chunks.aclose()
             inflight.dec()
             self.metrics.requests.labels(prep.endpoint, model, "stream", status).inc()
             self.metrics.output_tokens.labels(model).inc(out.completion_tokens)

@@ -68,7 +68,7 @@ class Dispatcher:
         first chunk and StreamBroken after it."""
         tried: set[int] = set()
         last: ApiError | None = None
-        for attempt in range(self.retries + 1):
+        for _ in range(self.retries + 1):
             route = self.catalog.serving().get(model)
             inst = self.pick(route, tried) if route is not None else None
             if route is None or inst is None:
@@ -76,6 +76,9 @@ class Dispatcher:
                     raise last
                 raise NoWorker(f"no worker serves model '{model}' right now (starting, or down): retry shortly")
             where = f"{route.component} instance {inst.process or f'{inst.instance:x}'}"
+            if last is not None:
+                self.retried += 1
+                log.warning("request %s: %s; trying %s", payload.get("request_id"), last.message, where)
             sent = False
             self.inflight[inst.instance] += 1
             try:
@@ -97,8 +100,5 @@ class Dispatcher:
                 if not self.inflight[inst.instance]:
                     del self.inflight[inst.instance]
             tried.add(inst.instance)
-            if attempt < self.retries:
-                self.retried += 1
-                log.warning("request %s: %s; trying another instance", payload.get("request_id"), last)
         assert last is not None
         raise last
