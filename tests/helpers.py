@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,30 @@ LAUNCHER = [sys.executable, "-m", "launcher.cli"]
 # Small and fast on 2 cores: no torch.compile, a small KV cache.
 CPU_ENGINE = {"max-model-len": 1024, "enforce-eager": True}
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def wait_until(cond: Any, timeout: float, what: str, every: float = 0.2) -> float:
+    """Seconds until `cond()` is true (an exception counts as not yet); fails after `timeout`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        with contextlib.suppress(Exception):
+            if cond():
+                return time.monotonic() - t0
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
+async def until(cond: Any, timeout: float, what: str, every: float = 0.02) -> float:
+    """The same inside an event loop: `cond()` may be sync or a coroutine."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        result = cond()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return time.monotonic() - t0
+        await asyncio.sleep(every)
+    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 @dataclass

@@ -36,7 +36,7 @@ from launcher import proctree
 from launcher import services as svc
 from launcher.services import free_port
 from launcher.state import RunDir
-from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Services, launcher, write_topology
+from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Services, launcher, wait_until, write_topology
 from tests.test_supervisor_e2e import alive, every_pid
 from workers.runtime import requestplane
 from workers.runtime.annotated import retryable
@@ -116,15 +116,6 @@ class Load:
     def since(self, t: float) -> list[Outcome]:
         return [o for o in list(self.outcomes) if o.ended >= t]
 
-
-def wait_until(cond: Any, timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        with contextlib.suppress(Exception):
-            if cond():
-                return time.monotonic() - t0
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout:.0f} s: {what}")
 
 
 def registrations(etcd: str, namespace: str) -> list[Any]:

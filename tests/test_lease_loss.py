@@ -7,10 +7,10 @@ worker does), the router a real RouterService watching etcd. Nothing is restarte
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from tests.helpers import until
 from tests.test_retries import IdsOnly
 from workers.common.protocol import GenerateRequest
 from workers.kv_router import events as ev
@@ -19,19 +19,6 @@ from workers.runtime import requestplane
 from workers.runtime.registry import Registration, Registry
 from workers.runtime.serve import WorkerContext
 from workers.runtime.settings import RuntimeSettings
-
-
-async def until(cond: Any, timeout: float, what: str) -> float:
-    """Seconds until `cond()` (sync or async) is true; fails after `timeout`."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        result = cond()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return time.monotonic() - t0
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def test_a_revoked_lease_is_replaced_under_the_same_key(services) -> None:  # type: ignore[no-untyped-def]

@@ -15,6 +15,7 @@ import pytest
 
 from launcher import supervisor
 from launcher.state import RunDir, write_json
+from tests.helpers import until
 from tests.test_supervisor_unit import FAKE_PID_BASE, spec
 
 
@@ -40,13 +41,6 @@ class HangingBackend:
     def close(self) -> None:
         pass
 
-
-async def until(cond: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.02)
 
 
 def test_stop_is_seen_while_a_step_hangs(services, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
