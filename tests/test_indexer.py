@@ -215,26 +215,6 @@ def test_batches_survive_the_wire() -> None:
     assert ev.batch_decoder.decode(ev.batch_encoder.encode(batch)) == batch
 
 
-@settings(max_examples=200, deadline=None)
-@given(held=st.lists(st.integers(0, 4), min_size=6, max_size=6), inflight=st.lists(st.integers(0, 2), min_size=6,
-       max_size=6), exclude=st.sets(st.integers(0, 5), max_size=4))
-def test_prefix_choice_is_a_cheapest_worker(held: list[int], inflight: list[int], exclude: set[int]) -> None:
-    """The scoring shortcut (only matched or busy workers scored) agrees with scoring every worker."""
-    r = KvRouter("prefix", 2, load_weight=0.5, rng=random.Random(0))
-    prompt = [1, 2, 3, 4, 5, 6, 7, 8]
-    for w in range(6):
-        r.add_worker(_reg(w, f"w{w}"))
-        if held[w]:
-            r.on_batch(_batch(w, 0, ev.Stored(hashes=list(range(held[w])), parent=None,
-                                             tokens=ev.tokens_bytes(prompt[: 2 * held[w]]))))
-        for _ in range(inflight[w]):
-            r.started(r.choose(prompt, exclude=set(range(6)) - {w}))
-    d = r.choose(prompt, exclude={x for x in exclude})
-    allowed = [w for w in range(6) if w not in exclude]
-    cost = {w: 4 - min(held[w], 4) + 0.5 * r.workers[w].inflight_blocks for w in allowed}
-    assert cost[d.worker] == min(cost.values())
-
-
 def test_match_with_many_workers() -> None:
     """More than 8 workers share blocks: the dense mask path gives the same answer as the sparse one."""
     index = FlatIndex(2)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from workers.common.protocol import GenerateChunk, GenerateRequest, TokenLogprob
 from workers.runtime.annotated import ErrorCode, StreamError
+from workers.runtime.serve import serve_prometheus
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -54,14 +54,7 @@ def build_engine(engine_args: Any, metrics_port: int | None = None, stat_loggers
     engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER,
                                        stat_loggers=stat_loggers)
     if metrics_port is not None:
-        import prometheus_client
-
-        addr = os.environ.get("LAUNCHER_METRICS_ADDR", "127.0.0.1")
-        try:
-            prometheus_client.start_http_server(metrics_port, addr=addr)
-            log.info("vLLM metrics on http://%s:%d/metrics", addr, metrics_port)
-        except OSError as exc:  # serving matters more than its metrics: say so and go on
-            log.warning("cannot serve metrics on %s:%d (%s); serving without them", addr, metrics_port, exc)
+        serve_prometheus(metrics_port, "vLLM")
     return engine
 
 
@@ -83,7 +76,7 @@ def logprobs_of(token_ids: Any, steps: Any) -> list[TokenLogprob]:
 
 
 def registration_of(engine: Any, engine_args: Any) -> dict[str, Any]:
-    """What a frontend needs to know of an engine worker: its model, served name and context length."""
+    """What a frontend or router needs to know of an engine worker: model, served name, context, KV blocks."""
     names = engine_args.served_model_name
     served = names[0] if isinstance(names, list) and names else (names or engine_args.model)
     cache = engine.vllm_config.cache_config
@@ -91,6 +84,7 @@ def registration_of(engine: Any, engine_args: Any) -> dict[str, Any]:
         "model": engine_args.model,
         "block_size": cache.block_size,
         "extra": {"served_model_name": served, "max_model_len": engine.vllm_config.model_config.max_model_len,
+                  "num_gpu_blocks": cache.num_gpu_blocks,  # the KV router weighs placements against it
                   "started_at": int(time.time())},
     }
 

@@ -8,10 +8,8 @@ full blocks, hashed with the router's chained hash and matched against the index
 worker's KV events; the chosen worker gets the token ids on its per-instance subject and its
 stream is passed back. The decision is logged and attached to the final chunk as `routing`.
 
-Cost (strategy prefix), lowest wins; ties go to the worker holding the fewest blocks, then at random:
-    cost(w) = blocks w must prefill + load_weight * blocks in flight on w
-where "in flight" counts this router's unfinished requests to w (their prompt blocks), raised to
-the worker's own running + waiting count when other routers keep it busier than we know.
+Cost (strategy prefix): the KV blocks a request costs on each worker, capacity included; the
+formula and why each term is there are in workers/kv_router/cost.py. Lowest wins.
 
 Index lifecycle: a worker's blocks are dropped when its etcd registration disappears; a gap in a
 worker's batch sequence, an event whose parent is unknown, or a worker already running when the
@@ -24,11 +22,12 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +36,19 @@ import numpy as np
 from workers.common.protocol import GenerateRequest
 from workers.kinds import KINDS
 from workers.kv_router import events as ev
+from workers.kv_router.cost import CostWeights, Footprint, InflightBlocks, WorkerState, cost, tie_key
 from workers.kv_router.indexer import FlatIndex, Index
+from workers.kv_router.metrics import RouterMetrics
 from workers.runtime import requestplane
 from workers.runtime.annotated import Annotated, ErrorCode, StreamError, retryable
 from workers.runtime.registry import Registration, instance_of_key
-from workers.runtime.serve import WorkerContext, setup_logging
+from workers.runtime.serve import WorkerContext, serve_prometheus, setup_logging
 from workers.runtime.settings import RuntimeSettings
 
 log = logging.getLogger("workers.kv_router.router")
 
 RESYNC_RETRY = 5.0
+TOKENIZE_TIMEOUT = 30.0
 MAX_RETRIES = 2  # other instances tried after a lost one, before the first token only
 STRATEGIES = ("prefix", "round_robin", "random")
 
@@ -60,11 +62,16 @@ class WorkerView:
     reg: Registration
     load: ev.Load | None = None
     inflight_requests: int = 0
-    inflight_blocks: int = 0
 
     @property
     def name(self) -> str:
         return self.reg.process or f"{self.reg.instance:x}"
+
+    @property
+    def capacity(self) -> float:
+        """KV blocks the worker registered (num_gpu_blocks); infinite when it did not say."""
+        blocks = self.reg.extra.get("num_gpu_blocks") if self.reg.extra else None
+        return float(blocks) if isinstance(blocks, int) and blocks > 0 else math.inf
 
 
 @dataclass
@@ -78,6 +85,8 @@ class Decision:
     matches: dict[int, int]  # worker -> leading blocks it holds (only workers with a match)
     candidates: list[int]
     router: KvRouter
+    hashes: list[int] = field(default_factory=list)  # the request's full prompt blocks (chained hashes)
+    footprint: Footprint | None = None
 
     @property
     def matched(self) -> dict[str, int]:
@@ -98,12 +107,12 @@ class KvRouter:
     """Index + worker set + strategy; the NATS/etcd plumbing around it is in `serve`."""
 
     def __init__(self, strategy: str, block_size: int | None, load_weight: float = 0.5,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, weights: CostWeights | None = None) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown routing strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
         self.strategy = strategy
         self.block_size = block_size
-        self.load_weight = load_weight
+        self.weights = weights or CostWeights(load=load_weight)
         self.rng = rng or random.Random()
         self.index: Index | None = FlatIndex(block_size) if block_size else None
         self.workers: dict[int, WorkerView] = {}
@@ -111,7 +120,7 @@ class KvRouter:
         self.awaiting_snapshot: dict[int, float] = {}  # worker -> when we asked
         self.gone: set[int] = set()
         self._rr = 0
-        self._busy: set[int] = set()  # workers with requests in flight or a non-zero reported load
+        self.inflight = InflightBlocks()
         self.resync_requests: list[int] = []  # drained by the plumbing, which publishes them
 
     # ---- membership -------------------------------------------------------------------------
@@ -146,7 +155,7 @@ class KvRouter:
         self.gone.add(w)
         self.last_seq.pop(w, None)
         self.awaiting_snapshot.pop(w, None)
-        self._busy.discard(w)
+        self.inflight.drop_worker(w)
         if self.index is not None:
             self.index.remove_worker(w)
         if view is not None:
@@ -203,13 +212,6 @@ class KvRouter:
         view = self.workers.get(load.worker)
         if view is not None:
             view.load = load
-            self._update_busy(load.worker, view)
-
-    def _update_busy(self, w: int, view: WorkerView) -> None:
-        if view.inflight_requests or (view.load is not None and (view.load.running or view.load.waiting)):
-            self._busy.add(w)
-        else:
-            self._busy.discard(w)
 
     def stale_resyncs(self) -> list[int]:
         now = time.monotonic()
@@ -219,13 +221,14 @@ class KvRouter:
     def hashes(self, token_ids: Sequence[int] | np.ndarray) -> list[int]:
         return self.index.hasher.chain(token_ids) if self.index is not None else []
 
-    def choose(self, token_ids: Sequence[int] | np.ndarray, exclude: set[int] | None = None) -> Decision:
+    def choose(self, token_ids: Sequence[int] | np.ndarray, exclude: set[int] | None = None,
+               max_tokens: int | None = None) -> Decision:
         candidates = [w for w in self.workers if not exclude or w not in exclude]
         if not candidates:
             raise NoWorker("no kv worker is registered (is any worker up? launcher status)")
         hashes = self.hashes(token_ids)
         matches = self.index.match(hashes) if self.index is not None else {}
-        n = len(hashes)
+        fp = Footprint.of(len(token_ids), max_tokens, self.block_size or 1)
         if self.strategy == "round_robin":
             candidates.sort()
             chosen = candidates[self._rr % len(candidates)]
@@ -233,49 +236,38 @@ class KvRouter:
         elif self.strategy == "random":
             chosen = self.rng.choice(candidates)
         else:
-            chosen = self._cheapest(candidates, matches, n)
-        return Decision(worker=chosen, process=self.workers[chosen].name, strategy=self.strategy, blocks=n,
-                        matches=matches, candidates=candidates, router=self)
+            chosen = self._cheapest(candidates, hashes, matches, fp)
+        return Decision(worker=chosen, process=self.workers[chosen].name, strategy=self.strategy, blocks=len(hashes),
+                        matches=matches, candidates=candidates, router=self, hashes=hashes, footprint=fp)
 
-    def _cheapest(self, candidates: list[int], matches: dict[int, int], n: int) -> int:
-        """Lowest cost; only workers with a match or a load can cost less than n, so only they are scored."""
-        workers = self.workers
-        busy = self._busy
-        restricted = len(candidates) != len(workers)  # some excluded (a retry): score only the candidates
-        allowed = set(candidates) if restricted else workers
-        # Matched, not busy: cost n - matched, so the deepest match wins among them.
-        best_cost = float("inf")
+    def states(self, candidates: Sequence[int], hashes: Sequence[int], matches: dict[int, int]
+               ) -> dict[int, WorkerState]:
+        """Each candidate's view for the cost function (cost.py): overlap, active, resident, capacity."""
+        pending = self.inflight.match(hashes)
+        out = {}
+        for w in candidates:
+            view = self.workers[w]
+            capacity = view.capacity
+            active: float = self.inflight.distinct(w)
+            if view.load is not None and math.isfinite(capacity):  # other routers' requests, 1 s stale
+                active = max(active, view.load.kv_usage * capacity)
+            resident = max(self.index.block_count(w) if self.index is not None else 0, active)
+            out[w] = WorkerState(overlap=max(matches.get(w, 0), pending.get(w, 0)), active=active,
+                                 resident=resident, capacity=capacity)
+        return out
+
+    def _cheapest(self, candidates: list[int], hashes: list[int], matches: dict[int, int], fp: Footprint) -> int:
+        states = self.states(candidates, hashes, matches)
+        weights = self.weights
+        best_key: tuple[float, float, float] | None = None
         best: list[int] = []
-        for w, m in matches.items():
-            if w in busy or w not in allowed:
-                continue
-            cost: float = n - m
-            if cost < best_cost:
-                best_cost, best = cost, [w]
-            elif cost == best_cost:
+        for w, state in states.items():
+            key = (cost(fp, state, weights), *tie_key(state))
+            if best_key is None or key < best_key:
+                best_key, best = key, [w]
+            elif key == best_key:
                 best.append(w)
-        for w in busy:
-            if w not in allowed:
-                continue
-            cost = n - matches.get(w, 0) + self.load_weight * self._pending_blocks(w, n)
-            if cost < best_cost:
-                best_cost, best = cost, [w]
-            elif cost == best_cost:
-                best.append(w)
-        if best_cost >= n:  # no worker saves anything: every idle worker with nothing cached costs n too
-            idle = [w for w in candidates if w not in busy and w not in matches]
-            if idle:
-                best = idle if best_cost > n else best + idle
-            if len(best) > 1 and self.index is not None:
-                # A cold request: the worker holding the fewest blocks (most free cache), so prefixes spread.
-                best = self.index.fewest_blocks(best)
         return best[0] if len(best) == 1 else self.rng.choice(best)
-
-    def _pending_blocks(self, w: int, n: int) -> float:
-        view = self.workers[w]
-        reported = (view.load.running + view.load.waiting) if view.load else 0
-        others = max(0, reported - view.inflight_requests)  # requests other routers sent there
-        return view.inflight_blocks + others * max(n, 1)
 
     def load_of(self, w: int) -> dict[str, float]:
         view = self.workers[w]
@@ -288,15 +280,18 @@ class KvRouter:
         view = self.workers.get(d.worker)
         if view is not None:
             view.inflight_requests += 1
-            view.inflight_blocks += max(d.blocks, 1)
-            self._busy.add(d.worker)
+            self.inflight.add(d.worker, d.hashes, self._private_blocks(d))
 
     def finished(self, d: Decision) -> None:
         view = self.workers.get(d.worker)
         if view is not None:
             view.inflight_requests = max(0, view.inflight_requests - 1)
-            view.inflight_blocks = max(0, view.inflight_blocks - max(d.blocks, 1))
-            self._update_busy(d.worker, view)
+            self.inflight.remove(d.worker, d.hashes, self._private_blocks(d))
+
+    @staticmethod
+    def _private_blocks(d: Decision) -> int:
+        """Blocks of a request nobody else shares: its partial last prompt block and its decode."""
+        return d.footprint.total - d.footprint.prompt if d.footprint is not None else 1
 
 
 class Tokenizer:
@@ -374,6 +369,7 @@ class RouterService:
         self.idle_timeout = idle_timeout
         self.ns = ctx.settings.namespace
         self.tasks: list[asyncio.Task[None]] = []
+        self.metrics = RouterMetrics.default()
 
     async def start(self) -> None:
         assert self.ctx.nc is not None and self.ctx.registry is not None
@@ -447,19 +443,26 @@ class RouterService:
         assert self.ctx.nc is not None
         req = GenerateRequest.model_validate(raw)
         t0 = time.perf_counter()
-        if not self.tokenizer.ready(req):  # a chat right after start: transformers is still loading
-            await asyncio.to_thread(self.tokenizer.loaded.wait, 120)
-        token_ids = self.tokenizer(req)
+        if req.token_ids is not None:  # the frontend's way: tokenized once, upstream
+            token_ids = np.asarray(req.token_ids, dtype=np.int32)
+        else:  # text: tokenizing ~2,000 tokens takes ~6 ms, which would stall every other request here
+            if not self.tokenizer.ready(req):  # a chat right after start: transformers is still loading
+                await asyncio.to_thread(self.tokenizer.loaded.wait, 120)
+            token_ids = await asyncio.wait_for(asyncio.to_thread(self.tokenizer, req), TOKENIZE_TIMEOUT)
+        max_tokens = req.sampling.get("max_tokens")
         tried: set[int] = set()
         while True:
+            t_route = time.perf_counter()
             try:
-                decision = self.router.choose(token_ids, exclude=tried)
+                decision = self.router.choose(token_ids, exclude=tried,
+                                              max_tokens=max_tokens if isinstance(max_tokens, int) else None)
             except NoWorker as exc:
                 raise StreamError(str(exc), code=ErrorCode.NO_RESPONDERS) from None
-            took_us = (time.perf_counter() - t0) * 1e6
-            log.info("route %s: %s -> %s (%x), %d blocks, matched %s, load %s (%.0f us)", req.request_id,
-                     decision.strategy, decision.process, decision.worker, decision.blocks, decision.matched,
-                     decision.load, took_us)
+            now = time.perf_counter()
+            self.metrics.observe(decision, now - t_route, now - t0)
+            log.info("route %s: %s -> %s (%x), %d blocks, matched %s, load %s (decision %.0f us, with tokens %.0f us)",
+                     req.request_id, decision.strategy, decision.process, decision.worker, decision.blocks,
+                     decision.matched, decision.load, (now - t_route) * 1e6, (now - t0) * 1e6)
             view = self.router.workers[decision.worker]
             payload = GenerateRequest(request_id=req.request_id, token_ids=token_ids.tolist(), sampling=req.sampling,
                                       kv_transfer_params=req.kv_transfer_params).model_dump(exclude_none=True)
@@ -495,8 +498,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--routing-strategy", choices=STRATEGIES, default="prefix")
     p.add_argument("--block-size", type=int, default=None,
                    help="KV block size of the workers (default: the one they register with)")
-    p.add_argument("--load-weight", type=float, default=0.5,
-                   help="cost of one block in flight relative to one block to prefill (strategy prefix)")
+    p.add_argument("--load-weight", type=float, default=CostWeights.load,
+                   help="cost of one block pinned on a worker relative to one block to prefill (strategy prefix)")
+    p.add_argument("--evict-weight", type=float, default=CostWeights.evict,
+                   help="cost of one cached block a request would push out of a full worker (strategy prefix)")
+    p.add_argument("--overflow-weight", type=float, default=CostWeights.overflow,
+                   help="cost of one block beyond what a worker can hold at once (strategy prefix)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve the router's Prometheus metrics (vllm_launcher_router_*) on this port")
     p.add_argument("--component", default=KINDS["router"].component, help="component this router serves")
     p.add_argument("--worker-component", default=KINDS["kv_worker"].component,
                    help="component the kv workers register")
@@ -512,7 +521,10 @@ async def serve(args: argparse.Namespace) -> None:
     settings = RuntimeSettings.from_env()
     ctx = WorkerContext(settings)
     await ctx.connect()
-    router = KvRouter(args.routing_strategy, args.block_size, args.load_weight, random.Random(args.seed))
+    weights = CostWeights(load=args.load_weight, evict=args.evict_weight, overflow=args.overflow_weight)
+    router = KvRouter(args.routing_strategy, args.block_size, rng=random.Random(args.seed), weights=weights)
+    if args.metrics_port is not None:
+        serve_prometheus(args.metrics_port, "router")
     service = RouterService(ctx, router, Tokenizer(args.model), args.worker_component,
                             idle_timeout=args.idle_timeout, max_retries=args.max_retries)
     await service.start()

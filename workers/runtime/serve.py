@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -78,3 +79,18 @@ class WorkerContext:
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
+
+
+def serve_prometheus(port: int, what: str) -> None:
+    """This process's Prometheus metrics on `port`, at LAUNCHER_METRICS_ADDR (a pod's address) or 127.0.0.1.
+
+    A port already taken is logged, not fatal: serving matters more than its metrics."""
+    import prometheus_client
+
+    addr = os.environ.get("LAUNCHER_METRICS_ADDR", "127.0.0.1")
+    try:
+        prometheus_client.start_http_server(port, addr=addr)
+        logging.getLogger("workers.runtime.serve").info("%s metrics on http://%s:%d/metrics", what, addr, port)
+    except OSError as exc:
+        logging.getLogger("workers.runtime.serve").warning(
+            "cannot serve metrics on %s:%d (%s); serving without them", addr, port, exc)
