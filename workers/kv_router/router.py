@@ -36,7 +36,7 @@ import numpy as np
 from workers.common.protocol import GenerateRequest
 from workers.kinds import KINDS
 from workers.kv_router import events as ev
-from workers.kv_router.cost import CostWeights, Footprint, InflightBlocks, WorkerState, cost, tie_key
+from workers.kv_router.cost import CostWeights, Footprint, InflightBlocks, WorkerTable
 from workers.kv_router.indexer import FlatIndex, Index
 from workers.kv_router.metrics import RouterMetrics
 from workers.runtime import requestplane
@@ -121,6 +121,7 @@ class KvRouter:
         self.gone: set[int] = set()
         self._rr = 0
         self.inflight = InflightBlocks()
+        self.table = WorkerTable()
         self.resync_requests: list[int] = []  # drained by the plumbing, which publishes them
 
     # ---- membership -------------------------------------------------------------------------
@@ -141,10 +142,11 @@ class KvRouter:
         w = reg.instance
         view = self.workers.get(w)
         if view is None:
-            self.workers[w] = WorkerView(reg)
+            view = self.workers[w] = WorkerView(reg)
             log.info("worker %s (%x) joined", reg.process, w)
         else:
             view.reg = reg  # the same instance under a new lease
+        self.table.add(w, view.capacity)
         back = w in self.gone  # its key was deleted (lost lease) and put again: its blocks were dropped
         self.gone.discard(w)
         if known_before_start or back:
@@ -156,6 +158,7 @@ class KvRouter:
         self.last_seq.pop(w, None)
         self.awaiting_snapshot.pop(w, None)
         self.inflight.drop_worker(w)
+        self.table.remove(w)
         if self.index is not None:
             self.index.remove_worker(w)
         if view is not None:
@@ -164,6 +167,7 @@ class KvRouter:
     def request_resync(self, worker: int) -> None:
         if self.index is not None:
             self.index.clear(worker)
+        self.table.set("cached", worker, 0)
         self.last_seq.pop(worker, None)
         self.awaiting_snapshot[worker] = time.monotonic()
         self.resync_requests.append(worker)
@@ -207,11 +211,14 @@ class KvRouter:
             else:
                 index.clear(w)
         self.last_seq[w] = batch.seq
+        self.table.set("cached", w, index.block_count(w))
 
     def on_load(self, load: ev.Load) -> None:
         view = self.workers.get(load.worker)
         if view is not None:
             view.load = load
+            if math.isfinite(view.capacity):  # pinned blocks, other routers' requests included (1 s stale)
+                self.table.set("reported", load.worker, load.kv_usage * view.capacity)
 
     def stale_resyncs(self) -> list[int]:
         now = time.monotonic()
@@ -236,38 +243,20 @@ class KvRouter:
         elif self.strategy == "random":
             chosen = self.rng.choice(candidates)
         else:
-            chosen = self._cheapest(candidates, hashes, matches, fp)
+            chosen = self._cheapest(hashes, matches, fp, exclude)
         return Decision(worker=chosen, process=self.workers[chosen].name, strategy=self.strategy, blocks=len(hashes),
                         matches=matches, candidates=candidates, router=self, hashes=hashes, footprint=fp)
 
-    def states(self, candidates: Sequence[int], hashes: Sequence[int], matches: dict[int, int]
-               ) -> dict[int, WorkerState]:
-        """Each candidate's view for the cost function (cost.py): overlap, active, resident, capacity."""
-        pending = self.inflight.match(hashes)
-        out = {}
-        for w in candidates:
-            view = self.workers[w]
-            capacity = view.capacity
-            active: float = self.inflight.distinct(w)
-            if view.load is not None and math.isfinite(capacity):  # other routers' requests, 1 s stale
-                active = max(active, view.load.kv_usage * capacity)
-            resident = max(self.index.block_count(w) if self.index is not None else 0, active)
-            out[w] = WorkerState(overlap=max(matches.get(w, 0), pending.get(w, 0)), active=active,
-                                 resident=resident, capacity=capacity)
+    def overlaps(self, hashes: Sequence[int], matches: dict[int, int]) -> dict[int, int]:
+        """Worker -> leading prompt blocks it holds (KV events) or is computing (our requests in flight)."""
+        out = dict(matches)
+        for w, m in self.inflight.match(hashes).items():
+            if m > out.get(w, 0):
+                out[w] = m
         return out
 
-    def _cheapest(self, candidates: list[int], hashes: list[int], matches: dict[int, int], fp: Footprint) -> int:
-        states = self.states(candidates, hashes, matches)
-        weights = self.weights
-        best_key: tuple[float, float, float] | None = None
-        best: list[int] = []
-        for w, state in states.items():
-            key = (cost(fp, state, weights), *tie_key(state))
-            if best_key is None or key < best_key:
-                best_key, best = key, [w]
-            elif key == best_key:
-                best.append(w)
-        return best[0] if len(best) == 1 else self.rng.choice(best)
+    def _cheapest(self, hashes: list[int], matches: dict[int, int], fp: Footprint, exclude: set[int] | None) -> int:
+        return self.table.cheapest(fp, self.overlaps(hashes, matches).items(), self.weights, exclude or (), self.rng)
 
     def load_of(self, w: int) -> dict[str, float]:
         view = self.workers[w]
@@ -281,12 +270,14 @@ class KvRouter:
         if view is not None:
             view.inflight_requests += 1
             self.inflight.add(d.worker, d.hashes, self._private_blocks(d))
+            self.table.set("own", d.worker, self.inflight.distinct(d.worker))
 
     def finished(self, d: Decision) -> None:
         view = self.workers.get(d.worker)
         if view is not None:
             view.inflight_requests = max(0, view.inflight_requests - 1)
             self.inflight.remove(d.worker, d.hashes, self._private_blocks(d))
+            self.table.set("own", d.worker, self.inflight.distinct(d.worker))
 
     @staticmethod
     def _private_blocks(d: Decision) -> int:
