@@ -20,7 +20,7 @@ import pytest
 
 from tests.helpers import CPU_ENGINE, CPU_ENV, Deployment, Services, raw_chunks, up
 from workers.common.protocol import GenerateRequest
-from workers.runtime.registry import Registry
+from workers.runtime.registry import Registration, Registry
 
 BLOCK = 32
 COMPONENTS = {"prefix": "preprocess", "round_robin": "preprocess_rr", "random": "preprocess_random"}
@@ -82,6 +82,11 @@ def test_repeated_prompt_goes_to_the_worker_that_cached_it(deployment: Deploymen
     assert second["cached_tokens"] > 0, second  # vLLM itself served the prefix from its cache
     other = next(p for p in second["routing"]["matched_blocks"] if p != chosen)
     assert second["routing"]["matched_blocks"][other] == 0, second["routing"]
+    # The router weighs placements against each worker's KV capacity, which the workers registered.
+    registered = {r.process: r.extra.get("num_gpu_blocks") for r in _registrations(deployment)}
+    assert all(isinstance(n, int) and n > 0 for n in registered.values()), registered
+    assert {p: load.get("kv_blocks") for p, load in second["routing"]["load"].items()} == registered
+    assert second["routing"]["load"][chosen]["cached_blocks"] >= blocks, second["routing"]
 
 
 def test_round_robin_alternates(deployment: Deployment) -> None:
@@ -95,15 +100,19 @@ def test_random_uses_both_workers(deployment: Deployment) -> None:
     assert chosen == {"worker-a", "worker-b"}
 
 
-def _live_leases(d: Deployment, component: str = "backend") -> set[int]:
-    async def run() -> set[int]:
+def _registrations(d: Deployment, component: str = "backend") -> list[Registration]:
+    async def run() -> list[Registration]:
         registry = await Registry.connect([d.services.etcd])
         try:
-            return {r.instance for r in await registry.list(d.namespace, component)}  # = first lease
+            return await registry.list(d.namespace, component)
         finally:
             await registry.client.close()
 
     return asyncio.run(run())
+
+
+def _live_leases(d: Deployment, component: str = "backend") -> set[int]:
+    return {r.instance for r in _registrations(d, component)}  # = first lease
 
 
 def test_restarted_router_rebuilds_its_index_from_worker_snapshots(deployment: Deployment) -> None:

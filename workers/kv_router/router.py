@@ -217,8 +217,11 @@ class KvRouter:
         view = self.workers.get(load.worker)
         if view is not None:
             view.load = load
-            if math.isfinite(view.capacity):  # pinned blocks, other routers' requests included (1 s stale)
-                self.table.set("reported", load.worker, load.kv_usage * view.capacity)
+            # The worker's pinned blocks count only when it runs requests we did not send (another router's):
+            # ours are counted exactly, and the report is up to a second old.
+            others = load.running + load.waiting > view.inflight_requests
+            if math.isfinite(view.capacity):
+                self.table.set("reported", load.worker, load.kv_usage * view.capacity if others else 0.0)
 
     def stale_resyncs(self) -> list[int]:
         now = time.monotonic()
@@ -261,6 +264,11 @@ class KvRouter:
     def load_of(self, w: int) -> dict[str, float]:
         view = self.workers[w]
         out: dict[str, float] = {"inflight": view.inflight_requests}
+        if w in self.table.slot:  # the cost's inputs, in blocks: pinned (active), cached, and capacity
+            state = self.table.state(w, 0)
+            out.update(active_blocks=state.active, cached_blocks=float(self.table.cached[self.table.slot[w]]))
+            if math.isfinite(state.capacity):
+                out["kv_blocks"] = state.capacity
         if view.load is not None:
             out.update(running=view.load.running, waiting=view.load.waiting, kv_usage=round(view.load.kv_usage, 3))
         return out
