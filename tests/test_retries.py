@@ -7,6 +7,7 @@ test: who is tried, how often, and what the caller sees).
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -253,3 +254,45 @@ def test_prefill_bad_request_is_not_retried_nor_blamed_on_the_instance(services)
     params, used, calls, aside = asyncio.run(prefill_with(
         services.nats, "pf3", [("picky", refusing), ("good", prefilled)], max_retries=2))
     assert used == "local" and params is None and calls == Counter({"picky": 1}) and aside == []
+
+
+class SlowText(IdsOnly):
+    """A tokenizer that takes its time on text (like ~2,000 tokens on a busy core), and says when it ends."""
+
+    def __init__(self) -> None:
+        self.finished = threading.Event()
+
+    def __call__(self, req: GenerateRequest) -> np.ndarray:
+        if req.token_ids is not None:
+            return super().__call__(req)
+        self.finished.wait(5)  # released by the test once the other request was answered
+        return np.asarray([1, 2, 3, 4], dtype=np.int32)
+
+
+def test_tokenizing_a_prompt_does_not_hold_up_other_requests(services) -> None:  # type: ignore[no-untyped-def]
+    """While one request's text is being tokenized, a request that came later (token ids, as the frontend
+    sends them) is routed and answered: tokenizing runs off the router's event loop."""
+    async def run() -> list[str]:
+        fleet = Fleet(services.nats, "rt-tok")
+        await fleet.add("w", 0x50, healthy)
+        service = await fleet.service()
+        slow = SlowText()
+        service.tokenizer = slow  # type: ignore[assignment]
+        order: list[str] = []
+
+        async def send(name: str, req: GenerateRequest) -> None:
+            async for _ in service.generate(req.model_dump(exclude_none=True)):
+                pass
+            order.append(name)
+
+        try:
+            text = asyncio.create_task(send("text", GenerateRequest(prompt="a long document")))
+            await asyncio.sleep(0)  # the text request starts first
+            await asyncio.wait_for(send("ids", GenerateRequest(token_ids=[1, 2, 3, 4])), 10)
+            slow.finished.set()
+            await asyncio.wait_for(text, 10)
+            return order
+        finally:
+            await fleet.close()
+
+    assert asyncio.run(run()) == ["ids", "text"]
