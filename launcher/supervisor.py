@@ -120,11 +120,27 @@ class Supervisor:
                     p.lease_ids = []
                 elif p.started_at is not None and now - p.started_at > spec.ready_timeout:
                     self._stop_one(p)
-                    p.state = FAILED
                     p.log_tail = log_tail(self.log_for(name))
-                    p.message = (f"did not register in etcd within its ready_timeout of {spec.ready_timeout:.0f} s; "
-                                 "see the log tail (raise ready_timeout if loading is just slow)")
+                    missed = f"did not register in etcd within its ready_timeout of {spec.ready_timeout:.0f} s"
+                    if p.restarts and self._restart_later(spec, p, now):
+                        # It served before: a restart that hangs (seen once: a silent child for 300 s)
+                        # is a fault to recover from under the restart policy, not the end of the service.
+                        p.message = f"{missed}; {p.message}"
+                    else:  # the first start: the user is waiting on `up`, and a wrong setup would loop
+                        p.state = FAILED
+                        p.message = f"{missed}; see the log tail (raise ready_timeout if loading is just slow)"
         return revoke
+
+    def _restart_later(self, spec: ProcessSpec, p: ProcState, now: float) -> bool:
+        """Back off and restart `p` if its policy allows another restart; False when it does not."""
+        wants_restart = spec.restart_policy in ("always", "on-failure")
+        if not wants_restart or p.restarts >= spec.max_restarts:
+            return False
+        delay = min(spec.backoff * (2 ** p.restarts), spec.backoff_max)
+        p.restarts += 1
+        p.state, p.next_start_at = BACKOFF, now + delay
+        p.message = f"restart {p.restarts}/{spec.max_restarts} in {delay:.1f} s"
+        return True
 
     def _maybe_start(self, spec: ProcessSpec, p: ProcState, now: float) -> None:
         deps = [self.procs[d] for d in spec.depends_on if d in self.procs]
@@ -153,11 +169,8 @@ class Supervisor:
         # A dead parent can leave its EngineCore behind holding the device: clear the tree now.
         self._reap_leftovers(p)
         wants_restart = spec.restart_policy == "always" or (spec.restart_policy == "on-failure" and code != 0)
-        if wants_restart and p.restarts < spec.max_restarts:
-            delay = min(spec.backoff * (2 ** p.restarts), spec.backoff_max)
-            p.restarts += 1
-            p.state, p.next_start_at = BACKOFF, now + delay
-            p.message = f"exited with code {code}; restart {p.restarts}/{spec.max_restarts} in {delay:.1f} s"
+        if wants_restart and self._restart_later(spec, p, now):
+            p.message = f"exited with code {code}; {p.message}"
         elif wants_restart:
             p.state = FAILED
             p.message = f"exited with code {code}; gave up after {p.restarts} restart(s) (max_restarts)"

@@ -200,6 +200,30 @@ def test_ready_timeout_fails_with_a_message_and_the_log_tail(clock: Clock, tmp_p
     assert p.log_tail == ["Loading weights..."]
 
 
+def test_a_restart_that_hangs_is_restarted_again_under_its_policy(clock: Clock, tmp_path: Path) -> None:
+    """A worker that served, died and came back silent (never registers) is stopped at its ready_timeout
+    and started again while restarts remain: the service recovers instead of staying down."""
+    sup, backend = make([spec("w", ready_timeout=30.0, max_restarts=3, backoff=1.0)], clock, tmp_path)
+    sup.step({})
+    sup.step({"w": [1]})
+    assert sup.procs["w"].state == READY
+    backend.exit_codes["w"] = -9  # killed
+    sup.step({})
+    assert sup.procs["w"].state == BACKOFF
+    clock.advance(1.0)
+    sup.step({})
+    assert sup.procs["w"].state == STARTING and len(backend.starts) == 2
+    clock.advance(31.0)  # the restarted process never registers
+    sup.step({})
+    p = sup.procs["w"]
+    assert p.state == BACKOFF, p.message
+    assert "did not register in etcd within its ready_timeout of 30 s; restart 2/3" in p.message
+    clock.advance(2.0)
+    sup.step({})
+    sup.step({"w": [2]})
+    assert sup.procs["w"].state == READY and len(backend.starts) == 3
+
+
 def test_dependents_of_a_failed_process_fail_instead_of_waiting(clock: Clock, tmp_path: Path) -> None:
     sup, backend = make([spec("router", tier=0, max_restarts=0), spec("v", depends_on=["router"])],
                         clock, tmp_path)
