@@ -28,6 +28,9 @@ Figures per side, workload and repetition: prefix-cache hit rate, preemptions an
 request split from each engine's own Prometheus counters (deltas over the run), TTFT p50/p90 (first
 SSE chunk with text), wall time, failed requests. Printed and written: medians over repetitions and
 the ratios against vllm-router (and ours-prefix / ours-rr), as markdown (`OUT.md`) and JSON (`OUT.json`).
+
+Time on the 2-core CPU machine (from the smoke run, bench/results/kv-peer-cpu-smoke.*): a side starts in
+45-100 s; the defaults (128 + 8x4 + 64 requests, 2 reps, 3 sides) take about 30 minutes.
 """
 
 from __future__ import annotations
@@ -134,6 +137,7 @@ def multiturn(seed: int, tokenizer: Any, conversations: int, turns: int, opening
 class Result:
     ttft: float | None
     error: str | None = None
+    chunks: int = 0  # SSE chunks with text: about the output tokens (ignore_eos honoured on both sides?)
 
 
 async def one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> Result:
@@ -141,6 +145,7 @@ async def one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int)
             "ignore_eos": True, "stream": True}
     t0 = time.perf_counter()
     ttft = None
+    chunks = 0
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -151,13 +156,14 @@ async def one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int)
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
-                if ttft is None:
-                    choices = json.loads(data).get("choices") or []
-                    if choices and choices[0].get("text"):
+                choices = json.loads(data).get("choices") or []
+                if choices and choices[0].get("text"):
+                    chunks += 1
+                    if ttft is None:
                         ttft = time.perf_counter() - t0
     except httpx.HTTPError as exc:
         return Result(None, f"{type(exc).__name__}: {exc}")
-    return Result(ttft, None if ttft is not None else "no text")
+    return Result(ttft, None if ttft is not None else "no text", chunks)
 
 
 async def drive(url: str, work: Workload, max_tokens: int, in_flight: int) -> tuple[list[Result], float]:
@@ -213,6 +219,7 @@ def run_workload(side: Side, work: Workload, args: argparse.Namespace) -> dict[s
         "ttft_p50_ms": 1000 * (percentile(ttfts, 0.5) or 0), "ttft_p90_ms": 1000 * (percentile(ttfts, 0.9) or 0),
         "wall_s": wall, "requests": len(results), "failed": sum(r.error is not None for r in results),
         "split": [int(delta[p][SUCCESS]) for p in side.metrics_ports],
+        "text_chunks_per_request": statistics.median(r.chunks for r in results) if results else None,
         "errors": sorted({r.error for r in results if r.error})[:5],
     }
     if side.router_metrics_port:
@@ -488,7 +495,8 @@ def main() -> None:
                         hr = f"{r['hit_rate']:.3f}" if r["hit_rate"] is not None else "-"
                         print(f"rep {rep} {side_name:15} {w:9} hit {hr} TTFT p50 {r['ttft_p50_ms']:.0f} ms "
                               f"p90 {r['ttft_p90_ms']:.0f} ms wall {r['wall_s']:.1f} s preempt "
-                              f"{r['preemptions']:.0f} failed {r['failed']} split {r['split']}"
+                              f"{r['preemptions']:.0f} failed {r['failed']} split {r['split']} "
+                              f"chunks/req {r['text_chunks_per_request']}"
                               + (f" router {r['router_counters']}" if r.get("router_counters") else ""), flush=True)
                 finally:
                     side.stop()
