@@ -310,6 +310,8 @@ def start_ours(side: Side, args: argparse.Namespace, tmp: Path, services: Servic
             "routers": [{"name": "router", "strategy": strategy}],
             "frontends": [{"name": "frontend", "port": port}]}
     side.argv["topology"] = topo
+    # Known before `up` returns, so an interrupted start-up still goes down (by name) in Side.stop.
+    side.deployment = Deployment(name, name, tmp / f"{name}.yaml", services.env, services)
     side.deployment = up(tmp, topo, services, timeout=900)
     side.url = f"http://127.0.0.1:{port}"
     wait_http(side.url + "/health", 120, [])
