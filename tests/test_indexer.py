@@ -143,7 +143,7 @@ def test_mirror_snapshot_lists_parents_first_and_skips_orphans() -> None:
     m.apply(ev.Removed(hashes=[10]))
     m.apply(ev.Stored(hashes=[10], parent=None, tokens=ev.tokens_bytes([1, 1])))  # re-stored after its child
     snap = list(m.snapshot())
-    assert [s.hashes[0] for s in snap] == [10, 11]
+    assert [(s.parent, s.hashes) for s in snap] == [(None, [10, 11])]  # a chain is one event
     index = FlatIndex(2)
     for s in snap:
         assert index.apply_stored(5, s.parent, s.hashes, ev.tokens_array(s.tokens))
