@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -143,7 +144,7 @@ def test_mirror_snapshot_lists_parents_first_and_skips_orphans() -> None:
     m.apply(ev.Removed(hashes=[10]))
     m.apply(ev.Stored(hashes=[10], parent=None, tokens=ev.tokens_bytes([1, 1])))  # re-stored after its child
     snap = list(m.snapshot())
-    assert [s.hashes[0] for s in snap] == [10, 11]
+    assert [(s.parent, s.hashes) for s in snap] == [(None, [10, 11])]  # a chain is one event
     index = FlatIndex(2)
     for s in snap:
         assert index.apply_stored(5, s.parent, s.hashes, ev.tokens_array(s.tokens))
@@ -222,3 +223,17 @@ def test_match_with_many_workers() -> None:
         depth = 1 + w % 3
         index.apply_stored(w, None, [f"{w}-{i}" for i in range(depth)], [1, 2, 3, 4, 5, 6][: 2 * depth])
     assert index.match(index.hasher.chain([1, 2, 3, 4, 5, 6])) == {w: 1 + w % 3 for w in range(40)}
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32), n=st.integers(0, 2100), split=st.integers(0, 2100), bs=st.sampled_from([1, 3, 16]))
+def test_a_chain_continued_from_its_parent_is_the_whole_chain(seed: int, n: int, split: int, bs: int) -> None:
+    """The vectorised chain (a cumulative sum) agrees with itself block by block, across table growth."""
+    tokens = np.random.default_rng(seed).integers(0, 2**31 - 1, n * bs, dtype=np.int32)
+    h = BlockHasher(bs)
+    whole = h.chain(tokens)
+    k = min(split, n)
+    head = h.chain(tokens[: k * bs])
+    assert head + h.chain(tokens[k * bs:], parent=head[-1]) == whole if k else h.chain(tokens) == whole
+    assert len(set(whole)) == n and all(0 <= x < 2**60 for x in whole)
+    assert h.chain(tokens.tobytes()) == whole == BlockHasher(bs).chain(tokens.tolist())

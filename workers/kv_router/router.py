@@ -194,13 +194,19 @@ class KvRouter:
                 self.request_resync(w)
                 return
         width = 4 * index.block_size
+        # Every Stored event's blocks hashed in one numpy call: per-event calls cost more than the hashing.
+        contents = index.hasher.content(b"".join([e.tokens for e in batch.events if isinstance(e, ev.Stored)
+                                                  and len(e.tokens) == width * len(e.hashes)]))
+        at = 0
         for e in batch.events:
             if isinstance(e, ev.Stored):
                 if len(e.tokens) != width * len(e.hashes):
                     log.warning("worker %x: stored event with %d token bytes for %d blocks: skipped", w,
                                 len(e.tokens), len(e.hashes))
                     continue
-                if not index.apply_stored_content(w, e.parent, e.hashes, index.hasher.content(e.tokens)):
+                n = len(e.hashes)
+                at += n
+                if not index.apply_stored_content(w, e.parent, e.hashes, contents[at - n:at]):
                     if batch.snapshot:
                         continue  # a block whose parent went missing: unreachable, harmless
                     log.warning("worker %x: stored block with unknown parent: resyncing", w)

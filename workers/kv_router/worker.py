@@ -93,10 +93,8 @@ class EventRelay:
 
         self.nc = nc
         self.namespace = namespace
-        self.block_size = 0
         self.mirror = ev.BlockMirror(0)
-        self.worker_id = 0
-        self.seq = 0
+        self.sender = ev.BatchSender(nc, namespace)
         self.ready = asyncio.Event()  # set once the lease id (our worker id) is known
         self._lock = asyncio.Lock()
         self._ctx = zmq.asyncio.Context()
@@ -109,29 +107,25 @@ class EventRelay:
         self._vllm_seq: int | None = None
 
     def set_block_size(self, block_size: int) -> None:
-        self.block_size = self.mirror.block_size = block_size
+        self.sender.block_size = self.mirror.block_size = block_size
 
     def start(self, worker_id: int) -> None:
-        self.worker_id = worker_id
+        self.sender.worker_id = worker_id
         self.ready.set()
         task = asyncio.create_task(self._relay())
         task.add_done_callback(_log_failure)
         self.tasks.append(task)
 
     async def listen_for_resync(self) -> None:
-        await self.nc.subscribe(ev.resync_subject(self.namespace, self.worker_id), cb=self._on_resync)
-
-    async def _publish(self, events: list[ev.Event], snapshot: bool = False) -> None:
-        batch = ev.EventBatch(worker=self.worker_id, seq=self.seq, block_size=self.block_size,
-                              events=events, snapshot=snapshot)
-        self.seq += 1
-        await self.nc.publish(ev.events_subject(self.namespace), ev.batch_encoder.encode(batch))
+        await self.nc.subscribe(ev.resync_subject(self.namespace, self.sender.worker_id), cb=self._on_resync)
 
     async def _on_resync(self, msg: Any) -> None:
+        # Under the lock: no relayed batch may fall between a snapshot's batches (it must follow them).
         async with self._lock:
-            snapshot: list[ev.Event] = [ev.Cleared(), *self.mirror.snapshot()]
-            log.info("resync requested: sending a snapshot of %d blocks as batch %d", len(snapshot) - 1, self.seq)
-            await self._publish(snapshot, snapshot=True)
+            first = self.sender.seq
+            n = await self.sender.send(self.mirror.snapshot(), snapshot=True)
+            log.info("resync requested: sent a snapshot of %d blocks as batches %d..%d", len(self.mirror.blocks),
+                     first, first + n - 1)
 
     @staticmethod
     def translate(vllm_event: Any) -> ev.Event | None:
@@ -168,9 +162,9 @@ class EventRelay:
             async with self._lock:
                 for e in out:
                     self.mirror.apply(e)
-                if self.seq == 0:
+                if self.sender.seq == 0:
                     log.info("first KV event batch relayed (%d events)", len(out))
-                await self._publish(out)
+                await self.sender.send(out)
 
     async def close(self) -> None:
         for t in self.tasks:
