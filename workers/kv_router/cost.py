@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.kv_router.indexer import _WorkerSlots
+from workers.kv_router.indexer import _WorkerSlots, leading_matches
 
 DECODE_TOKENS_ESTIMATE = 256  # a request's decode footprint is min(max_tokens, this): most stop early
 
@@ -291,26 +291,3 @@ class InflightBlocks:
         """Worker -> leading blocks of `chained` that its in-flight requests cover (only workers with some)."""
         return leading_matches(self._masks, self._slots, chained)
 
-
-def leading_matches(masks: dict[int, int], slots: _WorkerSlots, chained: Sequence[int]) -> dict[int, int]:
-    """For each worker, how many leading hashes of `chained` have its bit set in `masks` (0s left out)."""
-    get = masks.get
-    counts: dict[int, int] = {}
-    active = -1  # every worker
-    depth = 0
-    for h in chained:
-        mask = get(h, 0)
-        if active != -1:
-            mask &= active
-        if mask != active:
-            if depth:
-                for w in slots.split(active & ~mask):
-                    counts[w] = depth
-            active = mask
-            if not active:
-                return counts
-        depth += 1
-    if depth and active and active != -1:
-        for w in slots.split(active):
-            counts[w] = depth
-    return counts

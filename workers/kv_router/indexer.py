@@ -179,6 +179,34 @@ def _prefix_counts(slots: _WorkerSlots, levels: Iterable[int], all_mask: int) ->
     return counts
 
 
+def leading_matches(masks: dict[int, int], slots: _WorkerSlots, chained: Sequence[int]) -> dict[WorkerId, int]:
+    """For each worker, how many leading hashes of `chained` have its bit in `masks` (workers with 0 left out).
+
+    `_prefix_counts` inlined over a flat map: the hot path of every routing decision (the index's
+    blocks, and the router's blocks of requests in flight)."""
+    get = masks.get
+    split = slots.split
+    counts: dict[WorkerId, int] = {}
+    active = -1  # every worker
+    depth = 0
+    for h in chained:
+        mask = get(h, 0)
+        if active != -1:
+            mask &= active
+        if mask != active:
+            if depth:
+                for w in split(active & ~mask):
+                    counts[w] = depth
+            active = mask
+            if not active:
+                return counts
+        depth += 1
+    if depth and active and active != -1:
+        for w in split(active):
+            counts[w] = depth
+    return counts
+
+
 _Entry = TypeVar("_Entry")  # what a worker's engine hash maps to: a chained hash (flat) or a tree node
 
 
@@ -277,28 +305,7 @@ class FlatIndex(_IndexBase[int]):
                 blocks.pop(rh, None)
 
     def match(self, chained: Sequence[int]) -> dict[WorkerId, int]:
-        # _prefix_counts inlined: this loop is the hot path of every routing decision.
-        get = self._blocks.get
-        split = self._slots.split
-        counts: dict[WorkerId, int] = {}
-        active = -1  # every worker
-        depth = 0
-        for h in chained:
-            mask = get(h, 0)
-            if active != -1:
-                mask &= active
-            if mask != active:
-                if depth:
-                    for w in split(active & ~mask):
-                        counts[w] = depth
-                active = mask
-                if not active:
-                    return counts
-            depth += 1
-        if depth and active and active != -1:
-            for w in split(active):
-                counts[w] = depth
-        return counts
+        return leading_matches(self._blocks, self._slots, chained)
 
 
     def unique_blocks(self) -> int:
