@@ -6,14 +6,16 @@ last block, expected decode), and a worker w:
     overlap  = leading prompt blocks w holds (KV events) or is computing (our requests in flight)
     prefill  = n - overlap                          blocks w must compute before the first token
     new      = T - overlap                          blocks the request allocates on w
-    active   = distinct blocks pinned by requests running on w (a prefix shared by k requests counts
-               once), raised to kv_usage x capacity from w's load report when others keep it busier
-    resident = blocks cached on w (its KV events), pinned or not
+    active   = distinct blocks pinned by our requests running on w (a prefix shared by k requests
+               counts once), plus what w's load report shows pinned beyond them (another router's)
+    requests = requests in flight on w (ours, plus those its load report shows beyond ours)
+    resident = blocks held on w: cached (its KV events, pinned or not) and our requests' own blocks
     capacity = w's KV blocks (num_gpu_blocks, registered at start)
 
     cost = prefill
-         + evict_weight    x min(new, max(0, resident + new - capacity))    cached blocks pushed out
+         + evict_weight    x new x min(1, (resident + new) / capacity)^2   cached blocks pushed out
          + load_weight     x (active + new)                                 w's batch with the request
+         + request_tokens / block_size x requests                          their share of w's compute
          + overflow_weight x max(0, active + new - capacity)               blocks it cannot hold at once
 
 Lowest cost wins; ties go to the worker with fewer active blocks, then more free room, then at random.
@@ -26,21 +28,32 @@ Why each term:
   cache it again, evicting someone else's prefix (issue 15: hit rate 0.724 against 0.929).
 - overlap includes requests in flight: their blocks are not in the KV events until their prefill
   ends, and without this a burst of requests on one new prefix spreads over every worker.
-- evict: where a new prefix goes decides what it pushes out. A worker with free room takes it for
-  free; a full one pays for every cached block it must drop, since some request will compute it
-  again. Blocks cached but never reused count as resident too (the router cannot tell them apart),
-  so in steady state every full worker pays the same and the term stops deciding; it matters when
-  free room differs, which is when new context is being placed.
+- evict: where new context goes decides what it pushes out: a new block pushes out a block some
+  request will want again with a chance that grows with how full the cache would be (squared: near
+  nothing while there is room, one block per block as the cache fills). A hard
+  "blocks beyond capacity" count was tried first and is myopic: with 4 prefixes of 15 blocks and 48
+  blocks per worker, a third prefix "fits" (30 + 17 <= 48) on the worker that is less busy at that
+  instant, and from then on every request there evicts a prefix block (replayed in
+  tests/test_router_cost.py). Blocks cached but never reused count as resident too (the router
+  cannot tell them apart), so in steady state every full worker pays the same and the term stops
+  deciding; it matters when fill differs, which is when new context is being placed.
+- requests: blocks measure memory, not compute. k requests decoding over one shared prefix pin few
+  distinct blocks but still take k shares of every engine step, so a worker holding a short hot
+  prefix looked idle while busy (measured: a 44/20 split of 64 requests over two workers when the
+  prefixes were ~200 tokens). Each request in flight costs `request_tokens` (128) of prefill: a
+  long cached prefix (1,000 tokens = 15 blocks of 64) outweighs several of them and stays home,
+  a short one moves to an idle replica.
 - overflow: a worker cannot run more distinct context than it holds; the excess waits in its queue or
-  preempts a running request. Pressure on a hot prefix's home spreads its requests to replicas only
-  through this and the load term.
+  preempts a running request. Pressure on a hot prefix's home spreads its requests to replicas
+  through this, the load and the request terms.
 
 Compared with Dynamo's KV router (cost = overlap_weight x prefill blocks + active decode blocks,
 shared blocks counted once, argmin or softmax sampling): the same first and third terms, plus the
-two capacity terms. vllm-router's cache_aware keeps an approximate radix tree of the text it routed
-per worker (not KV events), sends a request to the worker with the longest match when the match is
-over a threshold, otherwise to the worker with the smallest tree, and balances by queue length only
-past an absolute imbalance (64 by default); it never sees evictions, which events do.
+two capacity terms and the per-request one. vllm-router's cache_aware keeps an approximate radix
+tree of the text it routed per worker (not KV events), sends a request to the worker with the
+longest match when the match is over a threshold, otherwise to the worker with the smallest tree,
+and balances by queue length only past an absolute imbalance (64 by default); it never sees
+evictions, which events do.
 """
 
 from __future__ import annotations
@@ -62,6 +75,7 @@ class CostWeights:
     load: float = 0.5
     evict: float = 1.0
     overflow: float = 4.0
+    request_tokens: float = 128.0  # the compute a request in flight takes from a newcomer, in prompt tokens
 
 
 @dataclass(frozen=True)
@@ -70,12 +84,13 @@ class Footprint:
 
     prompt: int
     total: int
+    block_size: int = 1
 
     @classmethod
     def of(cls, prompt_tokens: int, max_tokens: int | None, block_size: int) -> Footprint:
         decode = min(max_tokens if max_tokens is not None else DECODE_TOKENS_ESTIMATE, DECODE_TOKENS_ESTIMATE)
         return cls(prompt=prompt_tokens // block_size,
-                   total=max(1, math.ceil((prompt_tokens + max(decode, 1)) / block_size)))
+                   total=max(1, math.ceil((prompt_tokens + max(decode, 1)) / block_size)), block_size=block_size)
 
 
 @dataclass(frozen=True)
@@ -86,16 +101,17 @@ class WorkerState:
     active: float
     resident: float
     capacity: float  # math.inf when the worker did not register its block count
+    requests: float = 0.0  # requests in flight there
 
 
 def cost(fp: Footprint, w: WorkerState, weights: CostWeights) -> float:
     """The formula of the module docstring, for one worker."""
     overlap = min(w.overlap, fp.prompt)
     new = fp.total - overlap
-    evicted = min(new, max(0.0, w.resident + new - w.capacity))
+    evicted = new * min(1.0, (w.resident + new) / w.capacity) ** 2  # 0 when the capacity is unknown (inf)
     overflow = max(0.0, w.active + new - w.capacity)
     return (fp.prompt - overlap) + weights.evict * evicted + weights.load * (w.active + new) \
-        + weights.overflow * overflow
+        + weights.request_tokens / fp.block_size * w.requests + weights.overflow * overflow
 
 
 def tie_key(w: WorkerState) -> tuple[float, float]:
@@ -112,15 +128,18 @@ class WorkerTable:
     they change, with the derived columns (active, resident, room, slack) recomputed for that worker
     only; a decision does not recompute them."""
 
-    COLUMNS = ("capacity", "own", "reported", "cached", "active", "resident", "room", "slack")
+    COLUMNS = ("capacity", "own", "private", "reported", "cached", "active", "resident", "room", "slack",
+               "requests")
     capacity: np.ndarray
     own: np.ndarray
+    private: np.ndarray
     reported: np.ndarray
     cached: np.ndarray
     active: np.ndarray
     resident: np.ndarray
     room: np.ndarray
     slack: np.ndarray
+    requests: np.ndarray
 
     def __init__(self) -> None:
         self.slot: dict[int, int] = {}
@@ -157,23 +176,23 @@ class WorkerTable:
         size = max(8, 2 * old)
         for name in (*self.COLUMNS, "live"):
             column = getattr(self, name)
-            grown = np.zeros(size, dtype=column.dtype)
+            grown = np.full(size, np.inf) if name == "capacity" else np.zeros(size, dtype=column.dtype)
             grown[:old] = column
             setattr(self, name, grown)
         self.worker_of.extend([None] * (size - old))
         self._free.extend(range(size - 1, old - 1, -1))
 
     def set(self, column: str, worker: int, value: float) -> None:
-        """Update an input column (own, reported, cached) of one worker."""
+        """Update an input column (own, private, reported, cached, requests) of one worker."""
         i = self.slot.get(worker)
         if i is not None:
             getattr(self, column)[i] = value
             self._derive(i)
 
     def _derive(self, i: int) -> None:
-        active = max(self.own[i], self.reported[i])
+        active = self.own[i] + self.reported[i]
         self.active[i] = active
-        self.resident[i] = max(self.cached[i], active)
+        self.resident[i] = max(self.cached[i] + self.private[i], active)
         capacity = self.capacity[i]
         finite = math.isfinite(capacity)
         self.room[i] = self.resident[i] - capacity if finite else -math.inf  # < 0: free blocks
@@ -184,7 +203,7 @@ class WorkerTable:
         i = self.slot[worker]
         capacity = float(self.capacity[i]) if math.isfinite(self.capacity[i]) else math.inf
         return WorkerState(overlap=overlap, active=float(self.active[i]), resident=float(self.resident[i]),
-                           capacity=capacity)
+                           capacity=capacity, requests=float(self.requests[i]))
 
     def cheapest(self, fp: Footprint, overlaps: Iterable[tuple[int, int]], weights: CostWeights,
                  exclude: Iterable[int], rng: random.Random) -> int:
@@ -197,8 +216,9 @@ class WorkerTable:
         new = fp.total - overlap
         # cost(), in columns: prefill + evicted + load + overflow
         total = (fp.prompt + weights.load * fp.total) - (1.0 + weights.load) * overlap + weights.load * self.active
-        total += weights.evict * np.minimum(new, np.maximum(0.0, self.room + new))
+        total += weights.evict * new * np.minimum(1.0, (self.resident + new) / self.capacity) ** 2
         total += weights.overflow * np.maximum(0.0, self.slack + new)
+        total += (weights.request_tokens / fp.block_size) * self.requests
         total[~self.live] = np.inf
         for w in exclude:
             i = self.slot.get(w)
@@ -283,6 +303,9 @@ class InflightBlocks:
     def distinct(self, worker: int) -> int:
         refs = self._refs.get(worker)
         return (len(refs) if refs is not None else 0) + self._private.get(worker, 0)
+
+    def private(self, worker: int) -> int:
+        return self._private.get(worker, 0)
 
     def workers(self) -> list[int]:
         return list(self._refs)

@@ -62,6 +62,7 @@ class WorkerView:
     reg: Registration
     load: ev.Load | None = None
     inflight_requests: int = 0
+    others: int = 0  # requests another router sent there, from the last load report
 
     @property
     def name(self) -> str:
@@ -223,11 +224,14 @@ class KvRouter:
         view = self.workers.get(load.worker)
         if view is not None:
             view.load = load
-            # The worker's pinned blocks count only when it runs requests we did not send (another router's):
-            # ours are counted exactly, and the report is up to a second old.
-            others = load.running + load.waiting > view.inflight_requests
+            # What the report shows beyond our own requests is another router's: ours are counted exactly
+            # (the report is up to a second old), theirs only through it.
+            w = load.worker
+            view.others = max(0, load.running + load.waiting - view.inflight_requests)
             if math.isfinite(view.capacity):
-                self.table.set("reported", load.worker, load.kv_usage * view.capacity if others else 0.0)
+                pinned = load.kv_usage * view.capacity
+                self.table.set("reported", w, max(0.0, pinned - self.inflight.distinct(w)) if view.others else 0.0)
+            self._sync_requests(w, view)
 
     def stale_resyncs(self) -> list[int]:
         now = time.monotonic()
@@ -284,14 +288,24 @@ class KvRouter:
         if view is not None:
             view.inflight_requests += 1
             self.inflight.add(d.worker, d.hashes, self._private_blocks(d))
-            self.table.set("own", d.worker, self.inflight.distinct(d.worker))
+            self._sync_blocks(d.worker, view)
 
     def finished(self, d: Decision) -> None:
         view = self.workers.get(d.worker)
         if view is not None:
             view.inflight_requests = max(0, view.inflight_requests - 1)
             self.inflight.remove(d.worker, d.hashes, self._private_blocks(d))
-            self.table.set("own", d.worker, self.inflight.distinct(d.worker))
+            self._sync_blocks(d.worker, view)
+
+    def _sync_blocks(self, w: int, view: WorkerView) -> None:
+        """The table's view of our requests on w: distinct pinned blocks, their own blocks, their count."""
+        self.table.set("own", w, self.inflight.distinct(w))
+        self.table.set("private", w, self.inflight.private(w))
+        self._sync_requests(w, view)
+
+    def _sync_requests(self, w: int, view: WorkerView) -> None:
+        """Requests in flight on w: ours, and those w last reported beyond ours (another router's)."""
+        self.table.set("requests", w, view.inflight_requests + view.others)
 
     @staticmethod
     def _private_blocks(d: Decision) -> int:
@@ -509,6 +523,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cost of one cached block a request would push out of a full worker (strategy prefix)")
     p.add_argument("--overflow-weight", type=float, default=CostWeights.overflow,
                    help="cost of one block beyond what a worker can hold at once (strategy prefix)")
+    p.add_argument("--request-tokens", type=float, default=CostWeights.request_tokens,
+                   help="compute one request in flight takes from a newcomer, in prompt tokens (strategy prefix)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve the router's Prometheus metrics (vllm_launcher_router_*) on this port")
     p.add_argument("--component", default=KINDS["router"].component, help="component this router serves")
@@ -526,7 +542,8 @@ async def serve(args: argparse.Namespace) -> None:
     settings = RuntimeSettings.from_env()
     ctx = WorkerContext(settings)
     await ctx.connect()
-    weights = CostWeights(load=args.load_weight, evict=args.evict_weight, overflow=args.overflow_weight)
+    weights = CostWeights(load=args.load_weight, evict=args.evict_weight, overflow=args.overflow_weight,
+                          request_tokens=args.request_tokens)
     router = KvRouter(args.routing_strategy, args.block_size, rng=random.Random(args.seed), weights=weights)
     if args.metrics_port is not None:
         serve_prometheus(args.metrics_port, "router")
