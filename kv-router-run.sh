@@ -11,7 +11,7 @@
 # one GPU per worker when the host has at least N GPUs, otherwise the CPU build's settings.
 # Environment: KV_ROUTER_NAME (deployment name, default kv-router-run), LAUNCHER_HOME,
 # LAUNCHER_TMUX_SOCKET (a private tmux server instead of the default one), ETCD_ENDPOINTS, NATS_SERVER,
-# KV_ROUTER_PLAN=1 (print the plan, start nothing).
+# KV_ROUTER_METRICS_PORT_BASE (first metrics port, default 9400), KV_ROUTER_PLAN=1 (print the plan, start nothing).
 set -euo pipefail
 
 usage() {
@@ -62,6 +62,9 @@ q() { "$python" -c 'import json, sys; print(json.dumps(sys.argv[1]))' "$1"; }
   echo "name: $(q "$name")"
   echo "backend: tmux"
   echo "model: $(q "$model")"
+  if [ -n "${KV_ROUTER_METRICS_PORT_BASE:-}" ]; then
+    echo "metrics_port_base: $KV_ROUTER_METRICS_PORT_BASE"
+  fi
   if [ "$gpus" -ge "$n" ]; then
     echo "engine: {max-model-len: 16384, block-size: 64, enable-prefix-caching: true}"
   else

@@ -73,6 +73,9 @@ def launcher(args: list[str], env: dict[str, str], timeout: float = 600, check: 
 
 
 def write_topology(path: Path, topo: dict[str, Any]) -> Path:
+    # Metrics ports of its own: the default ones (9400...) may be held by a deployment left running on
+    # this host, e.g. the demo, which README runs just before the tests.
+    topo.setdefault("metrics_port_base", free_port())
     path.write_text(yaml.safe_dump(topo, sort_keys=False))
     return path
 
@@ -125,8 +128,6 @@ def raw_chunks(nats: str, namespace: str, component: str, request: GenerateReque
 
 def up(tmp: Path, topo: dict[str, Any], services: Services, extra_args: list[str] | None = None,
        timeout: float = 600) -> Deployment:
-    # Ports of its own, so deployments of one test session never compete for the default ones.
-    topo.setdefault("metrics_port_base", free_port())
     path = write_topology(tmp / f"{topo['name']}.yaml", topo)
     launcher(["up", str(path), *(extra_args or [])], services.env, timeout=timeout)
     return Deployment(topo["name"], topo.get("namespace", topo["name"]), path, services.env, services)
