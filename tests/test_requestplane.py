@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import until
 from workers.common.protocol import GenerateRequest
 from workers.runtime import requestplane
 from workers.runtime.annotated import Annotated, ErrorCode, StreamError, retryable
@@ -277,9 +278,8 @@ def test_a_caller_that_leaves_cancels_the_workers_stream(services, via: str) -> 
         try:
             if via == "cancel before the request arrives":
                 await client.publish(requestplane.cancel_subject(subject), b"_INBOX.gone.1")
-                deadline = time.monotonic() + 5
-                while "_INBOX.gone.1" not in server._cancelled_early and time.monotonic() < deadline:
-                    await asyncio.sleep(0.01)  # the cancel is remembered before its request comes
+                await until(lambda: "_INBOX.gone.1" in server._cancelled_early, 5,
+                            "the cancel is remembered before its request comes")
                 await client.publish(subject, b'{"id": "late"}', reply="_INBOX.gone.1")
                 # A request sent after it on the same subject runs only once the late one was handled.
                 probe = requestplane.stream(client, subject, {"id": "probe"}, idle_timeout=5)

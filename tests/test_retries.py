@@ -260,11 +260,13 @@ class SlowText(IdsOnly):
     """A tokenizer that takes its time on text (like ~2,000 tokens on a busy core), and says when it ends."""
 
     def __init__(self) -> None:
+        self.started = threading.Event()
         self.finished = threading.Event()
 
     def __call__(self, req: GenerateRequest) -> np.ndarray:
         if req.token_ids is not None:
             return super().__call__(req)
+        self.started.set()
         self.finished.wait(5)  # released by the test once the other request was answered
         return np.asarray([1, 2, 3, 4], dtype=np.int32)
 
@@ -287,7 +289,7 @@ def test_tokenizing_a_prompt_does_not_hold_up_other_requests(services) -> None: 
 
         try:
             text = asyncio.create_task(send("text", GenerateRequest(prompt="a long document")))
-            await asyncio.sleep(0)  # the text request starts first
+            await asyncio.wait_for(asyncio.to_thread(slow.started.wait, 5), 6)  # the text request is being tokenized
             await asyncio.wait_for(send("ids", GenerateRequest(token_ids=[1, 2, 3, 4])), 10)
             slow.finished.set()
             await asyncio.wait_for(text, 10)
