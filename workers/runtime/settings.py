@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
 DEFAULT_NATS = "nats://127.0.0.1:4222"
+DEFAULT_DRAIN_TIMEOUT = 30.0
 
 
 def subject_token(name: str) -> str:
@@ -27,6 +28,9 @@ class RuntimeSettings:
     nats_server: str
     process_name: str
     host: str
+    # On SIGTERM: seconds to finish the requests in flight (after unregistering) before the rest are
+    # ended with a `shutting_down` error that the frontend migrates to another instance.
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
 
     @classmethod
     def from_env(cls, default_namespace: str = "vllm") -> RuntimeSettings:
@@ -37,6 +41,7 @@ class RuntimeSettings:
             nats_server=os.environ.get("NATS_SERVER", DEFAULT_NATS),
             process_name=os.environ.get("LAUNCHER_PROCESS", ""),
             host=os.environ.get("LAUNCHER_HOST", socket.gethostname()),
+            drain_timeout=float(os.environ.get("LAUNCHER_DRAIN_TIMEOUT", DEFAULT_DRAIN_TIMEOUT)),
         )
 
 
