@@ -10,7 +10,7 @@ import argparse
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from workers.common.protocol import GenerateChunk, GenerateRequest, TokenLogprob
@@ -40,10 +40,11 @@ def engine_args_from(args: argparse.Namespace) -> Any:
     return AsyncEngineArgs.from_cli_args(args)
 
 
-def build_engine(engine_args: Any, metrics_port: int | None = None, stat_loggers: list[Any] | None = None
-                 ) -> AsyncLLM:
+def build_engine(engine_args: Any, metrics_port: int | None = None, stat_loggers: list[Any] | None = None,
+                 health: Callable[[], str | None] | None = None) -> AsyncLLM:
     """The engine, and its Prometheus metrics on `metrics_port` (vLLM's stat loggers fill the default
-    registry of this process; `launcher status` and Prometheus read them there).
+    registry of this process; `launcher status` and Prometheus read them there) with `/health` beside
+    them, answered by `health` (the worker's `WorkerContext.unhealthy`).
 
     Built in vLLM's OpenAI-server usage context: unset scheduler limits (max-num-batched-tokens,
     max-num-seqs) then default exactly as under `vllm serve` (8,192 batched tokens on an H200, where
@@ -54,7 +55,7 @@ def build_engine(engine_args: Any, metrics_port: int | None = None, stat_loggers
     engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER,
                                        stat_loggers=stat_loggers)
     if metrics_port is not None:
-        serve_prometheus(metrics_port, "vLLM")
+        serve_prometheus(metrics_port, "vLLM", health)
     return engine
 
 
@@ -92,9 +93,11 @@ def registration_of(engine: Any, engine_args: Any) -> dict[str, Any]:
 class EngineHandler:
     """Turns GenerateRequest dicts into engine calls and RequestOutputs into GenerateChunk deltas."""
 
-    def __init__(self, engine: AsyncLLM, worker_name: str = "") -> None:
+    def __init__(self, engine: AsyncLLM, worker_name: str = "", on_engine_dead: Callable[[], None] | None = None
+                 ) -> None:
         self.engine = engine
         self.worker_name = worker_name
+        self.on_engine_dead = on_engine_dead  # the worker fails at once instead of at the watchdog's next look
         self._tokenizer: Any = None
 
     async def tokenizer(self) -> Any:
@@ -129,6 +132,20 @@ class EngineHandler:
         return params
 
     async def generate(self, raw: dict[str, Any]) -> AsyncIterator[GenerateChunk]:
+        """The engine's outputs as chunks; a dead engine is the typed `engine_dead` error (the caller
+        continues the stream elsewhere) and tells the worker to go."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            async for chunk in self._generate(raw):
+                yield chunk
+        except EngineDeadError:
+            if self.on_engine_dead is not None:
+                self.on_engine_dead()
+            raise StreamError(f"the vLLM engine of {self.worker_name or 'this worker'} died",
+                              ErrorCode.ENGINE_DEAD) from None
+
+    async def _generate(self, raw: dict[str, Any]) -> AsyncIterator[GenerateChunk]:
         req = GenerateRequest.model_validate(raw)
         prompt = await self.prompt_of(req)
         params = self.sampling_params(req)
@@ -150,6 +167,6 @@ class EngineHandler:
                     chunk["worker"] = self.worker_name
                 yield chunk
         finally:
-            if not finished:
+            if not finished and not self.engine.errored:
                 # The client went away or the worker is stopping: free the engine's slot now.
                 await self.engine.abort(request_id)

@@ -38,7 +38,7 @@ from workers.engine import EngineHandler, build_engine, engine_args_from, make_p
 from workers.kinds import KINDS
 from workers.runtime import requestplane
 from workers.runtime.annotated import ErrorCode, retryable
-from workers.runtime.serve import WorkerContext, setup_logging
+from workers.runtime.serve import WorkerContext, run_worker, setup_logging
 from workers.runtime.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class DisaggregatedHandler:
             yield out
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace) -> int:
     settings = RuntimeSettings.from_env()
     ctx = WorkerContext(settings)
     await ctx.connect()  # fail fast on a wrong endpoint, before minutes of model loading
@@ -167,8 +167,9 @@ async def serve(args: argparse.Namespace) -> None:
     if engine_args.kv_transfer_config is None:
         raise SystemExit("a decode worker needs --kv-transfer-config (kv_connector, kv_role kv_consumer)")
     pool = PrefillPool()
-    engine = build_engine(engine_args, args.metrics_port)
+    engine = build_engine(engine_args, args.metrics_port, health=ctx.unhealthy)
     ctx.on_shutdown.append(engine.shutdown)
+    ctx.watch_engine(engine)
     # Know the prefill workers before taking the first request (they start before decode workers).
     await pool.sync(ctx.registry, settings.namespace, args.prefill_component)
     follower = asyncio.create_task(pool.follow(ctx.registry, settings.namespace, args.prefill_component))
@@ -179,12 +180,13 @@ async def serve(args: argparse.Namespace) -> None:
     ctx.on_shutdown.append(stop_following)
     block_size = engine.vllm_config.cache_config.block_size  # the platform's choice when the flag is absent
     storage = SharedStorage.of(engine_args.kv_transfer_config, block_size)
-    handler = DisaggregatedHandler(ctx.nc, EngineHandler(engine, settings.process_name), pool, args.prefill_timeout,
-                                   storage, max_retries=args.prefill_retries)
+    engine_handler = EngineHandler(engine, settings.process_name, ctx.engine_died)
+    handler = DisaggregatedHandler(ctx.nc, engine_handler, pool, args.prefill_timeout, storage,
+                                   max_retries=args.prefill_retries)
     await ctx.serve(args.component, "generate", handler.generate, **registration_of(engine, engine_args),
                     kv_role=kv_role_of(engine_args))
     log.info("serving %s with %d prefill instance(s) known", args.component, len(pool.instances))
-    await ctx.run_until_stopped()
+    return await ctx.run_until_stopped()
 
 
 def main() -> None:
@@ -200,7 +202,7 @@ def main() -> None:
     parser.add_argument("--prefill-retries", type=int, default=DEFAULT_PREFILL_RETRIES,
                         help="other prefill workers tried when one is lost, before prefilling locally "
                              f"(default: {DEFAULT_PREFILL_RETRIES})")
-    asyncio.run(serve(parser.parse_args(adapt_argv(sys.argv[1:]))))
+    run_worker(serve(parser.parse_args(adapt_argv(sys.argv[1:]))))
 
 
 if __name__ == "__main__":

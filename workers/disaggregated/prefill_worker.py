@@ -12,13 +12,12 @@ connector finds it by the prompt alone (ExampleConnector's shared storage).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from workers.disaggregated.kvconfig import adapt_argv
 from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser, registration_of
 from workers.kinds import KINDS
-from workers.runtime.serve import WorkerContext, setup_logging
+from workers.runtime.serve import WorkerContext, run_worker, setup_logging
 from workers.runtime.settings import RuntimeSettings
 
 DEFAULT_COMPONENT = KINDS["prefill"].component
@@ -30,19 +29,20 @@ def kv_role_of(engine_args: object) -> str | None:
     return getattr(config, "kv_role", None) if config is not None else None
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace) -> int:
     settings = RuntimeSettings.from_env()
     ctx = WorkerContext(settings)
     await ctx.connect()  # fail fast on a wrong endpoint, before minutes of model loading
     engine_args = engine_args_from(args)
     if engine_args.kv_transfer_config is None:
         raise SystemExit("a prefill worker needs --kv-transfer-config (kv_connector, kv_role kv_producer)")
-    engine = build_engine(engine_args, args.metrics_port)
+    engine = build_engine(engine_args, args.metrics_port, health=ctx.unhealthy)
     ctx.on_shutdown.append(engine.shutdown)
-    handler = EngineHandler(engine, settings.process_name)
+    ctx.watch_engine(engine)
+    handler = EngineHandler(engine, settings.process_name, ctx.engine_died)
     await ctx.serve(args.component, "generate", handler.generate, **registration_of(engine, engine_args),
                     kv_role=kv_role_of(engine_args))
-    await ctx.run_until_stopped()
+    return await ctx.run_until_stopped()
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
     parser = make_parser(__doc__ or "")
     parser.add_argument("--component", default=DEFAULT_COMPONENT,
                         help=f"registration component (default: {DEFAULT_COMPONENT})")
-    asyncio.run(serve(parser.parse_args(adapt_argv(sys.argv[1:]))))
+    run_worker(serve(parser.parse_args(adapt_argv(sys.argv[1:]))))
 
 
 if __name__ == "__main__":

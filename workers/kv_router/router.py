@@ -42,7 +42,7 @@ from workers.kv_router.metrics import RouterMetrics
 from workers.runtime import requestplane
 from workers.runtime.annotated import Annotated, ErrorCode, StreamError, retryable
 from workers.runtime.registry import Registration, instance_of_key
-from workers.runtime.serve import WorkerContext, serve_prometheus, setup_logging
+from workers.runtime.serve import WorkerContext, run_worker, serve_prometheus, setup_logging
 from workers.runtime.settings import RuntimeSettings
 
 log = logging.getLogger("workers.kv_router.router")
@@ -243,7 +243,9 @@ class KvRouter:
 
     def choose(self, token_ids: Sequence[int] | np.ndarray, exclude: set[int] | None = None,
                max_tokens: int | None = None) -> Decision:
-        candidates = [w for w in self.workers if not exclude or w not in exclude]
+        # A draining worker finishes what it has and takes nothing new (its registration says so).
+        exclude = (exclude or set()) | {w for w, v in self.workers.items() if v.reg.draining}
+        candidates = [w for w in self.workers if w not in exclude]
         if not candidates:
             raise NoWorker("no kv worker is registered (is any worker up? launcher status)")
         hashes = self.hashes(token_ids)
@@ -389,6 +391,7 @@ class RouterService:
         self.ns = ctx.settings.namespace
         self.tasks: list[asyncio.Task[None]] = []
         self.metrics = RouterMetrics.default()
+        self.streams = requestplane.StreamTracker()  # relays by worker: a lost worker's end at once
 
     async def start(self) -> None:
         assert self.ctx.nc is not None and self.ctx.registry is not None
@@ -409,6 +412,13 @@ class RouterService:
         for task in self.tasks:
             task.cancel()
 
+    def worker_gone(self, w: int) -> None:
+        """A worker's registration vanished (it died, or drained and left): forget it, and end the
+        relays to it now with `worker_lost`, which the frontend continues on another worker."""
+        self.router.remove_worker(w)
+        if n := self.streams.lost(w, "its registration was deleted"):
+            log.warning("worker %x is gone with %d request(s) in flight", w, n)
+
     async def _watch(self) -> None:
         assert self.ctx.registry is not None
         while True:
@@ -417,7 +427,7 @@ class RouterService:
                     if kind == "put" and reg is not None and reg.endpoint == "generate":
                         self.router.add_worker(reg)
                     elif kind == "delete":
-                        self.router.remove_worker(instance_of_key(key))
+                        self.worker_gone(instance_of_key(key))
                     await self._flush_resyncs()
             except asyncio.CancelledError:
                 raise
@@ -427,7 +437,7 @@ class RouterService:
                 with contextlib.suppress(Exception):
                     live = {r.instance: r for r in await self.ctx.registry.list(self.ns, self.worker_component)}
                     for gone in [w for w in self.router.workers if w not in live]:
-                        self.router.remove_worker(gone)
+                        self.worker_gone(gone)
                     for reg in live.values():
                         self.router.add_worker(reg)
 
@@ -490,7 +500,7 @@ class RouterService:
             failure: Annotated | None = None
             try:
                 async for item in requestplane.stream(self.ctx.nc, view.reg.instance_subject, payload,
-                                                      self.idle_timeout):
+                                                      self.idle_timeout, self.streams, decision.worker):
                     if item.is_error():
                         failure = item
                         break
@@ -538,7 +548,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace) -> int:
     settings = RuntimeSettings.from_env()
     ctx = WorkerContext(settings)
     await ctx.connect()
@@ -546,18 +556,18 @@ async def serve(args: argparse.Namespace) -> None:
                           request_tokens=args.request_tokens)
     router = KvRouter(args.routing_strategy, args.block_size, rng=random.Random(args.seed), weights=weights)
     if args.metrics_port is not None:
-        serve_prometheus(args.metrics_port, "router")
+        serve_prometheus(args.metrics_port, "router", ctx.unhealthy)
     service = RouterService(ctx, router, Tokenizer(args.model), args.worker_component,
                             idle_timeout=args.idle_timeout, max_retries=args.max_retries)
     await service.start()
     await ctx.serve(args.component, "generate", service.generate, model=args.model, block_size=args.block_size)
     log.info("router (%s) serving %s.%s", args.routing_strategy, settings.namespace, args.component)
-    await ctx.run_until_stopped()
+    return await ctx.run_until_stopped()
 
 
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
-    asyncio.run(serve(parse_args(argv)))
+    run_worker(serve(parse_args(argv)))
 
 
 if __name__ == "__main__":

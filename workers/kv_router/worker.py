@@ -25,7 +25,7 @@ import msgspec
 from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser, registration_of
 from workers.kinds import KINDS
 from workers.kv_router import events as ev
-from workers.runtime.serve import WorkerContext, setup_logging
+from workers.runtime.serve import WorkerContext, run_worker, setup_logging
 from workers.runtime.settings import RuntimeSettings
 
 log = logging.getLogger("workers.kv_router.worker")
@@ -183,7 +183,7 @@ async def publish_load(nc: Any, namespace: str, worker_id: int, process: str, st
         await asyncio.sleep(LOAD_INTERVAL)
 
 
-async def serve(args: Any) -> None:
+async def serve(args: Any) -> int:
     from vllm.config import KVEventsConfig
 
     settings = RuntimeSettings.from_env()
@@ -200,11 +200,13 @@ async def serve(args: Any) -> None:
     assert ctx.nc is not None
     relay = EventRelay(ctx.nc, settings.namespace, f"tcp://127.0.0.1:{port}")
     ctx.on_shutdown.append(relay.close)
-    engine = build_engine(engine_args, args.metrics_port, stat_loggers=[load_logger_factory(load)])
+    engine = build_engine(engine_args, args.metrics_port, stat_loggers=[load_logger_factory(load)],
+                          health=ctx.unhealthy)
     ctx.on_shutdown.append(engine.shutdown)
+    ctx.watch_engine(engine)
     block_size = int(engine.vllm_config.cache_config.block_size)  # the real one, after platform defaults
     relay.set_block_size(block_size)
-    handler = EngineHandler(engine, settings.process_name)
+    handler = EngineHandler(engine, settings.process_name, ctx.engine_died)
     # Our first lease id is our instance id, the worker id in events for the process's life (a lost lease is
     # replaced, the id stays); the relay starts reading ZMQ before anyone can route to us.
     instance_id = await ctx.registry.grant() if ctx.registry else 0
@@ -215,7 +217,7 @@ async def serve(args: Any) -> None:
              reg.instance, reg.instance_subject, block_size, port)
     loader = asyncio.create_task(publish_load(ctx.nc, settings.namespace, instance_id, settings.process_name, load))
     relay.tasks.append(loader)  # cancelled with the relay at shutdown
-    await ctx.run_until_stopped()
+    return await ctx.run_until_stopped()
 
 
 async def _serve_with_lease(ctx: WorkerContext, lease_id: int, handler: EngineHandler,
@@ -240,7 +242,7 @@ async def _serve_with_lease(ctx: WorkerContext, lease_id: int, handler: EngineHa
 def main() -> None:
     setup_logging()
     parser = make_parser(__doc__ or "")
-    asyncio.run(serve(parser.parse_args()))
+    run_worker(serve(parser.parse_args()))
 
 
 if __name__ == "__main__":

@@ -5,25 +5,24 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from workers.engine import EngineHandler, build_engine, engine_args_from, make_parser, registration_of
 from workers.kinds import KINDS
-from workers.runtime.serve import WorkerContext, setup_logging
+from workers.runtime.serve import WorkerContext, run_worker, setup_logging
 from workers.runtime.settings import RuntimeSettings
 
 
-async def serve(args: object) -> None:
+async def serve(args: object) -> int:
     settings = RuntimeSettings.from_env()
     ctx = WorkerContext(settings)
     await ctx.connect()  # fail fast on a wrong endpoint, before minutes of model loading
     engine_args = engine_args_from(args)  # type: ignore[arg-type]
-    engine = build_engine(engine_args, args.metrics_port)  # type: ignore[attr-defined]
+    engine = build_engine(engine_args, args.metrics_port, health=ctx.unhealthy)  # type: ignore[attr-defined]
     ctx.on_shutdown.append(engine.shutdown)
-    handler = EngineHandler(engine, settings.process_name)
+    ctx.watch_engine(engine)
+    handler = EngineHandler(engine, settings.process_name, ctx.engine_died)
     await ctx.serve(args.component, "generate", handler.generate,  # type: ignore[attr-defined]
                     **registration_of(engine, engine_args))
-    await ctx.run_until_stopped()
+    return await ctx.run_until_stopped()
 
 
 def main() -> None:
@@ -31,7 +30,7 @@ def main() -> None:
     parser = make_parser(__doc__ or "")
     component = KINDS["monolith"].component
     parser.add_argument("--component", default=component, help=f"registration component (default: {component})")
-    asyncio.run(serve(parser.parse_args()))
+    run_worker(serve(parser.parse_args()))
 
 
 if __name__ == "__main__":

@@ -34,20 +34,28 @@ class ErrorCode(StrEnum):
     SHUTTING_DOWN = "shutting_down"  # the worker is stopping and aborted the request
     BAD_REQUEST = "bad_request"  # the request is invalid: another worker would refuse it too
     CANCELLED = "cancelled"  # the caller cancelled the request
+    WORKER_LOST = "worker_lost"  # the instance's registration vanished mid-stream (it died or was revoked)
+    ENGINE_DEAD = "engine_dead"  # the worker's vLLM engine core died; the worker exits and is replaced
 
 
-# Codes where the request never reached a working engine, so another instance may serve it.
-RETRYABLE = frozenset({ErrorCode.NO_RESPONDERS, ErrorCode.NO_ANSWER, ErrorCode.SILENT, ErrorCode.SHUTTING_DOWN})
+# Codes that mean the instance was lost (Dynamo migrates on the same four: cannot connect, disconnected,
+# timeout, engine shutdown), never that the request is at fault: another instance may serve it, from the
+# start before any token, or continued (prompt + tokens so far) after some.
+RETRYABLE = frozenset({ErrorCode.NO_RESPONDERS, ErrorCode.NO_ANSWER, ErrorCode.SILENT, ErrorCode.SHUTTING_DOWN,
+                       ErrorCode.WORKER_LOST, ErrorCode.ENGINE_DEAD})
+
+
+def instance_lost(code: str | None) -> bool:
+    """Whether a stream's error says its instance was lost (so the stream may go on elsewhere)."""
+    try:
+        return code is not None and ErrorCode(code) in RETRYABLE
+    except ValueError:  # a code from a newer peer: not known to be safe
+        return False
 
 
 def retryable(code: str | None, tokens_sent: bool) -> bool:
     """Retry only before anything reached the caller (no duplicated tokens) and only for a lost worker."""
-    if tokens_sent or code is None:
-        return False
-    try:
-        return ErrorCode(code) in RETRYABLE
-    except ValueError:  # a code from a newer peer: not known to be safe to retry
-        return False
+    return not tokens_sent and instance_lost(code)
 
 
 class StreamError(Exception):

@@ -23,10 +23,14 @@ class ReplyTimeout(Exception):
     """Nothing arrived on a reply inbox within the idle timeout."""
 
 
+class ReplierLost(Exception):
+    """The instance answering this inbox is known to be gone (`Replies.fail`): no need to wait it out."""
+
+
 class Replies:
     """The messages of one request's inbox, in arrival order."""
 
-    __slots__ = ("_mux", "_queue", "_token", "_waiter", "subject")
+    __slots__ = ("_lost", "_mux", "_queue", "_token", "_waiter", "subject")
 
     def __init__(self, mux: InboxMux, token: str) -> None:
         self.subject = mux.prefix + token
@@ -34,6 +38,13 @@ class Replies:
         self._mux = mux
         self._queue: deque[Msg] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._lost: str | None = None
+
+    def fail(self, why: str) -> None:
+        """The replier is gone: what already arrived is still read, then `next` raises ReplierLost."""
+        self._lost = why
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def _deliver(self, msg: Msg) -> None:
         self._queue.append(msg)
@@ -41,7 +52,9 @@ class Replies:
             self._waiter.set_result(None)
 
     async def next(self, timeout: float) -> Msg:
-        """The next message; ReplyTimeout after `timeout` seconds of silence."""
+        """The next message; ReplyTimeout after `timeout` seconds of silence, ReplierLost once `fail`ed."""
+        if not self._queue and self._lost is not None:
+            raise ReplierLost(self._lost)
         if not self._queue:
             loop = asyncio.get_running_loop()
             self._waiter = loop.create_future()
@@ -52,6 +65,8 @@ class Replies:
                 timer.cancel()
                 self._waiter = None
             if not self._queue:
+                if self._lost is not None:
+                    raise ReplierLost(self._lost)
                 raise ReplyTimeout
         return self._queue.popleft()
 

@@ -46,6 +46,9 @@ class Registration:
     model: str = ""
     block_size: int | None = None
     kv_role: str | None = None
+    # Set while the process drains (SIGTERM, a rolling restart): still finishing what it has, taking
+    # nothing new. Callers route around it; the key goes when the drain ends.
+    draining: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -150,6 +153,14 @@ class Registry:
                     await self.register(own, self._ttl)
             except Exception as exc:
                 log.warning("lease keepalive failed: %s", exc)
+
+    async def mark_draining(self) -> None:
+        """Say (same key, same lease) that this process takes no new request from now on."""
+        own = self._own
+        if own is not None and not own.draining:
+            own.draining = True
+            await self.client.put(own.key.encode(), own.encode(), lease=own.lease_id)
+            log.info("draining: %s takes no new request", own.key)
 
     async def list(self, namespace: str, component: str | None = None) -> list[Registration]:
         result = await self.client.get_prefix(components_prefix(namespace, component).encode())

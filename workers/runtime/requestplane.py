@@ -31,7 +31,7 @@ from workers.runtime.annotated import (
     ErrorCode,
     StreamError,
 )
-from workers.runtime.inbox import InboxMux, ReplyTimeout
+from workers.runtime.inbox import InboxMux, ReplierLost, Replies, ReplyTimeout
 from workers.runtime.sender import Sender
 from workers.runtime.settings import ServiceUnavailable, subject_token
 
@@ -47,6 +47,32 @@ Handler = Callable[[dict[str, Any]], AsyncIterator[Any]]
 # msgspec decodes a request (a 512-token prompt is 512 ints) several times faster than json.loads.
 _decode_request = msgspec.json.Decoder(dict[str, Any]).decode
 _encode_request = msgspec.json.Encoder().encode
+
+class StreamTracker:
+    """The streams a client has open, by the instance answering them, so that an instance known to be
+    gone (its registration deleted: the supervisor revokes a dead process's lease at once) ends its
+    streams now with `worker_lost`, instead of after `idle_timeout` of silence."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, set[Replies]] = {}
+
+    def add(self, instance: int, replies: Replies) -> None:
+        self._open.setdefault(instance, set()).add(replies)
+
+    def discard(self, instance: int, replies: Replies) -> None:
+        streams = self._open.get(instance)
+        if streams is not None:
+            streams.discard(replies)
+            if not streams:
+                del self._open[instance]
+
+    def lost(self, instance: int, why: str) -> int:
+        """End every stream `instance` answers; returns how many there were."""
+        streams = self._open.pop(instance, set())
+        for replies in streams:
+            replies.fail(why)
+        return len(streams)
+
 
 def endpoint_subject(namespace: str, component: str, endpoint: str) -> str:
     return ".".join(subject_token(p) for p in (namespace, component, endpoint))
@@ -112,6 +138,24 @@ class EndpointServer:
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
+
+    async def drain(self, timeout: float, hurry: asyncio.Event | None = None) -> int:
+        """Take no new request, let those in flight finish for up to `timeout` s (or until `hurry`),
+        then stop: what is left ends with `shutting_down`, which a frontend continues elsewhere.
+        Returns how many requests were cut short. Cancel subscriptions stay until the end."""
+        for sub in self._subs[:2]:  # the shared and the per-instance request subjects
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if self._tasks:
+            waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(asyncio.wait(set(self._tasks)))}
+            if hurry is not None:
+                waits.add(asyncio.ensure_future(hurry.wait()))
+            _, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for fut in pending:
+                fut.cancel()
+        left = len(self._tasks)
+        await self.stop()
+        return left
 
     async def start(self) -> None:
         self._subs.append(await self._nc.subscribe(self._subject, queue="workers", cb=self._on_msg))
@@ -189,8 +233,13 @@ async def stream(
     subject: str,
     request: dict[str, Any],
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    tracker: StreamTracker | None = None,
+    instance: int | None = None,
 ) -> AsyncIterator[Annotated]:
     """Yield the worker's responses; end with an error Annotated instead of hanging.
+
+    With a `tracker` and the `instance` that answers `subject`, the stream ends with `worker_lost` as
+    soon as the tracker is told that instance is gone.
 
     The stream ends after the worker's end marker, or after an error, whichever is first. A caller
     that stops iterating early (a client that disconnected, a request that was cancelled, a silent
@@ -198,6 +247,9 @@ async def stream(
     generating for nobody.
     """
     replies = (await InboxMux.for_connection(nc)).open()
+    track = (tracker, instance) if tracker is not None and instance is not None else None
+    if track is not None:
+        track[0].add(track[1], replies)
     finished = False
     try:
         await nc.publish(subject, _encode_request(request), reply=replies.subject)
@@ -205,6 +257,9 @@ async def stream(
         while True:
             try:
                 msg = await replies.next(idle_timeout)
+            except ReplierLost as lost:
+                yield Annotated.error(f"the instance serving {subject} is gone ({lost})", code=ErrorCode.WORKER_LOST)
+                return
             except ReplyTimeout:
                 if not acked:
                     yield Annotated.error(f"no worker answered on {subject} within {idle_timeout:.0f} s",
@@ -236,6 +291,8 @@ async def stream(
                 return
     finally:
         replies.close()
+        if track is not None:
+            track[0].discard(track[1], replies)
         if not finished:
             with contextlib.suppress(Exception):
                 await nc.publish(cancel_subject(subject), replies.subject.encode())
