@@ -12,7 +12,7 @@ import pytest
 from tests.helpers import until
 from workers.common.protocol import GenerateRequest
 from workers.runtime import requestplane
-from workers.runtime.annotated import Annotated, ErrorCode, StreamError, retryable
+from workers.runtime.annotated import Annotated, ErrorCode, StreamError, instance_lost, retryable
 from workers.runtime.registry import Registration, Registry, components_prefix
 
 
@@ -30,8 +30,10 @@ def test_annotated_roundtrip() -> None:
 
 
 def test_retry_only_before_the_first_token_and_only_for_a_lost_worker() -> None:
-    lost = {ErrorCode.NO_RESPONDERS, ErrorCode.NO_ANSWER, ErrorCode.SILENT, ErrorCode.SHUTTING_DOWN}
+    lost = {ErrorCode.NO_RESPONDERS, ErrorCode.NO_ANSWER, ErrorCode.SILENT, ErrorCode.SHUTTING_DOWN,
+            ErrorCode.WORKER_LOST, ErrorCode.ENGINE_DEAD}
     for code in ErrorCode:
+        assert instance_lost(code) == (code in lost), code
         assert retryable(code, tokens_sent=False) == (code in lost), code
         assert not retryable(code, tokens_sent=True), code
     assert not retryable(None, tokens_sent=False)

@@ -91,6 +91,7 @@ class FrontendApp:
         self.settings = settings
         self.metrics = metrics or FrontendMetrics()
         self._retried_seen = 0
+        self._migrated_seen = 0
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -245,10 +246,13 @@ class FrontendApp:
             self._count_retries()
 
     def _count_retries(self) -> None:
-        now = self.dispatcher.retried
-        if now > self._retried_seen:
-            self.metrics.retries.inc(now - self._retried_seen)
-            self._retried_seen = now
+        retried, migrated = self.dispatcher.retried, self.dispatcher.migrated
+        if retried > self._retried_seen:
+            self.metrics.retries.inc(retried - self._retried_seen)
+            self._retried_seen = retried
+        if migrated > self._migrated_seen:
+            self.metrics.migrations.inc(migrated - self._migrated_seen)
+            self._migrated_seen = migrated
 
     def _usage(self, prep: Prepared, out: Outcome) -> dict[str, Any]:
         prompt = len(prep.prompt_ids)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from workers.kinds import ENTRY_COMPONENTS, KINDS
@@ -41,6 +42,8 @@ class Catalog:
         self.by_key: dict[str, Registration] = {}
         self._routes: dict[str, ModelRoute] | None = None
         self.changed = asyncio.Event()
+        # Told of every registration that goes away (the dispatcher ends the streams it answered).
+        self.on_delete: list[Callable[[Registration], None]] = []
 
     def put(self, key: str, reg: Registration) -> None:
         self.by_key[key] = reg
@@ -48,11 +51,16 @@ class Catalog:
         self.changed.set()
 
     def delete(self, key: str) -> None:
-        if self.by_key.pop(key, None) is not None:
+        reg = self.by_key.pop(key, None)
+        if reg is not None:
             self._routes = None
             self.changed.set()
+            for listener in self.on_delete:
+                listener(reg)
 
     def replace(self, regs: dict[str, Registration]) -> None:
+        for key in [k for k in self.by_key if k not in regs]:
+            self.delete(key)
         self.by_key = dict(regs)
         self._routes = None
         self.changed.set()
@@ -76,8 +84,9 @@ class Catalog:
                 route.created = max(route.created, int(reg.extra.get("started_at") or 0))
         for route in by_path.values():
             for component in ENTRY_COMPONENTS:
-                found = [r for r in self.by_key.values()
-                         if r.component == component and r.endpoint == "generate" and r.model == route.path]
+                # A draining instance finishes what it has and takes nothing new.
+                found = [r for r in self.by_key.values() if r.component == component and r.endpoint == "generate"
+                         and r.model == route.path and not r.draining]
                 if found:
                     route.component = component
                     route.instances = sorted(found, key=lambda r: r.instance)

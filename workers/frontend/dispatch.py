@@ -3,8 +3,9 @@
 Instances are picked by fewest requests this frontend has in flight on them (ties in turn), so load
 spreads over monolith instances; a router or decode instance is picked the same way and decides the
 rest itself. A failure before the first token (a dead worker: NATS no-responders; no ack; silence)
-is retried on another instance, up to `retries` times; after the first token the error ends the
-stream. The decision is made on the typed error code, never on the message.
+is retried on another instance, up to `retries` times; after the first token the stream migrates
+(`Dispatcher`), up to `migration_limit` times. The decision is made on the typed error code, never
+on the message.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from workers.frontend.catalog import Catalog, ModelRoute
 from workers.frontend.errors import ApiError, BadRequest, NoWorker, WorkerFailed, WorkerSilent
 from workers.runtime import requestplane
-from workers.runtime.annotated import Annotated, ErrorCode, retryable
+from workers.runtime.annotated import Annotated, ErrorCode, instance_lost
 from workers.runtime.registry import Registration
 
 log = logging.getLogger(__name__)
@@ -37,22 +38,56 @@ def api_error(item: Annotated, where: str) -> ApiError:
     code = item.code
     if code == ErrorCode.BAD_REQUEST:
         return BadRequest(text)
-    if code in (ErrorCode.NO_RESPONDERS, ErrorCode.SHUTTING_DOWN):
+    if code in (ErrorCode.NO_RESPONDERS, ErrorCode.SHUTTING_DOWN, ErrorCode.WORKER_LOST, ErrorCode.ENGINE_DEAD):
         return NoWorker(f"no instance of {where} could take the request: {text}")
     if code in (ErrorCode.NO_ANSWER, ErrorCode.SILENT):
         return WorkerSilent(f"{where}: {text}")
     return WorkerFailed(f"{where}: {text}")
 
 
+def migratable(payload: dict[str, Any]) -> bool:
+    """Structured output is not continued elsewhere (as in Dynamo): the grammar's state after the
+    tokens so far cannot be handed to another engine, so a continuation could break the format."""
+    sampling = payload.get("sampling") or {}
+    return not any(sampling.get(k) for k in ("structured_outputs", "guided_decoding"))
+
+
+def continuation(payload: dict[str, Any], generated: list[int], migration: int) -> dict[str, Any]:
+    """The request that continues a stream elsewhere: the prompt plus the tokens already sent, with
+    `max_tokens` (and `min_tokens`) reduced by them, under a request id of its own."""
+    sampling = dict(payload.get("sampling") or {})
+    for key in ("max_tokens", "min_tokens"):
+        if isinstance(sampling.get(key), int):
+            sampling[key] = max(0, sampling[key] - len(generated))
+    return {**payload, "request_id": f"{payload.get('request_id')}-m{migration}",
+            "token_ids": [*payload["token_ids"], *generated], "sampling": sampling}
+
+
 class Dispatcher:
-    def __init__(self, nc: requestplane.NATS, catalog: Catalog, timeout: float, retries: int) -> None:
+    """Picks instances, retries before the first token, migrates after it.
+
+    A stream whose instance is lost (its registration deleted, it drained, it went silent, its engine
+    died: the codes of `annotated.RETRYABLE`) after tokens were sent is continued on another instance,
+    at most `migration_limit` times: the prompt and the tokens so far are sent again and `max_tokens`
+    is reduced by them, so at temperature 0 the client's stream is the one it would have had."""
+
+    def __init__(self, nc: requestplane.NATS, catalog: Catalog, timeout: float, retries: int,
+                 migration_limit: int = 3) -> None:
         self.nc = nc
         self.catalog = catalog
         self.timeout = timeout
         self.retries = retries
+        self.migration_limit = migration_limit
         self.inflight: defaultdict[int, int] = defaultdict(int)
+        self.streams = requestplane.StreamTracker()
+        catalog.on_delete.append(self._instance_gone)
         self._turn = 0
         self.retried = 0  # read by the metrics
+        self.migrated = 0
+
+    def _instance_gone(self, reg: Registration) -> None:
+        if n := self.streams.lost(reg.instance, f"{reg.process or reg.component} unregistered"):
+            log.warning("%s (%x) is gone with %d stream(s) in flight", reg.process or reg.component, reg.instance, n)
 
     def pick(self, route: ModelRoute, exclude: set[int]) -> Registration | None:
         candidates = [r for r in route.instances if r.instance not in exclude]
@@ -68,37 +103,54 @@ class Dispatcher:
         first chunk and StreamBroken after it."""
         tried: set[int] = set()
         last: ApiError | None = None
-        for _ in range(self.retries + 1):
+        generated: list[int] = []
+        retries = migrations = 0
+        request = payload
+        while True:
             route = self.catalog.serving().get(model)
-            inst = self.pick(route, tried) if route is not None else None
+            # Prefer an instance not tried yet; a router that relayed its worker's loss may be the only one.
+            inst = None if route is None else (self.pick(route, tried) or (self.pick(route, set()) if generated
+                                                                             else None))
             if route is None or inst is None:
                 if last is not None:
-                    raise last
+                    raise StreamBroken(last) if generated else last
                 raise NoWorker(f"no worker serves model '{model}' right now (starting, or down): retry shortly")
             where = f"{route.component} instance {inst.process or f'{inst.instance:x}'}"
-            if last is not None:
-                self.retried += 1
-                log.warning("request %s: %s; trying %s", payload.get("request_id"), last.message, where)
-            sent = False
-            self.inflight[inst.instance] += 1
-            try:
-                async for item in requestplane.stream(self.nc, inst.instance_subject, payload, self.timeout):
-                    if item.is_error():
-                        error = api_error(item, where)
-                        if sent:
-                            raise StreamBroken(error)
-                        if not retryable(item.code, tokens_sent=False):
-                            raise error
-                        last = error
-                        break
-                    sent = True
-                    yield item.data or {}
+            if last is not None:  # counted when sent again, as before
+                if generated:
+                    self.migrated += 1
                 else:
-                    return
+                    self.retried += 1
+                log.warning("request %s: %s; %s on %s", payload.get("request_id"), last.message,
+                            f"continuing after {len(generated)} token(s)" if generated else "trying again", where)
+            self.inflight[inst.instance] += 1
+            failure: Annotated | None = None
+            try:
+                async for item in requestplane.stream(self.nc, inst.instance_subject, request, self.timeout,
+                                                      self.streams, inst.instance):
+                    if item.is_error():
+                        failure = item
+                        break
+                    data = item.data or {}
+                    generated += data.get("token_ids") or ()
+                    yield data
             finally:
                 self.inflight[inst.instance] -= 1
                 if not self.inflight[inst.instance]:
                     del self.inflight[inst.instance]
+            if failure is None:
+                return
+            error = api_error(failure, where)
             tried.add(inst.instance)
-        assert last is not None
-        raise last
+            if not instance_lost(failure.code):
+                raise StreamBroken(error) if generated else error
+            if generated:
+                if migrations >= self.migration_limit or not migratable(payload):
+                    raise StreamBroken(error)
+                migrations += 1
+                request = continuation(payload, generated, migrations)
+            else:
+                if retries >= self.retries:
+                    raise error
+                retries += 1
+            last = error

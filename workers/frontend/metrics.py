@@ -32,3 +32,5 @@ class FrontendMetrics:
         self.cancelled = Counter(f"{PREFIX}_cancelled_requests", "requests whose client went away", ["model"],
                                  registry=r)
         self.retries = Counter(f"{PREFIX}_retries", "requests sent again to another instance", registry=r)
+        self.migrations = Counter(f"{PREFIX}_migrations", "streams continued on another instance after their "
+                                  "instance was lost mid-stream (prompt + tokens so far sent again)", registry=r)

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import sys
 
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=10.0,
                    help="seconds of worker silence before a request fails (504)")
     p.add_argument("--retries", type=int, default=2, help="tries on other instances before the first token")
+    p.add_argument("--migration-limit", type=int, default=3,
+                   help="times a stream whose instance is lost mid-stream is continued on another (0: never)")
     return p.parse_args(argv)
 
 
@@ -75,10 +78,12 @@ async def serve(args: argparse.Namespace) -> None:
 
         warm.add_done_callback(loaded)
     follower = asyncio.create_task(follow(ctx.registry, settings.namespace, catalog))
-    dispatcher = Dispatcher(ctx.nc, catalog, args.request_timeout, args.retries)
+    dispatcher = Dispatcher(ctx.nc, catalog, args.request_timeout, args.retries, args.migration_limit)
     app = FrontendApp(dispatcher, catalog, tokenizers, Settings(key, args.max_request_bytes))
+    # On SIGTERM uvicorn stops accepting and lets the streams in flight finish. It waits a little longer
+    # than the workers drain, so a stream they hand back at their drain's end still gets its error event.
     config = uvicorn.Config(app.app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5, lifespan="off")
+                            timeout_graceful_shutdown=math.ceil(settings.drain_timeout) + 5, lifespan="off")
     server = uvicorn.Server(config)
     url = f"http://{args.host}:{args.port}"
     registering = asyncio.create_task(_register_when_serving(ctx, server, catalog, url))

@@ -134,6 +134,7 @@ class EndpointServer:
         self._cancelled_early: dict[str, float] = {}  # reply inbox -> when its cancel arrived
         self._subs: list[Any] = []
         self._sender = Sender(nc, KEEPALIVE_INTERVAL)
+        self.accepting = False  # subscribed to its request subjects (not yet draining)
 
     @property
     def in_flight(self) -> int:
@@ -146,6 +147,9 @@ class EndpointServer:
         for sub in self._subs[:2]:  # the shared and the per-instance request subjects
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self._nc.flush(timeout=2)  # the server has dropped them: nothing new can arrive now
+        self.accepting = False
         if self._tasks:
             waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(asyncio.wait(set(self._tasks)))}
             if hurry is not None:
@@ -162,6 +166,7 @@ class EndpointServer:
         self._subs.append(await self._nc.subscribe(self._instance_subject, cb=self._on_msg))
         for subject in (self._subject, self._instance_subject):
             self._subs.append(await self._nc.subscribe(cancel_subject(subject), cb=self._on_cancel))
+        self.accepting = True
 
     async def _on_cancel(self, msg: Msg) -> None:
         """The client went away: stop its stream (the handler's finally aborts the engine request)."""
