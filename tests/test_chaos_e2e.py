@@ -1,18 +1,23 @@
-"""Chaos: load through a 2-worker + KV-router deployment while faults are injected, one after another.
+"""Chaos: streaming load through a frontend + KV router + 2 workers while faults are injected.
 
 Real launcher, real vLLM CPU workers (models/tiny-llama), real etcd and nats-server that this test
-starts itself (so it can restart them). A load generator (2 paced clients, in a thread with its
-own event loop) sends requests through the router the whole time; the script then
+starts itself (so it can restart them). A load generator (2 paced clients, in a thread with its own
+event loop) streams completions over HTTP through the frontend the whole time, greedy, each prompt one
+of a fixed set whose unfaulted answer is recorded first; the script then
 
-    kills worker-a (-9) | kills the router (-9) | revokes worker-b's lease | restarts NATS | restarts etcd
+    kills worker-a (-9) mid-stream | kills worker-b's EngineCore only | restarts the workers one at a
+    time (`launcher restart --rolling`) | kills the router (-9) | revokes worker-b's lease |
+    restarts NATS | restarts etcd | `launcher down` under load
 
 and after each waits (with a deadline) until the deployment is whole again. Counted per fault:
-requests that failed (and their error codes), requests that took more than 10 s (must be 0), the
-time until requests succeed again and until the topology is whole again; after `down`: processes
-left (must be 0). The table is printed and written to bench/results/chaos-cpu.md.
+requests, those that failed (and why), streams migrated to another worker (the frontend's
+`vllm_launcher_frontend_migrations_total`), answers that differ from the unfaulted run (must be 0),
+requests over 10 s (must be 0), the time until requests succeed again and until the topology is
+whole. After `down`: every stream ended (completed or with an error event) within the drain timeout,
+and no process is left. The table is printed and written to bench/results/chaos-cpu.md.
 
-The load generator retries a request that failed before its first token with a retryable code,
-within the request's 10 s budget, as a frontend does; both the errors it saw and the requests that
+The load generator retries a request answered 503 (nothing could take it yet), within the request's
+10 s budget, as an OpenAI client does with Retry-After; both the errors it saw and the requests that
 failed in the end are counted.
 """
 
@@ -23,6 +28,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -30,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psutil
 import pytest
 
 from launcher import proctree
@@ -38,16 +46,17 @@ from launcher.services import free_port
 from launcher.state import RunDir
 from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Services, launcher, wait_until, write_topology
 from tests.test_supervisor_e2e import alive, every_pid
-from workers.runtime import requestplane
-from workers.runtime.annotated import retryable
 from workers.runtime.registry import Registry
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 NAME = "chaos"
 BUDGET = 10.0  # a request with no outcome after this long is hung
 CLIENTS = 2
 PACE = 0.25  # seconds each client pauses between requests
+PROMPTS = 8  # distinct prompts, each answered once without faults first
+MAX_TOKENS = 96  # long enough that a fault usually finds streams in flight
+DRAIN_TIMEOUT = 10.0
 
 
 @dataclass
@@ -55,6 +64,8 @@ class Outcome:
     started: float
     ended: float
     ok: bool
+    prompt: int = -1
+    text: str = ""
     codes: list[str] = field(default_factory=list)  # every error seen, retried or final
     final: str = ""  # the error that ended it ("" when ok)
 
@@ -63,64 +74,76 @@ class Outcome:
         return self.ended - self.started
 
 
-class Load:
-    """CLIENTS loops sending requests through the router until stopped, PACE apart; every outcome kept."""
+def prompts() -> list[list[int]]:
+    rng = random.Random(7)
+    return [[rng.randrange(3, 500) for _ in range(rng.randrange(16, 80))] for _ in range(PROMPTS)]
 
-    def __init__(self, nats: str, namespace: str) -> None:
-        self.nats = nats
-        self.subject = requestplane.endpoint_subject(namespace, "preprocess", "generate")
+
+class Load:
+    """CLIENTS loops streaming completions through the frontend until stopped, PACE apart."""
+
+    def __init__(self, url: str, model: str) -> None:
+        self.url = url
+        self.model = model
+        self.prompts = prompts()
         self.outcomes: list[Outcome] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
     async def _main(self) -> None:
-        nc = await requestplane.connect(self.nats, "chaos-load")
-        try:
-            await asyncio.gather(*(self._client(nc, i) for i in range(CLIENTS)))
-        finally:
-            with contextlib.suppress(Exception):
-                await nc.close()
+        async with httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(BUDGET * 3)) as http:
+            await asyncio.gather(*(self._client(http, i) for i in range(CLIENTS)))
 
-    async def _client(self, nc: Any, i: int) -> None:
+    async def _client(self, http: httpx.AsyncClient, i: int) -> None:
         rng = random.Random(i)
         while not self.stop.is_set():
-            prompt = f"client {i} asks about item {rng.randrange(1000)}: " + "tell me more " * rng.randrange(1, 6)
+            k = rng.randrange(PROMPTS)
             t0 = time.monotonic()
             try:
-                out = await asyncio.wait_for(self._one(nc, prompt, t0), BUDGET * 3)
+                out = await asyncio.wait_for(self.one(http, k, t0), BUDGET * 3)
             except asyncio.TimeoutError:
-                out = Outcome(t0, time.monotonic(), False, ["hung"], "hung")
+                out = Outcome(t0, time.monotonic(), False, k, codes=["hung"], final="hung")
             self.outcomes.append(out)
             # Paced, not back to back: a restarting vLLM needs the CPU too (2 cores in CI).
             await asyncio.sleep(PACE)
 
-    async def _one(self, nc: Any, prompt: str, t0: float) -> Outcome:
+    async def one(self, http: httpx.AsyncClient, k: int, t0: float) -> Outcome:
         codes: list[str] = []
-        request = {"prompt": prompt, "sampling": {"max_tokens": 8, "temperature": 0.0}}
+        body = {"model": self.model, "prompt": self.prompts[k], "max_tokens": MAX_TOKENS, "temperature": 0,
+                "ignore_eos": True, "stream": True}
         while True:
-            got_tokens = False
-            error = None
-            async for item in requestplane.stream(nc, self.subject, request, idle_timeout=5):
-                if item.is_error():
-                    error = item
-                    break
-                got_tokens = True
+            text, error = "", None
+            try:
+                async with http.stream("POST", "/v1/completions", json=body) as r:
+                    if r.status_code != 200:
+                        error = f"http {r.status_code}"
+                        await r.aread()
+                    else:
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            event = json.loads(line[6:])
+                            if "error" in event:
+                                error = f"error event: {event['error'].get('type')}"
+                                break
+                            text += "".join(c.get("text") or "" for c in event.get("choices", []))
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}"
             if error is None:
-                return Outcome(t0, time.monotonic(), True, codes)
-            code = error.code or "none"
-            codes.append(code)
-            if not retryable(error.code, got_tokens) or time.monotonic() - t0 > BUDGET - 1:
-                return Outcome(t0, time.monotonic(), False, codes, f"{code}: {'; '.join(error.comment)[:120]}")
+                return Outcome(t0, time.monotonic(), True, k, text, codes)
+            codes.append(error)
+            # Only "nothing could take it yet" is worth asking again; a broken stream is a failure.
+            if error not in ("http 503", "ConnectError") or time.monotonic() - t0 > BUDGET - 1:
+                return Outcome(t0, time.monotonic(), False, k, text, codes, error)
             await asyncio.sleep(0.5)
 
     def since(self, t: float) -> list[Outcome]:
         return [o for o in list(self.outcomes) if o.ended >= t]
 
 
-
 def registrations(etcd: str, namespace: str) -> list[Any]:
     async def run() -> list[Any]:
-        registry = await Registry.connect([etcd], )
+        registry = await Registry.connect([etcd])
         try:
             return await asyncio.wait_for(registry.list(namespace), 3)
         finally:
@@ -140,15 +163,33 @@ def revoke(etcd: str, lease: int) -> None:
     asyncio.run(run())
 
 
-def topology(model: Path, s: Services) -> dict[str, Any]:
+def migrations(url: str) -> int:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    found = re.search(r"^vllm_launcher_frontend_migrations_total (\S+)$", text, re.M)
+    return int(float(found.group(1))) if found else 0
+
+
+def engine_core_of(pid: int) -> psutil.Process:
+    """The EngineCore child of a worker (vLLM names the process VLLM::EngineCore)."""
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                return child
+    raise AssertionError(f"no EngineCore under pid {pid}")
+
+
+def topology(model: Path, s: Services, port: int) -> dict[str, Any]:
     return {
         "name": NAME, "backend": "subprocess", "model": str(model),
         "services": {"etcd": s.etcd, "nats": s.nats, "managed": "never"},
         "engine": {**CPU_ENGINE, "block-size": 32, "enable-prefix-caching": True},
         "env": CPU_ENV,
-        "workers": [{"name": "worker-a", "kind": "kv_worker", "cpus": "0", "ready_timeout": 300},
-                    {"name": "worker-b", "kind": "kv_worker", "cpus": "1", "ready_timeout": 300}],
-        "routers": [{"name": "router", "strategy": "prefix"}],
+        "workers": [{"name": "worker-a", "kind": "kv_worker", "cpus": "0", "ready_timeout": 300,
+                     "drain_timeout": DRAIN_TIMEOUT},
+                    {"name": "worker-b", "kind": "kv_worker", "cpus": "1", "ready_timeout": 300,
+                     "drain_timeout": DRAIN_TIMEOUT}],
+        "routers": [{"name": "router", "strategy": "prefix", "drain_timeout": DRAIN_TIMEOUT}],
+        "frontends": [{"name": "frontend", "port": port, "request_timeout": 5.0, "drain_timeout": DRAIN_TIMEOUT}],
         "metrics_port_base": free_port(),  # never the default ports another deployment may hold
     }
 
@@ -162,9 +203,12 @@ def test_chaos(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
     env = {"ETCD_ENDPOINTS": etcd, "NATS_SERVER": nats, "LAUNCHER_HOME": str(tmp_path / "home")}
     s = Services(etcd=etcd, nats=nats, env=env)
     rd = RunDir(tmp_path / "home" / NAME)
-    path = write_topology(tmp_path / "chaos.yaml", topology(tiny_model, s))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    path = write_topology(tmp_path / "chaos.yaml", topology(tiny_model, s, port))
     rows: list[dict[str, Any]] = []
-    load = Load(nats, NAME)
+    load = Load(url, str(tiny_model))
+    reference: dict[int, str] = {}
     pids: dict[int, float] = {}
 
     def pid_of(name: str) -> int:
@@ -177,26 +221,32 @@ def test_chaos(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
         return all(p["state"] == "ready" and p["pid"] and regs.get(n) is not None and regs[n].pid == p["pid"]
                    for n, p in procs.items())
 
-    def fault(label: str, act: Any, whole_again: Any, settle: float = 8.0) -> None:
-        before = {o for o in map(id, load.outcomes)}
+    def row(label: str, window: list[Outcome], t: float, back: float, migrated: int) -> dict[str, Any]:
+        failed = [o for o in window if not o.ok]
+        ok_after = [o.ended - t for o in window if o.ok and o.started >= t]
+        return {
+            "fault": label, "requests": len(window), "failed": len(failed),
+            "why": sorted({o.final for o in failed}), "migrated": migrated,
+            "differ": sum(o.ok and o.text != reference[o.prompt] for o in window),
+            "errors_seen": sum(len(o.codes) for o in window),
+            "codes_seen": sorted({c for o in window for c in o.codes}),
+            "hung_over_10s": sum(o.took > BUDGET for o in window),
+            "max_request_s": round(max((o.took for o in window), default=0.0), 2),
+            "first_ok_s": round(min(ok_after, default=float("nan")), 2),
+            "last_failure_s": round(max((o.ended - t for o in failed), default=0.0), 2),
+            "whole_again_s": round(back, 2),
+        }
+
+    def fault(label: str, act: Any, whole_again: Any, settle: float = 8.0) -> dict[str, Any]:
+        before = {id(o) for o in load.outcomes}
+        moved = migrations(url)
         t = time.monotonic()
         act()
         back = wait_until(whole_again, 420, f"the deployment whole again after: {label}")
         time.sleep(settle)  # requests keep flowing on the whole deployment
         window = [o for o in load.since(t) if id(o) not in before]
-        failed = [o for o in window if not o.ok]
-        errors_seen = sum(len(o.codes) for o in window)
-        ok_after = [o.ended - t for o in window if o.ok and o.started >= t]
-        last_fail = max((o.ended - t for o in failed), default=0.0)
-        rows.append({
-            "fault": label, "requests": len(window), "failed": len(failed),
-            "why": sorted({o.final.split(":")[0] for o in failed}),
-            "errors_seen": errors_seen, "codes_seen": sorted({c for o in window for c in o.codes}),
-            "hung_over_10s": sum(o.took > BUDGET for o in window),
-            "max_request_s": round(max((o.took for o in window), default=0.0), 2),
-            "first_ok_s": round(min(ok_after, default=float("nan")), 2),
-            "last_failure_s": round(last_fail, 2), "whole_again_s": round(back, 2),
-        })
+        rows.append(row(label, window, t, back, migrations(url) - moved))
+        return rows[-1]
 
     back_at: dict[str, float] = {}
 
@@ -210,29 +260,65 @@ def test_chaos(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
     def served_since(kind: str) -> bool:
         return any(o.ok and o.started >= back_at[kind] for o in list(load.outcomes))
 
+    def streaming() -> None:
+        """Wait until a stream is in flight, so that the fault lands mid-stream."""
+        n = len(load.outcomes)
+        wait_until(lambda: len(load.outcomes) > n, 30, "a request finished")
+        time.sleep(PACE + 0.2)  # the next requests have started and are streaming
+
     def kill(name: str) -> tuple[str, Any, Any]:
         """The fault, and its end: that process back under a new pid, and the deployment whole."""
         old = pid_of(name)
-        return f"kill -9 {name}", lambda: os.kill(old, signal.SIGKILL), lambda: pid_of(name) != old and whole()
+
+        def act() -> None:
+            streaming()
+            os.kill(old, signal.SIGKILL)
+
+        return f"kill -9 {name}", act, lambda: pid_of(name) != old and whole()
+
+    def kill_engine(name: str) -> tuple[str, Any, Any]:
+        old = pid_of(name)
+        core = engine_core_of(old)
+
+        def act() -> None:
+            streaming()
+            core.kill()
+
+        return f"kill -9 {name}'s EngineCore only", act, lambda: pid_of(name) != old and whole()
 
     def lease_of(name: str) -> int:
         return int(next(r.lease_id for r in registrations(etcd, NAME) if r.process == name))
 
+    def rolling_restart() -> tuple[str, Any, Any]:
+        olds = {n: pid_of(n) for n in ("worker-a", "worker-b")}
+        done: list[Any] = []
+
+        def act() -> None:
+            done.append(launcher(["restart", NAME, "--rolling"], env, timeout=900))
+
+        return ("launcher restart --rolling (both workers)", act,
+                lambda: bool(done) and all(pid_of(n) != p for n, p in olds.items()) and whole())
+
     try:
         launcher(["up", str(path), "--timeout", "400"], env, timeout=450)
         wait_until(whole, 60, "the deployment whole after up")
+        # The unfaulted answer of every prompt, one at a time, before any load.
+        for k in range(PROMPTS):
+            async def ask(k: int = k) -> Outcome:
+                async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+                    return await load.one(http, k, time.monotonic())
+            first = asyncio.run(ask())
+            assert first.ok and first.text, first
+            reference[k] = first.text
         load.thread.start()
         wait_until(lambda: sum(o.ok for o in load.outcomes) >= 5, 60, "requests served before any fault")
         t0 = time.monotonic()
         time.sleep(5)
-        baseline = load.since(t0)
-        rows.append({"fault": "(none, 5 s baseline)", "requests": len(baseline),
-                     "failed": sum(not o.ok for o in baseline), "why": [], "errors_seen": 0, "codes_seen": [],
-                     "hung_over_10s": sum(o.took > BUDGET for o in baseline),
-                     "max_request_s": round(max((o.took for o in baseline), default=0.0), 2),
-                     "first_ok_s": 0.0, "last_failure_s": 0.0, "whole_again_s": 0.0})
+        rows.append(row("(none, 5 s baseline)", load.since(t0), t0, 0.0, 0))
 
-        fault(*kill("worker-a"))
+        killed = fault(*kill("worker-a"))
+        engine = fault(*kill_engine("worker-b"))
+        rolling = fault(*rolling_restart())
         fault(*kill("router"))
         old_b_lease = lease_of("worker-b")
         fault("revoke worker-b's lease", lambda: revoke(etcd, old_b_lease),
@@ -241,30 +327,49 @@ def test_chaos(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
               lambda: whole() and served_since("nats"))
         fault("restart etcd (down 5 s)", lambda: restart_service("etcd", 5.0),
               lambda: whole() and served_since("etcd"))
+        # Last: `down` under load. Streams in flight end, completed or with an error event, within the
+        # drain timeout; what starts after finds nobody listening (not a hang).
+        pids = every_pid(env, NAME)
+        in_flight_at = time.monotonic()
+        before = {id(o) for o in load.outcomes}
+        launcher(["down", NAME], env, timeout=120)
+        down_took = time.monotonic() - in_flight_at
+        time.sleep(1)
+        load.stop.set()
+        load.thread.join(60)
+        ended = [o for o in load.since(in_flight_at) if id(o) not in before and o.started < in_flight_at]
+        rows.append(row("launcher down under load (streams in flight)", ended, in_flight_at, down_took, 0))
     finally:
         load.stop.set()
         load.thread.join(60)
-        pids = every_pid(env, NAME)
+        pids = pids or every_pid(env, NAME)
         launcher(["down", NAME], env, check=False, timeout=120)
         left = alive(pids)
         for ms in running.values():
             proctree.stop_tree(ms.pid, grace=5)
         report(rows, left, len(pids), load.outcomes)
 
-    assert len(rows) == 6, "every fault ran"
+    assert len(rows) == 10, "every fault ran"
     assert left == [], f"processes left after down: {left}"
     assert sum(r["hung_over_10s"] for r in rows) == 0, rows
+    assert sum(r["differ"] for r in rows) == 0, "a stream's text differs from the unfaulted run"
+    assert killed["failed"] == 0, killed  # migrated, not failed
+    assert engine["last_failure_s"] <= 2.0, engine  # replaced; nothing fails after 2 s
+    assert rolling["failed"] == 0, rolling
+    down = rows[-1]
+    assert down["max_request_s"] <= DRAIN_TIMEOUT + 5, down  # every stream ended, none hung
 
 
 def report(rows: list[dict[str, Any]], left: list[int], seen: int, outcomes: list[Outcome]) -> None:
-    head = ("| fault | requests | failed (why) | errors seen, retried (codes) | >10 s | max s | "
+    head = ("| fault | requests | failed (why) | migrated | differ | errors seen (codes) | >10 s | max s | "
             "first ok s | last failure s | whole again s |")
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         why = f"{r['failed']}" + (f" ({', '.join(r['why'])})" if r["why"] else "")
         codes = f"{r['errors_seen']}" + (f" ({', '.join(r['codes_seen'])})" if r["codes_seen"] else "")
-        lines.append(f"| {r['fault']} | {r['requests']} | {why} | {codes} | {r['hung_over_10s']} | "
-                     f"{r['max_request_s']} | {r['first_ok_s']} | {r['last_failure_s']} | {r['whole_again_s']} |")
+        lines.append(f"| {r['fault']} | {r['requests']} | {why} | {r['migrated']} | {r['differ']} | {codes} | "
+                     f"{r['hung_over_10s']} | {r['max_request_s']} | {r['first_ok_s']} | {r['last_failure_s']} | "
+                     f"{r['whole_again_s']} |")
     total = len(outcomes)
     lines.append("")
     lines.append(f"all requests: {total}, failed: {sum(not o.ok for o in outcomes)}, "
@@ -275,6 +380,6 @@ def report(rows: list[dict[str, Any]], left: list[int], seen: int, outcomes: lis
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "chaos-cpu.md").write_text(
-        "# Chaos run (tests/test_chaos_e2e.py): 2 kv workers + prefix router, tiny-llama, 2 CPU cores\n\n"
+        "# Chaos run (tests/test_chaos_e2e.py): frontend + prefix router + 2 kv workers, tiny-llama, 2 CPU cores\n\n"
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{text}\n")
     (out / "chaos-cpu.json").write_text(json.dumps({"rows": rows, "left": left, "seen": seen}, indent=1))
