@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from launcher import services as svc
-from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Deployment, Services, up
+from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Deployment, Services, up, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -292,3 +292,33 @@ def test_vllm_bench_serve_every_request_succeeds(front: Front, tmp_path: Path, d
     out = json.loads(result.read_text())
     assert out["completed"] == 16 and out.get("failed", 0) == 0, out
     assert out["total_output_tokens"] > 0
+
+
+# ---- an engine death (last: it restarts a worker) ---------------------------------------------------------
+
+def test_an_engine_death_is_a_process_death(front: Front) -> None:
+    """Kill only the EngineCore of the way in (monolith, decode) or of one of two kv workers: the worker
+    unregisters and exits at once (not `ready` with a dead engine, answering 500s), the supervisor
+    restarts it and says why; the frontend's /health says 503 while nothing serves, and the model
+    answers again once the replacement is ready."""
+    import psutil
+
+    victim = {"monolith": "vllm", "1p1d": "decode", "kv_router": "worker-a"}[front.kind]
+    old = front.deployment.process(victim)["pid"]
+    core = next(c for c in psutil.Process(old).children(recursive=True) if "EngineCore" in c.name())
+    core.kill()
+    took = wait_until(lambda: not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE,
+                      10, "the worker process exits", every=0.05)
+    print(f"\n{front.kind}: {victim} exited {took:.2f} s after its EngineCore was killed")
+    if front.kind == "kv_router":  # worker-b still serves behind the router
+        assert _curl(front, "/health", method="GET")[0] == 200
+    else:
+        wait_until(lambda: _curl(front, "/health", method="GET")[0] == 503, 10, "/health says 503")
+    wait_until(lambda: (p := front.deployment.process(victim))["state"] == "ready" and p["pid"] != old, 300,
+          "the replacement is ready")
+    proc = front.deployment.process(victim)
+    assert proc["restarts"] >= 1 and "engine core died" in proc["last_exit"], proc
+    wait_until(lambda: _curl(front, "/health", method="GET")[0] == 200, 60, "/health says 200 again")
+    assert "Paris" in _openai(front).chat.completions.create(
+        model=SERVED, messages=_messages(), max_tokens=16, temperature=0).choices[0].message.content
+
