@@ -235,20 +235,6 @@ class Registry:
             await asyncio.sleep(pause)  # a pause between attempts, growing while etcd does not answer
             pause = min(2 * pause, FOLLOW_MAX_PAUSE)
 
-    async def watch(self, namespace: str, component: str | None = None
-                    ) -> AsyncIterator[tuple[str, Registration | None, str]]:
-        """Yield ("put", registration, key) and ("delete", None, key) as they happen."""
-        watch = await self.client.watch_prefix(components_prefix(namespace, component).encode())
-        async for event in watch:
-            key = event.kv.key.decode()
-            if event.kind == "PUT":
-                try:
-                    yield "put", Registration.decode(event.kv.value), key
-                except Exception:
-                    continue
-            else:
-                yield "delete", None, key
-
     async def revoke(self, lease_id: int) -> None:
         with contextlib.suppress(Exception):
             await self.client.revoke_lease(lease_id)
