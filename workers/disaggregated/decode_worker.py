@@ -171,8 +171,9 @@ async def serve(args: argparse.Namespace) -> int:
     ctx.on_shutdown.append(engine.shutdown)
     ctx.watch_engine(engine)
     # Know the prefill workers before taking the first request (they start before decode workers).
-    await pool.sync(ctx.registry, settings.namespace, args.prefill_component)
-    follower = asyncio.create_task(pool.follow(ctx.registry, settings.namespace, args.prefill_component))
+    updates = ctx.registry.follow(settings.namespace, args.prefill_component)
+    pool.apply(await anext(updates))
+    follower = asyncio.create_task(pool.follow(updates))
 
     def stop_following() -> None:
         follower.cancel()

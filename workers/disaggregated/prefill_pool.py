@@ -1,6 +1,6 @@
 """The prefill instances a decode worker can hand prompts to, and which one gets the next.
 
-Instances come from etcd (a list at start, then a watch), keyed by registration key; each is
+Instances come from etcd (`Registry.follow`: a list, then a watch), keyed by registration key; each is
 addressed by its per-instance NATS subject. The pick is the instance with the fewest requests this
 decode worker has outstanding there (ties: fewest sent so far, so an idle pool still spreads the
 load). An instance that failed a request is set aside until it registers again: a dead prefill
@@ -9,13 +9,12 @@ worker's key lingers until its lease is revoked or expires, and one timeout per 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
-from workers.runtime.registry import Registration, Registry
+from workers.runtime.registry import Delete, Put, Registration, Snapshot, Update
 
 log = logging.getLogger(__name__)
 
@@ -81,28 +80,22 @@ class PrefillPool:
             inst.failed = True
             log.warning("prefill instance %s set aside until it registers again: %s", inst.name, reason)
 
-    async def sync(self, registry: Registry, namespace: str, component: str) -> None:
-        """Make the pool what etcd lists now (a failed instance that is still listed gets another chance)."""
-        current = {r.key: r for r in await registry.list(namespace, component) if r.endpoint == "generate"}
-        for key in list(self.instances):
-            if key not in current:
-                self.delete(key)
-        for key, reg in current.items():
-            if key not in self.instances or self.instances[key].failed:
+    def apply(self, update: Update) -> None:
+        """One update of `Registry.follow` on the prefill component (its `generate` endpoints are the
+        instances). A re-list gives a failed instance that is still listed another chance."""
+        match update:
+            case Snapshot(registrations, gone):
+                for key in gone:
+                    self.delete(key)
+                for key, reg in registrations.items():
+                    if reg.endpoint == "generate" and (key not in self.instances or self.instances[key].failed):
+                        self.put(key, reg)
+            case Put(key, reg) if reg.endpoint == "generate":
                 self.put(key, reg)
+            case Delete(key):
+                self.delete(key)
 
-    async def follow(self, registry: Registry, namespace: str, component: str) -> None:
-        """List, then watch, forever; a broken watch is re-listed after a pause."""
-        while True:
-            try:
-                await self.sync(registry, namespace, component)
-                async for kind, event_reg, key in registry.watch(namespace, component):
-                    if kind == "put" and event_reg is not None and event_reg.endpoint == "generate":
-                        self.put(key, event_reg)
-                    elif kind == "delete":
-                        self.delete(key)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("watching %s/%s failed (%s); listing again in 1 s", namespace, component, exc)
-            await asyncio.sleep(1.0)
+    async def follow(self, updates: AsyncIterator[Update]) -> None:
+        """Apply every update, for as long as `updates` (a `Registry.follow`) goes on."""
+        async for update in updates:
+            self.apply(update)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from workers.kinds import ENTRY_COMPONENTS, KINDS
-from workers.runtime.registry import Registration, Registry
+from workers.runtime.registry import Delete, Put, Registration, Registry, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -99,36 +99,18 @@ class Catalog:
 
 
 async def follow(registry: Registry, namespace: str, catalog: Catalog) -> None:
-    """Keep `catalog` equal to the namespace's registrations: watch first, then list (what the watch
-    saw meanwhile wins over the list); after an etcd failure, the same again."""
-    while True:
-        touched: set[str] = set()
-
-        async def watch(touched: set[str]) -> None:
-            async for kind, reg, key in registry.watch(namespace):
-                touched.add(key)
-                if kind == "put" and reg is not None:
-                    catalog.put(key, reg)
-                else:
+    """Keep `catalog` equal to the namespace's registrations, one key at a time (`Registry.follow`): a
+    key deleted during an etcd outage is a `delete` here too, and a re-listed key that did not change is
+    not put again."""
+    async for update in registry.follow(namespace):
+        match update:
+            case Snapshot(registrations, gone):
+                for key in gone:
                     catalog.delete(key)
-
-        watcher = asyncio.create_task(watch(touched))
-        try:
-            await asyncio.sleep(0.05)  # let the watch be created before the list is read
-            listed = {}
-            for reg in await registry.list(namespace):
-                listed[reg.key] = reg
-            for key in [k for k in catalog.by_key if k not in listed and k not in touched]:
+                for key, reg in registrations.items():
+                    if catalog.by_key.get(key) != reg:
+                        catalog.put(key, reg)
+            case Put(key, reg):
+                catalog.put(key, reg)
+            case Delete(key):
                 catalog.delete(key)
-            for key, reg in listed.items():
-                if key not in touched:
-                    catalog.put(key, reg)
-            await watcher
-            raise ConnectionError("the etcd watch ended")
-        except asyncio.CancelledError:
-            watcher.cancel()
-            raise
-        except Exception as exc:
-            watcher.cancel()
-            log.warning("etcd watch of %s failed (%s: %s); watching again in 1 s", namespace, type(exc).__name__, exc)
-            await asyncio.sleep(1)

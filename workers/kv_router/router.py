@@ -41,7 +41,7 @@ from workers.kv_router.indexer import FlatIndex, Index
 from workers.kv_router.metrics import RouterMetrics
 from workers.runtime import requestplane
 from workers.runtime.annotated import Annotated, ErrorCode, StreamError, retryable
-from workers.runtime.registry import Registration, instance_of_key
+from workers.runtime.registry import Delete, Put, Registration, Snapshot, Update, instance_of_key
 from workers.runtime.serve import WorkerContext, run_worker, serve_prometheus, setup_logging
 from workers.runtime.settings import RuntimeSettings
 
@@ -152,6 +152,26 @@ class KvRouter:
         self.gone.discard(w)
         if known_before_start or back:
             self.request_resync(w)
+
+    def on_registry(self, update: Update, known_before_start: bool = False) -> list[int]:
+        """One update of `Registry.follow` on the worker component. A Snapshot's `gone` keys take the
+        path a delete takes (index and in-flight bookkeeping forget them); its workers are added.
+        Returns the workers removed."""
+        removed: list[int] = []
+        match update:
+            case Snapshot(registrations, gone):
+                removed = [instance_of_key(key) for key in gone]
+                for w in removed:
+                    self.remove_worker(w)
+                for reg in registrations.values():
+                    if reg.endpoint == "generate":
+                        self.add_worker(reg, known_before_start)
+            case Put(registration=reg) if reg.endpoint == "generate":
+                self.add_worker(reg)
+            case Delete(key):
+                removed = [instance_of_key(key)]
+                self.remove_worker(removed[0])
+        return removed
 
     def remove_worker(self, w: int) -> None:
         view = self.workers.pop(w, None)
@@ -398,48 +418,30 @@ class RouterService:
         nc = self.ctx.nc
         await nc.subscribe(ev.events_subject(self.ns), cb=self._on_events)
         await nc.subscribe(ev.load_subject(self.ns), cb=self._on_load)
-        # Watch first, then list: a worker that registers in between is seen twice, never missed.
-        watch = asyncio.create_task(self._watch())
-        for reg in await self.ctx.registry.list(self.ns, self.worker_component):
-            if reg.endpoint == "generate":
-                self.router.add_worker(reg, known_before_start=True)
+        # The workers registered before this router started: their KV events so far were never seen here.
+        updates = self.ctx.registry.follow(self.ns, self.worker_component)
+        self.router.on_registry(await anext(updates), known_before_start=True)
         await self._flush_resyncs()
+        follow = asyncio.create_task(self._follow(updates))
         resync = asyncio.create_task(self._resync_loop())
-        self.tasks = [watch, resync]
+        self.tasks = [follow, resync]
         self.ctx.on_shutdown.append(self.stop)
 
     def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
 
-    def worker_gone(self, w: int) -> None:
-        """A worker's registration vanished (it died, or drained and left): forget it, and end the
-        relays to it now with `worker_lost`, which the frontend continues on another worker."""
-        self.router.remove_worker(w)
-        if n := self.streams.lost(w, "its registration was deleted"):
-            log.warning("worker %x is gone with %d request(s) in flight", w, n)
+    async def _follow(self, updates: AsyncIterator[Update]) -> None:
+        async for update in updates:
+            self.workers_gone(self.router.on_registry(update))
+            await self._flush_resyncs()
 
-    async def _watch(self) -> None:
-        assert self.ctx.registry is not None
-        while True:
-            try:
-                async for kind, reg, key in self.ctx.registry.watch(self.ns, self.worker_component):
-                    if kind == "put" and reg is not None and reg.endpoint == "generate":
-                        self.router.add_worker(reg)
-                    elif kind == "delete":
-                        self.worker_gone(instance_of_key(key))
-                    await self._flush_resyncs()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # etcd hiccup: watch again, and relist so nothing is missed
-                log.warning("etcd watch failed (%s); watching again", exc)
-                await asyncio.sleep(1)
-                with contextlib.suppress(Exception):
-                    live = {r.instance: r for r in await self.ctx.registry.list(self.ns, self.worker_component)}
-                    for gone in [w for w in self.router.workers if w not in live]:
-                        self.worker_gone(gone)
-                    for reg in live.values():
-                        self.router.add_worker(reg)
+    def workers_gone(self, workers: list[int]) -> None:
+        """Workers whose registration vanished (they died, or drained and left): end the relays to them
+        now with `worker_lost`, which the frontend continues on another worker."""
+        for w in workers:
+            if n := self.streams.lost(w, "its registration was deleted"):
+                log.warning("worker %x is gone with %d request(s) in flight", w, n)
 
     async def _flush_resyncs(self) -> None:
         assert self.ctx.nc is not None

@@ -30,6 +30,7 @@ from workers.runtime.settings import ServiceUnavailable
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 10
+FOLLOW_PAUSE, FOLLOW_MAX_PAUSE = 0.1, 2.0  # seconds between attempts to list and watch again
 
 
 @dataclass
@@ -69,6 +70,45 @@ class Registration:
     @classmethod
     def decode(cls, raw: bytes) -> Registration:
         return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """All registrations under a prefix, by etcd key: the first update of `Registry.follow`, and the
+    one after every broken watch. `gone`: keys reported before and absent now (deleted while nobody
+    watched); a caller that keeps per-key state deletes them as if a Delete had come for each."""
+
+    registrations: dict[str, Registration]
+    gone: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Put:
+    key: str
+    registration: Registration
+
+
+@dataclass(frozen=True)
+class Delete:
+    """The key's registration is gone (revoked or expired lease, deleted key); the key may be unknown."""
+
+    key: str
+
+
+Update = Snapshot | Put | Delete
+
+
+def _decode(raw: bytes) -> Registration | None:
+    """None for a value that is not a registration (written by something else, or by another version)."""
+    try:
+        return Registration.decode(raw)
+    except Exception:
+        return None
+
+
+def _decoded(result: aetcd.GetRange) -> dict[str, Registration]:
+    decoded = {kv.key.decode(): _decode(kv.value) for kv in result}
+    return {key: reg for key, reg in decoded.items() if reg is not None}
 
 
 def components_prefix(namespace: str, component: str | None = None) -> str:
@@ -164,25 +204,47 @@ class Registry:
 
     async def list(self, namespace: str, component: str | None = None) -> list[Registration]:
         result = await self.client.get_prefix(components_prefix(namespace, component).encode())
-        out = []
-        for kv in result:
-            with contextlib.suppress(Exception):
-                out.append(Registration.decode(kv.value))
-        return out
+        return list(_decoded(result).values())
 
-    async def watch(self, namespace: str, component: str | None = None
-                    ) -> AsyncIterator[tuple[str, Registration | None, str]]:
-        """Yield ("put", registration, key) and ("delete", None, key) as they happen."""
-        watch = await self.client.watch_prefix(components_prefix(namespace, component).encode())
-        async for event in watch:
-            key = event.kv.key.decode()
-            if event.kind == "PUT":
+    async def follow(self, namespace: str, component: str | None = None) -> AsyncIterator[Update]:
+        """Every registration under the prefix, then every change to it, for as long as the caller iterates.
+
+        One get-prefix gives the keys and the revision R they are at; the watch starts at R+1, so a
+        registration made between the list and the watch is an event of the watch, not lost. A broken
+        watch (etcd restarted, connection lost, revision compacted) is followed by a new list: its
+        Snapshot names the keys deleted meanwhile (`gone`), whose delete events nobody will send. Each
+        Snapshot is yielded before its watch is created: the watch's start revision, not the order of
+        the two calls, is what keeps the gap closed. Undecodable values are skipped.
+        """
+        prefix = components_prefix(namespace, component).encode()
+        known: set[str] = set()  # the keys reported so far, to tell what a re-list no longer has
+        pause = FOLLOW_PAUSE
+        while True:
+            try:
+                listed = await self.client.get_prefix(prefix)
+                registrations = _decoded(listed)
+                yield Snapshot(registrations, frozenset(known - registrations.keys()))
+                known = set(registrations)
+                watch = await self.client.watch_prefix(prefix, start_revision=listed.header.revision + 1)
+                pause = FOLLOW_PAUSE
                 try:
-                    yield "put", Registration.decode(event.kv.value), key
-                except Exception:
-                    continue
-            else:
-                yield "delete", None, key
+                    async for event in watch:
+                        key = event.kv.key.decode()
+                        if event.kind != "PUT":
+                            known.discard(key)
+                            yield Delete(key)
+                        elif (reg := _decode(event.kv.value)) is not None:
+                            known.add(key)
+                            yield Put(key, reg)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await watch.cancel()
+                log.warning("etcd watch of %s ended; listing again", prefix.decode())
+            except Exception as exc:
+                log.warning("etcd list/watch of %s failed (%s: %s); listing again in %.1f s", prefix.decode(),
+                            type(exc).__name__, exc, pause)
+            await asyncio.sleep(pause)  # a pause between attempts, growing while etcd does not answer
+            pause = min(2 * pause, FOLLOW_MAX_PAUSE)
 
     async def revoke(self, lease_id: int) -> None:
         with contextlib.suppress(Exception):
