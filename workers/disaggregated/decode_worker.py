@@ -102,7 +102,7 @@ class DisaggregatedHandler:
         final: dict[str, Any] | None = None
         with self.pool.lease(inst):
             async for item in requestplane.stream(self.nc, inst.subject, prefill_request(req),
-                                                  idle_timeout=self.prefill_timeout):
+                                                  self.prefill_timeout, self.pool.streams, inst.registration.instance):
                 if item.is_error():
                     raise PrefillFailed("; ".join(item.comment) or "error without a message", item.code)
                 chunk = item.data or {}

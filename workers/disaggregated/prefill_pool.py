@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from workers.runtime.registry import Delete, Put, Registration, Snapshot, Update
+from workers.runtime.requestplane import StreamTracker
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class PrefillPool:
 
     def __init__(self) -> None:
         self.instances: dict[str, PrefillInstance] = {}
+        self.streams = StreamTracker()  # prefills in flight by instance: a deleted one's end at once
 
     def put(self, key: str, reg: Registration) -> None:
         old = self.instances.get(key)
@@ -52,11 +54,14 @@ class PrefillPool:
         self.instances[key] = inst
 
     def delete(self, key: str) -> None:
-        if self.instances.pop(key, None) is not None:
+        inst = self.instances.pop(key, None)
+        if inst is not None:
             log.info("prefill instance %s is gone", key)
+            self.streams.lost(inst.registration.instance, "its registration was deleted")
 
     def healthy(self) -> list[PrefillInstance]:
-        return [i for i in self.instances.values() if not i.failed]
+        """Instances to send new prefills to: not failed, not draining."""
+        return [i for i in self.instances.values() if not i.failed and not i.registration.draining]
 
     def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> PrefillInstance | None:
         """Least outstanding work among healthy instances not in `exclude` (keys already tried)."""

@@ -9,14 +9,11 @@ not listed, so `/v1/models` never fails because one worker is gone.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from workers.kinds import ENTRY_COMPONENTS, KINDS
 from workers.runtime.registry import Delete, Put, Registration, Registry, Snapshot
-
-log = logging.getLogger(__name__)
 
 ENGINE_COMPONENTS = frozenset(k.component for k in KINDS.values() if k.engine)
 
