@@ -370,7 +370,11 @@ def cmd_restart(args: argparse.Namespace) -> int:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGUSR1)  # wakes it now; it would find the request on its next tick anyway
     console.print(f"{rd.name}: restarting {', '.join(names)}{' one at a time' if args.rolling else ''}")
-    return _follow_restart(rd, req.id, seen, args.timeout)
+    try:
+        return _follow_restart(rd, req, seen, args.timeout)
+    except KeyboardInterrupt:
+        console.print("\nstopped following; the restart goes on in the background (`launcher status`)")
+        return 130
 
 
 def _restart_plan(rd: RunDir, plan: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -403,13 +407,13 @@ def _restart_plan(rd: RunDir, plan: dict[str, Any], path: Path) -> dict[str, Any
     return new
 
 
-def _follow_restart(rd: RunDir, job_id: str, seen: dict[str, str], timeout: float | None) -> int:
+def _follow_restart(rd: RunDir, req: restart.RestartRequest, seen: dict[str, str], timeout: float | None) -> int:
     """Show each process's state changes until the supervisor says the job ended; 0 if every process came back."""
     start = time.monotonic()
     with console.status("restarting...") as spinner:
         while True:
             st = rd.state()
-            job = next((j for j in st.get("restart_jobs", []) if j.get("id") == job_id), None)
+            job = next((j for j in st.get("restart_jobs", []) if j.get("id") == req.id), None)
             if job is not None:
                 procs = st.get("processes", {})
                 _print_changes({n: procs[n] for n in job["processes"] if n in procs}, seen)
@@ -417,9 +421,9 @@ def _follow_restart(rd: RunDir, job_id: str, seen: dict[str, str], timeout: floa
                     return _restart_result(job)
                 busy = [n for n, phase in job["phase"].items() if phase == "restarting"]
                 spinner.update(f"restarting {', '.join(busy)} ({time.monotonic() - start:.0f} s)")
-            elif time.monotonic() - start > RESTART_PICKUP_S:
+            elif time.monotonic() - start > RESTART_PICKUP_S and restart.withdraw(rd, req):
                 err.print(f"[red]the supervisor did not take the request within {RESTART_PICKUP_S:.0f} s[/]; "
-                          f"see {rd.logs / 'supervisor.log'}")
+                          f"it is withdrawn, nothing was restarted; see {rd.logs / 'supervisor.log'}")
                 return 1
             if rd.supervisor_pid() is None:
                 err.print(f"[red]the supervisor exited[/]; see {rd.logs / 'supervisor.log'}")

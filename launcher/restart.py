@@ -96,6 +96,16 @@ def settle_plan(rd: RunDir, req: RestartRequest, taken: bool) -> None:
             _plan_path(rd, req.id).unlink()
 
 
+def withdraw(rd: RunDir, req: RestartRequest) -> bool:
+    """Take back a request the supervisor has not taken (it seems stuck): True if it was still waiting."""
+    try:
+        (requests_dir(rd) / f"{req.id}.json").unlink()
+    except OSError:
+        return False
+    settle_plan(rd, req, taken=False)
+    return True
+
+
 def resolve(specs: list[ProcessSpec], wanted: list[str]) -> list[str]:
     """Process names for `launcher restart`'s arguments, in plan order: a process name, or a topology
     worker's name for all its replicas (`w`: w-1, w-2); no argument: every engine worker (not the

@@ -75,6 +75,11 @@ def test_a_taken_request_moves_its_plan_over_plan_json_and_a_refused_one_drops_i
     assert len(rd.plan()["processes"]) == 2
     assert restart.take_request(rd) is None and list(restart.requests_dir(rd).iterdir()) == []
 
+    late = restart.RestartRequest(id="d4", processes=["v-1"], rolling=False, new_plan=True)
+    restart.write_request(rd, late, new_plan)
+    assert restart.withdraw(rd, late), "not taken yet: withdrawn, its plan too"
+    assert list(restart.requests_dir(rd).iterdir()) == [] and not restart.withdraw(rd, late)
+
 
 def test_the_supervisor_answers_every_request_in_its_jobs(tmp_path: Path) -> None:
     rd = RunDir(tmp_path / "dep")
