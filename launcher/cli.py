@@ -1,4 +1,4 @@
-"""`launcher validate | plan | up | status | ls | down | logs | attach | schema | export`."""
+"""`launcher validate | plan | up | status | ls | restart | down | logs | attach | schema | export`."""
 
 from __future__ import annotations
 
@@ -7,22 +7,24 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
-from launcher import gpus, proctree, rules, services, state, validation
+from launcher import gpus, proctree, restart, rules, services, state, validation
 from launcher.plan import Endpoints, ProcessSpec, build_plan, select_host
 from launcher.redact import redact_argv, redact_env, redact_obj, redact_text
 from launcher.state import RunDir
 from launcher.status import collect, print_status, render
-from launcher.supervisor import leftovers, log_tail
+from launcher.supervisor import DRAINING, KILL_WAIT, leftovers, log_tail
 from launcher.topology import Topology, json_schema
 
 # Piped output (tests, `| less`) gets a wide table instead of rich's 80-column default.
@@ -30,6 +32,7 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 EXIT_INVALID = 2
+RESTART_PICKUP_S = 30.0  # a live supervisor takes a request within a tick; a step may hang up to tmux's timeout
 
 
 def load_checked(path: Path) -> Topology:
@@ -76,15 +79,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_plan(rd: RunDir, topo: Topology, specs: list[ProcessSpec], endpoints: Endpoints, backend: str,
-                host: str | None, topology_file: Path, everyone: list[dict[str, Any]] | None = None) -> None:
-    """`everyone`: every process of the deployment on any host (name, kind, host, devices), so that
-    `status` on one host can list the others' processes, which only etcd knows about."""
-    state.write_json(rd.plan_file, {
+def _plan_json(topo: Topology, every_spec: list[ProcessSpec], endpoints: Endpoints, backend: str,
+               host: str | None, topology_file: Path) -> dict[str, Any]:
+    """plan.json: this host's processes, and under `deployment` every process on any host (name, kind,
+    host, devices), so that `status` on one host can list the others', which only etcd knows about."""
+    return {
         "name": topo.name, "namespace": topo.effective_namespace, "backend": backend, "host": host,
         "etcd": endpoints.etcd, "nats": endpoints.nats, "topology": str(topology_file.resolve()),
-        "processes": [s.to_json() for s in specs], "deployment": everyone or [],
-    })
+        "processes": [s.to_json() for s in select_host(every_spec, host)],
+        "deployment": [{"name": s.name, "kind": s.kind, "host": s.host, "devices": s.devices} for s in every_spec],
+    }
 
 
 def _spawn_supervisor(rd: RunDir, foreground: bool) -> subprocess.Popen[bytes]:
@@ -94,6 +98,20 @@ def _spawn_supervisor(rd: RunDir, foreground: bool) -> subprocess.Popen[bytes]:
                                 start_new_session=not foreground)
 
 
+def _print_changes(procs: dict[str, dict[str, Any]], seen: dict[str, str]) -> None:
+    """A line for each process whose state changed since the last call: `up`'s and `restart`'s progress."""
+    for name, p in procs.items():
+        if seen.get(name) == p["state"]:
+            continue
+        seen[name] = p["state"]
+        if p["state"] in ("starting", "ready", "failed", "backoff", "exited", "draining"):
+            extra = f" (pid {p['pid']})" if p["state"] in ("starting", "draining") else ""
+            if p["state"] == "ready" and p.get("started_at") and p.get("ready_at"):
+                extra = f" in {p['ready_at'] - p['started_at']:.1f} s"
+            msg = f": {p['message']}" if p.get("message") and p["state"] != "starting" else ""
+            console.print(f"  {name}: {p['state']}{extra}{redact_text(msg)}", markup=False)
+
+
 def _wait_ready(rd: RunDir, sup: subprocess.Popen[bytes], timeout: float | None) -> bool:
     """Show progress until every process is ready, or one failed, or the supervisor died."""
     start = time.monotonic()
@@ -101,15 +119,7 @@ def _wait_ready(rd: RunDir, sup: subprocess.Popen[bytes], timeout: float | None)
     with console.status("starting...") as spinner:
         while True:
             procs = rd.state().get("processes", {})
-            for name, p in procs.items():
-                if seen.get(name) != p["state"]:
-                    seen[name] = p["state"]
-                    if p["state"] in ("starting", "ready", "failed", "backoff", "exited"):
-                        extra = f" (pid {p['pid']})" if p["state"] == "starting" else ""
-                        if p["state"] == "ready" and p.get("started_at") and p.get("ready_at"):
-                            extra = f" in {p['ready_at'] - p['started_at']:.1f} s"
-                        msg = f": {p['message']}" if p.get("message") and p["state"] != "starting" else ""
-                        console.print(f"  {name}: {p['state']}{extra}{redact_text(msg)}", markup=False)
+            _print_changes(procs, seen)
             states = [p["state"] for p in procs.values()]
             if procs and all(s == "ready" for s in states):
                 return True
@@ -120,7 +130,7 @@ def _wait_ready(rd: RunDir, sup: subprocess.Popen[bytes], timeout: float | None)
                 for line in log_tail(rd.logs / "supervisor.log"):
                     err.print(f"  {redact_text(line)}", markup=False)
                 return False
-            waiting = [n for n, p in procs.items() if p["state"] in ("starting", "pending", "backoff")]
+            waiting = [n for n, p in procs.items() if p["state"] in ("starting", "pending", "backoff", "draining")]
             if waiting:
                 name = waiting[0]
                 p = procs[name]
@@ -139,7 +149,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     rd = RunDir.for_deployment(topo.name, args.host)
     if rd.supervisor_pid() is not None:
         console.print(f"[yellow]{topo.name} is already up[/] (supervisor pid {rd.supervisor_pid()}); nothing started. "
-                      "`launcher down` first to restart it.")
+                      f"`launcher restart {rd.name} --file {args.topology}` applies this file to it; "
+                      "`launcher down` first to start it anew.")
         print_status(collect(rd), console)
         return 0
     for problem in validation.env_endpoint_problems(dict(os.environ)):
@@ -151,7 +162,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         err.print(f"[red]error[/] {escape(redact_text(loopback))}")
         return EXIT_INVALID
     every_spec = build_plan(topo, endpoints, kv_dir=rd.path / "kv")
-    everyone = [{"name": s.name, "kind": s.kind, "host": s.host, "devices": s.devices} for s in every_spec]
     specs = select_host(every_spec, args.host)
     if not specs:
         err.print(f"no process of {args.topology} runs on host '{args.host}'")
@@ -171,6 +181,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     for stale in (rd.state_file, rd.path / "stop.json"):
         with contextlib.suppress(OSError):
             stale.unlink()
+    shutil.rmtree(restart.requests_dir(rd), ignore_errors=True)  # a restart asked of an earlier run
     previous = services.from_json(state.read_json(rd.services_file, []) or [])
     try:
         used = services.ensure_services(endpoints.etcd, endpoints.nats, topo.services.managed, rd.path,
@@ -184,7 +195,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         services.release_services(unused, rd.path, say=lambda m: console.print(f"  {m}"))
     state.write_json(rd.services_file, services.to_json(used))
     try:
-        _write_plan(rd, topo, specs, endpoints, backend, args.host, args.topology, everyone)
+        state.write_json(rd.plan_file, _plan_json(topo, every_spec, endpoints, backend, args.host, args.topology))
         t0 = time.monotonic()
         sup = _spawn_supervisor(rd, args.foreground)
     except BaseException:  # nothing supervises the services this `up` took: give them back
@@ -273,15 +284,27 @@ def _foreground_stop(rd: RunDir, sup: subprocess.Popen[bytes]) -> int:
     return 0
 
 
-def _down(rd: RunDir, grace: float = 10.0) -> dict[str, Any]:
-    """Stop the supervisor (which stops its processes), then sweep leftovers and managed services."""
+def _stop_budget(plan: dict[str, Any], grace: float | None) -> float:
+    """How long the supervisor may take to stop: the longest kill deadline (`grace`, else each process's
+    drain_timeout + margin), SIGKILL's own wait, and a margin for etcd and the backend."""
+    specs = [ProcessSpec.from_json(p) for p in plan.get("processes", [])]
+    longest = grace if grace is not None else max((s.kill_after for s in specs), default=0.0)
+    return longest + KILL_WAIT + 30
+
+
+def _down(rd: RunDir, grace: float | None = None,
+          progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Stop the supervisor (which drains and stops its processes), then sweep leftovers and managed
+    services. `grace`: seconds from SIGTERM to SIGKILL for every process (None: each its own)."""
     pid = rd.supervisor_pid()
     if pid is not None:
         state.write_json(rd.path / "stop.json", {"grace": grace})
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace + 30
+        deadline = time.monotonic() + _stop_budget(rd.plan(), grace)
         while rd.supervisor_pid() is not None and time.monotonic() < deadline:
+            if progress is not None:
+                progress(rd.state())
             time.sleep(0.1)
     swept = 0
     for p in rd.state().get("processes", {}).values():
@@ -298,15 +321,127 @@ def _down(rd: RunDir, grace: float = 10.0) -> dict[str, Any]:
     return {"supervisor": pid, "swept": swept, "services": stopped, "service_notes": notes}
 
 
+def _stopping_text(st: dict[str, Any]) -> str:
+    draining = [n for n, p in st.get("processes", {}).items() if p.get("state") == DRAINING]
+    return f"draining {', '.join(draining)}" if draining else "stopping..."
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     rd = _find(args.name, args.host)
-    result = _down(rd, args.grace)
+    with console.status("stopping...") as spinner:
+        result = _down(rd, args.grace, progress=lambda st: spinner.update(_stopping_text(st)))
     sup = f"supervisor {result['supervisor']} stopped" if result["supervisor"] else "no supervisor was running"
     extra = f", {result['swept']} leftover process(es) killed" if result["swept"] else ""
     console.print(f"{rd.name}: {sup}{extra}")
     for note in result["service_notes"]:
         console.print(f"  {note}")
     return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    """Ask the running supervisor to restart processes (see launcher/restart.py), then follow it."""
+    rd = _find(args.name, args.host)
+    pid = rd.supervisor_pid()
+    if pid is None:
+        err.print(f"{rd.name} is not running (no supervisor): `launcher up` it")
+        return 1
+    plan = rd.plan()
+    current = [ProcessSpec.from_json(p) for p in plan.get("processes", [])]
+    new_plan = _restart_plan(rd, plan, args.file) if args.file else None
+    specs = current if new_plan is None else [ProcessSpec.from_json(p) for p in new_plan["processes"]]
+    try:
+        names = (restart.changed(current, specs) if new_plan is not None and not args.processes
+                 else restart.resolve(specs, args.processes))
+    except ValueError as exc:
+        err.print(f"[red]error[/] {escape(str(exc))}", soft_wrap=True)
+        return EXIT_INVALID
+    if not names:
+        console.print(f"{rd.name}: {args.file} changes no process of this host; nothing restarted")
+        return 0
+    if new_plan is not None:
+        kept = [n for n in restart.changed(current, specs) if n not in names]
+        if kept:
+            console.print(f"note: {', '.join(kept)} changed too but keep running as they are; they start with "
+                          "the new plan at their next (re)start", soft_wrap=True)
+    req = restart.RestartRequest(id=restart.new_id(), processes=names, rolling=args.rolling,
+                                 new_plan=new_plan is not None)
+    seen = {n: p["state"] for n, p in rd.state().get("processes", {}).items()}  # show changes from now on
+    restart.write_request(rd, req, new_plan)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGUSR1)  # wakes it now; it would find the request on its next tick anyway
+    console.print(f"{rd.name}: restarting {', '.join(names)}{' one at a time' if args.rolling else ''}")
+    try:
+        return _follow_restart(rd, req, seen, args.timeout)
+    except KeyboardInterrupt:
+        console.print("\nstopped following; the restart goes on in the background (`launcher status`)")
+        return 130
+
+
+def _restart_plan(rd: RunDir, plan: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The plan of `path` for this deployment: the checks `up` runs, with the servers it runs with; exits 2
+    if the file is invalid or names another deployment, namespace or set of processes."""
+    topo = load_checked(path)
+    endpoints = Endpoints(etcd=list(plan.get("etcd", [])), nats=plan.get("nats", ""))
+    new = _plan_json(topo, build_plan(topo, endpoints, kv_dir=rd.path / "kv"), endpoints,
+                     plan.get("backend", topo.backend), plan.get("host"), path)
+    specs = [ProcessSpec.from_json(p) for p in new["processes"]]
+    old_names = {p["name"] for p in plan.get("processes", [])}
+    new_names = {s.name for s in specs}
+    problems = []
+    if (topo.name, topo.effective_namespace) != (plan.get("name"), plan.get("namespace")):
+        problems.append(f"{path} is deployment {topo.name} (namespace {topo.effective_namespace}), not "
+                        f"{plan.get('name')} (namespace {plan.get('namespace')})")
+    if old_names != new_names:
+        added, removed = sorted(new_names - old_names), sorted(old_names - new_names)
+        problems.append(f"{path} changes the set of processes (added: {', '.join(added) or '-'}; removed: "
+                        f"{', '.join(removed) or '-'}): `launcher down` and `launcher up` to apply it")
+    try:
+        gpus.check_gpus(specs)
+    except gpus.GpuError as exc:
+        problems.append(str(exc))
+    for problem in problems:
+        err.print(f"[red]error[/] {escape(redact_text(problem))}", soft_wrap=True)
+    if problems:
+        err.print("nothing was restarted")
+        sys.exit(EXIT_INVALID)
+    return new
+
+
+def _follow_restart(rd: RunDir, req: restart.RestartRequest, seen: dict[str, str], timeout: float | None) -> int:
+    """Show each process's state changes until the supervisor says the job ended; 0 if every process came back."""
+    start = time.monotonic()
+    with console.status("restarting...") as spinner:
+        while True:
+            st = rd.state()
+            job = next((j for j in st.get("restart_jobs", []) if j.get("id") == req.id), None)
+            if job is not None:
+                procs = st.get("processes", {})
+                _print_changes({n: procs[n] for n in job["processes"] if n in procs}, seen)
+                if job["state"] != "running":
+                    return _restart_result(job)
+                busy = [n for n, phase in job["phase"].items() if phase == "restarting"]
+                spinner.update(f"restarting {', '.join(busy)} ({time.monotonic() - start:.0f} s)")
+            elif time.monotonic() - start > RESTART_PICKUP_S and restart.withdraw(rd, req):
+                err.print(f"[red]the supervisor did not take the request within {RESTART_PICKUP_S:.0f} s[/]; "
+                          f"it is withdrawn, nothing was restarted; see {rd.logs / 'supervisor.log'}")
+                return 1
+            if rd.supervisor_pid() is None:
+                err.print(f"[red]the supervisor exited[/]; see {rd.logs / 'supervisor.log'}")
+                return 1
+            if timeout is not None and time.monotonic() - start > timeout:
+                err.print(f"[yellow]not done after {timeout:.0f} s; the restart goes on in the background[/] "
+                          "(`launcher status`)")
+                return 1
+            time.sleep(0.2)
+
+
+def _restart_result(job: dict[str, Any]) -> int:
+    if job["state"] == "done":
+        console.print(f"[green]restarted[/] {', '.join(job['processes'])}: each registered again with a new pid")
+        return 0
+    verb = "refused" if job["state"] == "rejected" else "failed"
+    err.print(f"[red]restart {verb}[/]: {escape(redact_text(job['message']))}", soft_wrap=True)
+    return 1
 
 
 def multinode_loopback(topo: Topology, endpoints: Endpoints) -> str | None:
@@ -472,8 +607,21 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("down", help="stop everything; leave no process behind")
     d.add_argument("name", nargs="?", default=None)
     d.add_argument("--host", default=None, help="multi-node: stop only this host's share")
-    d.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    d.add_argument("--grace", type=float, default=None, help="seconds between SIGTERM and SIGKILL for every "
+                   "process (default: each process's drain_timeout + 10 s)")
     d.set_defaults(func=cmd_down)
+
+    r = sub.add_parser("restart", help="drain and restart processes of a running deployment (new pids, READY again)")
+    r.add_argument("name", help="deployment")
+    r.add_argument("processes", nargs="*", metavar="PROCESS", help="a process, or a worker (all its replicas); "
+                   "default: every engine worker, or with --file every process the file changes")
+    r.add_argument("--rolling", action="store_true", help="one at a time: the next once the last is READY again; "
+                   "stops at the first that does not come back")
+    r.add_argument("--file", type=Path, default=None, help="restart with this topology (same processes): checked "
+                   "as `up` checks it, its plan replaces plan.json")
+    r.add_argument("--host", default=None, help="multi-node: this host's share (<name>@<host>)")
+    r.add_argument("--timeout", type=float, default=None, help="stop waiting after this many seconds")
+    r.set_defaults(func=cmd_restart)
 
     lg = sub.add_parser("logs", help="a process's log")
     lg.add_argument("process")

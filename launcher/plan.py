@@ -14,8 +14,9 @@ from typing import Any
 
 from launcher.cpu import choose_cpu_dtype, read_cpu_flags
 from launcher.rules import block_size, engine_flags, parallel_sizes
-from launcher.topology import Frontend, Router, Topology, Worker
+from launcher.topology import DRAIN_MARGIN, Frontend, ProcessCommon, Router, Topology, Worker
 from workers.kinds import KINDS
+from workers.runtime.settings import DEFAULT_DRAIN_TIMEOUT
 
 PathKey = tuple[str | int, ...]
 
@@ -51,10 +52,17 @@ class ProcessSpec:
     backoff: float = 1.0
     backoff_max: float = 30.0
     ready_timeout: float = 600.0
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     host: str | None = None
     ports: dict[str, int] = field(default_factory=dict)  # what it listens on: "http", "metrics"
     url: str | None = None  # where a user reaches it (the frontend)
     notes: list[str] = field(default_factory=list)  # choices the plan made for the user, and why
+    replica_of: str | None = None  # the topology worker this process is a replica of (`w` for w-1, w-2)
+
+    @property
+    def kill_after(self) -> float:
+        """Seconds from SIGTERM to SIGKILL: the drain, then the engine's own shutdown (DRAIN_MARGIN)."""
+        return self.drain_timeout + DRAIN_MARGIN
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,7 +91,8 @@ def flags_to_argv(flags: dict[str, Any]) -> list[str]:
     return argv
 
 
-def _base_env(topo: Topology, endpoints: Endpoints, name: str, host: str | None) -> dict[str, str]:
+def _base_env(topo: Topology, endpoints: Endpoints, name: str, proc: ProcessCommon) -> dict[str, str]:
+    """What every process is told about its deployment: the worker runtime reads these (RuntimeSettings)."""
     env = {
         "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
         "PYTHONUNBUFFERED": "1",
@@ -91,9 +100,11 @@ def _base_env(topo: Topology, endpoints: Endpoints, name: str, host: str | None)
         "LAUNCHER_PROCESS": name,
         "ETCD_ENDPOINTS": ",".join(endpoints.etcd),
         "NATS_SERVER": endpoints.nats,
+        # The supervisor's kill deadline is this plus DRAIN_MARGIN: the worker must know its own budget.
+        "LAUNCHER_DRAIN_TIMEOUT": str(proc.drain_timeout),
     }
-    if host:
-        env["LAUNCHER_HOST"] = host
+    if proc.host:
+        env["LAUNCHER_HOST"] = proc.host
     env.update(topo.env)
     return env
 
@@ -197,7 +208,7 @@ def _worker_specs(topo: Topology, index: int, w: Worker, endpoints: Endpoints, k
                 kt.kv_connector_extra_config = {**kt.kv_connector_extra_config, "shared_storage_path": str(kv_dir)}
             argv += ["--kv-transfer-config", kt.to_vllm_json()]
         argv += w.args
-        env = _base_env(topo, endpoints, name, w.host)
+        env = _base_env(topo, endpoints, name, w)
         devices = "-"
         if w.gpus is not None:
             gpus = w.gpus[k * per_replica:(k + 1) * per_replica]
@@ -212,7 +223,8 @@ def _worker_specs(topo: Topology, index: int, w: Worker, endpoints: Endpoints, k
             name=name, kind=w.kind, argv=argv, env=env, devices=devices, tier=KINDS[w.kind].tier,
             restart_policy=w.restart.policy, max_restarts=w.restart.max_restarts,
             backoff=w.restart.backoff, backoff_max=w.restart.backoff_max,
-            ready_timeout=w.ready_timeout, host=w.host, ports={"metrics": metrics_port}, notes=list(notes),
+            ready_timeout=w.ready_timeout, drain_timeout=w.drain_timeout, host=w.host,
+            ports={"metrics": metrics_port}, notes=list(notes), replica_of=w.name if w.replicas > 1 else None,
         ))
     return specs
 
@@ -224,24 +236,25 @@ def _router_spec(topo: Topology, r: Router, endpoints: Endpoints) -> ProcessSpec
     if block is not None:
         argv += ["--block-size", str(block)]
     argv += r.args
-    env = _base_env(topo, endpoints, r.name, r.host)
+    env = _base_env(topo, endpoints, r.name, r)
     env.update(r.env)
     return ProcessSpec(
         name=r.name, kind="router", argv=argv, env=env, devices="-", tier=KINDS["router"].tier,
         restart_policy=r.restart.policy, max_restarts=r.restart.max_restarts,
         backoff=r.restart.backoff, backoff_max=r.restart.backoff_max,
-        ready_timeout=r.ready_timeout, host=r.host,
+        ready_timeout=r.ready_timeout, drain_timeout=r.drain_timeout, host=r.host,
     )
 
 
 def _frontend_spec(topo: Topology, f: Frontend, endpoints: Endpoints) -> ProcessSpec:
     argv = [sys.executable, "-m", KINDS["frontend"].module, "--host", f.listen, "--port", str(f.port),
             "--model", topo.model, "--max-request-bytes", str(f.max_request_bytes),
-            "--request-timeout", str(f.request_timeout), "--retries", str(f.retries)]
+            "--request-timeout", str(f.request_timeout), "--retries", str(f.retries),
+            "--migration-limit", str(f.migration_limit)]
     if f.api_key_env:
         argv += ["--api-key-env", f.api_key_env]  # the name of the variable, never the key
     argv += f.args
-    env = _base_env(topo, endpoints, f.name, f.host)
+    env = _base_env(topo, endpoints, f.name, f)
     env.update(f.env)
     shown = "127.0.0.1" if f.listen in ("0.0.0.0", "::") else f.listen
     return ProcessSpec(
@@ -249,7 +262,8 @@ def _frontend_spec(topo: Topology, f: Frontend, endpoints: Endpoints) -> Process
         restart_policy=f.restart.policy, max_restarts=f.restart.max_restarts,
         backoff=f.restart.backoff, backoff_max=f.restart.backoff_max,
         # Ready once a worker serves: it waits as long as the slowest worker may take to load.
-        ready_timeout=max([f.ready_timeout, *(w.ready_timeout for w in topo.workers)]), host=f.host,
+        ready_timeout=max([f.ready_timeout, *(w.ready_timeout for w in topo.workers)]),
+        drain_timeout=f.drain_timeout, host=f.host,
         ports={"http": f.port},
         url=f"http://{f'[{shown}]' if ':' in shown else shown}:{f.port}",
     )

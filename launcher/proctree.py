@@ -2,6 +2,8 @@
 
 vLLM's EngineCore and tensor-parallel workers are children that outlive a killed parent, so the
 tree is taken (psutil) *before* the first signal, and each member is waited for individually.
+`signal_tree` only signals (the supervisor's loop checks on later ticks that the tree is gone);
+`stop_tree` signals and waits, for callers that may block (`launcher down`'s sweep, tools).
 """
 
 from __future__ import annotations
@@ -89,35 +91,53 @@ def owns_pid(pid: int, create_time: float | None) -> bool:
         return True
 
 
+def _members(pid: int | None, extra: list[psutil.Process] | None, create_time: float | None
+             ) -> tuple[bool, list[psutil.Process]]:
+    """Whether `pid` (and so its process group) is still ours, and the live members to signal."""
+    ours = pid is not None and owns_pid(pid, create_time)
+    members = (tree(pid) if ours and pid is not None else []) + [p for p in extra or [] if p.pid != pid or ours]
+    # A zombie is already dead; waiting on one whose parent (a tmux server) never reaps it would
+    # only burn the grace period.
+    return ours, [p for p in members if not _is_zombie(p)]
+
+
+def _send(pid: int | None, ours: bool, members: list[psutil.Process], sig: signal.Signals) -> None:
+    if ours and pid is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+    for proc in members:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(sig)
+
+
+def signal_tree(pid: int | None, sig: signal.Signals, extra: list[psutil.Process] | None = None,
+                create_time: float | None = None) -> list[int]:
+    """Send `sig` to the process group of `pid`, every member of its tree and `extra`; wait for nothing.
+
+    The supervisor's loop uses this and checks on later ticks whether the tree is gone. Returns the
+    pids signalled. `pid` None (never started, or its start failed): only `extra`.
+    """
+    ours, members = _members(pid, extra, create_time)
+    _send(pid, ours, members, sig)
+    return [p.pid for p in members]
+
+
 def stop_tree(pid: int, grace: float = 10.0, extra: list[psutil.Process] | None = None,
               create_time: float | None = None) -> list[int]:
     """SIGTERM the process group and every member, wait `grace`, SIGKILL the rest, wait them out.
 
+    Blocking: for `down`'s sweep of leftovers and for tools, never for the supervisor's loop.
     Returns the pids that were part of the tree. `extra` adds processes known from earlier
     snapshots (children that already re-parented away from the root). With `create_time`, a pid
     that has since been reused by another process is left alone (only `extra` is stopped).
     """
-    ours = owns_pid(pid, create_time)
-    members = (tree(pid) if ours else []) + [p for p in extra or [] if p.pid != pid or ours]
-    # A zombie is already dead; waiting on one whose parent (a tmux server) never reaps it would
-    # only burn the grace period.
-    members = [p for p in members if not _is_zombie(p)]
+    ours, members = _members(pid, extra, create_time)
     if not members:
         return []
-    if ours:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGTERM)
-    for proc in members:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.send_signal(signal.SIGTERM)
+    _send(pid, ours, members, signal.SIGTERM)
     alive = wait_gone(members, timeout=grace)
     if alive:
-        if ours:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
+        _send(pid, ours, alive, signal.SIGKILL)
         wait_gone(alive, timeout=10)
     return [p.pid for p in members]
 

@@ -22,7 +22,7 @@ from launcher.scrape import load_text, metrics_url, scrape_all
 from launcher.state import RunDir
 
 STATE_STYLE = {"ready": "green", "starting": "yellow", "backoff": "yellow", "pending": "dim",
-               "failed": "bold red", "exited": "red", "stopped": "dim", "stopping": "yellow",
+               "failed": "bold red", "exited": "red", "stopped": "dim", "draining": "magenta",
                "unknown": "yellow"}
 
 
@@ -103,7 +103,7 @@ def collect(run_dir: RunDir, sample: float = 0.2) -> dict[str, Any]:
         alive_pid = live_pids[name]
         cpu, rss = usage.get(name, (0.0, 0))
         state_name = ps.get("state", "pending")
-        if supervisor is None and state_name in ("starting", "ready", "backoff"):
+        if supervisor is None and state_name in ("starting", "ready", "backoff", "draining"):
             state_name = "orphaned" if alive_pid else "stopped"
         elif regs is None and state_name == "ready":
             state_name = "unknown"  # etcd cannot be read: nobody can tell whether routers still see it
@@ -112,7 +112,7 @@ def collect(run_dir: RunDir, sample: float = 0.2) -> dict[str, Any]:
             "pid": alive_pid, "state": state_name,
             "registered": None if regs is None else bool(regs_here),
             "leases": [f"{r.lease_id:x}" for r in regs_here],
-            "restarts": ps.get("restarts", 0),
+            "restarts": ps.get("restarts", 0), "manual_restarts": ps.get("manual_restarts", 0),
             "uptime_s": round(now - ps["started_at"], 1) if alive_pid and ps.get("started_at") else None,
             "cpu_percent": round(cpu, 1), "rss_bytes": rss, "gpu_mem_mib": gpu_mem.get(name),
             "url": spec.get("url"),
@@ -125,7 +125,12 @@ def collect(run_dir: RunDir, sample: float = 0.2) -> dict[str, Any]:
     return {"deployment": run_dir.name, "run_dir": str(run_dir.path), "namespace": plan.get("namespace"),
             "backend": plan.get("backend"), "supervisor_pid": supervisor, "etcd": plan.get("etcd"),
             "nats": plan.get("nats"), "etcd_reachable": regs is not None, "host": plan.get("host"),
-            "processes": rows}
+            "processes": rows, "restart": _running_restart(state) if supervisor else None}
+
+
+def _running_restart(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The `launcher restart` job under way, if any (state.json keeps the last few, the running one last)."""
+    return next((j for j in state.get("restart_jobs", []) if j.get("state") == "running"), None)
 
 
 def _remote_rows(plan: dict[str, Any], regs: list[Any] | None, by_process: dict[str, list[Any]]
@@ -150,7 +155,8 @@ def _remote_rows(plan: dict[str, Any], regs: list[Any] | None, by_process: dict[
             "host": entry.get("host") or (first.host if first else None), "devices": entry.get("devices", "-"),
             "pid": first.pid if first else None, "state": "remote",
             "registered": None if regs is None else bool(regs_here),
-            "leases": [f"{r.lease_id:x}" for r in regs_here], "restarts": None, "uptime_s": None,
+            "leases": [f"{r.lease_id:x}" for r in regs_here], "restarts": None, "manual_restarts": None,
+            "uptime_s": None,
             "cpu_percent": None, "rss_bytes": None, "gpu_mem_mib": None, "exit_code": None, "url": None, "load": "-",
             "message": "" if regs_here else "not registered in etcd (not started, or down, on its host)",
             "log": None, "log_tail": [], "local": False,
@@ -164,6 +170,13 @@ def _fmt_uptime(sec: float | None) -> str:
     m, s = divmod(int(sec), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _fmt_restarts(r: dict[str, Any]) -> str:
+    """By the restart policy, then those asked with `launcher restart` (which max_restarts does not count)."""
+    if r["restarts"] is None:
+        return "-"
+    return f"{r['restarts']} (+{r['manual_restarts']} asked)" if r.get("manual_restarts") else str(r["restarts"])
 
 
 def render(info: dict[str, Any]) -> Table:
@@ -183,7 +196,7 @@ def render(info: dict[str, Any]) -> Table:
         style = STATE_STYLE.get(r["state"], "")
         state = f"[{style}]{r['state']}[/]" if style else r["state"]
         table.add_row(r["name"], r["kind"], *([r.get("host") or "-"] if show_host else []), r["devices"],
-                      str(r["pid"] or "-"), state, reg, "-" if r["restarts"] is None else str(r["restarts"]),
+                      str(r["pid"] or "-"), state, reg, _fmt_restarts(r),
                       _fmt_uptime(r["uptime_s"]), "-" if r["cpu_percent"] is None else f"{r['cpu_percent']:.0f}",
                       f"{r['rss_bytes'] / 2**20:.0f} MiB" if r["rss_bytes"] else "-", r.get("load", "-"),
                       *([f"{r['gpu_mem_mib']} MiB" if r["gpu_mem_mib"] else "-"] if show_gpu else []))
@@ -193,6 +206,10 @@ def render(info: dict[str, Any]) -> Table:
 def print_status(info: dict[str, Any], console: Console) -> None:
     info = redact_obj(info)  # endpoints with credentials, secrets in messages and log tails
     console.print(render(info))
+    job = info.get("restart")
+    if job:
+        phases = ", ".join(f"{name} {phase}" for name, phase in job["phase"].items())
+        console.print(f"[magenta]restart under way[/]{' (rolling)' if job['rolling'] else ''}: {phases}")
     if not info["etcd_reachable"]:
         console.print(f"[yellow]etcd at {','.join(info['etcd'] or [])} did not answer: registration unknown[/]")
     for r in info["processes"]:

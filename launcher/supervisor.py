@@ -1,13 +1,21 @@
-"""Start processes in dependency order, gate on etcd registration, restart with backoff, stop cleanly.
+"""Start processes in dependency order, gate on etcd registration, restart with backoff, drain and stop.
 
-The decision logic (`Supervisor.step`) takes the time, the backend and the live registrations as
-inputs and does no I/O of its own, so tests drive it with a fake clock and a fake backend and no
-sleeping. `run` is the thin loop around it that talks to etcd and writes state.json.
+The decision logic (`Supervisor.step`) takes the time, the backend, the process table (`Trees`)
+and the live registrations as inputs and waits for nothing, so tests drive it with a fake clock,
+a fake backend and fake process trees, and no sleeping. `run` is the thin loop around it that
+talks to etcd, takes `launcher restart` requests and writes state.json.
 
-The loop never blocks: `step` (which may wait for a process tree to die, or call tmux) and every
-other blocking call run on one worker thread, in order, while the event loop only awaits them; etcd
-calls have timeouts. So SIGTERM is seen at once (state.json says `stopping` within a tick), and an
-etcd that does not answer leaves readiness as it was instead of stalling supervision.
+Stopping is a state the loop ticks through, never a wait: SIGTERM to the process group and every
+tree member at t (state `draining`: a worker unregisters and finishes its requests within its
+drain_timeout), SIGKILL at t + drain_timeout + DRAIN_MARGIN (or `down --grace`), and the process
+is gone once no member of its tree (every pid seen, guarded by its start time) is alive, as found
+on a later tick. Meanwhile every other process is polled and state.json written on every tick.
+The leftovers of a crashed process (an EngineCore outliving its parent) get SIGKILL at once, and
+its restart waits until they are gone: a GPU must be free before the replacement starts.
+
+`step` still runs on one worker thread: a backend call (tmux) may take up to its own timeout,
+and the event loop must see SIGTERM at once (state.json says `stopping` within a tick) and keep
+its etcd calls bounded.
 
     python -m launcher.supervisor RUN_DIR      # what `launcher up` leaves running in the background
 """
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -25,25 +34,31 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
-from launcher import proctree
+from launcher import proctree, restart
 from launcher.backends.base import Backend
 from launcher.plan import ProcessSpec
 from launcher.redact import install_log_filter
 from launcher.state import RunDir, read_json, write_json
+from workers.runtime import exitcodes
 
 log = logging.getLogger("launcher.supervisor")
 
 TICK = 0.25
-STOP_GRACE = 10.0
+STOP_GRACE = 10.0  # SIGTERM -> SIGKILL for a process that never registered: it has nothing to drain
+KILL_WAIT = 10.0  # after SIGKILL, a member still alive (stuck in the kernel) is given up on and reported
 ETCD_TIMEOUT = 2.0  # one list or revoke; the next tick tries again
+MAX_JOBS = 5  # restart jobs kept in state.json, the running one last
 
-PENDING, STARTING, READY, BACKOFF, EXITED, FAILED, STOPPING, STOPPED = (
-    "pending", "starting", "ready", "backoff", "exited", "failed", "stopping", "stopped")
+PENDING, STARTING, READY, BACKOFF, EXITED, FAILED, DRAINING, STOPPED = (
+    "pending", "starting", "ready", "backoff", "exited", "failed", "draining", "stopped")
 SETTLED = {READY, EXITED, FAILED, STOPPED}
+# A restart job's phases per process (besides READY and FAILED), and the job's own states.
+WAITING, RESTARTING, SKIPPED = "waiting", "restarting", "skipped"
+RUNNING, DONE, REJECTED = "running", "done", "rejected"
 
 
 def log_tail(path: Path, lines: int = 15) -> list[str]:
@@ -57,6 +72,17 @@ def log_tail(path: Path, lines: int = 15) -> list[str]:
 
 
 @dataclass
+class Stop:
+    """A stop under way: SIGTERM sent at `term_at`, SIGKILL due at `kill_at`; `then`: the state once gone
+    (stopped; failed or backoff after a ready timeout; pending for a restart asked by `launcher restart`)."""
+
+    term_at: float
+    kill_at: float
+    then: str
+    killed_at: float | None = None
+
+
+@dataclass
 class ProcState:
     name: str
     state: str = PENDING
@@ -64,13 +90,28 @@ class ProcState:
     create_time: float | None = None
     started_at: float | None = None
     ready_at: float | None = None
-    restarts: int = 0
+    restarts: int = 0  # by the restart policy (counts against max_restarts)
+    manual_restarts: int = 0  # asked by `launcher restart` (never counts against max_restarts)
     exit_code: int | None = None
     message: str = ""
     next_start_at: float = 0.0
     lease_ids: list[int] = field(default_factory=list)
     pids_seen: dict[int, float] = field(default_factory=dict)  # pid -> create_time, every tree member ever
     log_tail: list[str] = field(default_factory=list)
+    stop: Stop | None = None
+
+
+@dataclass
+class RestartJob:
+    """One `launcher restart`: each process waiting -> restarting -> ready | failed (skipped once a
+    rolling restart failed); the job running -> done | failed, or rejected at once (`message` says why)."""
+
+    id: str
+    processes: list[str]
+    rolling: bool
+    state: str = RUNNING
+    phase: dict[str, str] = field(default_factory=dict)
+    message: str = ""
 
 
 def leftovers(pids_seen: dict[int, float]) -> list[psutil.Process]:
@@ -83,53 +124,102 @@ def leftovers(pids_seen: dict[int, float]) -> list[psutil.Process]:
     return out
 
 
+class Trees(Protocol):
+    """The process table as the supervisor sees it. Every call returns at once: nothing here waits."""
+
+    def members(self, pid: int, create_time: float | None) -> dict[int, float]:
+        """pid -> create time of every live member of the tree of `pid` ({} if `pid` is no longer ours)."""
+        ...
+
+    def alive(self, pids_seen: dict[int, float]) -> list[int]:
+        """Those of `pids_seen` still alive (a zombie is not)."""
+        ...
+
+    def signal(self, p: ProcState, sig: signal.Signals) -> None:
+        """`sig` to the process group of `p.pid` and every live member of `p.pids_seen`."""
+        ...
+
+
+class OsTrees:
+    """`Trees` over the real process table (psutil)."""
+
+    def members(self, pid: int, create_time: float | None) -> dict[int, float]:
+        if not proctree.is_same_process(pid, create_time):
+            return {}  # ended, and its pid may be someone else's by now
+        out = {}
+        for proc in proctree.tree(pid):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                out[proc.pid] = proc.create_time()
+        return out
+
+    def alive(self, pids_seen: dict[int, float]) -> list[int]:
+        return [proc.pid for proc in leftovers(pids_seen)]
+
+    def signal(self, p: ProcState, sig: signal.Signals) -> None:
+        proctree.signal_tree(p.pid, sig, extra=leftovers(p.pids_seen), create_time=p.create_time)
+
+
 class Supervisor:
     """Pure decisions over process states. `now` is injected; the backend is any `Backend`."""
 
     def __init__(self, specs: list[ProcessSpec], backend: Backend, log_for: Callable[[str], Path],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, trees: Trees | None = None) -> None:
         self.specs = {s.name: s for s in specs}
         self.order = [s.name for s in specs]
         self.backend = backend
         self.log_for = log_for
         self.clock = clock
+        self.trees: Trees = trees or OsTrees()
         self.procs = {s.name: ProcState(s.name) for s in specs}
+        self.jobs: list[RestartJob] = []
 
     # --- decisions -------------------------------------------------------------------------
     def step(self, registered: dict[str, list[int]] | None) -> list[int]:
-        """One pass over every process. `registered`: process name -> lease ids of its live keys
-        (already filtered to the current pid), or None when etcd could not be read (readiness and
-        known leases stay as they were). Returns leases to revoke (of processes that died)."""
+        """One pass over every process; waits for nothing. `registered`: process name -> lease ids of its
+        live keys (already filtered to the current pid), or None when etcd could not be read (readiness
+        and known leases stay as they were). Returns leases to revoke (of processes that ended)."""
         now = self.clock()
         revoke: list[int] = []
         for name in self.order:
             spec, p = self.specs[name], self.procs[name]
-            if p.state in (PENDING, BACKOFF):
+            if p.state == DRAINING:
+                revoke += self._tick_stop(p, now)
+            if p.state in (PENDING, BACKOFF):  # also right after a restart's drain: it starts at once
                 self._maybe_start(spec, p, now)
             elif p.state in (STARTING, READY):
-                code = self.backend.poll(name) if p.pid is not None else None
-                if code is not None:
-                    revoke += self._on_exit(spec, p, code, now)
-                elif registered is None:
-                    continue  # etcd unknown: neither ready nor timed out on its account
-                elif name in registered:
-                    p.lease_ids = list(registered[name])
-                    if p.state == STARTING:
-                        p.state, p.ready_at, p.message = READY, now, ""
-                elif p.state == READY:
-                    p.lease_ids = []
-                elif p.started_at is not None and now - p.started_at > spec.ready_timeout:
-                    self._stop_one(p)
-                    p.log_tail = log_tail(self.log_for(name))
-                    missed = f"did not register in etcd within its ready_timeout of {spec.ready_timeout:.0f} s"
-                    if p.restarts and self._restart_later(spec, p, now):
-                        # It served before: a restart that hangs (seen once: a silent child for 300 s)
-                        # is a fault to recover from under the restart policy, not the end of the service.
-                        p.message = f"{missed}; {p.message}"
-                    else:  # the first start: the user is waiting on `up`, and a wrong setup would loop
-                        p.state = FAILED
-                        p.message = f"{missed}; see the log tail (raise ready_timeout if loading is just slow)"
+                revoke += self._watch(spec, p, now, registered)
+        self._tick_job(now)
         return revoke
+
+    def _watch(self, spec: ProcessSpec, p: ProcState, now: float, registered: dict[str, list[int]] | None
+               ) -> list[int]:
+        """A running process: its exit, its registration, its ready_timeout."""
+        code = self.backend.poll(p.name) if p.pid is not None else None
+        if code is not None:
+            return self._on_exit(spec, p, code, now)
+        if registered is None:
+            return []  # etcd unknown: neither ready nor timed out on its account
+        if p.name in registered:
+            p.lease_ids = list(registered[p.name])
+            if p.state == STARTING:
+                p.state, p.ready_at, p.message = READY, now, ""
+        elif p.state == READY:
+            p.lease_ids = []
+        elif p.started_at is not None and now - p.started_at > spec.ready_timeout:
+            self._on_ready_timeout(spec, p, now)
+        return []
+
+    def _on_ready_timeout(self, spec: ProcessSpec, p: ProcState, now: float) -> None:
+        p.log_tail = log_tail(self.log_for(p.name))
+        missed = f"did not register in etcd within its ready_timeout of {spec.ready_timeout:.0f} s"
+        if p.restarts and self._restart_later(spec, p, now):
+            # It served before: a restart that hangs (seen once: a silent child for 300 s)
+            # is a fault to recover from under the restart policy, not the end of the service.
+            p.message = f"{missed}; {p.message}"
+        else:  # the first start: the user is waiting on `up`, and a wrong setup would loop
+            p.state = FAILED
+            p.message = f"{missed}; see the log tail (raise ready_timeout if loading is just slow)"
+        self._begin_stop(p, now, then=p.state, grace=self._kill_after(spec, p))
 
     def _restart_later(self, spec: ProcessSpec, p: ProcState, now: float) -> bool:
         """Back off and restart `p` if its policy allows another restart; False when it does not."""
@@ -150,6 +240,13 @@ class Supervisor:
             return
         if any(d.state != READY for d in deps) or now < p.next_start_at:
             return
+        left = self.trees.alive(p.pids_seen)
+        if left:  # its last run's tree (an EngineCore) may still hold the device: kill again, start once gone
+            self.trees.signal(p, signal.SIGKILL)
+            why = f"{exitcodes.describe(p.exit_code)}; " if p.exit_code is not None else ""
+            p.message = (f"{why}waiting for {len(left)} process(es) of its last run to exit "
+                         f"(pids {', '.join(map(str, left))}, SIGKILL sent)")
+            return
         p.exit_code, p.lease_ids = None, []
         try:
             p.pid = self.backend.start(spec, self.log_for(spec.name))
@@ -159,62 +256,208 @@ class Supervisor:
             return
         p.create_time = proctree.create_time(p.pid)
         p.pids_seen[p.pid] = p.create_time or 0.0
+        if p.state == BACKOFF:
+            p.message = f"restart {p.restarts}/{spec.max_restarts}"
+        elif p.manual_restarts:
+            p.message = "restarted by `launcher restart`"
         p.state, p.started_at, p.ready_at = STARTING, now, None
-        p.message = "" if p.restarts == 0 else f"restart {p.restarts}/{spec.max_restarts}"
 
     def _on_exit(self, spec: ProcessSpec, p: ProcState, code: int, now: float) -> list[int]:
         revoke, p.lease_ids = p.lease_ids, []
         p.exit_code = code
         p.log_tail = log_tail(self.log_for(spec.name))
-        # A dead parent can leave its EngineCore behind holding the device: clear the tree now.
-        self._reap_leftovers(p)
+        # A dead parent can leave its EngineCore behind holding the device: SIGKILL its process group
+        # and every member seen, now; the restart (_maybe_start) waits until they are gone.
+        self.trees.signal(p, signal.SIGKILL)
+        why = exitcodes.describe(code)  # `status` says why: e.g. code 3, the engine core died
         wants_restart = spec.restart_policy == "always" or (spec.restart_policy == "on-failure" and code != 0)
         if wants_restart and self._restart_later(spec, p, now):
-            p.message = f"exited with code {code}; {p.message}"
+            p.message = f"{why}; {p.message}"
         elif wants_restart:
             p.state = FAILED
-            p.message = f"exited with code {code}; gave up after {p.restarts} restart(s) (max_restarts)"
+            p.message = f"{why}; gave up after {p.restarts} restart(s) (max_restarts)"
         else:
             p.state = EXITED if code == 0 else FAILED
-            p.message = f"exited with code {code}"
+            p.message = why
         return revoke
+
+    # --- stopping: a state the loop ticks through -----------------------------------------------
+    @staticmethod
+    def _kill_after(spec: ProcessSpec, p: ProcState, grace: float | None = None) -> float:
+        """Seconds from SIGTERM to SIGKILL: `down --grace` when given; else the drain deadline of a process
+        that registered (it may have requests in flight), and at most STOP_GRACE for one that never did."""
+        if grace is not None:
+            return grace
+        return spec.kill_after if p.state == READY else min(STOP_GRACE, spec.kill_after)
+
+    def _begin_stop(self, p: ProcState, now: float, then: str, grace: float) -> None:
+        """SIGTERM now, SIGKILL at now + grace (a later tick); state `then` once the whole tree is gone."""
+        self._remember(p)  # before the signal: children that re-parent away must still be waited for
+        p.stop = Stop(term_at=now, kill_at=now + grace, then=then)
+        p.state = DRAINING
+        self.trees.signal(p, signal.SIGTERM)
+
+    def _tick_stop(self, p: ProcState, now: float) -> list[int]:
+        stop = p.stop
+        if stop is None:
+            return []
+        code = self.backend.poll(p.name) if p.pid is not None else None
+        if code is not None:
+            p.exit_code = code
+        main_gone = p.pid is None or code is not None
+        left = self.trees.alive(p.pids_seen)
+        if main_gone and not left:
+            return self._end_stop(p, now)
+        if stop.killed_at is None and (now >= stop.kill_at or main_gone):
+            # Past its deadline; or its main process ended and left children (an EngineCore) behind.
+            self.trees.signal(p, signal.SIGKILL)
+            stop.killed_at = now
+        elif stop.killed_at is not None and now - stop.killed_at >= KILL_WAIT:
+            stuck = f"pids {', '.join(map(str, left))} survived SIGKILL for {KILL_WAIT:.0f} s (stuck in the kernel?)"
+            return self._end_stop(p, now, stuck)
+        return []
+
+    def _end_stop(self, p: ProcState, now: float, note: str = "") -> list[int]:
+        stop, p.stop = p.stop, None
+        revoke, p.lease_ids = p.lease_ids, []
+        if stop is None:
+            return revoke
+        p.state = stop.then
+        if stop.then == PENDING:  # a restart asked by `launcher restart`: at once, no backoff
+            p.next_start_at = now
+        elif stop.then == STOPPED:
+            how = exitcodes.describe(p.exit_code) if p.exit_code is not None else "gone"
+            p.message = f"stopped: {how} {now - stop.term_at:.1f} s after SIGTERM"
+        if note:
+            p.message = f"{p.message}; {note}"
+        return revoke
+
+    def begin_stop_all(self, grace: float | None = None) -> None:
+        """SIGTERM to every process at once; the loop then ticks (`step`) until `stopped()`.
+
+        At once rather than in dependency order, because every process drains: a frontend stops taking
+        requests and keeps relaying its streams, a router keeps relaying its own, and the workers behind
+        them finish theirs, each within its own drain_timeout. So the stop takes the longest drain, not
+        the sum of them; an order would only make the relays wait idle for streams that end anyway.
+        `grace` (`launcher down --grace`): the kill deadline of every process instead of its own.
+        """
+        now = self.clock()
+        self._end_job("the deployment is being stopped")
+        for name in self.order:
+            spec, p = self.specs[name], self.procs[name]
+            if p.stop is not None:  # already draining (a restart, a ready timeout): it stops for good now
+                p.stop.then = FAILED if p.stop.then == FAILED else STOPPED
+                if grace is not None:
+                    p.stop.kill_at = min(p.stop.kill_at, p.stop.term_at + grace)
+            elif p.state in (STARTING, READY):
+                self._begin_stop(p, now, STOPPED, self._kill_after(spec, p, grace))
+            elif self.trees.alive(p.pids_seen):  # a crashed run's leftovers, SIGKILLed and not gone yet
+                self._begin_stop(p, now, STOPPED if p.state in (PENDING, BACKOFF) else p.state, 0.0)
+            elif p.state in (PENDING, BACKOFF):
+                p.state, p.message = STOPPED, "stopped before it (re)started"
+
+    def stopped(self) -> bool:
+        """Every stop has ended: each tree is gone, or given up on after SIGKILL (and reported)."""
+        return all(p.stop is None for p in self.procs.values())
+
+    def stop_deadline(self) -> float:
+        """When every stop under way must have ended (its SIGKILL, and KILL_WAIT after it)."""
+        return max((p.stop.kill_at for p in self.procs.values() if p.stop is not None),
+                   default=self.clock()) + KILL_WAIT
+
+    # --- `launcher restart` ------------------------------------------------------------------
+    def request_restart(self, job_id: str, processes: list[str], rolling: bool,
+                        specs: list[ProcessSpec] | None = None) -> RestartJob:
+        """Take a restart request: drain each process, start it again at once when gone, wait until it is
+        READY. Rolling: one at a time. `specs`: a new plan (`restart --file`) for every process, the
+        same names. The job comes back REJECTED (message: why) if it cannot be taken."""
+        problem = self._restart_problem(processes, specs)
+        job = RestartJob(id=job_id, processes=list(processes), rolling=rolling)
+        self.jobs = [*self.jobs, job][-MAX_JOBS:]
+        if problem:
+            job.state, job.message = REJECTED, problem
+            return job
+        if specs is not None:
+            self.specs, self.order = {s.name: s for s in specs}, [s.name for s in specs]
+        job.phase = dict.fromkeys(processes, WAITING)
+        for name in processes[:1] if rolling else processes:
+            self._begin_restart(job, name, self.clock())
+        return job
+
+    def _restart_problem(self, processes: list[str], specs: list[ProcessSpec] | None) -> str | None:
+        running = self._running_job()
+        if running is not None:
+            return f"restart {running.id} ({', '.join(running.processes)}) is still under way"
+        if not processes:
+            return "no process to restart"
+        unknown = [n for n in processes if n not in self.procs]
+        if unknown:
+            return f"no process {', '.join(unknown)} in this deployment"
+        if specs is not None and sorted(s.name for s in specs) != sorted(self.procs):
+            return "the new plan has other processes than the running one: `launcher down` and `up` to apply it"
+        return None
+
+    def _running_job(self) -> RestartJob | None:
+        return next((j for j in self.jobs if j.state == RUNNING), None)
+
+    def _begin_restart(self, job: RestartJob, name: str, now: float) -> None:
+        spec, p = self.specs[name], self.procs[name]
+        job.phase[name] = RESTARTING
+        p.manual_restarts += 1
+        p.message = "restarting (asked by `launcher restart`)"
+        if p.stop is not None:
+            p.stop.then = PENDING
+        elif p.state in (STARTING, READY):
+            self._begin_stop(p, now, PENDING, self._kill_after(spec, p))
+        else:  # nothing runs (failed, exited, backing off): start it, once its last tree is gone
+            p.state, p.next_start_at = PENDING, now
+
+    def _tick_job(self, now: float) -> None:
+        job = self._running_job()
+        if job is None:
+            return
+        for name, phase in job.phase.items():
+            state = self.procs[name].state
+            if phase == RESTARTING and state == READY:
+                job.phase[name] = READY
+            elif phase == RESTARTING and state in (FAILED, EXITED, STOPPED, BACKOFF):
+                job.phase[name] = FAILED  # it ended before it registered again
+        failed = [n for n, ph in job.phase.items() if ph == FAILED]
+        waiting = [n for n, ph in job.phase.items() if ph == WAITING]
+        if job.rolling and failed:
+            for name in waiting:
+                job.phase[name] = SKIPPED
+            waiting = []
+        if RESTARTING in job.phase.values():
+            return
+        if waiting:  # rolling: the previous one is READY again
+            self._begin_restart(job, waiting[0], now)
+            return
+        job.state = FAILED if failed else DONE
+        job.message = "; ".join(f"{n} did not come back: {self.procs[n].message}" for n in failed)
+        skipped = [n for n, ph in job.phase.items() if ph == SKIPPED]
+        if skipped:
+            job.message += f"; rollout stopped, not restarted: {', '.join(skipped)}"
+
+    def _end_job(self, reason: str) -> None:
+        job = self._running_job()
+        if job is not None:
+            job.state, job.message = FAILED, reason
+            for name, phase in job.phase.items():
+                if phase == WAITING:
+                    job.phase[name] = SKIPPED
 
     # --- process trees ---------------------------------------------------------------------
     def remember_trees(self) -> None:
         """Record every member of every tree: `down` must find children that re-parented away."""
         for p in self.procs.values():
-            if p.pid is not None and p.state in (STARTING, READY):
-                for child in proctree.tree(p.pid):
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        p.pids_seen.setdefault(child.pid, child.create_time())
+            if p.state in (STARTING, READY, DRAINING):
+                self._remember(p)
 
-    def _reap_leftovers(self, p: ProcState) -> None:
-        left = leftovers(p.pids_seen)
-        for proc in left:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        proctree.wait_gone(left, timeout=5)
-
-    def _stop_one(self, p: ProcState, grace: float = STOP_GRACE) -> None:
+    def _remember(self, p: ProcState) -> None:
         if p.pid is not None:
-            proctree.stop_tree(p.pid, grace=grace, extra=leftovers(p.pids_seen), create_time=p.create_time)
-            self.backend.poll(p.name)  # reap
-
-    def stop_all(self, grace: float = STOP_GRACE) -> list[int]:
-        """Reverse start order; returns the leases to revoke."""
-        revoke: list[int] = []
-        self.remember_trees()
-        for name in reversed(self.order):
-            p = self.procs[name]
-            if p.state in (STARTING, READY, BACKOFF, PENDING):
-                p.state = STOPPING
-        for name in reversed(self.order):
-            p = self.procs[name]
-            if p.state == STOPPING:
-                self._stop_one(p, grace)
-                revoke += p.lease_ids
-                p.lease_ids, p.state = [], STOPPED
-        return revoke
+            for pid, created in self.trees.members(p.pid, p.create_time).items():
+                p.pids_seen.setdefault(pid, created)
 
     # --- views -----------------------------------------------------------------------------
     def settled(self) -> bool:
@@ -222,6 +465,9 @@ class Supervisor:
 
     def snapshot(self) -> dict[str, Any]:
         return {name: asdict(self.procs[name]) for name in self.order}
+
+    def jobs_snapshot(self) -> list[dict[str, Any]]:
+        return [asdict(j) for j in self.jobs]
 
 
 def registered_by_process(regs: list[Any], procs: dict[str, ProcState]) -> dict[str, list[int]]:
@@ -244,8 +490,31 @@ def make_backend(kind: str, run_dir: RunDir) -> Backend:
     return SubprocessBackend()
 
 
+def take_restart_request(run_dir: RunDir, sup: Supervisor) -> None:
+    """The oldest `launcher restart` request waiting in the run dir, handed to the supervisor; its new
+    plan (restart --file) becomes plan.json only if the supervisor took it."""
+    try:
+        found = restart.take_request(run_dir)
+    except Exception:  # a request we cannot read must not end supervision; the CLI says it was not taken
+        log.exception("could not read a restart request")
+        return
+    if found is None:
+        return
+    req, specs = found
+    job = sup.request_restart(req.id, req.processes, req.rolling, specs)
+    log.info("restart %s of %s%s: %s %s", req.id, ", ".join(req.processes), " (rolling)" if req.rolling else "",
+             job.state, job.message)
+    restart.settle_plan(run_dir, req, taken=job.state != REJECTED)
+
+
+def stop_grace(run_dir: RunDir) -> float | None:
+    """`launcher down --grace S` leaves S in stop.json before signalling us; None: each process's own deadline."""
+    grace = (read_json(run_dir.path / "stop.json", {}) or {}).get("grace")
+    return None if grace is None else float(grace)
+
+
 async def run(run_dir: RunDir, stop: asyncio.Event | None = None) -> int:
-    """The supervisor loop: until SIGTERM (or `stop`), then stop everything and exit."""
+    """The supervisor loop: until SIGTERM (or `stop`), then stop everything, ticking, and exit."""
     from workers.runtime.registry import Registry
 
     plan = run_dir.plan()
@@ -255,24 +524,33 @@ async def run(run_dir: RunDir, stop: asyncio.Event | None = None) -> int:
     namespace = plan["namespace"]
     registry = await Registry.connect(plan["etcd"])
     stop = stop or asyncio.Event()
+    wake = asyncio.Event()  # SIGUSR1: a `launcher restart` request waits in the run dir
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, wake.set)
     write_json(run_dir.supervisor_pid_file, {"pid": os.getpid(), "create_time": proctree.create_time(os.getpid())})
-    # One thread, so steps never overlap each other or stop_all; the loop itself only awaits.
+    # One thread, so steps never overlap each other or the stop; the loop itself only awaits.
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="supervisor")
 
-    def off_loop(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        return loop.run_in_executor(worker, fn, *args)
+    def off_loop(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        return loop.run_in_executor(worker, functools.partial(fn, *args, **kwargs))
 
     def write_state(**extra: Any) -> None:
         write_json(run_dir.state_file, {"supervisor_pid": os.getpid(), "updated": time.time(),
-                                        "processes": sup.snapshot(), **extra})
+                                        "processes": sup.snapshot(), "restart_jobs": sup.jobs_snapshot(), **extra})
 
     async def revoke(leases: list[int]) -> None:
         for lease in leases:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(registry.revoke(lease), ETCD_TIMEOUT)
+
+    async def pause() -> None:
+        """Until the next tick; a stop or a restart request (SIGUSR1) ends it early."""
+        woken = asyncio.ensure_future(wake.wait())
+        await asyncio.wait({stopped, woken}, timeout=TICK)
+        woken.cancel()
+        wake.clear()
 
     last_tree_scan = 0.0
     in_flight: asyncio.Future[Any] | None = None
@@ -291,27 +569,26 @@ async def run(run_dir: RunDir, stop: asyncio.Event | None = None) -> int:
                 break  # stop asked while the step works: its leases are revoked below, after it
             leases, in_flight = in_flight.result(), None
             await revoke(leases)
+            await off_loop(take_restart_request, run_dir, sup)
             if time.monotonic() - last_tree_scan > 2.0:
                 await off_loop(sup.remember_trees)
                 last_tree_scan = time.monotonic()
             await off_loop(write_state)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(stopped), TICK)
+            await pause()
     finally:
         log.info("stopping every process")
         with contextlib.suppress(RuntimeError):  # a step thread may be mid-change: the next write is whole
             write_state(stopping=True)  # at once: `status` and `down` see the stop begin
         stopped.cancel()
-        # `launcher down --grace S` leaves its grace period here before signalling us.
-        grace = float((read_json(run_dir.path / "stop.json", {}) or {}).get("grace", STOP_GRACE))
         leases = []
         if in_flight is not None:
             with contextlib.suppress(Exception):
                 leases += await in_flight
-        leases += await off_loop(sup.stop_all, grace)
+        await off_loop(sup.begin_stop_all, stop_grace(run_dir))
         await revoke(leases)
+        await _tick_until_stopped(sup, off_loop, revoke, functools.partial(write_state, stopping=True))
         write_json(run_dir.state_file, {"supervisor_pid": None, "updated": time.time(),
-                                        "processes": sup.snapshot()})
+                                        "processes": sup.snapshot(), "restart_jobs": sup.jobs_snapshot()})
         with contextlib.suppress(Exception):
             await off_loop(backend.close)
         worker.shutdown(wait=False)
@@ -320,6 +597,23 @@ async def run(run_dir: RunDir, stop: asyncio.Event | None = None) -> int:
         with contextlib.suppress(OSError):
             run_dir.supervisor_pid_file.unlink()
     return 0
+
+
+async def _tick_until_stopped(sup: Supervisor, off_loop: Callable[..., asyncio.Future[Any]],
+                              revoke: Callable[[list[int]], Any], write_state: Callable[[], None]) -> None:
+    """Tick through every stop (SIGKILL at each deadline), revoking leases and writing state.json on each
+    tick. A step that raises (a wedged tmux) is logged and tried again, until the last deadline."""
+    deadline = sup.stop_deadline()
+    while not sup.stopped():
+        try:
+            await revoke(await off_loop(sup.step, None))
+        except Exception:
+            log.exception("a step while stopping failed")
+            if sup.clock() > deadline + TICK:
+                break
+        await off_loop(write_state)
+        if not sup.stopped():
+            await asyncio.sleep(TICK)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from pydantic import (
 from launcher import addresses
 from launcher.redact import redact_text
 from launcher.yamlpos import LoadedYaml, YamlLoadError, load_yaml
-from workers.runtime.settings import DEFAULT_ETCD, DEFAULT_NATS
+from workers.runtime.settings import DEFAULT_DRAIN_TIMEOUT, DEFAULT_ETCD, DEFAULT_NATS
 
 
 class Strict(BaseModel):
@@ -111,12 +111,21 @@ class KvTransfer(Strict):
         return json.dumps(self.model_dump(exclude_none=True))
 
 
+# Seconds past a process's drain_timeout before SIGKILL: after the drain, vLLM still shuts its engine
+# core (and tensor-parallel workers) down and frees the device.
+DRAIN_MARGIN = 10.0
+
+
 class ProcessCommon(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     host: str | None = Field(None, description="multi-node: only `launcher up --host NAME` starts it")
     env: dict[str, str] = Field(default_factory=dict)
     restart: Restart = Field(default_factory=lambda: Restart())
     ready_timeout: float = Field(600.0, gt=0, le=1e7, description="seconds to register in etcd before failing")
+    drain_timeout: float = Field(DEFAULT_DRAIN_TIMEOUT, gt=0, le=1e6, description=(
+        "on SIGTERM (`launcher down`, `launcher restart`): seconds to finish the requests in flight after "
+        "unregistering; the rest then end with an error the frontend continues elsewhere. SIGKILL follows "
+        f"{DRAIN_MARGIN:.0f} s after that (a pod's terminationGracePeriodSeconds is the same sum)"))
     args: list[str] = Field(default_factory=list, description="extra argv appended verbatim")
 
 
@@ -177,6 +186,9 @@ class Frontend(ProcessCommon):
     request_timeout: float = Field(10.0, gt=0, description=(
         "seconds a worker may stay silent before the request fails with 504"))
     retries: int = Field(2, ge=0, description="tries on another instance when one fails before its first token")
+    migration_limit: int = Field(3, ge=0, le=1000, description=(
+        "how many times a stream whose worker died or drained mid-stream is continued on another instance "
+        "(0: such a stream ends with an error)"))
 
 
 class Topology(Strict):

@@ -296,7 +296,9 @@ def test_disaggregated_layout(exported) -> None:  # type: ignore[no-untyped-def]
         # ready_timeout: 1800 in the file = the startup probe's window
         startup = container(w)["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] == 1800
-        assert pod["terminationGracePeriodSeconds"] >= 30
+        # drain_timeout (default 30) + DRAIN_MARGIN, the deadline `launcher down` gives; no preStop hook.
+        assert pod["terminationGracePeriodSeconds"] == 40
+        assert "lifecycle" not in container(w)
         assert pod["enableServiceLinks"] is False
 
     # Start order: decode after prefill (the plan's depends_on), prefill after nothing.
@@ -427,12 +429,28 @@ def test_named_ports_and_frontend_service(tmp_path: Path) -> None:
     svc = find(docs, "Service", "frontend")
     assert svc["spec"]["type"] == "ClusterIP"
     assert svc["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
-    assert container(front)["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    # The preStop hook's 5 s come on top of the drain deadline (30 + 10): the hook does not shorten the drain.
+    assert container(front)["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    assert front["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 5 + 40
     vllm = find(docs, "Deployment", "vllm")
     assert container(vllm)["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
     assert find(docs, "Service", "vllm")["spec"]["ports"][0]["port"] == 9400
     for doc in docs:
         validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+def test_grace_period_follows_each_process_drain_timeout(tmp_path: Path) -> None:
+    topo = tmp_path / "t.yaml"
+    topo.write_text("name: t\nmodel: m\n"
+                    "workers: [{name: slow, drain_timeout: 120.5}, {name: quick, drain_timeout: 1}]\n"
+                    "frontends: [{name: web, drain_timeout: 60}]\n")
+    loaded, _ = load_topology(topo)
+    docs = [d for docs in k8s.export_kubernetes(loaded, "t.yaml").resources.values() for d in docs]
+    grace = {w["metadata"]["name"]: w["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+             for w in process_workloads(docs)}
+    assert grace == {"slow": 131, "quick": 11, "web": 5 + 70}
+    env = {w["metadata"]["name"]: env_of(w)["LAUNCHER_DRAIN_TIMEOUT"] for w in process_workloads(docs)}
+    assert env == {"slow": "120.5", "quick": "1.0", "web": "60.0"}
 
 
 def test_names_that_collide_are_refused(tmp_path: Path) -> None:

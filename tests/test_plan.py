@@ -143,3 +143,28 @@ frontends:
     # The frontend starts first (so /health answers while workers load) but no worker waits for it.
     assert specs[0].name == "web" and not web.depends_on
     assert all("web" not in s.depends_on for s in specs)
+
+
+def test_drain_timeout_reaches_every_process_and_the_supervisor(tmp_path: Path) -> None:
+    """LAUNCHER_DRAIN_TIMEOUT tells each process its drain budget (RuntimeSettings reads it); the spec
+    carries the same value, from which the supervisor's kill deadline is drain_timeout + DRAIN_MARGIN."""
+    from launcher.topology import DRAIN_MARGIN
+    from workers.runtime.settings import DEFAULT_DRAIN_TIMEOUT
+
+    specs = {s.name: s for s in plan_of(tmp_path, """\
+name: d
+model: m
+workers:
+  - {name: v, replicas: 2, drain_timeout: 45}
+  - {name: solo}
+routers: [{name: r, drain_timeout: 5.5}]
+frontends: [{name: web, port: 8081, migration_limit: 0}]
+""")}
+    expected = {"v-1": 45.0, "v-2": 45.0, "solo": DEFAULT_DRAIN_TIMEOUT, "r": 5.5, "web": DEFAULT_DRAIN_TIMEOUT}
+    assert {n: s.drain_timeout for n, s in specs.items()} == expected
+    assert {n: float(s.env["LAUNCHER_DRAIN_TIMEOUT"]) for n, s in specs.items()} == expected
+    assert specs["r"].kill_after == 5.5 + DRAIN_MARGIN
+    assert {n: s.replica_of for n, s in specs.items()} == {"v-1": "v", "v-2": "v", "solo": None, "r": None,
+                                                           "web": None}
+    argv = specs["web"].argv
+    assert argv[argv.index("--migration-limit") + 1] == "0"

@@ -99,3 +99,12 @@ def test_cli_validate_missing_file(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "launcher.cli", "validate", str(tmp_path / "nope.yaml")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "cannot read" in proc.stderr and "Traceback" not in proc.stderr
+
+
+
+def test_drain_timeout_and_migration_limit_are_bounded(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, "name: t\nmodel: m\nworkers: [{name: w, drain_timeout: 0}]\n"
+                                     "frontends: [{name: f, migration_limit: -1}]\n")
+    assert len(problems) == 2
+    assert "workers[0].drain_timeout: Input should be greater than 0, not 0" in problems[0]
+    assert "frontends[0].migration_limit: Input should be greater than or equal to 0, not -1" in problems[1]
