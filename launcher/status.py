@@ -118,6 +118,7 @@ def collect(run_dir: RunDir, sample: float = 0.2) -> dict[str, Any]:
             "url": spec.get("url"),
             "load": load_text(spec["kind"], before.get(name), after.get(name), window) if name in urls else "-",
             "exit_code": ps.get("exit_code"), "message": ps.get("message", ""),
+            "last_exit": ps.get("last_exit", ""),
             "log": str(run_dir.log_path(name)), "log_tail": ps.get("log_tail", []) if state_name == "failed" else [],
             "local": True,
         })
@@ -217,6 +218,8 @@ def print_status(info: dict[str, Any], console: Console) -> None:
             console.print(f"[bold]{r['name']}[/]: OpenAI API at {r['url']}/v1", highlight=False)
         if r["message"] and r["state"] not in ("ready",):
             console.print(f"[bold]{r['name']}[/]: {r['message']}")
+        elif r.get("last_exit") and r["state"] == "ready" and r["restarts"]:
+            console.print(f"[bold]{r['name']}[/]: restarted after: {r['last_exit']}")
         if r["log_tail"]:
             console.print(f"  last lines of {r['log']}:")
             for line in r["log_tail"][-10:]:

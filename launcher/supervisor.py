@@ -94,6 +94,7 @@ class ProcState:
     manual_restarts: int = 0  # asked by `launcher restart` (never counts against max_restarts)
     exit_code: int | None = None
     message: str = ""
+    last_exit: str = ""  # why it last ended (kept once a restart is ready: `status` still says why it restarted)
     next_start_at: float = 0.0
     lease_ids: list[int] = field(default_factory=list)
     pids_seen: dict[int, float] = field(default_factory=dict)  # pid -> create_time, every tree member ever
@@ -269,7 +270,8 @@ class Supervisor:
         # A dead parent can leave its EngineCore behind holding the device: SIGKILL its process group
         # and every member seen, now; the restart (_maybe_start) waits until they are gone.
         self.trees.signal(p, signal.SIGKILL)
-        why = exitcodes.describe(code)  # `status` says why: e.g. code 3, the engine core died
+        why = exitcodes.describe(code)  # `status` says why: e.g. code 75, the engine core died
+        p.last_exit = why
         wants_restart = spec.restart_policy == "always" or (spec.restart_policy == "on-failure" and code != 0)
         if wants_restart and self._restart_later(spec, p, now):
             p.message = f"{why}; {p.message}"

@@ -148,13 +148,13 @@ def test_restart_cli_end_to_end(tmp_path: Path, services: Services) -> None:
         assert rd.plan()["topology"] == str((tmp_path / "marked.yaml").resolve())
         assert set(_ids(services, "rs1").values()).isdisjoint(after.values())
 
-        # The new plan's worker dies at once (exit 3, its engine "died"): the rollout stops at v-1.
+        # The new plan's worker dies at once (exit 3): the rollout stops at v-1.
         steady = _ids(services, "rs1")["v-2"]
         topo["workers"][0]["env"] = {"FAKE_WORKER": "crash"}
         failed = launcher(["restart", "rs1", "v", "--rolling", "--file",
                            str(write_topology(tmp_path / "crash.yaml", topo))], env, timeout=120, check=False)
         assert failed.returncode == 1, failed.stdout + failed.stderr
-        assert "v-1 did not come back: exited with code 3 (its vLLM engine core died)" in failed.stderr
+        assert "v-1 did not come back: exited with code 3" in failed.stderr
         assert "rollout stopped, not restarted: v-2" in failed.stderr
         assert _ids(services, "rs1").get("v-2") == steady, "v-2 was not touched"
     finally:

@@ -36,6 +36,7 @@ from launcher.supervisor import (
     Supervisor,
     registered_by_process,
 )
+from workers.runtime import exitcodes
 from workers.runtime.registry import Registration
 
 FAKE_PID_BASE = 10_000_000  # > pid_max on Linux (4194304): no real process has such a pid
@@ -410,11 +411,11 @@ def test_every_process_is_polled_on_every_tick_while_one_is_stopping(clock: Cloc
     t0 = clock.now
     assert states(sup) == {"slow": DRAINING, "fast": READY}
     assert backend.signals == [("slow", "SIGTERM", t0)]
-    backend.exit_codes["fast"] = 3
+    backend.exit_codes["fast"] = exitcodes.ENGINE_DEAD
     clock.advance(0.25)
     assert sup.step({}) == [0xF]
     assert states(sup) == {"slow": DRAINING, "fast": BACKOFF}
-    assert sup.procs["fast"].message == "exited with code 3 (its vLLM engine core died); restart 1/3 in 1.0 s"
+    assert sup.procs["fast"].message == "exited with code 75 (its vLLM engine core died); restart 1/3 in 1.0 s"
     clock.advance(1.0)
     sup.step({})
     assert states(sup) == {"slow": DRAINING, "fast": STARTING}
@@ -435,7 +436,7 @@ def test_leftovers_of_a_crash_get_sigkill_and_the_restart_waits_until_they_are_g
     sup.remember_trees()
     assert core in sup.procs["w"].pids_seen
     backend.unkillable.add(core)  # stuck for a while (a GPU context being torn down)
-    backend.exit_codes["w"] = 3
+    backend.exit_codes["w"] = exitcodes.ENGINE_DEAD
     sup.step({"other": [2]})
     assert backend.signals == [("w", "SIGKILL", clock.now)]
     assert sup.procs["w"].state == BACKOFF
@@ -443,7 +444,7 @@ def test_leftovers_of_a_crash_get_sigkill_and_the_restart_waits_until_they_are_g
         clock.advance(0.5)
         sup.step({"other": [2]})
         assert sup.procs["w"].state == BACKOFF and len(backend.starts) == 2
-    assert sup.procs["w"].message == (f"exited with code 3 (its vLLM engine core died); waiting for 1 process(es) "
+    assert sup.procs["w"].message == (f"exited with code 75 (its vLLM engine core died); waiting for 1 process(es) "
                                       f"of its last run to exit (pids {core}, SIGKILL sent)")
     backend.exit_codes["other"] = 1
     sup.step({})
@@ -534,10 +535,10 @@ def test_a_restart_without_rolling_drains_all_at_once_and_waits_for_each(clock: 
     sup.step({})
     sup.step({"v-2": [9]})
     assert job.phase == {"v-1": RESTARTING, "v-2": READY} and job.state == "running"
-    backend.exit_codes["v-1"] = 3
+    backend.exit_codes["v-1"] = exitcodes.ENGINE_DEAD
     sup.step({"v-2": [9]})
     assert job.state == FAILED and job.phase == {"v-1": FAILED, "v-2": READY}
-    assert job.message.startswith("v-1 did not come back: exited with code 3 (its vLLM engine core died)")
+    assert job.message.startswith("v-1 did not come back: exited with code 75 (its vLLM engine core died)")
 
 
 def test_a_restart_request_is_rejected_while_another_runs_or_for_unknown_processes(clock: Clock, tmp_path: Path

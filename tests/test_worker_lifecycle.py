@@ -1,6 +1,7 @@
-"""How a worker process ends, on a real etcd and nats-server: an engine death unregisters it at once and
-gives the supervisor exit code 3; SIGTERM drains (registration marked draining, in-flight requests
-finish, the key goes last); /health beside the metrics says 503 while it cannot serve.
+"""How a worker process ends, on a real etcd and nats-server: an engine death unregisters it at once
+and gives the supervisor exitcodes.ENGINE_DEAD; SIGTERM drains (registration marked draining,
+in-flight requests finish, the key goes last); /health beside the metrics says 503 while it cannot
+serve.
 
 The engine here is a stand-in with vLLM's `errored` flag (a real engine death is in test_chaos_e2e.py
 and test_monolith_e2e.py): what is tested is the worker's reaction, not vLLM.
@@ -53,7 +54,7 @@ def test_health_answers_503_with_the_reason_once_the_engine_died(services: Servi
     assert "process_cpu_seconds_total" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
 
 
-def test_an_engine_death_unregisters_at_once_and_exits_with_code_3(services: Services) -> None:
+def test_an_engine_death_unregisters_at_once_and_exits_with_its_code(services: Services) -> None:
     async def run() -> None:
         ctx = WorkerContext(settings(services, "dead"))
         await ctx.connect()

@@ -8,7 +8,9 @@ The launcher reads this table (it may read `workers.runtime`); workers never imp
 
 from __future__ import annotations
 
-ENGINE_DEAD = 3
+# sysexits' EX_TEMPFAIL ("a temporary failure: retry"): the process is sound, its engine is not; restart it.
+# Not 1 (any uncaught exception) nor a small number a user's own script might use.
+ENGINE_DEAD = 75
 
 REASONS: dict[int, str] = {
     ENGINE_DEAD: "its vLLM engine core died",
@@ -16,7 +18,7 @@ REASONS: dict[int, str] = {
 
 
 def describe(code: int) -> str:
-    """`exited with code 3 (its vLLM engine core died)`; signals as `killed by SIGKILL`."""
+    """`exited with code 75 (its vLLM engine core died)`; signals as `killed by SIGKILL`."""
     if code < 0:
         import signal
 
