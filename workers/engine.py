@@ -134,11 +134,14 @@ class EngineHandler:
     async def generate(self, raw: dict[str, Any]) -> AsyncIterator[GenerateChunk]:
         """The engine's outputs as chunks; a dead engine is the typed `engine_dead` error (the caller
         continues the stream elsewhere) and tells the worker to go."""
+        from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
             async for chunk in self._generate(raw):
                 yield chunk
+        except VLLMClientError as exc:  # vLLM's own verdict that the request is at fault (a 4xx there too)
+            raise StreamError(str(exc), ErrorCode.BAD_REQUEST) from None
         except EngineDeadError:
             if self.on_engine_dead is not None:
                 self.on_engine_dead()
