@@ -23,10 +23,12 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from launcher import addresses
 from launcher.redact import redact_text
 from launcher.yamlpos import LoadedYaml, YamlLoadError, load_yaml
+from workers.kinds import worker_kinds
 from workers.runtime.settings import DEFAULT_DRAIN_TIMEOUT, DEFAULT_ETCD, DEFAULT_NATS
 
 
@@ -129,8 +131,15 @@ class ProcessCommon(Strict):
     args: list[str] = Field(default_factory=list, description="extra argv appended verbatim")
 
 
+def _worker_kinds_schema(schema: dict[str, Any]) -> None:
+    schema["enum"] = list(worker_kinds())
+
+
 class Worker(ProcessCommon):
-    kind: Literal["monolith", "prefill", "decode", "kv_worker"] = "monolith"
+    # One of workers.kinds' engine kinds. Not a Literal: mypy types no Literal built from a table, and the
+    # table is read at validation time, so a kind added to it (a test's fake kind) is accepted without
+    # re-importing this module. The message and the JSON schema's enum are the ones a Literal would give.
+    kind: str = Field("monolith", json_schema_extra=_worker_kinds_schema)
     metrics_port: int | None = Field(None, ge=1, le=65535, description=(
         "Prometheus port of this worker's vLLM metrics (default: the topology's metrics_port_base + its "
         "position among the engine processes of its host)"))
@@ -141,6 +150,16 @@ class Worker(ProcessCommon):
     kv_transfer: KvTransfer | None = None
     replicas: int = Field(1, ge=1, le=addresses.MAX_DEVICES)
     gpus_per_replica: int | None = Field(None, ge=1, le=addresses.MAX_DEVICES)
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _known_kind(cls, kind: Any) -> Any:
+        kinds = worker_kinds()
+        if kind not in kinds:  # a non-string fails here too, with the same message
+            quoted = [f"'{k}'" for k in kinds]
+            expected = " or ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+        return kind
 
     @field_validator("gpus")
     @classmethod

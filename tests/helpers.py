@@ -18,6 +18,7 @@ import yaml
 from launcher.services import free_port
 from workers.common.client import generate
 from workers.common.protocol import GenerateRequest
+from workers.kinds import Kind
 from workers.runtime import requestplane
 from workers.runtime.annotated import Annotated
 
@@ -29,6 +30,17 @@ LAUNCHER = [sys.executable, "-m", "launcher.cli"]
 # Small and fast on 2 cores: no torch.compile, a small KV cache.
 CPU_ENGINE = {"max-model-len": 1024, "enforce-eager": True}
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+# Set by tests/conftest.py before each test: whether it is marked e2e (may start vLLM).
+RUNNING_E2E = False
+
+
+def _refuse_vllm_outside_e2e(model: Any) -> None:
+    """A topology of a real model folder starts vLLM: only an e2e test may (see tests/conftest.py)."""
+    if not RUNNING_E2E and isinstance(model, str) and (Path(model) / "config.json").exists():
+        raise AssertionError(f"this test starts vLLM on {model} but is not in the e2e tier: take the model "
+                             "from the tiny_model or demo_model fixture, which marks it e2e")
 
 
 def wait_until(cond: Any, timeout: float, what: str, every: float = 0.2) -> float:
@@ -55,6 +67,11 @@ async def until(cond: Any, timeout: float, what: str, every: float = 0.02) -> fl
     raise AssertionError(f"not within {timeout} s: {what}")
 
 
+def worker(name: str, kind: Kind, **fields: Any) -> dict[str, Any]:
+    """A topology's `workers:` entry of `kind` (a row of workers.kinds.KINDS, never its name typed out)."""
+    return {"name": name, "kind": kind.name, **fields}
+
+
 @dataclass
 class Services:
     etcd: str
@@ -64,6 +81,9 @@ class Services:
 
 def launcher(args: list[str], env: dict[str, str], timeout: float = 600, check: bool = True
              ) -> subprocess.CompletedProcess[str]:
+    if args[:1] == ["up"] and len(args) > 1 and Path(ROOT, args[1]).is_file():
+        with contextlib.suppress(yaml.YAMLError, AttributeError):
+            _refuse_vllm_outside_e2e(yaml.safe_load(Path(ROOT, args[1]).read_text()).get("model"))
     proc = subprocess.run([*LAUNCHER, *args], env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
@@ -75,6 +95,7 @@ def launcher(args: list[str], env: dict[str, str], timeout: float = 600, check: 
 def write_topology(path: Path, topo: dict[str, Any]) -> Path:
     # Metrics ports of its own: the default ones (9400...) may be held by a deployment left running on
     # this host, e.g. the demo, which README runs just before the tests.
+    _refuse_vllm_outside_e2e(topo.get("model"))
     topo.setdefault("metrics_port_base", free_port())
     if topo.get("model") == str(TINY_MODEL):
         # vLLM 0.32's CPU build kills its engine core at the first request of this random model in

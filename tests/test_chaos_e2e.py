@@ -48,7 +48,7 @@ from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Services, launcher, wait_un
 from tests.test_supervisor_e2e import alive, every_pid
 from workers.runtime.registry import Registry
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
+pytestmark = pytest.mark.timeout(1800)
 
 NAME = "chaos"
 BUDGET = 10.0  # a request with no outcome after this long is hung

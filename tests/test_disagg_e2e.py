@@ -78,7 +78,6 @@ def pd(tmp_path_factory: pytest.TempPathFactory, services: Services, demo_model:
     dep.down()
 
 
-@pytest.mark.e2e
 class TestOnePrefillOneDecode:
     def test_every_process_ready_and_registered(self, pd: Deployment) -> None:
         procs = {p["name"]: p for p in pd.status()["processes"]}
@@ -159,7 +158,6 @@ def pd2(tmp_path_factory: pytest.TempPathFactory, services: Services, tiny_model
     dep.down()
 
 
-@pytest.mark.e2e
 class TestTwoPrefillOneDecode:
     def test_both_prefill_workers_take_requests(self, pd2: Deployment) -> None:
         used = []

@@ -30,8 +30,6 @@ import pytest
 from launcher import services as svc
 from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Deployment, Services, up, wait_until
 
-pytestmark = pytest.mark.e2e
-
 SERVED = "smol"
 QUESTION = "what is the capital of france?"
 API_KEY_ENV = "FRONTEND_TEST_API_KEY"

@@ -11,7 +11,7 @@ from workers.frontend.catalog import Catalog
 from workers.frontend.dispatch import Dispatcher, api_error
 from workers.frontend.errors import BadRequest, NoWorker, WorkerFailed, WorkerSilent
 from workers.frontend.protocol import ChatCompletionRequest, CompletionRequest
-from workers.kinds import ENTRY_COMPONENTS, KINDS, entry_component
+from workers.kinds import KINDS, entry_component, entry_components
 from workers.runtime.annotated import Annotated, ErrorCode
 from workers.runtime.registry import Registration
 
@@ -35,7 +35,7 @@ def catalog_of(*regs: Registration) -> Catalog:
 
 
 def test_entry_order_is_router_then_decode_then_monolith() -> None:
-    assert ENTRY_COMPONENTS == ("preprocess", "decode", "vllm")
+    assert entry_components() == ("preprocess", "decode", "vllm")
     assert entry_component({"kv_worker", "router", "frontend"}) == "preprocess"
     assert entry_component({"prefill", "decode"}) == "decode"
     assert entry_component({"prefill"}) is None

@@ -21,8 +21,6 @@ from workers.common.protocol import GenerateRequest
 from workers.runtime import requestplane
 from workers.runtime.annotated import Annotated
 
-pytestmark = pytest.mark.e2e
-
 
 def monolith_topology(name: str, model: Path, **worker: object) -> dict[str, object]:
     return {"name": name, "model": str(model), "engine": CPU_ENGINE, "env": CPU_ENV,

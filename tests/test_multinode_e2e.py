@@ -258,7 +258,6 @@ def instance_subject(hosts: TwoHosts, lease: str) -> str:
     return f"{requestplane.endpoint_subject(hosts.namespace, 'vllm', 'generate')}.{lease}"
 
 
-@pytest.mark.e2e
 def test_host_b_reaches_services_only_through_host_a(two_hosts: TwoHosts) -> None:
     if not two_hosts.isolated:
         pytest.skip("hosts share loopback here (no network namespaces)")
@@ -269,7 +268,6 @@ def test_host_b_reaches_services_only_through_host_a(two_hosts: TwoHosts) -> Non
     assert on_b == ["True", "False"], "b must see etcd at a's address and nothing on its own loopback"
 
 
-@pytest.mark.e2e
 def test_status_on_either_host_shows_both_hosts(two_hosts: TwoHosts) -> None:
     on_a, on_b = two_hosts.a.status(), two_hosts.b.status()
     assert set(on_a) == set(on_b) == {"w-a", "w-b"}
@@ -288,7 +286,6 @@ def test_status_on_either_host_shows_both_hosts(two_hosts: TwoHosts) -> None:
     assert "host" in table and "remote" in table and "w-b" in table
 
 
-@pytest.mark.e2e
 def test_a_client_on_one_host_reaches_the_worker_on_the_other(two_hosts: TwoHosts) -> None:
     on_a = two_hosts.a.status()
     for client_host, worker in ((two_hosts.a, "w-b"), (two_hosts.b, "w-a")):
@@ -298,7 +295,6 @@ def test_a_client_on_one_host_reaches_the_worker_on_the_other(two_hosts: TwoHost
         assert "".join(i["data"].get("text", "") for i in items if isinstance(i["data"], dict))
 
 
-@pytest.mark.e2e
 def test_stopping_one_host_leaves_the_other_serving(two_hosts: TwoHosts) -> None:
     """Runs last in this file: it takes host b down."""
     pid_b = two_hosts.b.status()["w-b"]["pid"]

@@ -8,8 +8,8 @@ from workers.common.protocol import GenerateRequest
 from workers.kv_router.router import Tokenizer
 
 
-def test_prompts_are_encoded_before_transformers_is_loaded_and_agree_with_it(tiny_model: Path) -> None:
-    tok = Tokenizer(str(tiny_model))
+def test_prompts_are_encoded_before_transformers_is_loaded_and_agree_with_it(tiny_tokenizer: Path) -> None:
+    tok = Tokenizer(str(tiny_tokenizer))
     prompt = GenerateRequest(prompt="client 0 asks about item 5: tell me more")
     chat = GenerateRequest(messages=[{"role": "user", "content": "hi"}])
     assert tok.ready(prompt)

@@ -29,9 +29,14 @@ def make_parser(description: str) -> argparse.ArgumentParser:
 
     parser = FlexibleArgumentParser(description=description)
     AsyncEngineArgs.add_cli_args(parser)
+    add_worker_flags(parser)
+    return parser
+
+
+def add_worker_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every engine worker takes beside vLLM's (workers.kinds lists them per kind)."""
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve vLLM's Prometheus metrics (vllm:num_requests_running, ...) on this port")
-    return parser
 
 
 def engine_args_from(args: argparse.Namespace) -> Any:

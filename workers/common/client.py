@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from workers.common.protocol import GenerateRequest
-from workers.kinds import ENTRY_COMPONENTS
+from workers.kinds import KINDS, entry_components, kind_of_component
 from workers.runtime import registry, requestplane
 from workers.runtime.annotated import Annotated
 from workers.runtime.settings import RuntimeSettings, ServiceUnavailable
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--component", default=None,
                    help="default: what the deployment serves (preprocess: a KV router, decode: disaggregated, "
                         "vllm: monolith)")
-    p.add_argument("--endpoint", default="generate")
+    p.add_argument("--endpoint", default=None, help="default: the request endpoint of the component's kind")
     p.add_argument("--namespace", default=None, help="default: LAUNCHER_NAMESPACE, else the topology name")
     p.add_argument("--timeout", type=float, default=requestplane.DEFAULT_IDLE_TIMEOUT * 2,
                    help="seconds of silence before the worker counts as dead")
@@ -74,7 +74,7 @@ def entry_of(components: set[str], wanted: str | None) -> str | None:
     """The component to call among those registered: the one asked for, else the deployment's way in."""
     if wanted is not None:
         return wanted if wanted in components else None
-    return next((c for c in ENTRY_COMPONENTS if c in components), None)
+    return next((c for c in entry_components() if c in components), None)
 
 
 async def discover(settings: RuntimeSettings, namespace: str | None, component: str | None) -> tuple[str, str]:
@@ -100,7 +100,9 @@ async def run(args: argparse.Namespace) -> int:
     component = args.component
     if namespace is None or component is None:
         namespace, component = await discover(settings, namespace, component)
-    subject = requestplane.endpoint_subject(namespace, component, args.endpoint)
+    kind = kind_of_component(component)
+    endpoint = args.endpoint or (kind.endpoint if kind is not None else KINDS["monolith"].endpoint)
+    subject = requestplane.endpoint_subject(namespace, component, endpoint)
     nc = await requestplane.connect(settings.nats_server, name="client")
     status = 0
     last = Annotated(data="")

@@ -184,15 +184,14 @@ async def serve(args: argparse.Namespace) -> int:
     engine_handler = EngineHandler(engine, settings.process_name, ctx.engine_died)
     handler = DisaggregatedHandler(ctx.nc, engine_handler, pool, args.prefill_timeout, storage,
                                    max_retries=args.prefill_retries)
-    await ctx.serve(args.component, "generate", handler.generate, **registration_of(engine, engine_args),
+    await ctx.serve(args.component, KINDS["decode"].endpoint, handler.generate, **registration_of(engine, engine_args),
                     kv_role=kv_role_of(engine_args))
     log.info("serving %s with %d prefill instance(s) known", args.component, len(pool.instances))
     return await ctx.run_until_stopped()
 
 
-def main() -> None:
-    setup_logging()
-    parser = make_parser(__doc__ or "")
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """This kind's flags beside vLLM's (workers.kinds lists them)."""
     parser.add_argument("--component", default=DEFAULT_COMPONENT,
                         help=f"registration component (default: {DEFAULT_COMPONENT})")
     parser.add_argument("--prefill-component", default=DEFAULT_PREFILL_COMPONENT,
@@ -203,6 +202,12 @@ def main() -> None:
     parser.add_argument("--prefill-retries", type=int, default=DEFAULT_PREFILL_RETRIES,
                         help="other prefill workers tried when one is lost, before prefilling locally "
                              f"(default: {DEFAULT_PREFILL_RETRIES})")
+
+
+def main() -> None:
+    setup_logging()
+    parser = make_parser(__doc__ or "")
+    add_flags(parser)
     run_worker(serve(parser.parse_args(adapt_argv(sys.argv[1:]))))
 
 

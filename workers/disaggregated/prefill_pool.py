@@ -14,10 +14,13 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
+from workers.kinds import KINDS
 from workers.runtime.registry import Delete, Put, Registration, Snapshot, Update
 from workers.runtime.requestplane import StreamTracker
 
 log = logging.getLogger(__name__)
+
+ENDPOINT = KINDS["prefill"].endpoint  # a prefill instance is a registration of this endpoint
 
 
 @dataclass
@@ -86,16 +89,16 @@ class PrefillPool:
             log.warning("prefill instance %s set aside until it registers again: %s", inst.name, reason)
 
     def apply(self, update: Update) -> None:
-        """One update of `Registry.follow` on the prefill component (its `generate` endpoints are the
-        instances). A re-list gives a failed instance that is still listed another chance."""
+        """One update of `Registry.follow` on the prefill component (its ENDPOINT registrations are
+        the instances). A re-list gives a failed instance that is still listed another chance."""
         match update:
             case Snapshot(registrations, gone):
                 for key in gone:
                     self.delete(key)
                 for key, reg in registrations.items():
-                    if reg.endpoint == "generate" and (key not in self.instances or self.instances[key].failed):
+                    if reg.endpoint == ENDPOINT and (key not in self.instances or self.instances[key].failed):
                         self.put(key, reg)
-            case Put(key, reg) if reg.endpoint == "generate":
+            case Put(key, reg) if reg.endpoint == ENDPOINT:
                 self.put(key, reg)
             case Delete(key):
                 self.delete(key)

@@ -40,16 +40,21 @@ async def serve(args: argparse.Namespace) -> int:
     ctx.on_shutdown.append(engine.shutdown)
     ctx.watch_engine(engine)
     handler = EngineHandler(engine, settings.process_name, ctx.engine_died)
-    await ctx.serve(args.component, "generate", handler.generate, **registration_of(engine, engine_args),
+    await ctx.serve(args.component, KINDS["prefill"].endpoint, handler.generate, **registration_of(engine, engine_args),
                     kv_role=kv_role_of(engine_args))
     return await ctx.run_until_stopped()
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """This kind's flags beside vLLM's (workers.kinds lists them)."""
+    parser.add_argument("--component", default=DEFAULT_COMPONENT,
+                        help=f"registration component (default: {DEFAULT_COMPONENT})")
 
 
 def main() -> None:
     setup_logging()
     parser = make_parser(__doc__ or "")
-    parser.add_argument("--component", default=DEFAULT_COMPONENT,
-                        help=f"registration component (default: {DEFAULT_COMPONENT})")
+    add_flags(parser)
     run_worker(serve(parser.parse_args(adapt_argv(sys.argv[1:]))))
 
 

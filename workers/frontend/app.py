@@ -155,7 +155,7 @@ class FrontendApp:
             more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
             raise BadRequest(f"{param}: {first['msg']}{more}", param=param) from None
 
-    def _route(self, model: str) -> ModelRoute:
+    def _route(self, model: str, path: str) -> ModelRoute:
         routes = self.catalog.routes()
         route = routes.get(model)
         if route is None:
@@ -163,6 +163,8 @@ class FrontendApp:
             raise ModelNotFound(f"The model `{model}` does not exist. Served models: {served}", param="model")
         if not route.instances:
             raise NoWorker(f"no worker serves model '{model}' right now (starting, or down): retry shortly")
+        if path not in route.api_routes:  # its way in is a kind that does not answer this route
+            raise NotFound(f"model `{model}` does not serve {path} (it serves {', '.join(route.api_routes)})")
         return route
 
     # ---- generation -------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ class FrontendApp:
         schema = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
         body: ChatCompletionRequest | CompletionRequest = self._parse(schema, data)
         body.check_supported()
-        route = self._route(body.model)
+        route = self._route(body.model, request.url.path)
         if isinstance(body, ChatCompletionRequest):
             try:
                 ids = await self.tokenizers.chat(route.path, body.template_messages(), body.add_generation_prompt)

@@ -2,8 +2,8 @@
 
 Workers register their model path, served name and max_model_len; the frontend groups registrations
 by model and sends a request to the best way in that is live (a KV router's choice, else a decode
-worker, else a monolith instance: `workers.kinds.ENTRY_COMPONENTS`). A worker that is down simply is
-not listed, so `/v1/models` never fails because one worker is gone.
+worker, else a monolith instance: `workers.kinds.entry_kinds`), at that kind's request endpoint. A
+worker that is down simply is not listed, so `/v1/models` never fails because one worker is gone.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from workers.kinds import ENTRY_COMPONENTS, KINDS
+from workers.kinds import engine_components, entry_kinds
 from workers.runtime.registry import Delete, Put, Registration, Registry, Snapshot
-
-ENGINE_COMPONENTS = frozenset(k.component for k in KINDS.values() if k.engine)
 
 
 @dataclass
@@ -25,6 +23,7 @@ class ModelRoute:
     max_model_len: int | None
     component: str | None  # the entry component requests go to (None: nothing to call yet)
     instances: list[Registration] = field(default_factory=list)
+    api_routes: tuple[str, ...] = ()  # the OpenAI routes that component answers (its kind's `routes`)
     created: int = 0
 
 
@@ -70,8 +69,9 @@ class Catalog:
 
     def _compute(self) -> dict[str, ModelRoute]:
         by_path: dict[str, ModelRoute] = {}
+        engines = engine_components()
         for reg in self.by_key.values():
-            if reg.component in ENGINE_COMPONENTS and reg.model:
+            if reg.component in engines and reg.model:
                 route = by_path.get(reg.model)
                 if route is None:
                     route = by_path[reg.model] = ModelRoute(served_name(reg), reg.model, None, None)
@@ -79,14 +79,16 @@ class Catalog:
                 if isinstance(mml, int):
                     route.max_model_len = min(route.max_model_len or mml, mml)
                 route.created = max(route.created, int(reg.extra.get("started_at") or 0))
+        entries = entry_kinds()
         for route in by_path.values():
-            for component in ENTRY_COMPONENTS:
+            for kind in entries:
                 # A draining instance finishes what it has and takes nothing new.
-                found = [r for r in self.by_key.values() if r.component == component and r.endpoint == "generate"
-                         and r.model == route.path and not r.draining]
+                found = [r for r in self.by_key.values() if r.component == kind.component
+                         and r.endpoint == kind.endpoint and r.model == route.path and not r.draining]
                 if found:
-                    route.component = component
+                    route.component = kind.component
                     route.instances = sorted(found, key=lambda r: r.instance)
+                    route.api_routes = kind.routes
                     break
         return {r.name: r for r in by_path.values()}
 

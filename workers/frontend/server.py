@@ -34,7 +34,8 @@ log = logging.getLogger("workers.frontend")
 COMPONENT = KINDS["frontend"].component
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
+    """This kind's flags (workers.kinds lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000)
@@ -47,7 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retries", type=int, default=2, help="tries on other instances before the first token")
     p.add_argument("--migration-limit", type=int, default=3,
                    help="times a stream whose instance is lost mid-stream is continued on another (0: never)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -109,8 +114,8 @@ async def _register_when_serving(ctx: WorkerContext, server: uvicorn.Server, cat
             await asyncio.wait_for(catalog.changed.wait(), 5)
     s = ctx.settings
     lease = await ctx.registry.grant()
-    reg = Registration(namespace=s.namespace, component=COMPONENT, endpoint="http", subject="", lease_id=lease,
-                       host=s.host, process=s.process_name, extra={"url": url})
+    reg = Registration(namespace=s.namespace, component=COMPONENT, endpoint=KINDS["frontend"].endpoint, subject="",
+                       lease_id=lease, host=s.host, process=s.process_name, extra={"url": url})
     await ctx.registry.register(reg)
     log.info("frontend ready at %s, serving %s", url, ", ".join(sorted(catalog.serving())))
 

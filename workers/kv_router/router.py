@@ -164,9 +164,9 @@ class KvRouter:
                 for w in removed:
                     self.remove_worker(w)
                 for reg in registrations.values():
-                    if reg.endpoint == "generate":
+                    if reg.endpoint == KINDS["kv_worker"].endpoint:
                         self.add_worker(reg, known_before_start)
-            case Put(registration=reg) if reg.endpoint == "generate":
+            case Put(registration=reg) if reg.endpoint == KINDS["kv_worker"].endpoint:
                 self.add_worker(reg)
             case Delete(key):
                 removed = [instance_of_key(key)]
@@ -523,7 +523,8 @@ class RouterService:
             log.warning("%s (%s): routing %s elsewhere", text, failure.code, req.request_id)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
+    """This kind's flags (workers.kinds lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model whose tokenizer the router uses (same as the workers')")
     p.add_argument("--routing-strategy", choices=STRATEGIES, default="prefix")
@@ -547,7 +548,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds of silence (no token, no keepalive) before a worker counts as lost")
     p.add_argument("--max-retries", type=int, default=MAX_RETRIES,
                    help="other workers tried when the chosen one is lost before its first token")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -562,7 +567,8 @@ async def serve(args: argparse.Namespace) -> int:
     service = RouterService(ctx, router, Tokenizer(args.model), args.worker_component,
                             idle_timeout=args.idle_timeout, max_retries=args.max_retries)
     await service.start()
-    await ctx.serve(args.component, "generate", service.generate, model=args.model, block_size=args.block_size)
+    await ctx.serve(args.component, KINDS["router"].endpoint, service.generate, model=args.model,
+                    block_size=args.block_size)
     log.info("router (%s) serving %s.%s", args.routing_strategy, settings.namespace, args.component)
     return await ctx.run_until_stopped()
 

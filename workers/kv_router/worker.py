@@ -12,6 +12,7 @@ a snapshot (see workers/kv_router/events.py).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -32,6 +33,7 @@ log = logging.getLogger("workers.kv_router.worker")
 
 LOAD_INTERVAL = 1.0
 COMPONENT = KINDS["kv_worker"].component
+ENDPOINT = KINDS["kv_worker"].endpoint
 
 
 def free_port() -> int:
@@ -228,8 +230,8 @@ async def _serve_with_lease(ctx: WorkerContext, lease_id: int, handler: EngineHa
 
     assert ctx.nc is not None and ctx.registry is not None
     s = ctx.settings
-    subject = requestplane.endpoint_subject(s.namespace, COMPONENT, "generate")
-    reg = Registration(namespace=s.namespace, component=COMPONENT, endpoint="generate", subject=subject,
+    subject = requestplane.endpoint_subject(s.namespace, COMPONENT, ENDPOINT)
+    reg = Registration(namespace=s.namespace, component=COMPONENT, endpoint=ENDPOINT, subject=subject,
                        lease_id=lease_id, instance_id=lease_id, host=s.host, process=s.process_name,
                        **registration)
     server = requestplane.EndpointServer(ctx.nc, subject, reg.instance_subject, handler.generate)
@@ -239,9 +241,14 @@ async def _serve_with_lease(ctx: WorkerContext, lease_id: int, handler: EngineHa
     return reg
 
 
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """This kind's flags beside vLLM's: none (workers.kinds lists them)."""
+
+
 def main() -> None:
     setup_logging()
     parser = make_parser(__doc__ or "")
+    add_flags(parser)
     run_worker(serve(parser.parse_args()))
 
 
