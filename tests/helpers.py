@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,33 +46,58 @@ def _refuse_vllm_outside_e2e(model: Any) -> None:
                              "from the tiny_model or demo_model fixture, which marks it e2e")
 
 
-def wait_until(cond: Any, timeout: float, what: str, every: float = 0.2) -> float:
-    """Seconds until `cond()` is true (an exception counts as not yet); fails after `timeout`."""
+def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "the condition", every: float = 0.1,
+               alive: subprocess.Popen[Any] | None = None) -> Any:
+    """The one way a test waits: poll `cond()` until it returns something true, and return that. An
+    exception counts as not yet (the last one is shown if time runs out). `alive`: a process whose exit
+    fails the wait at once. Measure the time around it where the wait's length is the result."""
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        with contextlib.suppress(Exception):
-            if cond():
-                return time.monotonic() - t0
+    error: Exception | None = None
+    while True:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Exception as exc:
+            error = exc
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"{what}: the process exited with {alive.returncode} first")
+        if time.monotonic() - t0 >= timeout:
+            raise AssertionError(f"not within {timeout:g} s: {what}" + (f" (last error: {error!r})" if error else ""))
         time.sleep(every)
-    raise AssertionError(f"not within {timeout:.0f} s: {what}")
 
 
-async def until(cond: Any, timeout: float, what: str, every: float = 0.02) -> float:
-    """The same inside an event loop: `cond()` may be sync or a coroutine."""
+async def until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "the condition", every: float = 0.02
+                ) -> Any:
+    """wait_until inside an event loop: `cond()` may return a coroutine (awaited), and the loop runs on."""
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        result = cond()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return time.monotonic() - t0
+    error: Exception | None = None
+    while True:
+        try:
+            value = cond()
+            if asyncio.iscoroutine(value):
+                value = await value
+            if value:
+                return value
+        except Exception as exc:
+            error = exc
+        if time.monotonic() - t0 >= timeout:
+            raise AssertionError(f"not within {timeout:g} s: {what}" + (f" (last error: {error!r})" if error else ""))
         await asyncio.sleep(every)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def worker(name: str, kind: Kind, **fields: Any) -> dict[str, Any]:
     """A topology's `workers:` entry of `kind` (a row of workers.kinds.KINDS, never its name typed out)."""
     return {"name": name, "kind": kind.name, **fields}
+
+
+def metric(port: int, name: str) -> dict[str, float]:
+    """The samples of one Prometheus metric served on 127.0.0.1:`port`: label text (`worker="a"`, or ""
+    without labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {m.group(1) or "": float(m.group(2))
+            for m in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M)}
 
 
 @dataclass

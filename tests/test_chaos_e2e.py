@@ -242,7 +242,8 @@ def test_chaos(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
         moved = migrations(url)
         t = time.monotonic()
         act()
-        back = wait_until(whole_again, 420, f"the deployment whole again after: {label}")
+        wait_until(whole_again, 420, f"the deployment whole again after: {label}")
+        back = time.monotonic() - t
         time.sleep(settle)  # requests keep flowing on the whole deployment
         window = [o for o in load.since(t) if id(o) not in before]
         rows.append(row(label, window, t, back, migrations(url) - moved))

@@ -23,8 +23,10 @@ from typing import Any
 
 import psutil
 import pytest
+import yaml
 
-from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Deployment, Services, launcher, raw_chunks, up
+from launcher.services import free_port
+from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Deployment, Services, launcher, metric, raw_chunks, until, up
 from workers.common.protocol import GenerateRequest
 from workers.disaggregated.decode_worker import LOCAL, prefill_request
 from workers.disaggregated.kvconfig import adapt_argv
@@ -68,7 +70,7 @@ def pd(tmp_path_factory: pytest.TempPathFactory, services: Services, demo_model:
         "workers": [
             # restart never: the kill test below wants the prefill worker to stay dead.
             {"name": "prefill", "kind": "prefill", "kv_transfer": kv("kv_producer", 0, 2), "ready_timeout": 300,
-             "restart": {"policy": "never"}},
+             "restart": {"policy": "never"}, "metrics_port": free_port()},
             {"name": "decode", "kind": "decode", "kv_transfer": kv("kv_consumer", 1, 2), "ready_timeout": 300},
             {"name": "vllm", "kind": "monolith", "ready_timeout": 300},
         ],
@@ -108,6 +110,13 @@ class TestOnePrefillOneDecode:
     def test_prefill_killed_mid_run_no_request_hangs(self, pd: Deployment) -> None:
         """Runs last in this class: the prefill worker is killed while it has requests, and stays dead."""
         prefill = psutil.Process(pd.process("prefill")["pid"])
+        port = next(w["metrics_port"] for w in yaml.safe_load(pd.topology.read_text())["workers"]
+                    if w["name"] == "prefill")
+
+        def prefill_took_prompts() -> bool:
+            in_flight = sum(sum(metric(port, m).values()) for m in ("vllm:num_requests_running",
+                                                                     "vllm:num_requests_waiting"))
+            return in_flight > 0 or sum(metric(port, "vllm:prompt_tokens_total").values()) > 0
         tree = [prefill, *prefill.children(recursive=True)]
         reqs = [chat(f"question {k}: what is {k} plus {k}?", max_tokens=16) for k in range(6)]
 
@@ -119,7 +128,8 @@ class TestOnePrefillOneDecode:
             nc = await requestplane.connect(pd.services.nats, "test")
             try:
                 tasks = [asyncio.create_task(one(nc, r)) for r in reqs]
-                await asyncio.sleep(1.0)  # the prefill worker has the first prompts by now
+                await until(lambda: asyncio.to_thread(prefill_took_prompts), 120,
+                            "the prefill worker to take the first prompts", every=0.05)
                 for proc in tree:
                     proc.send_signal(signal.SIGKILL)
                 # A guard against a hang, far above any healthy run; not a timing claim.

@@ -3,7 +3,9 @@
 One deployment for the module (vLLM start-up is the expensive part): workers a and b, and three
 routers reading the same KV events, one per strategy, each serving its own component. A user
 checks the routing decision the router attaches to the last chunk (`routing`), and vLLM's own
-count of prompt tokens served from its prefix cache (`cached_tokens`).
+count of prompt tokens served from its prefix cache (`cached_tokens`). What a router's index holds is
+read from its metrics (`vllm_launcher_router_indexed_blocks`), so the tests wait for the KV events to
+arrive instead of sleeping.
 """
 
 from __future__ import annotations
@@ -11,19 +13,23 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import CPU_ENGINE, CPU_ENV, Deployment, Services, raw_chunks, up
+from launcher.services import free_port
+from tests.helpers import CPU_ENGINE, CPU_ENV, Deployment, Services, metric, raw_chunks, up, wait_until, worker
 from workers.common.protocol import GenerateRequest
+from workers.kinds import KINDS
 from workers.runtime.registry import Registration, Registry
 
 BLOCK = 32
-COMPONENTS = {"prefix": "preprocess", "round_robin": "preprocess_rr", "random": "preprocess_random"}
+ROUTER, KV_WORKER = KINDS["router"], KINDS["kv_worker"]
+COMPONENTS = {"prefix": ROUTER.component, "round_robin": f"{ROUTER.component}_rr",
+              "random": f"{ROUTER.component}_random"}
+METRICS = {s: free_port() for s in COMPONENTS}  # each router's Prometheus port
 
 
 def topology(model: Path) -> dict[str, Any]:
@@ -34,12 +40,12 @@ def topology(model: Path) -> dict[str, Any]:
         "engine": {**CPU_ENGINE, "block-size": BLOCK, "enable-prefix-caching": True},
         "env": CPU_ENV,
         "workers": [
-            {"name": "worker-a", "kind": "kv_worker", "cpus": "0", "ready_timeout": 300},
-            {"name": "worker-b", "kind": "kv_worker", "cpus": "1", "ready_timeout": 300,
-             "restart": {"policy": "never"}},
+            worker("worker-a", KV_WORKER, cpus="0", ready_timeout=300),
+            worker("worker-b", KV_WORKER, cpus="1", ready_timeout=300, restart={"policy": "never"}),
         ],
         "routers": [
-            {"name": f"router-{s}", "strategy": s, "args": ["--component", c]} for s, c in COMPONENTS.items()
+            {"name": f"router-{s}", "strategy": s, "args": ["--component", c, "--metrics-port", str(METRICS[s])]}
+            for s, c in COMPONENTS.items()
         ],
     }
 
@@ -65,6 +71,12 @@ def send(d: Deployment, strategy: str, prompt: str, max_tokens: int = 4) -> dict
     return dict(final)
 
 
+def indexed_blocks(strategy: str) -> dict[str, int]:
+    """Worker -> KV blocks the router of `strategy` holds for it in its index (from its metrics)."""
+    samples = metric(METRICS[strategy], "vllm_launcher_router_indexed_blocks")
+    return {labels.removeprefix('worker="').removesuffix('"'): int(v) for labels, v in samples.items()}
+
+
 def long_prompt(seed: int) -> str:
     words = [f"w{(seed * 7919 + i * 104729) % 1000}" for i in range(80)]
     return f"document {seed}: " + " ".join(words)
@@ -74,7 +86,9 @@ def test_repeated_prompt_goes_to_the_worker_that_cached_it(deployment: Deploymen
     first = send(deployment, "prefix", long_prompt(1))
     blocks = first["routing"]["blocks"]
     assert blocks >= 4, first["routing"]
-    time.sleep(1)  # let the KV events of the first request reach the router
+    held = first["routing"]["process"]
+    wait_until(lambda: indexed_blocks("prefix").get(held, 0) >= blocks, 30,
+               "the KV events of the first request to reach the router")
     second = send(deployment, "prefix", long_prompt(1))
     chosen = second["routing"]["process"]
     assert chosen == first["routing"]["process"] == second["worker"], (first["routing"], second["routing"])
@@ -100,7 +114,7 @@ def test_random_uses_both_workers(deployment: Deployment) -> None:
     assert chosen == {"worker-a", "worker-b"}
 
 
-def _registrations(d: Deployment, component: str = "backend") -> list[Registration]:
+def _registrations(d: Deployment, component: str = KV_WORKER.component) -> list[Registration]:
     async def run() -> list[Registration]:
         registry = await Registry.connect([d.services.etcd])
         try:
@@ -111,24 +125,21 @@ def _registrations(d: Deployment, component: str = "backend") -> list[Registrati
     return asyncio.run(run())
 
 
-def _live_leases(d: Deployment, component: str = "backend") -> set[int]:
+def _live_leases(d: Deployment, component: str = KV_WORKER.component) -> set[int]:
     return {r.instance for r in _registrations(d, component)}  # = first lease
 
 
 def test_restarted_router_rebuilds_its_index_from_worker_snapshots(deployment: Deployment) -> None:
     first = send(deployment, "prefix", long_prompt(7))
-    old_leases = _live_leases(deployment, "preprocess")
+    old_leases = _live_leases(deployment, ROUTER.component)
     os.kill(deployment.process("router-prefix")["pid"], signal.SIGKILL)  # the supervisor restarts it
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        leases = _live_leases(deployment, "preprocess")
-        if leases and not leases & old_leases:
-            break
-        time.sleep(0.5)
-    assert leases and not leases & old_leases, "the router did not come back"
-    time.sleep(1)  # its resync requests are answered by snapshots on the event subject
-    again = send(deployment, "prefix", long_prompt(7))
+    wait_until(lambda: (lambda leases: leases and not leases & old_leases)(_live_leases(deployment, ROUTER.component)),
+               120, "the router to come back under a new lease")
     chosen = first["routing"]["process"]
+    # Its resync requests are answered by snapshots on the event subject.
+    wait_until(lambda: indexed_blocks("prefix").get(chosen, 0) >= first["routing"]["blocks"], 30,
+               "the restarted router's index to hold the worker's snapshot")
+    again = send(deployment, "prefix", long_prompt(7))
     assert again["routing"]["process"] == chosen, again["routing"]
     assert again["routing"]["matched_blocks"][chosen] > 0, again["routing"]
 
@@ -143,11 +154,11 @@ def test_killed_worker_is_never_chosen_after_its_lease_is_gone(deployment: Deplo
             break
     assert b_lease is not None
     os.kill(deployment.process("worker-b")["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 30  # the supervisor revokes a dead process's lease; the TTL is 10 s anyway
-    while b_lease in _live_leases(deployment) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert b_lease not in _live_leases(deployment)
-    time.sleep(0.5)  # the routers' etcd watch delivers the delete
+    # The supervisor revokes a dead process's lease (the TTL is 10 s anyway) ...
+    wait_until(lambda: b_lease not in _live_leases(deployment), 30, "worker-b's lease to be gone")
+    # ... and every router's etcd watch delivers the delete, which drops the worker from its index.
+    wait_until(lambda: all("worker-b" not in indexed_blocks(s) and "worker-a" in indexed_blocks(s) for s in COMPONENTS),
+               30, "every router to drop worker-b")
     for strategy in ("prefix", "round_robin", "random"):
         for _ in range(3):
             routing = send(deployment, strategy, prompt, max_tokens=1)["routing"]

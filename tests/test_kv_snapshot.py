@@ -216,3 +216,22 @@ def test_a_200k_block_snapshot_over_real_nats(services) -> None:  # type: ignore
     assert len(sent) >= 2 and min(sent) > 10  # ~15 MB: many messages under the 1 MB max payload
     d = router.choose(probe)
     assert (d.worker, d.blocks, d.matches) == (lease, 150, {lease: 150})
+
+
+def test_the_index_per_worker_is_a_metric_read_at_each_scrape() -> None:
+    from workers.kv_router.metrics import _IndexCollector
+
+    bs = 4
+    m = random_mirror(random.Random(6), bs, 10)
+    sender = ev.BatchSender(Wire(100_000), "ns", worker_id=9, block_size=bs)
+    r = KvRouter("prefix", bs)
+    r.add_worker(Registration(namespace="ns", component="backend", endpoint="generate", subject="s", lease_id=9,
+                              instance_id=9, process="w9"))
+    collector = _IndexCollector(r.indexed_blocks)
+    assert [s.value for s in next(iter(collector.collect())).samples] == [0]
+    for raw in sender.batches(m.snapshot(), snapshot=True):
+        r.on_batch(ev.batch_decoder.decode(raw))
+    (family,) = collector.collect()
+    assert [(s.labels, s.value) for s in family.samples] == [({"worker": "w9"}, len(flat(list(m.snapshot()), bs)))]
+    r.remove_worker(9)
+    assert next(iter(collector.collect())).samples == []

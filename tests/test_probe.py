@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 
 from launcher import services as svc
 from launcher.probe import own_registration
-from tests.helpers import ROOT, Services
+from tests.helpers import ROOT, Services, wait_until
 from workers.runtime.registry import Registration, Registry
 from workers.runtime.settings import RuntimeSettings
 
@@ -127,7 +126,7 @@ def test_wait_returns_once_every_dependency_registered(services: Services, names
                                 stderr=subprocess.STDOUT, text=True)
     try:
         leases.append(asyncio.run(_register(services.etcd, registration(namespace, "router", host="router-pod"))))
-        wait_until(lambda: "waiting for prefill to register" in out.read_text(), proc)
+        wait_until(lambda: "waiting for prefill to register" in out.read_text(), 30, "the wait logged", alive=proc)
         assert proc.poll() is None  # one of two dependencies is not enough
         leases.append(asyncio.run(_register(services.etcd, registration(namespace, "prefill", host="prefill-0"))))
         assert proc.wait(timeout=30) == 0
@@ -136,14 +135,6 @@ def test_wait_returns_once_every_dependency_registered(services: Services, names
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def wait_until(cond, proc: subprocess.Popen[str], deadline_s: float = 30) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + deadline_s
-    while not cond():
-        assert proc.poll() is None, f"exited early with {proc.returncode}"
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        time.sleep(0.1)
 
 
 def test_own_registration_matches_process_host_and_live_pid() -> None:

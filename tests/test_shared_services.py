@@ -18,8 +18,8 @@ import pytest
 from launcher import services as svc
 from launcher.service_users import service_dir
 from launcher.state import RunDir, read_json
-from tests.helpers import ROOT, launcher, write_topology
-from tests.test_supervisor_e2e import FAKE_WORKER, wait_for
+from tests.helpers import ROOT, launcher, wait_until, write_topology
+from tests.test_supervisor_e2e import FAKE_WORKER
 
 
 @pytest.fixture()
@@ -70,7 +70,7 @@ def test_down_of_one_deployment_leaves_the_services_another_uses(tmp_path: Path,
 
         down_b = launcher(["down", "share-b"], home)
         assert "stopped: no other deployment uses it" in down_b.stdout, down_b.stdout
-        wait_for(lambda: alive(managed) == [], 15, "the managed etcd and nats-server to stop")
+        wait_until(lambda: alive(managed) == [], 15, "the managed etcd and nats-server to stop")
         assert not (service_dir("etcd", etcd) / "service.json").exists()
     finally:
         for name in ("share-b", "share-a"):

@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import pytest
 from launcher import services as svc
 from launcher.backends.tmux import SOCKET_ENV
 from launcher.state import RunDir
-from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Services, launcher, write_topology
+from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Services, launcher, wait_until, write_topology
 from workers.runtime.registry import Registration, Registry
 
 FAKE_WORKER = r'''
@@ -79,16 +78,6 @@ if _mode:
         asyncio.run(_register())
     os._exit(0)
 '''
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def registrations(services: Services, namespace: str) -> list[Registration]:
@@ -180,22 +169,22 @@ def test_kill_9_restarts_the_worker_and_its_old_lease_is_gone_at_once(
         assert set(regs) == {"v-1", "v-2"}
         old = regs["v-1"]
         # Wait until the supervisor has recorded the worker's child (the fake EngineCore).
-        wait_for(lambda: len(state(env, "e2e-restart")["processes"]["v-1"]["pids_seen"]) >= 2, 10,
-                 "the supervisor to record v-1's child")
+        wait_until(lambda: len(state(env, "e2e-restart")["processes"]["v-1"]["pids_seen"]) >= 2, 10,
+                   "the supervisor to record v-1's child")
         first_tree = {int(k): v for k, v in state(env, "e2e-restart")["processes"]["v-1"]["pids_seen"].items()}
 
         ttl_left = lease_ttl(services, old.lease_id)
         os.kill(old.pid, signal.SIGKILL)
         killed_at = time.monotonic()
         # Revoked by the supervisor, not expired: gone while the lease still had time to live.
-        wait_for(lambda: old.lease_id not in {r.lease_id for r in registrations(services, "e2e-restart")},
-                 max(ttl_left - 1, 1), f"v-1's key to go (the lease had {ttl_left} s left)", interval=0.05)
+        wait_until(lambda: old.lease_id not in {r.lease_id for r in registrations(services, "e2e-restart")},
+                   max(ttl_left - 1, 1), f"v-1's key to go (the lease had {ttl_left} s left)", every=0.05)
         assert time.monotonic() - killed_at < ttl_left
         assert lease_ttl(services, old.lease_id) == -1, "the old lease itself is revoked"
 
-        new = wait_for(lambda: next((r for r in registrations(services, "e2e-restart")
-                                     if r.process == "v-1" and r.pid != old.pid), None), 30,
-                       "v-1 to register again")
+        new = wait_until(lambda: next((r for r in registrations(services, "e2e-restart")
+                                       if r.process == "v-1" and r.pid != old.pid), None), 30,
+                         "v-1 to register again")
         assert new.lease_id != old.lease_id
         status = json.loads(launcher(["status", "e2e-restart", "--json"], env).stdout)
         v1 = next(p for p in status["processes"] if p["name"] == "v-1")
@@ -281,8 +270,8 @@ def test_down_after_up_of_real_vllm_leaves_no_process_session_or_service(
         launcher(["up", str(path)], env, timeout=400)
         managed = {s["pid"]: s["create_time"] for s in json.loads(rd.services_file.read_text())}
         assert len(managed) == 2, "etcd and nats-server started by the launcher"
-        v = wait_for(lambda: (lambda p: p if len(p["pids_seen"]) >= 2 else None)(rd.state()["processes"]["v"]),
-                     10, "the supervisor to record vLLM's EngineCore")
+        v = wait_until(lambda: (lambda p: p if len(p["pids_seen"]) >= 2 else None)(rd.state()["processes"]["v"]),
+                       10, "the supervisor to record vLLM's EngineCore")
         pids = every_pid(env, "e2e-down")
         children = [p for p in pids if p != v["pid"]]
         assert children and alive({p: pids[p] for p in children}), "vLLM's EngineCore runs as a child"

@@ -11,8 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -21,20 +20,11 @@ import pytest
 from launcher.backends.tmux import SOCKET_ENV, TmuxBackend, TmuxError, attach_argv, kill_sessions, sessions_of
 from launcher.plan import ProcessSpec
 from launcher.state import RunDir
+from tests.helpers import wait_until
 
 
 def tmux(socket: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["tmux", "-L", socket, *args], capture_output=True, text=True)
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 10.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def py(name: str, code: str, env: dict[str, str] | None = None) -> ProcessSpec:
@@ -73,10 +63,10 @@ def test_the_pid_is_the_command_itself_with_its_env_and_quoted_args(backend: Tmu
     pid = backend.start(spec, run_dir.log_path("v-1"))
     proc = psutil.Process(pid)
     # Same pid from the pane's first program to the worker: the launch script execs it.
-    wait_for(lambda: proc.cmdline() == spec.argv)
+    wait_until(lambda: proc.cmdline() == spec.argv)
     assert proc.pid == pid and proc.cmdline() == spec.argv, "the pane must exec the command, not wrap it"
     log = run_dir.log_path("v-1")
-    text = str(wait_for(lambda: log.exists() and "pid=" in log.read_text() and log.read_text()))
+    text = str(wait_until(lambda: log.exists() and "pid=" in log.read_text() and log.read_text()))
     assert f"env=a b'c arg={tricky} pid={pid}" in text
     assert proc.cwd() == os.getcwd()
     assert backend.poll("v-1") is None
@@ -86,8 +76,8 @@ def test_exit_code_and_signal_come_from_the_dead_pane(backend: TmuxBackend, run_
     backend.start(py("crash", "print('boom: no such model', flush=True); raise SystemExit(3)"),
                   run_dir.log_path("crash"))
     backend.start(py("killed", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"), run_dir.log_path("killed"))
-    assert wait_for(lambda: backend.poll("crash") is not None) and backend.poll("crash") == 3
-    assert wait_for(lambda: backend.poll("killed") is not None) and backend.poll("killed") == -signal.SIGKILL
+    assert wait_until(lambda: backend.poll("crash") is not None) and backend.poll("crash") == 3
+    assert wait_until(lambda: backend.poll("killed") is not None) and backend.poll("killed") == -signal.SIGKILL
     # A process that dies in its first millisecond still leaves its output in the log and on screen.
     assert "boom: no such model" in run_dir.log_path("crash").read_text()
     # What `tmux a -t crash` shows, scrollback included (tmux may scroll the last screen up when
@@ -100,10 +90,10 @@ def test_exit_code_and_signal_come_from_the_dead_pane(backend: TmuxBackend, run_
 def test_restart_replaces_the_dead_session_and_appends_to_the_log(backend: TmuxBackend, run_dir: RunDir) -> None:
     log = run_dir.log_path("w")
     first = backend.start(py("w", "print('first run', flush=True); raise SystemExit(1)"), log)
-    wait_for(lambda: backend.poll("w") is not None)
+    wait_until(lambda: backend.poll("w") is not None)
     second = backend.start(py("w", "import time; print('second run', flush=True); time.sleep(60)"), log)
     assert second != first
-    wait_for(lambda: "second run" in log.read_text())
+    wait_until(lambda: "second run" in log.read_text())
     assert log.read_text().index("first run") < log.read_text().index("second run")
     assert backend.poll("w") is None
     assert sessions_of(run_dir) == ["w"]
@@ -114,7 +104,7 @@ def test_session_names_match_exactly_and_dots_become_underscores(backend: TmuxBa
     backend.start(py("v-10", sleeper), run_dir.log_path("v-10"))
     backend.start(py("v-1", "raise SystemExit(5)"), run_dir.log_path("v-1"))
     backend.start(py("worker.a", sleeper), run_dir.log_path("worker.a"))
-    assert wait_for(lambda: backend.poll("v-1") is not None) and backend.poll("v-1") == 5
+    assert wait_until(lambda: backend.poll("v-1") is not None) and backend.poll("v-1") == 5
     assert backend.poll("v-10") is None, "v-1's status must not be read from v-10"
     assert sessions_of(run_dir) == ["v-1", "v-10", "worker_a"]
 
@@ -143,6 +133,6 @@ def test_close_removes_every_session(backend: TmuxBackend, run_dir: RunDir) -> N
     backend.start(py("a", "raise SystemExit(0)"), run_dir.log_path("a"))
     pid = backend.start(py("b", "import time; time.sleep(60)"), run_dir.log_path("b"))
     psutil.Process(pid).kill()
-    wait_for(lambda: backend.poll("b") is not None)
+    wait_until(lambda: backend.poll("b") is not None)
     backend.close()
     assert sessions_of(run_dir) == []

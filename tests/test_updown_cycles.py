@@ -16,8 +16,8 @@ import pytest
 
 from launcher import services as svc
 from launcher.state import RunDir
-from tests.helpers import ROOT, launcher, write_topology
-from tests.test_supervisor_e2e import FAKE_WORKER, alive, every_pid, wait_for
+from tests.helpers import ROOT, launcher, wait_until, write_topology
+from tests.test_supervisor_e2e import FAKE_WORKER, alive, every_pid
 
 CYCLES = int(os.environ.get("UPDOWN_CYCLES", "5"))
 
@@ -43,8 +43,8 @@ def test_up_down_cycles_leave_no_process(tmp_path: Path, monkeypatch: pytest.Mon
     for _ in range(CYCLES):
         launcher(["up", str(path)], env, timeout=120)
         # The supervisor records each worker's child on its next tree scan (every 2 s).
-        wait_for(lambda: all(len(p["pids_seen"]) >= 2 for p in rd.state()["processes"].values()), 10,
-                 "every worker's child recorded")
+        wait_until(lambda: all(len(p["pids_seen"]) >= 2 for p in rd.state()["processes"].values()), 10,
+                   "every worker's child recorded")
         pids = every_pid(env, "cycles")
         managed = {s["pid"]: s["create_time"] for s in json.loads(rd.services_file.read_text())}
         launcher(["down", "cycles"], env, timeout=120)

@@ -2,17 +2,19 @@
 
 `vllm_launcher_router_*`, on the process-global registry (one router per process), served when the
 router is given `--metrics-port`. The matched/prompt block counters give the router's own estimate
-of the hit rate, to compare with the workers' `vllm:prefix_cache_*` counters (the truth).
+of the hit rate, to compare with the workers' `vllm:prefix_cache_*` counters (the truth);
+`vllm_launcher_router_indexed_blocks` is what its index holds per worker, read at each scrape.
+
+It takes plain values, not the router's objects, so it imports nothing of the router.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
-from prometheus_client import Counter, Histogram
-
-if TYPE_CHECKING:
-    from workers.kv_router.router import Decision
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 PREFIX = "vllm_launcher_router"
 # Seconds, 5 us to 1 s: a decision takes tens of microseconds, tokenizing a long prompt milliseconds.
@@ -41,11 +43,33 @@ class RouterMetrics:
         self.prompt_blocks = Counter(f"{PREFIX}_prompt_blocks", "full prompt blocks of routed requests")
         self.matched_blocks = Counter(f"{PREFIX}_matched_blocks",
                                       "of those, blocks the chosen worker held per the KV events")
+        self._index: _IndexCollector | None = None
 
-    def observe(self, d: Decision, decision_s: float, overhead_s: float) -> None:
+    def observe(self, strategy: str, process: str, blocks: int, matched: int, decision_s: float,
+                overhead_s: float) -> None:
+        """One decision: `blocks` full prompt blocks, `matched` of them held by the chosen worker."""
         self.decision.observe(decision_s)
         self.overhead.observe(overhead_s)
-        self.decisions.labels(d.strategy, d.process).inc()
-        self.prompt_blocks.inc(d.blocks)
-        self.matched_blocks.inc(d.matches.get(d.worker, 0))
+        self.decisions.labels(strategy, process).inc()
+        self.prompt_blocks.inc(blocks)
+        self.matched_blocks.inc(matched)
+
+    def watch_index(self, indexed_blocks: Callable[[], dict[str, int]]) -> None:
+        """Serve `indexed_blocks()` (worker -> blocks the index holds for it) at every scrape; a worker
+        the router dropped has no sample. Once per process, like the rest."""
+        if self._index is None:
+            self._index = _IndexCollector(indexed_blocks)
+            REGISTRY.register(self._index)
+
+
+class _IndexCollector(Collector):
+    def __init__(self, indexed_blocks: Callable[[], dict[str, int]]) -> None:
+        self.indexed_blocks = indexed_blocks
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(f"{PREFIX}_indexed_blocks", "KV blocks the router's index holds per worker",
+                                   labels=["worker"])
+        for worker, blocks in sorted(self.indexed_blocks().items()):
+            family.add_metric([worker], blocks)
+        yield family
 

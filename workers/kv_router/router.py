@@ -185,6 +185,11 @@ class KvRouter:
         if view is not None:
             log.info("worker %s (%x) left: its blocks are dropped", view.name, w)
 
+    def indexed_blocks(self) -> dict[str, int]:
+        """Worker name -> blocks the index holds for it (what the router believes it has cached)."""
+        index = self.index
+        return {view.name: index.block_count(w) if index is not None else 0 for w, view in list(self.workers.items())}
+
     def request_resync(self, worker: int) -> None:
         if self.index is not None:
             self.index.clear(worker)
@@ -490,7 +495,8 @@ class RouterService:
             except NoWorker as exc:
                 raise StreamError(str(exc), code=ErrorCode.NO_RESPONDERS) from None
             now = time.perf_counter()
-            self.metrics.observe(decision, now - t_route, now - t0)
+            self.metrics.observe(decision.strategy, decision.process, decision.blocks,
+                                 decision.matches.get(decision.worker, 0), now - t_route, now - t0)
             log.info("route %s: %s -> %s (%x), %d blocks, matched %s, load %s (decision %.0f us, with tokens %.0f us)",
                      req.request_id, decision.strategy, decision.process, decision.worker, decision.blocks,
                      decision.matched, decision.load, (now - t_route) * 1e6, (now - t0) * 1e6)
@@ -564,6 +570,7 @@ async def serve(args: argparse.Namespace) -> int:
     router = KvRouter(args.routing_strategy, args.block_size, rng=random.Random(args.seed), weights=weights)
     if args.metrics_port is not None:
         serve_prometheus(args.metrics_port, "router", ctx.unhealthy)
+        RouterMetrics.default().watch_index(router.indexed_blocks)
     service = RouterService(ctx, router, Tokenizer(args.model), args.worker_component,
                             idle_timeout=args.idle_timeout, max_retries=args.max_retries)
     await service.start()
