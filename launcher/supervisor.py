@@ -161,7 +161,10 @@ class OsTrees:
 
 
 class Supervisor:
-    """Pure decisions over process states. `now` is injected; the backend is any `Backend`."""
+    """Decisions over process states, one `step` at a time; it never sleeps or waits. Its I/O goes through
+    what is injected: the clock, the `Backend` (start a process, poll its exit), `Trees` (a process tree's
+    members, liveness, signals: the OS by default), plus reading the tail of a process's log file when it
+    fails. The loop around it (`main`) does the rest: etcd, state.json, restart requests."""
 
     def __init__(self, specs: list[ProcessSpec], backend: Backend, log_for: Callable[[str], Path],
                  clock: Callable[[], float] = time.time, trees: Trees | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Each process in its own tmux session, named after the process: `tmux a -t v-1` like the seed.
+"""Each process in its own tmux session, named after the process: `tmux a -t v-1`, as kv-router-run.sh users do.
 
 Why tmux at all: a developer wants to *watch* a worker live (progress bars, tracebacks) and to
 find a crashed one's last screen, not only a log file. So:

@@ -1,4 +1,4 @@
-"""Send one prompt to a deployment and print the streamed response, as the seed's client did.
+"""Send one prompt to a deployment and print the streamed response (the printout existing scripts parse).
 
     python -m workers.common.client --prompt "what is the capital of france?" --max-tokens 10 --chat
 

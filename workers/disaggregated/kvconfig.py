@@ -1,6 +1,6 @@
 """Adapt the topology's --kv-transfer-config to the KVTransferConfig of the vLLM installed here.
 
-The seed's fields kv_rank, kv_parallel_size and kv_ip belonged to vLLM V0's PyNccl pipes; vLLM V1
+The topology's fields kv_rank, kv_parallel_size and kv_ip come from vLLM V0's PyNccl pipes; vLLM V1
 (0.32 here) dropped them, and its KVTransferConfig refuses unknown keys, so passing the topology's
 block unchanged would stop the worker at argument parsing. The launcher still validates them
 (launcher.rules): they describe the deployment. Here, before vLLM parses its flags, keys the installed

@@ -65,7 +65,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.kv_router.indexer import _WorkerSlots, leading_matches
+from workers.kv_router.indexer import WorkerSlots, leading_matches
 
 DECODE_TOKENS_ESTIMATE = 256  # a request's decode footprint is min(max_tokens, this): most stop early
 
@@ -246,7 +246,7 @@ class InflightBlocks:
     """
 
     def __init__(self) -> None:
-        self._slots = _WorkerSlots()
+        self._slots = WorkerSlots()
         self._refs: dict[int, dict[int, int]] = {}
         self._private: dict[int, int] = {}
         self._masks: dict[int, int] = {}

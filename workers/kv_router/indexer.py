@@ -6,7 +6,8 @@ block by its own *chained* hash (the block's tokens plus its parent's chained ha
 same way for event blocks and for request blocks, and keeps per worker a map from the engine's
 hash to the router's, which is what BlockRemoved and parent_block_hash refer to.
 
-Two equivalent forms of the same prefix tree live here (DESIGN.md asks to measure both):
+Two equivalent forms of the same prefix tree live here, so their speed and memory can be compared
+(bench/bench_indexer.py measures both):
 
 - `TreeIndex`: nodes with children keyed by chained hash, each node holding a bitmask of workers.
 - `FlatIndex`: one dict chained hash -> worker bitmask. A chained hash already names its whole
@@ -124,7 +125,7 @@ class Index(Protocol):
     def fewest_blocks(self, workers: list[WorkerId]) -> list[WorkerId]: ...
 
 
-class _WorkerSlots:
+class WorkerSlots:
     """Worker id <-> bit position, with slots reused so masks stay as short as the live set."""
 
     def __init__(self) -> None:
@@ -158,7 +159,7 @@ class _WorkerSlots:
         return out
 
 
-def _prefix_counts(slots: _WorkerSlots, levels: Iterable[int], all_mask: int) -> dict[WorkerId, int]:
+def _prefix_counts(slots: WorkerSlots, levels: Iterable[int], all_mask: int) -> dict[WorkerId, int]:
     """From the masks of successive request blocks: for each worker, how many leading blocks it holds."""
     counts: dict[WorkerId, int] = {}
     active = all_mask
@@ -179,7 +180,7 @@ def _prefix_counts(slots: _WorkerSlots, levels: Iterable[int], all_mask: int) ->
     return counts
 
 
-def leading_matches(masks: dict[int, int], slots: _WorkerSlots, chained: Sequence[int]) -> dict[WorkerId, int]:
+def leading_matches(masks: dict[int, int], slots: WorkerSlots, chained: Sequence[int]) -> dict[WorkerId, int]:
     """For each worker, how many leading hashes of `chained` have its bit in `masks` (workers with 0 left out).
 
     `_prefix_counts` inlined over a flat map: the hot path of every routing decision (the index's
@@ -216,7 +217,7 @@ class _IndexBase(Generic[_Entry]):
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self.hasher = BlockHasher(block_size)
-        self._slots = _WorkerSlots()
+        self._slots = WorkerSlots()
         self._by_worker: dict[WorkerId, dict[EngineHash, _Entry]] = {}
 
     def apply_stored(self, worker: WorkerId, parent: EngineHash | None, engine_hashes: Sequence[EngineHash],

@@ -68,7 +68,8 @@ class StreamError(Exception):
 
 @dataclass
 class Annotated:
-    """Field order matches the seed's printout: Annotated(data=' Well', event=None, comment=[], id=None)."""
+    """Field order matches the client's printout, which existing scripts parse:
+    Annotated(data=' Well', event=None, comment=[], id=None)."""
 
     data: Any = None
     event: str | None = None
