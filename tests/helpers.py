@@ -21,7 +21,7 @@ import yaml
 from launcher.services import free_port
 from workers.common.client import generate
 from workers.common.protocol import GenerateRequest
-from workers.kinds import Kind
+from workers.kinds import KINDS, Kind
 from workers.runtime import requestplane
 from workers.runtime.annotated import Annotated
 
@@ -29,6 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny-llama"
 DEMO_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 LAUNCHER = [sys.executable, "-m", "launcher.cli"]
+
+# The kinds tests name, looked up once here: a renamed kind is one edit in this file, and a topology names
+# a kind as MONOLITH.name, a component as MONOLITH.component.
+FRONTEND, ROUTER, PREFILL, DECODE, MONOLITH, KV_WORKER = (
+    KINDS[k] for k in ("frontend", "router", "prefill", "decode", "monolith", "kv_worker"))
 
 # Small and fast on 2 cores: no torch.compile, a small KV cache.
 CPU_ENGINE = {"max-model-len": 1024, "enforce-eager": True}
@@ -153,7 +158,7 @@ class Deployment:
     def down(self) -> subprocess.CompletedProcess[str]:
         return launcher(["down", self.name], self.env)
 
-    def ask(self, request: GenerateRequest, component: str = "vllm", idle_timeout: float = 10.0
+    def ask(self, request: GenerateRequest, component: str = MONOLITH.component, idle_timeout: float = 10.0
             ) -> list[Annotated]:
         return asyncio.run(ask(self.services.nats, self.namespace, component, request, idle_timeout))
 

@@ -44,7 +44,7 @@ from launcher import proctree
 from launcher import services as svc
 from launcher.services import free_port
 from launcher.state import RunDir
-from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Services, launcher, wait_until, write_topology
+from tests.helpers import CPU_ENGINE, CPU_ENV, KV_WORKER, ROOT, Services, launcher, wait_until, write_topology
 from tests.test_supervisor_e2e import alive, every_pid
 from workers.runtime.registry import Registry
 
@@ -184,9 +184,9 @@ def topology(model: Path, s: Services, port: int) -> dict[str, Any]:
         "services": {"etcd": s.etcd, "nats": s.nats, "managed": "never"},
         "engine": {**CPU_ENGINE, "block-size": 32, "enable-prefix-caching": True},
         "env": CPU_ENV,
-        "workers": [{"name": "worker-a", "kind": "kv_worker", "cpus": "0", "ready_timeout": 300,
+        "workers": [{"name": "worker-a", "kind": KV_WORKER.name, "cpus": "0", "ready_timeout": 300,
                      "drain_timeout": DRAIN_TIMEOUT},
-                    {"name": "worker-b", "kind": "kv_worker", "cpus": "1", "ready_timeout": 300,
+                    {"name": "worker-b", "kind": KV_WORKER.name, "cpus": "1", "ready_timeout": 300,
                      "drain_timeout": DRAIN_TIMEOUT}],
         "routers": [{"name": "router", "strategy": "prefix", "drain_timeout": DRAIN_TIMEOUT}],
         "frontends": [{"name": "frontend", "port": port, "request_timeout": 5.0, "drain_timeout": DRAIN_TIMEOUT}],

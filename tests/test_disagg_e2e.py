@@ -26,7 +26,21 @@ import pytest
 import yaml
 
 from launcher.services import free_port
-from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Deployment, Services, launcher, metric, raw_chunks, until, up
+from tests.helpers import (
+    CPU_ENGINE,
+    CPU_ENV,
+    DECODE,
+    MONOLITH,
+    PREFILL,
+    ROOT,
+    Deployment,
+    Services,
+    launcher,
+    metric,
+    raw_chunks,
+    until,
+    up,
+)
 from workers.common.protocol import GenerateRequest
 from workers.disaggregated.decode_worker import LOCAL, prefill_request
 from workers.disaggregated.kvconfig import adapt_argv
@@ -69,10 +83,10 @@ def pd(tmp_path_factory: pytest.TempPathFactory, services: Services, demo_model:
         "name": "pd-1p1d", "model": str(demo_model), "engine": {**CPU_ENGINE, "dtype": "float32"}, "env": CPU_ENV,
         "workers": [
             # restart never: the kill test below wants the prefill worker to stay dead.
-            {"name": "prefill", "kind": "prefill", "kv_transfer": kv("kv_producer", 0, 2), "ready_timeout": 300,
+            {"name": "prefill", "kind": PREFILL.name, "kv_transfer": kv("kv_producer", 0, 2), "ready_timeout": 300,
              "restart": {"policy": "never"}, "metrics_port": free_port()},
-            {"name": "decode", "kind": "decode", "kv_transfer": kv("kv_consumer", 1, 2), "ready_timeout": 300},
-            {"name": "vllm", "kind": "monolith", "ready_timeout": 300},
+            {"name": "decode", "kind": DECODE.name, "kv_transfer": kv("kv_consumer", 1, 2), "ready_timeout": 300},
+            {"name": "vllm", "kind": MONOLITH.name, "ready_timeout": 300},
         ],
     }
     dep = up(tmp_path_factory.mktemp("pd"), topo, services)
@@ -89,8 +103,8 @@ class TestOnePrefillOneDecode:
     def test_same_text_as_monolith_and_the_kv_crossed(self, pd: Deployment) -> None:
         for question in QUESTIONS:
             req = chat(question)
-            mono_text, mono_final = final_of(raw_chunks(pd.services.nats, pd.namespace, "vllm", req))
-            pd_text, pd_final = final_of(raw_chunks(pd.services.nats, pd.namespace, "decode", req))
+            mono_text, mono_final = final_of(raw_chunks(pd.services.nats, pd.namespace, MONOLITH.component, req))
+            pd_text, pd_final = final_of(raw_chunks(pd.services.nats, pd.namespace, DECODE.component, req))
             assert pd_text == mono_text, question
             assert pd_final["prefill_worker"] == "prefill"
             # The decode worker computed only the prompt's tail: the rest was loaded from the prefill's KV.
@@ -121,7 +135,7 @@ class TestOnePrefillOneDecode:
         reqs = [chat(f"question {k}: what is {k} plus {k}?", max_tokens=16) for k in range(6)]
 
         async def one(nc: requestplane.NATS, req: GenerateRequest) -> list[Annotated]:
-            subject = requestplane.endpoint_subject(pd.namespace, "decode", "generate")
+            subject = requestplane.endpoint_subject(pd.namespace, DECODE.component, DECODE.endpoint)
             return [a async for a in requestplane.stream(nc, subject, req.model_dump(exclude_none=True), 10)]
 
         async def run() -> list[list[Annotated]]:
@@ -146,7 +160,7 @@ class TestOnePrefillOneDecode:
             _, final = final_of(items)
             assert final["finish_reason"] and final["prefill_worker"] in ("prefill", LOCAL)
         # With the prefill worker gone, new requests are prefilled on the decode worker.
-        _, final = final_of(raw_chunks(pd.services.nats, pd.namespace, "decode", chat("after the kill?")))
+        _, final = final_of(raw_chunks(pd.services.nats, pd.namespace, DECODE.component, chat("after the kill?")))
         assert final["prefill_worker"] == LOCAL
         log = launcher(["logs", "decode", "--deployment", pd.name, "-n", "400"], pd.env).stdout
         assert "prefilling locally" in log
@@ -158,9 +172,9 @@ def pd2(tmp_path_factory: pytest.TempPathFactory, services: Services, tiny_model
     topo = {
         "name": "pd-2p1d", "model": str(tiny_model), "engine": CPU_ENGINE, "env": CPU_ENV,
         "workers": [
-            {"name": "prefill", "kind": "prefill", "replicas": 2, "kv_transfer": kv("kv_producer", 0, 3),
+            {"name": "prefill", "kind": PREFILL.name, "replicas": 2, "kv_transfer": kv("kv_producer", 0, 3),
              "ready_timeout": 300},
-            {"name": "decode", "kind": "decode", "kv_transfer": kv("kv_consumer", 2, 3), "ready_timeout": 300},
+            {"name": "decode", "kind": DECODE.name, "kv_transfer": kv("kv_consumer", 2, 3), "ready_timeout": 300},
         ],
     }
     dep = up(tmp_path_factory.mktemp("pd2"), topo, services)
@@ -173,7 +187,7 @@ class TestTwoPrefillOneDecode:
         used = []
         for k in range(4):
             req = GenerateRequest(prompt=f"{k} " + FILLER, sampling={"max_tokens": 8, "temperature": 0})
-            _, final = final_of(raw_chunks(pd2.services.nats, pd2.namespace, "decode", req))
+            _, final = final_of(raw_chunks(pd2.services.nats, pd2.namespace, DECODE.component, req))
             assert final["cached_tokens"] > 0, final
             used.append(final["prefill_worker"])
         assert set(used) == {"prefill-1", "prefill-2"}, used

@@ -26,7 +26,20 @@ from typing import Any
 import pytest
 
 from launcher import services as svc
-from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Deployment, Services, metric, up, wait_until
+from tests.helpers import (
+    CPU_ENGINE,
+    CPU_ENV,
+    DECODE,
+    KV_WORKER,
+    MONOLITH,
+    PREFILL,
+    ROOT,
+    Deployment,
+    Services,
+    metric,
+    up,
+    wait_until,
+)
 
 SERVED = "smol"
 QUESTION = "what is the capital of france?"
@@ -60,19 +73,19 @@ def _topology(kind: str, demo_model: Path, port: int, metrics: list[int]) -> dic
                             "frontends": [{"name": "frontend", "port": port, "ready_timeout": 300}]}
     if kind == "monolith":
         base["engine"] = _engine()
-        base["workers"] = [{"name": "vllm", "kind": "monolith", "ready_timeout": 300, "metrics_port": metrics[0]}]
+        base["workers"] = [{"name": "vllm", "kind": MONOLITH.name, "ready_timeout": 300, "metrics_port": metrics[0]}]
     elif kind == "1p1d":
         base["engine"] = _engine()
         base["frontends"][0]["api_key_env"] = API_KEY_ENV
         base["workers"] = [
-            {"name": "prefill", "kind": "prefill", "ready_timeout": 300, "metrics_port": metrics[0],
+            {"name": "prefill", "kind": PREFILL.name, "ready_timeout": 300, "metrics_port": metrics[0],
              "kv_transfer": {"kv_connector": "ExampleConnector", "kv_role": "kv_producer"}},
-            {"name": "decode", "kind": "decode", "ready_timeout": 300, "metrics_port": metrics[1],
+            {"name": "decode", "kind": DECODE.name, "ready_timeout": 300, "metrics_port": metrics[1],
              "kv_transfer": {"kv_connector": "ExampleConnector", "kv_role": "kv_consumer"}},
         ]
     else:
         base["engine"] = _engine(**{"block-size": 32, "enable-prefix-caching": True})
-        base["workers"] = [{"name": f"worker-{c}", "kind": "kv_worker", "cpus": str(i), "ready_timeout": 300,
+        base["workers"] = [{"name": f"worker-{c}", "kind": KV_WORKER.name, "cpus": str(i), "ready_timeout": 300,
                             "metrics_port": metrics[i]} for i, c in enumerate("ab")]
         base["routers"] = [{"name": "router", "strategy": "prefix"}]
     return base

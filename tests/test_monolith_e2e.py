@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from launcher import services as svc
-from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Deployment, Services, launcher, up
+from tests.helpers import CPU_ENGINE, CPU_ENV, MONOLITH, ROOT, Deployment, Services, launcher, up
 from workers.common.protocol import GenerateRequest
 from workers.runtime import requestplane
 from workers.runtime.annotated import Annotated
@@ -24,7 +24,7 @@ from workers.runtime.annotated import Annotated
 
 def monolith_topology(name: str, model: Path, **worker: object) -> dict[str, object]:
     return {"name": name, "model": str(model), "engine": CPU_ENGINE, "env": CPU_ENV,
-            "workers": [{"name": "vllm", "kind": "monolith", "ready_timeout": 300, **worker}]}
+            "workers": [{"name": "vllm", "kind": MONOLITH.name, "ready_timeout": 300, **worker}]}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_killed_worker_mid_stream_gives_the_client_an_error(tiny: Deployment) ->
         items: list[Annotated] = []
         killed_at = 0.0
         try:
-            subject = requestplane.endpoint_subject(tiny.namespace, "vllm", "generate")
+            subject = requestplane.endpoint_subject(tiny.namespace, MONOLITH.component, MONOLITH.endpoint)
             async for item in requestplane.stream(nc, subject, req.model_dump(exclude_none=True), idle_timeout=5):
                 items.append(item)
                 if len(items) == 3:

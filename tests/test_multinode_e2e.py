@@ -29,7 +29,7 @@ import yaml
 from launcher import services as svc
 from launcher.rules import check as check_rules
 from launcher.topology import load_topology
-from tests.helpers import CPU_ENGINE, CPU_ENV, LAUNCHER, ROOT, Services, write_topology
+from tests.helpers import CPU_ENGINE, CPU_ENV, LAUNCHER, MONOLITH, ROOT, Services, write_topology
 from workers.runtime import requestplane
 
 # ---------------------------------------------------------------- rules (no vLLM)
@@ -207,8 +207,8 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, servic
     topo = {
         "name": name, "services": {"etcd": etcd, "nats": nats, "managed": managed},
         "model": str(tiny_model), "engine": CPU_ENGINE, "env": CPU_ENV,
-        "workers": [{"name": "w-a", "kind": "monolith", "host": "a", "cpus": "0", "ready_timeout": 300},
-                    {"name": "w-b", "kind": "monolith", "host": "b", "cpus": "1", "ready_timeout": 300}],
+        "workers": [{"name": "w-a", "kind": MONOLITH.name, "host": "a", "cpus": "0", "ready_timeout": 300},
+                    {"name": "w-b", "kind": MONOLITH.name, "host": "b", "cpus": "1", "ready_timeout": 300}],
     }
     path = write_topology(tmp / f"{name}.yaml", topo)
     hosts = TwoHosts(a, b, name, nats, etcd, isolated=a.netns is not None)
@@ -255,7 +255,7 @@ def answered_by(items: list[dict[str, Any]]) -> set[str]:
 
 
 def instance_subject(hosts: TwoHosts, lease: str) -> str:
-    return f"{requestplane.endpoint_subject(hosts.namespace, 'vllm', 'generate')}.{lease}"
+    return f"{requestplane.endpoint_subject(hosts.namespace, MONOLITH.component, MONOLITH.endpoint)}.{lease}"
 
 
 def test_host_b_reaches_services_only_through_host_a(two_hosts: TwoHosts) -> None:
@@ -304,6 +304,6 @@ def test_stopping_one_host_leaves_the_other_serving(two_hosts: TwoHosts) -> None
     on_a = two_hosts.a.status()
     assert on_a["w-a"]["state"] == "ready"
     assert on_a["w-b"]["registered"] is False and on_a["w-b"]["pid"] is None
-    subject = requestplane.endpoint_subject(two_hosts.namespace, "vllm", "generate")
+    subject = requestplane.endpoint_subject(two_hosts.namespace, MONOLITH.component, MONOLITH.endpoint)
     for _ in range(3):  # any instance: only a's is left to answer
         assert answered_by(ask_from(two_hosts.a, two_hosts.nats, subject)) == {"w-a"}

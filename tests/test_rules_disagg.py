@@ -17,7 +17,7 @@ import yaml
 from launcher import rules
 from launcher.plan import build_plan
 from launcher.topology import load_topology
-from tests.helpers import ROOT, launcher, write_topology
+from tests.helpers import DECODE, PREFILL, ROOT, launcher, write_topology
 
 TOPOLOGIES = ROOT / "topologies"
 
@@ -28,10 +28,10 @@ def base() -> dict[str, Any]:
         "model": "m",
         "engine": {"enforce-eager": True},
         "workers": [
-            {"name": "prefill", "kind": "prefill", "gpus": [0],
+            {"name": "prefill", "kind": PREFILL.name, "gpus": [0],
              "kv_transfer": {"kv_connector": "NixlConnector", "kv_role": "kv_producer",
                              "kv_rank": 0, "kv_parallel_size": 2}},
-            {"name": "decode", "kind": "decode", "gpus": [1, 2], "engine": {"tensor-parallel-size": 2},
+            {"name": "decode", "kind": DECODE.name, "gpus": [1, 2], "engine": {"tensor-parallel-size": 2},
              "kv_transfer": {"kv_connector": "NixlConnector", "kv_role": "kv_consumer",
                              "kv_rank": 1, "kv_parallel_size": 2}},
         ],

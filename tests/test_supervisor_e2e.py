@@ -25,7 +25,7 @@ import pytest
 from launcher import services as svc
 from launcher.backends.tmux import SOCKET_ENV
 from launcher.state import RunDir
-from tests.helpers import CPU_ENGINE, CPU_ENV, ROOT, Services, launcher, wait_until, write_topology
+from tests.helpers import CPU_ENGINE, CPU_ENV, MONOLITH, ROOT, Services, launcher, wait_until, write_topology
 from workers.runtime.registry import Registration, Registry
 
 FAKE_WORKER = r'''
@@ -262,7 +262,7 @@ def test_down_after_up_of_real_vllm_leaves_no_process_session_or_service(
         "services": {"etcd": f"http://127.0.0.1:{svc.free_port()}", "nats": f"nats://127.0.0.1:{svc.free_port()}",
                      "managed": "always"},
         "engine": CPU_ENGINE, "env": CPU_ENV,
-        "workers": [{"name": "v", "kind": "monolith", "ready_timeout": 300}],
+        "workers": [{"name": "v", "kind": MONOLITH.name, "ready_timeout": 300}],
     }
     path = write_topology(tmp_path / "down.yaml", topo)
     rd = RunDir(Path(env["LAUNCHER_HOME"]) / "e2e-down")
