@@ -450,6 +450,8 @@ def parse_arg_list(args: list[str], table: FlagTable | None, kind: str | None
             problems.append((i, f"'{entry}' is not a --flag: args: holds --flag [value] entries, each flag in its "
                                 "long form"))
             i += 1
+            while i < len(args) and not args[i].startswith("--"):  # its value, if it was a short option
+                i += 1
             continue
         text, eq, inline = entry[2:].partition("=")
         name = dashed(text)
@@ -481,7 +483,9 @@ def parse_arg_list(args: list[str], table: FlagTable | None, kind: str | None
             problems.append((start, _unknown(name, table, kind)))
             continue
         value: Any
-        if flag is not None and flag.kind != "value":
+        if flag is None and not tokens:  # unknown without a table, and nothing follows: a switch
+            value = True
+        elif flag is not None and flag.kind != "value":
             if eq:
                 problems.append((start, f"'{name}' is a switch: write --{name} alone, without '={inline}'"))
                 continue

@@ -263,8 +263,9 @@ def _bound_problems(settings: dict[str, Setting]) -> list[Problem]:
 
 def engine_config(topo: Topology, index: int, table: engine_flags.FlagTable | None
                   ) -> tuple[EngineConfig, dict[str, Setting], list[Problem]]:
-    """A worker's effective engine flags, its args: flags (rendered after the launcher's own), and
-    the problems of its args: (unknown, bad value, owned, given twice or also in its engine:)."""
+    """A worker's effective engine flags, the args: flags no engine: gave (rendered after the
+    launcher's own), and the problems of its args: (unknown, bad value, owned, given twice or also in
+    its engine:)."""
     w = topo.workers[index]
     config = EngineConfig(index)
     config.flags.update(_engine_settings(topo.engine, ("engine",), "engine"))
@@ -280,8 +281,9 @@ def engine_config(topo: Topology, index: int, table: engine_flags.FlagTable | No
     problems += bad
     for p in bad:
         args = {n: s for n, s in args.items() if s.path != p.path}
-    config.flags.update(args)
-    return config, args, problems
+    appended = {n: s for n, s in args.items() if n not in config.flags}  # new flags go after the launcher's
+    config.flags.update(args)  # an args: flag over a top-level engine: one takes its place
+    return config, appended, problems
 
 
 # --- processes ----------------------------------------------------------------------------
@@ -334,10 +336,7 @@ def _worker_processes(topo: Topology, index: int, config: EngineConfig, args: di
     w = topo.workers[index]
     kind = KINDS[w.kind]
     path: PathKey = ("workers", index)
-    engine = {n: s for n, s in config.flags.items() if n not in args}  # engine: flags, args: overrides in place
-    for n, s in args.items():
-        if n in engine:
-            engine[n] = s
+    engine = {n: s for n, s in config.flags.items() if n not in args}  # engine:, with args: overrides in place
     defaults, notes = cpu_engine_defaults(w, config.flags, cpu)
     for n, value in defaults.items():
         engine[n] = _launcher(n, value, (*path, "name"))
@@ -360,7 +359,7 @@ def _worker_processes(topo: Topology, index: int, config: EngineConfig, args: di
                 kt.kv_connector_extra_config = {**kt.kv_connector_extra_config, "shared_storage_path": str(kv_dir)}
             flags["kv-transfer-config"] = _launcher("kv-transfer-config", kt.model_dump(exclude_none=True),
                                                     (*path, "kv_transfer"))
-        flags.update({n: s for n, s in args.items() if n not in engine})
+        flags.update(args)
         env = _base_env(topo, endpoints, name, w)
         gpus = None
         if w.gpus is not None:
