@@ -209,3 +209,20 @@ def test_export_and_plan_json_agree_argv_for_argv(tmp_path: Path, monkeypatch: p
             elif flag == "metrics-port" and w["spec"]["replicas"] > 1:
                 expected[i] = got[i]
         assert got == expected, spec["name"]
+
+
+def test_validate_and_up_refuse_an_endpoint_override_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ETCD_ENDPOINTS overrides the file for `up`, so `validate` reads it too: one set of checks for both
+    (cmd_up has none of its own)."""
+    monkeypatch.setenv("LAUNCHER_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("NATS_SERVER", raising=False)
+    monkeypatch.setenv("ETCD_ENDPOINTS", "http://127.0.0.1:2379")
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\nmodel: m\nservices: {etcd: 'http://10.0.0.1:2379', nats: 'nats://10.0.0.1:4222'}\n"
+                    "workers:\n  - {name: a, host: ha}\n  - {name: b, host: hb}\n")
+    for argv in (["validate", str(path)], ["up", str(path), "--host", "ha"]):
+        result = cli(argv, check=False)
+        assert result.returncode == 2, result
+        assert "ETCD_ENDPOINTS=http://127.0.0.1:2379 is a loopback address" in result.stderr
+        assert f"{path}:3:" in result.stderr  # blamed on services.etcd, which it overrides
+    assert not (tmp_path / "home").exists() or not any((tmp_path / "home").rglob("services.json"))
