@@ -34,7 +34,8 @@ log = logging.getLogger("workers.frontend")
 COMPONENT = KINDS["frontend"].component
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Its flags; launcher.engine_flags reads them to check a topology's `args:`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000)
@@ -47,7 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retries", type=int, default=2, help="tries on other instances before the first token")
     p.add_argument("--migration-limit", type=int, default=3,
                    help="times a stream whose instance is lost mid-stream is continued on another (0: never)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def api_key(args: argparse.Namespace) -> str | None:

@@ -523,7 +523,8 @@ class RouterService:
             log.warning("%s (%s): routing %s elsewhere", text, failure.code, req.request_id)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Its flags; launcher.engine_flags reads them to check a topology's `args:`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model whose tokenizer the router uses (same as the workers')")
     p.add_argument("--routing-strategy", choices=STRATEGIES, default="prefix")
@@ -547,7 +548,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds of silence (no token, no keepalive) before a worker counts as lost")
     p.add_argument("--max-retries", type=int, default=MAX_RETRIES,
                    help="other workers tried when the chosen one is lost before its first token")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> int:
