@@ -19,9 +19,11 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from launcher import gpus, proctree, restart, rules, services, state, validation
+from launcher import plan as planning
+from launcher import proctree, restart, services, state, validation
 from launcher.plan import Endpoints, ProcessSpec, build_plan, select_host
 from launcher.redact import redact_argv, redact_env, redact_obj, redact_text
+from launcher.resolve import Resolved, resolve
 from launcher.state import RunDir
 from launcher.status import collect, print_status, render
 from launcher.supervisor import DRAINING, KILL_WAIT, leftovers, log_tail
@@ -153,28 +155,17 @@ def cmd_up(args: argparse.Namespace) -> int:
                       "`launcher down` first to start it anew.")
         print_status(collect(rd), console)
         return 0
-    for problem in validation.env_endpoint_problems(dict(os.environ)):
-        err.print(f"[red]error[/] {escape(redact_text(problem))}", soft_wrap=True)
-        return EXIT_INVALID
-    endpoints = Endpoints.resolve(topo)
-    loopback = multinode_loopback(topo, endpoints)
-    if loopback:
-        err.print(f"[red]error[/] {escape(redact_text(loopback))}")
-        return EXIT_INVALID
-    every_spec = build_plan(topo, endpoints, kv_dir=rd.path / "kv")
+    resolved = resolve(topo, kv_dir=rd.path / "kv")
+    endpoints = resolved.endpoints
+    every_spec = planning.render(resolved)
     specs = select_host(every_spec, args.host)
     if not specs:
         err.print(f"no process of {args.topology} runs on host '{args.host}'")
         return EXIT_INVALID
-    try:
-        gpus.check_gpus(specs)
-    except gpus.GpuError as exc:
-        err.print(f"[red]error[/] {exc}")
-        return EXIT_INVALID
-    taken = ports_in_use(specs)
+    taken = check_host(resolved, specs)
     if taken:
         for line in taken:
-            err.print(f"[red]error[/] {line}", soft_wrap=True)
+            err.print(f"[red]error[/] {escape(redact_text(line))}", soft_wrap=True)
         err.print(f"{len(taken)} problem(s) in {args.topology}; nothing was started")
         return EXIT_INVALID
     rd.create()
@@ -232,22 +223,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def ports_in_use(specs: list[ProcessSpec]) -> list[str]:
-    """Ports this host's processes will listen on that something already holds (another deployment,
-    a `vllm serve`): said now, not as a crash loop after the engines loaded."""
-    import socket
-
-    problems = []
-    for spec in specs:
-        for role, port in spec.ports.items():
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    problems.append(f"port {port} ({spec.name}'s {role} port) is already in use on this host: stop "
-                                    f"what holds it, or give '{spec.name}' another port in the topology")
-    return problems
+def check_host(resolved: Resolved, specs: list[ProcessSpec], check_ports: bool = True) -> list[str]:
+    """validation.host_problems for this host's processes: the one call of the checks that need the
+    live host (GPUs present, ports free); everything else was checked by load_checked."""
+    mine = {s.name for s in specs}
+    return validation.host_problems([p for p in resolved.processes if p.name in mine], check_ports=check_ports)
 
 
 def request_examples(topo: Topology, specs: list[ProcessSpec]) -> list[str]:
@@ -268,7 +248,7 @@ def request_examples(topo: Topology, specs: list[ProcessSpec]) -> list[str]:
 
 def served_model_name(topo: Topology) -> str:
     """The name clients use for the topology's model: vLLM's --served-model-name, else the model."""
-    names = rules.engine_flags(topo, topo.workers[0]).get("served-model-name") if topo.workers else None
+    names = resolve(topo).engines[0].value("served-model-name") if topo.workers else None
     if isinstance(names, list) and names:
         return str(names[0])
     return str(names) if names else topo.model
@@ -382,8 +362,9 @@ def _restart_plan(rd: RunDir, plan: dict[str, Any], path: Path) -> dict[str, Any
     if the file is invalid or names another deployment, namespace or set of processes."""
     topo = load_checked(path)
     endpoints = Endpoints(etcd=list(plan.get("etcd", [])), nats=plan.get("nats", ""))
-    new = _plan_json(topo, build_plan(topo, endpoints, kv_dir=rd.path / "kv"), endpoints,
-                     plan.get("backend", topo.backend), plan.get("host"), path)
+    resolved = resolve(topo, endpoints=endpoints, kv_dir=rd.path / "kv")
+    new = _plan_json(topo, planning.render(resolved), endpoints, plan.get("backend", topo.backend),
+                     plan.get("host"), path)
     specs = [ProcessSpec.from_json(p) for p in new["processes"]]
     old_names = {p["name"] for p in plan.get("processes", [])}
     new_names = {s.name for s in specs}
@@ -395,10 +376,7 @@ def _restart_plan(rd: RunDir, plan: dict[str, Any], path: Path) -> dict[str, Any
         added, removed = sorted(new_names - old_names), sorted(old_names - new_names)
         problems.append(f"{path} changes the set of processes (added: {', '.join(added) or '-'}; removed: "
                         f"{', '.join(removed) or '-'}): `launcher down` and `launcher up` to apply it")
-    try:
-        gpus.check_gpus(specs)
-    except gpus.GpuError as exc:
-        problems.append(str(exc))
+    problems += check_host(resolved, specs, check_ports=False)  # its own processes hold its ports
     for problem in problems:
         err.print(f"[red]error[/] {escape(redact_text(problem))}", soft_wrap=True)
     if problems:
@@ -442,22 +420,6 @@ def _restart_result(job: dict[str, Any]) -> int:
     verb = "refused" if job["state"] == "rejected" else "failed"
     err.print(f"[red]restart {verb}[/]: {escape(redact_text(job['message']))}", soft_wrap=True)
     return 1
-
-
-def multinode_loopback(topo: Topology, endpoints: Endpoints) -> str | None:
-    """rules.rule_multinode checks the file; ETCD_ENDPOINTS / NATS_SERVER can still bring a loopback
-    address back at `up`, and a managed server there would serve this host alone."""
-    hosts = rules.deployment_hosts(topo)
-    if len(hosts) < 2 or topo.services.managed == "never":
-        return None
-    for var, file_value, values in (("ETCD_ENDPOINTS", topo.services.etcd, endpoints.etcd),
-                                    ("NATS_SERVER", topo.services.nats, [endpoints.nats])):
-        bad = [v for v in values if rules.is_loopback(v)]
-        if bad and os.environ.get(var):
-            return (f"{var}={os.environ[var]} is a loopback address but {topo.name} runs on {len(hosts)} hosts "
-                    f"({', '.join(sorted(hosts))}) with services.managed: {topo.services.managed}: give a routable "
-                    f"address (the file says {file_value}), or set services.managed: never with shared servers")
-    return None
 
 
 def _find(name: str | None, host: str | None = None) -> RunDir:

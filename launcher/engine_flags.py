@@ -38,12 +38,30 @@ LAUNCHER_OWNED = {
     "model": "the launcher passes --model from `model:` (top level or the worker's): set it there",
     "kv-transfer-config": "the launcher builds --kv-transfer-config from the worker's `kv_transfer:`: "
                           "write kv_connector, kv_role, ... there",
+    "metrics-port": "the launcher passes --metrics-port from the worker's `metrics_port:` (default: "
+                    "metrics_port_base + its position): set it there",
 }
 KV_WORKER_OWNED = {
     "kv-events-config": "a kv_worker sets its own KV events publisher for the router: remove kv-events-config",
 }
-# Flags our worker modules add beside vLLM's (workers/*/worker.py); not in vLLM's parser.
-WORKER_FLAGS = {"component": "str", "prefill-component": "str", "prefill-timeout": "float"}
+# Flags our worker modules add beside vLLM's (workers/*/worker.py), with their value type; not in
+# vLLM's parser. Which kind takes which: own_flags.
+# What the launcher passes a router or a frontend itself, and the topology field that says it.
+MODULE_OWNED = {
+    "router": {
+        "model": "the launcher passes --model from the router's `model:` (else the top level's): set it there",
+        "routing-strategy": "the launcher passes --routing-strategy from the router's `strategy:`: set it there",
+        "block-size": "the launcher passes the kv workers' block size to the router: set block-size in their "
+                      "`engine:` (a router hashing other blocks than its workers never finds a cached prefix)",
+    },
+    "frontend": {
+        "host": "the launcher passes --host from the frontend's `listen:`: set it there",
+        "port": "the launcher passes --port from the frontend's `port:`: set it there",
+        "model": "the launcher passes --model from the top-level `model:`: set it there",
+        **{flag: f"the launcher passes --{flag} from the frontend's `{flag.replace('-', '_')}:`: set it there"
+           for flag in ("api-key-env", "max-request-bytes", "request-timeout", "retries", "migration-limit")},
+    },
+}
 
 # The probes a type function is tried on, to tell what it accepts without keeping vLLM around.
 _PROBES = {"int": "7", "float": "2.5", "word": "abc", "human": "1k", "json": '{"a": 1}', "auto": "auto"}
@@ -238,13 +256,70 @@ def dashed(key: str) -> str:
     return key.replace("_", "-")
 
 
-def _suggest(name: str, table: FlagTable) -> str:
-    close = difflib.get_close_matches(name, [*table.flags, *WORKER_FLAGS], n=1, cutoff=0.6)
-    return f": did you mean '{close[0]}'?" if close else " (see `vllm serve --help`)"
+def own_flag_types(kind: str | None) -> dict[str, str]:
+    """The flags an engine kind's module adds beside vLLM's, with their value types, from its row in
+    workers.kinds (None or "": any engine kind's, for the top-level `engine:`). Flags the launcher
+    writes itself (`metrics-port`) are not a user's to give; routers and frontends take none of vLLM's
+    and are checked against their own parsers."""
+    from workers.kinds import KINDS, worker_kinds
+
+    kinds = worker_kinds() if not kind else (kind,) if kind in KINDS and KINDS[kind].engine else ()
+    out: dict[str, str] = {}
+    for name in kinds:
+        row = KINDS[name]
+        out.update({flag: kind_type for flag, kind_type in row.flags.items() if flag not in row.set_by_launcher})
+    return out
+
+
+def own_flags(kind: str | None) -> frozenset[str]:
+    return frozenset(own_flag_types(kind))
+
+
+def owned(name: str, kind: str | None) -> str | None:
+    """Why `name` may not be given by hand for a process of `kind` (None: may be)."""
+    if kind in MODULE_OWNED:
+        return MODULE_OWNED[kind].get(name)
+    return LAUNCHER_OWNED.get(name) or (KV_WORKER_OWNED.get(name) if kind in ("kv_worker", None) else None)
+
+
+@functools.cache
+def module_table(kind: str) -> FlagTable:
+    """The flags of a router's or a frontend's own parser (no vLLM there: built in-process, at once)."""
+    if kind == "router":
+        from workers.kv_router.router import build_parser
+    elif kind == "frontend":
+        from workers.frontend.server import build_parser
+    else:
+        raise ValueError(f"no module table for kind {kind!r}")
+    table = FlagTable(kind, "")
+    for action in build_parser()._actions:
+        flag = classify(action)
+        if flag is not None:
+            table.flags[flag.name] = flag
+    return table
+
+
+def table_or_none() -> FlagTable | None:
+    try:
+        return load_table()
+    except TableUnavailable:
+        return None
+
+
+def _suggest(name: str, table: FlagTable, kind: str | None = None) -> str:
+    own = [] if kind in MODULE_OWNED else sorted(own_flags(kind))
+    close = difflib.get_close_matches(name, [*table.flags, *own], n=1, cutoff=0.6)
+    if close:
+        return f": did you mean '{close[0]}'?"
+    module = f"python -m {MODULE_HELP[kind]}" if kind in MODULE_HELP else "vllm serve"
+    return f" (see `{module} --help`)"
+
+
+MODULE_HELP = {"router": "workers.kv_router.router", "frontend": "workers.frontend.server"}
 
 
 def _value_problem(flag: Flag, value: Any) -> str | None:
-    """Why vLLM's parser would refuse this value as the launcher passes it (plan.flags_to_argv)."""
+    """Why vLLM's parser would refuse this value as the launcher passes it (plan.render_argv)."""
     if value is None:
         return None
     if flag.kind in ("switch", "negatable"):
@@ -278,6 +353,20 @@ def _value_problem(flag: Flag, value: Any) -> str | None:
     return None
 
 
+def _unknown(name: str, table: FlagTable, kind: str | None) -> str:
+    if kind in MODULE_OWNED:
+        return f"a {kind} has no flag '{name}'{_suggest(name, table, kind)}"
+    return f"vLLM {table.version} has no engine flag '{name}'{_suggest(name, table, kind)}"
+
+
+def lookup(name: str, table: FlagTable | None, kind: str | None) -> Flag | None:
+    """The flag `name` for a process of `kind`: its own module's (typed by its row in workers.kinds), else vLLM's."""
+    own = own_flag_types(kind) if kind not in MODULE_OWNED else {}
+    if name in own:
+        return Flag(name, "value", own[name])
+    return None if table is None else table.flags.get(name)
+
+
 def check_flags(flags: dict[Any, Any], table: FlagTable | None, kind: str | None = None
                 ) -> list[tuple[Any, str]]:
     """(key as written, message) for each problem of one `engine:` mapping.
@@ -295,25 +384,132 @@ def check_flags(flags: dict[Any, Any], table: FlagTable | None, kind: str | None
             problems.append((key, f"'{key}' is '{seen[name]}' written again: give each flag once"))
             continue
         seen[name] = key
-        owned = LAUNCHER_OWNED.get(name) or (KV_WORKER_OWNED.get(name) if kind in ("kv_worker", None) else None)
-        if owned:
-            problems.append((key, owned))
+        why = owned(name, kind)
+        if why:
+            problems.append((key, why))
             continue
-        if name in WORKER_FLAGS:
-            continue
-        if table is None:
+        if table is None or name in own_flags(kind):
             continue
         flag = table.flags.get(name)
         if flag is None and name.startswith("no-") and name[3:] in table.flags:
             problems.append((key, f"write '{name[3:]}: false' instead of '{key}'"))
             continue
         if flag is None:
-            problems.append((key, f"vLLM {table.version} has no engine flag '{name}'{_suggest(name, table)}"))
+            problems.append((key, _unknown(name, table, kind)))
             continue
         why = _value_problem(flag, value)
         if why:
             problems.append((key, why))
     return problems
+
+
+# --- `args:`: argv entries read as the parser would -----------------------------------------
+
+# Without vLLM's table, the flags the launcher reads itself are still typed (the rules need them).
+FALLBACK_FLAGS = {f.name: f for f in (
+    Flag("tensor-parallel-size", "value", "int"), Flag("pipeline-parallel-size", "value", "int"),
+    Flag("block-size", "value", "int"), Flag("enable-prefix-caching", "negatable"), Flag("dtype", "value", "str"),
+)}
+
+
+@dataclass(frozen=True)
+class ArgFlag:
+    """One flag read from `args:`: its value as the parser would see it."""
+
+    index: int  # position of the --flag entry in args
+    name: str  # dashed, without --
+    value: Any  # True / False (--no-x) for switches; the value text, or a list of texts (nargs)
+    tokens: tuple[str, ...]  # the value entries as written (none for a switch)
+
+
+def _takes(flag: Flag | None, rest: list[str]) -> int:
+    """How many of the following entries are the flag's value."""
+    if flag is not None and flag.kind != "value":
+        return 0
+    nargs = flag.nargs if flag is not None else None
+    free = 0
+    while free < len(rest) and not rest[free].startswith("--"):
+        free += 1
+    if flag is None:  # unknown without a table: a value if one follows
+        return min(free, 1)
+    if nargs in ("+", "*"):
+        return free
+    if nargs == "?":
+        return min(free, 1)
+    want = int(nargs) if nargs and nargs.isdigit() else 1
+    return min(want, len(rest))
+
+
+def parse_arg_list(args: list[str], table: FlagTable | None, kind: str | None
+                   ) -> tuple[list[ArgFlag], list[tuple[int, str]]]:
+    """`args:` of a process of `kind`, read flag by flag as its parser would (vLLM's table for engine
+    kinds, the module's own parser for a router or frontend), and checked as `engine:` is: unknown
+    flags (with a suggestion), bad values, flags the launcher passes itself, a flag given twice.
+    Returns the flags read and (index of the entry to blame, message) for each problem."""
+    if kind in MODULE_OWNED:
+        table = module_table(kind)
+    flags: list[ArgFlag] = []
+    problems: list[tuple[int, str]] = []
+    seen: dict[str, int] = {}
+    i = 0
+    while i < len(args):
+        entry = args[i]
+        if not entry.startswith("--") or entry == "--":
+            problems.append((i, f"'{entry}' is not a --flag: args: holds --flag [value] entries, each flag in its "
+                                "long form"))
+            i += 1
+            while i < len(args) and not args[i].startswith("--"):  # its value, if it was a short option
+                i += 1
+            continue
+        text, eq, inline = entry[2:].partition("=")
+        name = dashed(text)
+        negated = False
+        flag = lookup(name, table, kind)
+        if flag is None and table is None:
+            flag = FALLBACK_FLAGS.get(name)
+        if flag is None and name.startswith("no-"):
+            positive = lookup(name[3:], table, kind) or (FALLBACK_FLAGS.get(name[3:]) if table is None else None)
+            if positive is not None and positive.kind == "negatable":
+                flag, name, negated = positive, name[3:], True
+        start = i
+        if eq:
+            tokens: tuple[str, ...] = (inline,)
+        else:
+            n = _takes(flag, args[i + 1:])
+            tokens = tuple(args[i + 1:i + 1 + n])
+        i += 1 + (0 if eq else len(tokens))
+        why = owned(name, kind)
+        if why:
+            problems.append((start, why))
+            continue
+        if name in seen:
+            problems.append((start, f"'--{name}' is given twice in args (entries {seen[name]} and {start}): "
+                                    "give each flag once"))
+            continue
+        seen[name] = start
+        if flag is None and table is not None:
+            problems.append((start, _unknown(name, table, kind)))
+            continue
+        value: Any
+        if flag is None and not tokens:  # unknown without a table, and nothing follows: a switch
+            value = True
+        elif flag is not None and flag.kind != "value":
+            if eq:
+                problems.append((start, f"'{name}' is a switch: write --{name} alone, without '={inline}'"))
+                continue
+            value = not negated
+        elif not tokens:
+            problems.append((start, f"'{name}' takes a value: write it as the next entry"))
+            continue
+        else:
+            value = list(tokens) if flag is not None and flag.nargs in ("+", "*") else tokens[0]
+            text_value = " ".join(tokens)
+            why = _value_problem(flag, text_value) if flag is not None else None
+            if why:
+                problems.append((start, why))
+                continue
+        flags.append(ArgFlag(start, name, value, tokens))
+    return flags, problems
 
 
 def main(argv: list[str] | None = None) -> None:

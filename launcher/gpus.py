@@ -1,11 +1,13 @@
-"""GPU checks at `up` (not `validate`: the topology may be validated on a laptop without GPUs)."""
+"""GPU checks at `up` (not `validate`: the topology may be validated on a laptop without GPUs);
+launcher.validation.host_problems is where they are run from."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterable
 
-from launcher.plan import ProcessSpec
+from launcher.resolve import ResolvedProcess
 
 
 class GpuError(Exception):
@@ -30,11 +32,11 @@ def visible_gpus() -> dict[int, str] | None:
     return gpus
 
 
-def check_gpus(specs: list[ProcessSpec], available: dict[int, str] | None = None) -> None:
+def check_gpus(procs: Iterable[ResolvedProcess], available: dict[int, str] | None = None) -> None:
     wanted: dict[int, str] = {}
-    for spec in specs:
-        for g in filter(None, spec.env.get("CUDA_VISIBLE_DEVICES", "").split(",")):
-            wanted.setdefault(int(g), spec.name)
+    for proc in procs:
+        for g in proc.gpus or ():
+            wanted.setdefault(g, proc.name)
     if not wanted:
         return
     available = visible_gpus() if available is None else available

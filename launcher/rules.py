@@ -1,66 +1,33 @@
 """Cross-field rules of a topology: the mistakes that otherwise surface after minutes of loading.
 
-Each rule returns problems as (path, message); the path is the pydantic-style location of the
-field to fix, so the CLI can print file:line:col in front of it.
+The rules read the resolved configuration (launcher.resolve), so they see each value as the process
+will get it, whichever field set it: a tensor-parallel-size from `args:` is checked as one from
+`engine:`. Each rule returns problems as (path, message); the path is the pydantic-style location of
+the field to fix (the `args:` entry, when that is where the value was written), so the CLI can print
+file:line:col in front of it.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlparse
 
 from launcher.addresses import parse_cpu_sets
 from launcher.engine_flags import TableUnavailable, load_table
+from launcher.resolve import EngineConfig, Problem, Resolved, listening_ports, resolve
 from launcher.topology import Topology, Worker
-from launcher.yamlpos import LoadedYaml, PathKey
+from launcher.yamlpos import PathKey
+from workers.kinds import entry_component
+
+__all__ = ["Problem", "check"]
 
 REMOVED_CONNECTORS = {
     "PyNcclConnector": "PyNcclConnector was removed from vLLM (V0 only); use NixlConnector on GPUs, "
     "or ExampleConnector (shared storage) on the CPU",
     "SharedStorageConnector": "SharedStorageConnector was renamed ExampleConnector in current vLLM",
 }
-
-
-@dataclass(frozen=True)
-class Problem:
-    path: PathKey
-    message: str
-
-    def render(self, loaded: LoadedYaml | None) -> str:
-        where = loaded.where(self.path) if loaded else "<topology>"
-        return f"{where}: {_path_text(self.path)}: {self.message}"
-
-
-def _path_text(path: PathKey) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def engine_flags(topo: Topology, worker: Worker) -> dict[str, Any]:
-    """Topology-wide flags overlaid by the worker's, keys in vLLM's dashed spelling."""
-    return {**topo.engine.flags(), **worker.engine.flags()}
-
-
-def _engine_value(topo: Topology, worker: Worker, field: str) -> Any:
-    """A typed flag (validated by the schema): the worker's if it sets it, else the topology's."""
-    source = worker.engine if field in worker.engine.model_fields_set else topo.engine
-    return getattr(source, field)
-
-
-def parallel_sizes(topo: Topology, worker: Worker) -> tuple[int, int]:
-    tp: int = _engine_value(topo, worker, "tensor_parallel_size")
-    pp: int = _engine_value(topo, worker, "pipeline_parallel_size")
-    return tp, pp
-
-
-def block_size(topo: Topology, worker: Worker) -> int | None:
-    value: int | None = _engine_value(topo, worker, "block_size")
-    return value
 
 
 def parse_cpu_set(spec: str) -> set[int]:
@@ -83,7 +50,8 @@ def _workers(topo: Topology) -> Iterable[tuple[int, Worker]]:
     return enumerate(topo.workers)
 
 
-def rule_unique_names(topo: Topology) -> list[Problem]:
+def rule_unique_names(resolved: Resolved) -> list[Problem]:
+    topo = resolved.topology
     seen: dict[str, PathKey] = {}
     problems = []
     entries: list[tuple[PathKey, str]] = [((section, i, "name"), p.name)
@@ -99,27 +67,41 @@ def rule_unique_names(topo: Topology) -> list[Problem]:
 DERIVED_ENV = (("CUDA_VISIBLE_DEVICES", "gpus", "gpus"), ("VLLM_CPU_OMP_THREADS_BIND", "cpus", "cpus"))
 
 
-def rule_devices(topo: Topology) -> list[Problem]:
+def _sizes_blame(engine: EngineConfig, fallback: PathKey) -> tuple[PathKey, str]:
+    """Where a TP x PP mismatch is blamed: the `args:` entry that set a size (the odd one out), else
+    `fallback`; and, for the message, where the sizes came from."""
+    for name in ("tensor-parallel-size", "pipeline-parallel-size"):
+        s = engine.flags.get(name)
+        if s is not None and s.origin == "args":
+            return s.path, f" ({name} from args:)"
+    return fallback, ""
+
+
+def rule_devices(resolved: Resolved) -> list[Problem]:
+    topo = resolved.topology
     problems = []
     gpu_owner: dict[tuple[str | None, int], str] = {}
     cpu_owner: dict[tuple[str | None, int], str] = {}
     for i, w in _workers(topo):
-        tp, pp = parallel_sizes(topo, w)
+        engine = resolved.engines[i]
+        tp, pp = engine.parallel_sizes
         if w.gpus is not None and w.cpus is not None:
             problems.append(Problem(("workers", i, "cpus"), "give either gpus or cpus, not both"))
         if w.gpus is not None:
             per_replica = w.gpus_per_replica or tp * pp
             if per_replica != tp * pp:
+                where, source = _sizes_blame(engine, ("workers", i, "gpus_per_replica"))
                 problems.append(Problem(
-                    ("workers", i, "gpus_per_replica"),
+                    where,
                     f"gpus_per_replica is {per_replica} but tensor-parallel-size x pipeline-parallel-size "
-                    f"is {tp} x {pp} = {tp * pp}",
+                    f"is {tp} x {pp} = {tp * pp}{source}",
                 ))
             elif len(w.gpus) != per_replica * w.replicas:
+                where, source = _sizes_blame(engine, ("workers", i, "gpus"))
                 problems.append(Problem(
-                    ("workers", i, "gpus"),
+                    where,
                     f"{len(w.gpus)} GPU(s) given but {w.replicas} replica(s) x tensor-parallel-size {tp} x "
-                    f"pipeline-parallel-size {pp} need {per_replica * w.replicas}",
+                    f"pipeline-parallel-size {pp} need {per_replica * w.replicas}{source}",
                 ))
             for gpu in w.gpus:
                 owner = gpu_owner.get((w.host, gpu))
@@ -144,10 +126,11 @@ def rule_devices(topo: Topology) -> list[Problem]:
             cores = set().union(*w.cpu_sets)
             ranks = len(w.cpu_sets)
             if ranks != tp * pp:
+                where, source = _sizes_blame(engine, ("workers", i, "cpus"))
                 problems.append(Problem(
-                    ("workers", i, "cpus"),
-                    f"{ranks} core set(s) given for tensor-parallel-size x pipeline-parallel-size = {tp * pp}; "
-                    "separate one set per rank with '|', e.g. '0|1'",
+                    where,
+                    f"{ranks} core set(s) given for tensor-parallel-size x pipeline-parallel-size = {tp * pp}"
+                    f"{source}; separate one set per rank with '|', e.g. '0|1'",
                 ))
             for core in sorted(cores):
                 owner = cpu_owner.get((w.host, core))
@@ -172,7 +155,8 @@ def kv_instances(topo: Topology) -> list[tuple[int, Worker, int | None]]:
     return out
 
 
-def rule_disaggregation(topo: Topology) -> list[Problem]:
+def rule_disaggregation(resolved: Resolved) -> list[Problem]:
+    topo = resolved.topology
     problems: list[Problem] = []
     instances = kv_instances(topo)
     for i, w in _workers(topo):
@@ -197,8 +181,9 @@ def rule_disaggregation(topo: Topology) -> list[Problem]:
                 problems.append(Problem(("workers", i, "kv_transfer", "kv_connector"),
                                         f"the installed vLLM has no connector '{kt.kv_connector}'; "
                                         f"known: {', '.join(sorted(known))}"))
-        if parallel_sizes(topo, w)[1] != 1:
-            problems.append(Problem(("workers", i, "engine", "pipeline-parallel-size"),
+        if resolved.engines[i].pipeline_parallel_size != 1:
+            problems.append(Problem(resolved.engines[i].blame("pipeline-parallel-size",
+                                                              ("workers", i, "engine", "pipeline-parallel-size")),
                                     "pipeline-parallel-size must be 1 in a disaggregated deployment"))
     if not instances:
         return problems
@@ -215,10 +200,11 @@ def rule_disaggregation(topo: Topology) -> list[Problem]:
         sizes: dict[int, str] = {}
         for i, w, _ in instances:
             if w.kv_transfer and w.kv_transfer.kv_role == role:
-                tp = parallel_sizes(topo, w)[0]
+                tp = resolved.engines[i].tensor_parallel_size
                 if sizes and tp not in sizes:
                     other_tp, other = next(iter(sizes.items()))
-                    problems.append(Problem(("workers", i, "engine", "tensor-parallel-size"),
+                    problems.append(Problem(resolved.engines[i].blame("tensor-parallel-size",
+                                                                      ("workers", i, "engine", "tensor-parallel-size")),
                                             f"{role} '{w.name}' has tensor-parallel-size {tp} but '{other}' has "
                                             f"{other_tp}: instances of one kv_role need the same TP size"))
                 sizes.setdefault(tp, w.name)
@@ -274,7 +260,8 @@ def rule_roles(topo: Topology) -> list[Problem]:
     return problems
 
 
-def rule_kv_router(topo: Topology) -> list[Problem]:
+def rule_kv_router(resolved: Resolved) -> list[Problem]:
+    topo = resolved.topology
     problems: list[Problem] = []
     kv_workers = [(i, w) for i, w in _workers(topo) if w.kind == "kv_worker"]
     if topo.routers and not kv_workers:
@@ -284,14 +271,16 @@ def rule_kv_router(topo: Topology) -> list[Problem]:
                                 "kv_worker processes are served through a router: add one under routers:"))
     block_sizes: dict[int, str] = {}
     for i, w in kv_workers:
-        if _engine_value(topo, w, "enable_prefix_caching") is False:
-            problems.append(Problem(("workers", i, "engine"),
-                                    "workers behind a KV router need prefix caching on: remove "
-                                    "enable-prefix-caching: false"))
-        bs = block_size(topo, w) or 16
+        engine = resolved.engines[i]
+        if engine.prefix_caching is False:
+            off = engine.flags["enable-prefix-caching"]
+            what = "--no-enable-prefix-caching from args:" if off.origin == "args" else "enable-prefix-caching: false"
+            problems.append(Problem(engine.blame("enable-prefix-caching", ("workers", i, "engine")),
+                                    f"workers behind a KV router need prefix caching on: remove {what}"))
+        bs = engine.block_size or 16
         if block_sizes and bs not in block_sizes:
             other_bs, other = next(iter(block_sizes.items()))
-            problems.append(Problem(("workers", i, "engine"),
+            problems.append(Problem(engine.blame("block-size", ("workers", i, "engine")),
                                     f"block-size {bs} differs from '{other}' ({other_bs}): workers behind one "
                                     "router must share one block size"))
         block_sizes.setdefault(bs, w.name)
@@ -348,13 +337,12 @@ def rule_multinode(topo: Topology) -> list[Problem]:
     return problems
 
 
-def rule_ports(topo: Topology) -> list[Problem]:
-    """A port is listened on by one process per host: a frontend's HTTP port, each worker's metrics port."""
-    from launcher.plan import listening_ports  # the plan assigns the default ports; one place decides them
-
+def rule_ports(resolved: Resolved) -> list[Problem]:
+    """A port is listened on by one process per host: a frontend's HTTP port, each worker's metrics port
+    (launcher.resolve decides the default ones)."""
     problems: list[Problem] = []
     owner: dict[tuple[str | None, int], str] = {}
-    for path, host, name, port in listening_ports(topo):
+    for path, host, name, port in listening_ports(resolved):
         other = owner.get((host, port))
         if other is not None:
             problems.append(Problem(path, f"port {port} is already '{other}''s: give '{name}' another port"))
@@ -362,30 +350,51 @@ def rule_ports(topo: Topology) -> list[Problem]:
     return problems
 
 
-def rule_frontends(topo: Topology) -> list[Problem]:
-    from workers.kinds import entry_component
-
+def rule_frontends(resolved: Resolved) -> list[Problem]:
+    topo = resolved.topology
     if topo.frontends and entry_component({w.kind for w in topo.workers} | {r.kind for r in topo.routers}) is None:
         return [Problem(("frontends",), "a frontend needs something to call: a monolith, decode or router process")]
     return []
 
 
-RULES: list[Callable[[Topology], list[Problem]]] = [
+def rule_env_endpoints(resolved: Resolved) -> list[Problem]:
+    """rule_multinode checks the file; ETCD_ENDPOINTS / NATS_SERVER (read by resolve, as `up` reads them)
+    can still bring a loopback address back, and a managed server there would serve one host alone."""
+    topo = resolved.topology
+    hosts = deployment_hosts(topo)
+    if len(hosts) < 2 or topo.services.managed == "never":
+        return []
+    for var, key, file_value, values in (("ETCD_ENDPOINTS", "etcd", topo.services.etcd, resolved.endpoints.etcd),
+                                         ("NATS_SERVER", "nats", topo.services.nats, [resolved.endpoints.nats])):
+        bad = [v for v in values if is_loopback(v)]
+        if bad and os.environ.get(var):
+            return [Problem(("services", key),
+                            f"{var}={os.environ[var]} is a loopback address but {topo.name} runs on {len(hosts)} "
+                            f"hosts ({', '.join(sorted(hosts))}) with services.managed: {topo.services.managed}: "
+                            f"give a routable address (the file says {file_value}), or set services.managed: never "
+                            "with shared servers")]
+    return []
+
+
+RULES: list[Callable[[Resolved], list[Problem]]] = [
     rule_ports,
     rule_frontends,
     rule_unique_names,
     rule_devices,
-    rule_roles,
+    lambda resolved: rule_roles(resolved.topology),
     rule_disaggregation,
     rule_kv_router,
-    rule_multinode,
+    lambda resolved: rule_multinode(resolved.topology),
+    rule_env_endpoints,
 ]
 
 
-def check(topo: Topology) -> list[Problem]:
-    problems: list[Problem] = []
+def check(target: Resolved | Topology) -> list[Problem]:
+    """The problems of `args:` entries resolve could not read, then every rule's (a Topology is resolved first)."""
+    resolved = target if isinstance(target, Resolved) else resolve(target)
+    problems: list[Problem] = list(resolved.problems)
     for rule in RULES:
-        problems.extend(rule(topo))
+        problems.extend(rule(resolved))
     return problems
 
 

@@ -19,14 +19,24 @@ import fcntl
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from launcher import proctree
-from launcher.services import ManagedService
 from launcher.state import RunDir, read_json, state_root, write_json
+
+
+@dataclass
+class ManagedService:
+    """A server the launcher started: launcher.services starts and stops it, this module records its users."""
+
+    name: str
+    pid: int
+    create_time: float | None
+    endpoint: str
+    log: str
 
 
 def service_dir(kind: str, endpoint: str) -> Path:

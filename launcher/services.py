@@ -16,26 +16,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlparse
 
-from launcher import proctree
+from launcher import proctree, service_users
+from launcher.service_users import ManagedService
+
+__all__ = ["ManagedService"]  # defined beside its users' records, read here
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", ""}
 
 
 class ServiceError(Exception):
     pass
-
-
-@dataclass
-class ManagedService:
-    name: str
-    pid: int
-    create_time: float | None
-    endpoint: str
-    log: str
 
 
 def is_local(endpoint: str) -> bool:
@@ -142,8 +136,6 @@ def ensure_services(etcd: list[str], nats: str, managed: str, user: Path,
     started here, and the ones another deployment started that answer (adopted), each recorded in
     launcher.service_users. If a start fails, the servers started here are stopped before raising.
     """
-    from launcher import service_users
-
     used: list[ManagedService] = []
     started: list[ManagedService] = []
     checks = [("etcd", etcd[0] if etcd else "", etcd_healthy, start_etcd, len(etcd) == 1, "etcd"),
@@ -188,8 +180,6 @@ def release_services(used: list[ManagedService], user: Path, grace: float = 10.0
                      say: object = print) -> list[str]:
     """`user` gives up each managed server; one is stopped only when no live deployment uses it.
     Returns the names of the servers stopped; says what happened to each either way."""
-    from launcher import service_users
-
     stopped = []
     for svc in reversed(used):
         others = service_users.release(svc.name, svc, user)

@@ -128,7 +128,9 @@ class ProcessCommon(Strict):
         "on SIGTERM (`launcher down`, `launcher restart`): seconds to finish the requests in flight after "
         "unregistering; the rest then end with an error the frontend continues elsewhere. SIGKILL follows "
         f"{DRAIN_MARGIN:.0f} s after that (a pod's terminationGracePeriodSeconds is the same sum)"))
-    args: list[str] = Field(default_factory=list, description="extra argv appended verbatim")
+    args: list[str] = Field(default_factory=list, description=(
+        "extra flags, as --flag [value] entries: read and checked with the process's own parser (vLLM's for "
+        "engine workers) like engine:, and refused when the launcher sets the flag itself"))
 
 
 def _worker_kinds_schema(schema: dict[str, Any]) -> None:

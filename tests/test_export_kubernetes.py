@@ -398,13 +398,14 @@ def test_loopback_services_with_managed_never_are_a_warning(tmp_path: Path, monk
     for var in ("ETCD_ENDPOINTS", "NATS_SERVER"):
         monkeypatch.delenv(var, raising=False)
     topo = tmp_path / "t.yaml"
-    topo.write_text("name: t\nservices: {managed: never}\nmodel: m\nworkers: [{name: w, args: [--host, 127.0.0.1], "
+    topo.write_text("name: t\nservices: {managed: never}\nmodel: m\n"
+                    "workers: [{name: w, args: [--otlp-traces-endpoint, 'http://127.0.0.1:4317'], "
                     "env: {CACHE_URL: 'http://localhost:9000', BIND: 0.0.0.0}}]\n")
     proc = cli(["export", "kubernetes", str(topo), "-o", str(tmp_path / "out")])
     assert "loopback" in proc.stderr
     notes = (tmp_path / "out" / "NOTES.txt").read_text()
     assert "WARNING services.etcd" in notes and "WARNING services.nats" in notes
-    assert "WARNING w: argv --host is 127.0.0.1" in notes
+    assert "WARNING w: argv --otlp-traces-endpoint is http://127.0.0.1:4317" in notes
     assert "WARNING w: env CACHE_URL is http://localhost:9000" in notes
     assert "BIND" not in notes  # 0.0.0.0 listens on the pod's interfaces: fine
 

@@ -105,8 +105,8 @@ def test_completion_prompts_one_at_a_time() -> None:
 def test_up_names_a_port_already_in_use() -> None:
     import socket
 
-    from launcher.cli import ports_in_use
     from launcher.plan import ProcessSpec
+    from launcher.validation import ports_in_use
 
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

@@ -41,7 +41,7 @@ def module_flags(kind: Kind) -> dict[str, str]:
         add_worker_flags(parser)
         module.add_flags(parser)
     else:
-        parser = module.parser()
+        parser = module.build_parser()
     return {a.option_strings[0][2:]: _TYPES.get(a.type, getattr(a.type, "__name__", "?"))
             for a in parser._actions if not isinstance(a, argparse._HelpAction)}
 

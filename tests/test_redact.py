@@ -31,7 +31,7 @@ env:
 workers:
   - name: w
     env: {{HF_TOKEN: "{TOKEN}", TOKENIZERS_PARALLELISM: "false"}}
-    args: ["--api-key", "{PASSWORD}"]
+    args: ["--hf-token", "{PASSWORD}"]
 """
 SECRETS = (PASSWORD, TOKEN, "eyJhbGciOiJIUzI1NiJ9abcdef", "plain-but-named-like-a-password")
 
@@ -71,7 +71,7 @@ def test_plan_json_stays_json_and_keeps_the_hosts(topology: Path) -> None:
     spec = json.loads(output)[0]
     assert spec["env"]["NATS_SERVER"] == "nats://***@127.0.0.1:4222"
     assert spec["env"]["HF_TOKEN"] == "***" and spec["env"]["TOKENIZERS_PARALLELISM"] == "false"
-    assert spec["argv"][-2:] == ["--api-key", "***"]
+    assert spec["argv"][-2:] == ["--hf-token", "***"]
 
 
 def test_processes_still_receive_the_real_values(topology: Path) -> None:

@@ -16,6 +16,7 @@ import yaml
 
 from launcher import rules
 from launcher.plan import build_plan
+from launcher.resolve import resolve
 from launcher.topology import load_topology
 from tests.helpers import DECODE, PREFILL, ROOT, launcher, write_topology
 
@@ -74,8 +75,9 @@ def test_seed_layout_and_cpu_twins_are_valid() -> None:
 def test_seed_layout_is_the_seeds() -> None:
     topo, _ = load_topology(TOPOLOGIES / "disagg.yaml")
     prefill, decode = topo.workers
-    assert (prefill.gpus, rules.parallel_sizes(topo, prefill)[0]) == ([0], 1)
-    assert (decode.gpus, rules.parallel_sizes(topo, decode)[0]) == ([1, 2], 2)
+    engines = resolve(topo).engines
+    assert (prefill.gpus, engines[topo.workers.index(prefill)].tensor_parallel_size) == ([0], 1)
+    assert (decode.gpus, engines[topo.workers.index(decode)].tensor_parallel_size) == ([1, 2], 2)
     assert prefill.kv_transfer and decode.kv_transfer
     assert (prefill.kv_transfer.kv_connector, prefill.kv_transfer.kv_role, prefill.kv_transfer.kv_rank) == (
         "NixlConnector", "kv_producer", 0)

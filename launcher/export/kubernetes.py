@@ -1,7 +1,8 @@
 """`launcher export kubernetes`: the plan `up` runs, as a Kustomize manifest set.
 
-Built from `build_plan`, the same ProcessSpec list the supervisor starts, so argv, env, kv ranks,
-ports and connector settings cannot drift between `launcher up` and the cluster. What cannot carry
+Built from `launcher.resolve`, the same resolved processes the plan renders for the supervisor
+(argv is written by the plan's own `render_argv`), so argv, env, kv ranks, ports and connector
+settings cannot drift between `launcher up` and the cluster; nothing is parsed back from argv. What cannot carry
 over as it is (it only means something on one host) is rewritten in few, listed places, and each
 rewrite is explained in NOTES.txt rather than dropped silently:
 
@@ -19,10 +20,9 @@ rewrite is explained in NOTES.txt rather than dropped silently:
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -30,9 +30,10 @@ from urllib.parse import urlparse
 import yaml
 
 from launcher.export.secrets import looks_secret
-from launcher.plan import SHARED_STORAGE_CONNECTORS, ProcessSpec, build_plan
+from launcher.plan import dependencies, render_argv, setting_argv
+from launcher.resolve import SHARED_STORAGE_CONNECTORS, ResolvedProcess, Setting, resolve
 from launcher.rules import is_loopback
-from launcher.topology import DRAIN_MARGIN, Topology
+from launcher.topology import DRAIN_MARGIN, KvTransfer, Topology
 
 DEFAULT_IMAGE = "vllm-launcher:vllm"  # what container/build.sh --framework VLLM tags
 CONTAINER_PYTHON = "python3"  # the interpreter of vLLM's image (container/Dockerfile uses it too)
@@ -111,35 +112,26 @@ def count_cpus(binding: str) -> int | None:
     return total or None
 
 
-def kv_config(argv: list[str]) -> tuple[int, dict[str, Any]] | None:
-    """Index of --kv-transfer-config's value in argv, and the value parsed."""
-    if "--kv-transfer-config" not in argv:
-        return None
-    i = argv.index("--kv-transfer-config") + 1
-    return i, json.loads(argv[i])
-
-
 @dataclass
 class Unit:
-    """One workload: one plan process, or N replicas of one worker that only differ by name and GPUs."""
+    """One workload: one process, or N replicas of one worker that only differ by name and GPUs."""
 
     name: str  # object name (DNS label)
     process: str  # LAUNCHER_PROCESS its pods register under
-    specs: list[ProcessSpec]
+    specs: list[ResolvedProcess]
 
     @property
-    def spec(self) -> ProcessSpec:
+    def spec(self) -> ResolvedProcess:
         return self.specs[0]
 
     @property
-    def kv(self) -> dict[str, Any] | None:
-        found = kv_config(self.spec.argv)
-        return found[1] if found else None
+    def kv(self) -> KvTransfer | None:
+        return self.spec.kv_transfer
 
     @property
     def nixl(self) -> bool:
         kv = self.kv
-        return kv is not None and str(kv.get("kv_connector", "")).startswith("Nixl")
+        return kv is not None and kv.kv_connector.startswith("Nixl")
 
 
 @dataclass
@@ -201,7 +193,7 @@ def _describe(doc: dict[str, Any]) -> str:
     return f"{doc['kind']} {doc['metadata']['name']}"
 
 
-def _units(topo: Topology, specs: list[ProcessSpec]) -> list[Unit]:
+def _units(topo: Topology, specs: list[ResolvedProcess]) -> list[Unit]:
     """Replicas of one worker become one workload with `replicas: N` when nothing but their name and
     GPU indices differs (no kv rank, no side-channel port): they are interchangeable pods."""
     by_name = {s.name: s for s in specs}
@@ -221,27 +213,24 @@ def _units(topo: Topology, specs: list[ProcessSpec]) -> list[Unit]:
     return sorted(units, key=lambda u: order[u.spec.name])
 
 
-def _interchangeable(specs: list[ProcessSpec]) -> bool:
+def _interchangeable(specs: list[ResolvedProcess]) -> bool:
     first = specs[0]
 
-    def rest(s: ProcessSpec) -> dict[str, str]:
+    def rest(s: ResolvedProcess) -> dict[str, str]:
         return {k: v for k, v in s.env.items() if k not in PER_REPLICA_ENV}
 
-    def gpus(s: ProcessSpec) -> int:
-        return len(s.env.get("CUDA_VISIBLE_DEVICES", "").split(",")) if "CUDA_VISIBLE_DEVICES" in s.env else 0
+    def gpus(s: ResolvedProcess) -> int:
+        return len(s.gpus or ())
 
-    def argv(s: ProcessSpec) -> list[str]:
-        """The argv but the metrics port, which differs per replica on one host and not per pod
+    def argv(s: ResolvedProcess) -> list[str]:
+        """The flags but the metrics port, which differs per replica on one host and not per pod
         (every pod has its own address; the workload uses the first replica's)."""
-        a = list(s.argv)
-        if "--metrics-port" in a:
-            del a[a.index("--metrics-port"):a.index("--metrics-port") + 2]
-        return a
+        return [a for name, flag in s.flags.items() if name != "metrics-port" for a in setting_argv(flag)]
 
-    def ports(s: ProcessSpec) -> dict[str, int]:
+    def ports(s: ResolvedProcess) -> dict[str, int]:
         return {k: v for k, v in s.ports.items() if k != "metrics"}
 
-    return kv_config(first.argv) is None and all(
+    return first.kv_transfer is None and all(
         argv(s) == argv(first) and rest(s) == rest(first) and gpus(s) == gpus(first) and s.kind == first.kind
         and ports(s) == ports(first) for s in specs)
 
@@ -303,42 +292,47 @@ def _env(ctx: _Context, unit: Unit) -> list[dict[str, Any]]:
 METRICS_ADDR_ENV = "LAUNCHER_METRICS_ADDR"  # where workers.engine serves vLLM's metrics
 
 
+def in_cluster(unit: Unit) -> ResolvedProcess:
+    """The unit's process with what changes in a pod: a frontend listens on the pod's address (its
+    Service reaches it there), and kv_ip is the pod's stable DNS name."""
+    proc = unit.spec
+    flags = dict(proc.flags)
+    if proc.kind == "frontend" and "host" in flags:
+        flags["host"] = replace(flags["host"], value="0.0.0.0")
+    kt = proc.kv_transfer
+    if kt is not None and kt.kv_ip is not None:
+        kt = kt.model_copy(update={"kv_ip": f"{unit.name}-0.{unit.name}"})
+        flags["kv-transfer-config"] = replace(flags["kv-transfer-config"], value=kt.model_dump(exclude_none=True))
+    return replace(proc, flags=flags, kv_transfer=kt)
+
+
 def _argv(unit: Unit) -> list[str]:
-    """The plan's argv with the image's interpreter and kv_ip as the pod's stable DNS name.
+    """The plan's argv (plan.render_argv) of the process in_cluster, with the image's interpreter.
     `$(` is escaped because Kubernetes expands `$(VAR)` in command and args."""
-    argv = [CONTAINER_PYTHON, *unit.spec.argv[1:]]
-    if unit.spec.kind == "frontend" and "--host" in argv:  # its Service reaches the pod's address
-        argv[argv.index("--host") + 1] = "0.0.0.0"
-    found = kv_config(argv)
-    if found is not None:
-        i, kv = found
-        if kv.get("kv_ip") is not None:
-            kv["kv_ip"] = f"{unit.name}-0.{unit.name}"
-            argv[i] = json.dumps(kv)
-    return [a.replace("$(", "$$(") for a in argv]
+    return [a.replace("$(", "$$(") for a in render_argv(in_cluster(unit), python=CONTAINER_PYTHON)]
 
 
 def _ports(unit: Unit) -> list[dict[str, Any]]:
     """Every named port of the process (ProcessSpec.ports, when the plan has them), plus NIXL's
     handshake port (or kv_port for other connectors) on KV instances."""
     ports: dict[str, int] = {}
-    for name, number in dict(getattr(unit.spec, "ports", None) or {}).items():
+    for name, number in unit.spec.ports.items():
         ports[port_name(name)] = int(number)
     kv = unit.kv
     if unit.nixl:
         ports.setdefault("nixl", int(unit.spec.env.get("VLLM_NIXL_SIDE_CHANNEL_PORT", NIXL_DEFAULT_PORT)))
-    elif kv is not None and kv.get("kv_port") is not None:
-        ports.setdefault("kv", int(kv["kv_port"]))
+    elif kv is not None and kv.kv_port is not None:
+        ports.setdefault("kv", int(kv.kv_port))
     return [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports.items()]
 
 
 def _resources(unit: Unit) -> dict[str, Any]:
-    env = unit.spec.env
+    proc = unit.spec
     limits: dict[str, Any] = {}
     requests: dict[str, Any] = {}
-    if env.get("CUDA_VISIBLE_DEVICES"):
-        limits["nvidia.com/gpu"] = len(env["CUDA_VISIBLE_DEVICES"].split(","))
-    cpus = count_cpus(env.get("VLLM_CPU_OMP_THREADS_BIND", ""))
+    if proc.gpus:
+        limits["nvidia.com/gpu"] = len(proc.gpus)
+    cpus = count_cpus(proc.cpus or "")
     if cpus:
         requests["cpu"] = cpus
     out: dict[str, Any] = {}
@@ -354,7 +348,7 @@ def _probe(mode: str, period: int, failures: int) -> dict[str, Any]:
             "timeoutSeconds": PROBE_TIMEOUT_S, "failureThreshold": failures}
 
 
-def termination_grace(spec: ProcessSpec, prestop: int) -> int:
+def termination_grace(spec: ResolvedProcess, prestop: int) -> int:
     """The pod's terminationGracePeriodSeconds: the kubelet counts it from the preStop hook on, so the
     hook's time comes on top of the deadline `launcher down` gives (drain_timeout + DRAIN_MARGIN), and
     the process drains as long in a pod as under the launcher. Workers have no hook: SIGTERM makes them
@@ -364,9 +358,9 @@ def termination_grace(spec: ProcessSpec, prestop: int) -> int:
 
 def _shared_storage_paths(unit: Unit) -> list[str]:
     kv = unit.kv
-    if kv is None or kv.get("kv_connector") not in SHARED_STORAGE_CONNECTORS:
+    if kv is None or kv.kv_connector not in SHARED_STORAGE_CONNECTORS:
         return []
-    path = (kv.get("kv_connector_extra_config") or {}).get("shared_storage_path")
+    path = kv.kv_connector_extra_config.get("shared_storage_path")
     return [str(path)] if path else []
 
 
@@ -517,7 +511,7 @@ def _explain(ctx: _Context, units: list[Unit]) -> None:
              "error the frontend continues on another instance, and stops vLLM. A frontend's pod has a preStop "
              f"hook of {FRONTEND_PRESTOP_S} s (kube-proxy drops it from its Service meanwhile), added to its grace "
              "period so that it does not shorten the drain.")
-    models = {a for u in units for a in _model_args(u.spec)}
+    models = {u.spec.model for u in units}
     for path in sorted(m for m in models if m.startswith("/")):
         exp.note(f"model {path} is a folder on this host: the pods need it at the same path (mount a volume "
                  "there in an overlay) or use a model hub id.")
@@ -540,7 +534,7 @@ def _explain(ctx: _Context, units: list[Unit]) -> None:
     shared = [u for u in units if _shared_storage_paths(u)]
     if shared:
         paths = sorted({p for u in shared for p in _shared_storage_paths(u)})
-        connectors = sorted({str((u.kv or {}).get("kv_connector")) for u in shared})
+        connectors = sorted({u.kv.kv_connector for u in shared if u.kv is not None})
         exp.note(f"{', '.join(u.process for u in shared)}: {', '.join(connectors)} hands the KV cache over through "
                  f"a folder (on one host, the run directory); here it is the PersistentVolumeClaim {KV_CLAIM} "
                  f"(ReadWriteMany) mounted at {', '.join(paths)}: the cluster needs a storage class that offers "
@@ -551,14 +545,14 @@ def _explain(ctx: _Context, units: list[Unit]) -> None:
             exp.note(f"{u.process}: replicas {', '.join(s.name for s in u.specs)} differ only in name and GPU "
                      f"indices, so they are one {u.name} workload with replicas: {len(u.specs)}; its pods register "
                      f"as process {u.process} under their pod names (kubectl scale changes the count).")
-        if env.get("CUDA_VISIBLE_DEVICES"):
-            n = len(env["CUDA_VISIBLE_DEVICES"].split(","))
-            indices = "; ".join(s.env.get("CUDA_VISIBLE_DEVICES", "") for s in u.specs)
+        if spec.gpus:
+            n = len(spec.gpus)
+            indices = "; ".join(",".join(str(g) for g in s.gpus or ()) for s in u.specs)
             exp.note(f"{u.process}: GPU indices {indices} (CUDA_VISIBLE_DEVICES) are this host's; in the cluster "
                      f"{'each pod' if len(u.specs) > 1 else 'the pod'} asks for nvidia.com/gpu: {n} and the variable "
                      "is dropped (the device plugin chooses the GPUs and numbers them from 0).")
-        if env.get("VLLM_CPU_OMP_THREADS_BIND"):
-            binding = env["VLLM_CPU_OMP_THREADS_BIND"]
+        if spec.cpus:
+            binding = spec.cpus
             request = f"a CPU request of {count_cpus(binding)}" if count_cpus(binding) else "no CPU request"
             exp.note(f"{spec.name}: cpus '{binding}' pins cores of one host (VLLM_CPU_OMP_THREADS_BIND); in a pod "
                      f"it becomes {request} and the binding is dropped (which cores a "
@@ -575,8 +569,8 @@ def _explain(ctx: _Context, units: list[Unit]) -> None:
             exp.note(f"{spec.name}: NIXL listens for handshakes on VLLM_NIXL_SIDE_CHANNEL_HOST ({before} on one "
                      f"host); in the cluster that is the pod IP (downward API), port {port}, and the headless "
                      f"Service {u.name} gives the pod the stable name {u.name}-0.{u.name}.")
-        if kv is not None and kv.get("kv_ip") is not None:
-            exp.note(f"{spec.name}: kv_ip {kv['kv_ip']} (a host address) becomes {u.name}-0.{u.name} in "
+        if kv is not None and kv.kv_ip is not None:
+            exp.note(f"{spec.name}: kv_ip {kv.kv_ip} (a host address) becomes {u.name}-0.{u.name} in "
                      "--kv-transfer-config: its StatefulSet pod's DNS name.")
 
 
@@ -592,23 +586,27 @@ def _is_loopback_ref(value: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def _loopback_refs(ctx: _Context, spec: ProcessSpec) -> list[tuple[str, str]]:
-    """Loopback addresses in env and argv that the export does not rewrite itself."""
+def _loopback_refs(ctx: _Context, spec: ResolvedProcess) -> list[tuple[str, str]]:
+    """Loopback addresses in env and flags that the export does not rewrite itself."""
     rewritten = {"VLLM_NIXL_SIDE_CHANNEL_HOST", *(("ETCD_ENDPOINTS", "NATS_SERVER") if ctx.managed else ())}
     found: list[tuple[str, str]] = []
     for key, value in spec.env.items():
         if key not in rewritten and not looks_secret(key, value) and any(
                 _is_loopback_ref(v) for v in value.split(",")):
             found.append((f"env {key}", value))
-    for i, arg in enumerate(spec.argv[1:], start=1):
-        if _is_loopback_ref(arg) and not (spec.kind == "frontend" and spec.argv[i - 1] == "--host"):
-            flag = spec.argv[i - 1] if spec.argv[i - 1].startswith("-") else f"argument {i}"
-            found.append((f"argv {flag}", arg))
+    for name, flag in spec.flags.items():
+        if spec.kind == "frontend" and name == "host":
+            continue  # rewritten: in_cluster
+        for value in _texts(flag):
+            if _is_loopback_ref(value):
+                found.append((f"argv --{name}", value))
     return found
 
 
-def _model_args(spec: ProcessSpec) -> list[str]:
-    return [spec.argv[i + 1] for i, a in enumerate(spec.argv[:-1]) if a == "--model"]
+def _texts(flag: Setting) -> list[str]:
+    if flag.tokens is not None:
+        return list(flag.tokens)
+    return [str(flag.value)] if isinstance(flag.value, (str, int, float)) and not isinstance(flag.value, bool) else []
 
 
 def _check_names(units: list[Unit], managed: bool) -> None:
@@ -631,7 +629,8 @@ def _check_names(units: list[Unit], managed: bool) -> None:
 def export_kubernetes(topo: Topology, topology_file: str, image: str = DEFAULT_IMAGE) -> Export:
     """The manifest set for a checked topology (launcher.rules passed)."""
     exp = Export(topology=topology_file, namespace=dns_label(topo.name), image=image)
-    specs = build_plan(topo, kv_dir=Path(KV_MOUNT))
+    specs = sorted(resolve(topo, kv_dir=Path(KV_MOUNT)).processes, key=lambda p: p.tier)  # the plan's order
+    depends_on = dependencies(specs)
     units = _units(topo, specs)
     ctx = _Context(exp, topo)
     _check_names(units, ctx.managed)
@@ -647,7 +646,7 @@ def export_kubernetes(topo: Topology, topology_file: str, image: str = DEFAULT_I
             "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "20Gi"}}}}]
     unit_of = {s.name: u for u in units for s in u.specs}
     for u in units:
-        deps = list(dict.fromkeys(unit_of[d].process for d in u.spec.depends_on if d in unit_of))
+        deps = list(dict.fromkeys(unit_of[d].process for d in depends_on[u.spec.name] if d in unit_of))
         exp.resources[f"{u.name}.yaml"] = _workload(ctx, u, deps)
     _explain(ctx, units)
     if exp.secrets:

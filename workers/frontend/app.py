@@ -67,6 +67,7 @@ class Outcome:
     """What the whole generation produced, for non-streaming answers, usage and metrics."""
 
     text: str = ""
+    token_ids: list[int] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -267,6 +268,7 @@ class FrontendApp:
     @staticmethod
     def _absorb(out: Outcome, chunk: dict[str, Any]) -> None:
         out.text += chunk.get("text") or ""
+        out.token_ids += chunk.get("token_ids") or ()
         out.completion_tokens += len(chunk.get("token_ids") or ())
         if chunk.get("logprobs"):
             out.logprobs.extend(chunk["logprobs"])
@@ -350,8 +352,11 @@ class FrontendApp:
             self.metrics.requests.labels(endpoint, model, "unary", status).inc()
             self.metrics.output_tokens.labels(model).inc(out.completion_tokens)
             self.metrics.duration.labels(model).observe(time.perf_counter() - started)
-        body = self._envelope(prep, [self._choice(prep, out.text, out.finish_reason, out.stop_reason,
-                                                  self._logprobs(prep, out.logprobs), stream=False)], stream=False)
+        choice = self._choice(prep, out.text, out.finish_reason, out.stop_reason, self._logprobs(prep, out.logprobs),
+                              stream=False)
+        if prep.body.return_token_ids:
+            choice.update(token_ids=out.token_ids, prompt_token_ids=prep.prompt_ids)
+        body = self._envelope(prep, [choice], stream=False)
         body["usage"] = self._usage(prep, out)
         if prep.endpoint == "chat":
             body.update(system_fingerprint=None, prompt_logprobs=None, kv_transfer_params=None)
@@ -393,6 +398,7 @@ class FrontendApp:
         out = Outcome()
         last_token_at: float | None = None
         continuous = prep.body.continuous_usage
+        sent_prompt_ids = False
 
         def event(obj: dict[str, Any]) -> bytes:
             return b"data: " + _json(obj) + b"\n\n"
@@ -421,8 +427,13 @@ class FrontendApp:
                 if not text and not n and finish is None:
                     continue
                 logprobs = self._logprobs(prep, out.logprobs[n_logprobs:], before)
-                obj = self._envelope(prep, [self._choice(prep, text, finish, chunk.get("stop_reason") if finish
-                                                         else None, logprobs, stream=True)], stream=True)
+                choice = self._choice(prep, text, finish, chunk.get("stop_reason") if finish else None, logprobs,
+                                      stream=True)
+                if prep.body.return_token_ids:  # as vLLM: the delta's ids, the prompt's in the first chunk only
+                    choice["token_ids"] = out.token_ids[len(out.token_ids) - n:]
+                    if not sent_prompt_ids:
+                        choice["prompt_token_ids"], sent_prompt_ids = prep.prompt_ids, True
+                obj = self._envelope(prep, [choice], stream=True)
                 if continuous:
                     obj["usage"] = self._usage(prep, out)
                 yield event(obj)

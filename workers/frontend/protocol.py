@@ -43,6 +43,7 @@ class _SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    return_token_ids: bool | None = None  # vLLM's: choices carry token_ids (and prompt_token_ids once)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 

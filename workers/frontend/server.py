@@ -34,8 +34,8 @@ log = logging.getLogger("workers.frontend")
 COMPONENT = KINDS["frontend"].component
 
 
-def parser() -> argparse.ArgumentParser:
-    """This kind's flags (workers.kinds lists them)."""
+def build_parser() -> argparse.ArgumentParser:
+    """Its flags (workers.kinds lists them; launcher.engine_flags reads them to check `args:`)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000)
@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return parser().parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def api_key(args: argparse.Namespace) -> str | None:

@@ -529,8 +529,8 @@ class RouterService:
             log.warning("%s (%s): routing %s elsewhere", text, failure.code, req.request_id)
 
 
-def parser() -> argparse.ArgumentParser:
-    """This kind's flags (workers.kinds lists them)."""
+def build_parser() -> argparse.ArgumentParser:
+    """Its flags (workers.kinds lists them; launcher.engine_flags reads them to check `args:`)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model whose tokenizer the router uses (same as the workers')")
     p.add_argument("--routing-strategy", choices=STRATEGIES, default="prefix")
@@ -558,7 +558,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return parser().parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> int:

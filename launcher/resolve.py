@@ -1,0 +1,471 @@
+"""Topology -> each process's effective configuration: the one place a value is decided.
+
+Everything after this module reads what it returns: the rules check it (launcher.rules), the plan
+renders argv from it as its last step (launcher.plan), the Kubernetes export writes it as manifests.
+So a value reaches a process by one road only, and that road passes validation:
+
+- engine flags: the topology's `engine:`, overlaid by the worker's `engine:`, overlaid by its
+  `args:`, which are read with the same parser table (launcher.engine_flags) that checks `engine:`.
+  Each flag keeps where it was written (a Setting), so a rule blames the line that set it;
+- the launcher's own choices: ports, devices per replica, kv ranks, the shared-storage folder,
+  a CPU worker's dtype (with a note), the environment each process is told;
+- router and frontend flags, `args:` read with their own modules' parsers.
+
+The order of the chain: topology -> resolve -> rules / validation -> plan -> (export, backends).
+Nothing here imports what comes after it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher import engine_flags
+from launcher.cpu import choose_cpu_dtype, read_cpu_flags
+from launcher.topology import DRAIN_MARGIN, Frontend, KvTransfer, ProcessCommon, Restart, Router, Topology, Worker
+from launcher.yamlpos import LoadedYaml, PathKey
+from workers.kinds import KINDS
+
+# Connectors that hand KV over through a folder both sides see; with no shared_storage_path the
+# folder is the deployment's own (<run_dir>/kv), not vLLM's default /tmp shared by every deployment.
+SHARED_STORAGE_CONNECTORS = ("ExampleConnector",)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A mistake at `path` (pydantic-style location of the field to fix)."""
+
+    path: PathKey
+    message: str
+
+    def render(self, loaded: LoadedYaml | None) -> str:
+        where = loaded.where(self.path) if loaded else "<topology>"
+        return f"{where}: {path_text(self.path)}: {self.message}"
+
+
+def path_text(path: PathKey) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One flag's effective value and where it was written (what a rule blames)."""
+
+    name: str  # dashed, without --
+    value: Any  # as YAML typed it (engine:), or as the parser reads it (args: True/False, text, [texts])
+    path: PathKey
+    origin: str  # "engine" (top level), "worker engine", "args", "launcher"
+    tokens: tuple[str, ...] | None = None  # args: the value entries as written
+
+    @property
+    def source(self) -> str:
+        """Where it was written, in words for a message."""
+        return {"engine": "the top-level engine:", "worker engine": "engine:", "args": "args:"}.get(
+            self.origin, "the launcher")
+
+
+@dataclass
+class EngineConfig:
+    """A topology worker's effective engine flags; every replica shares them."""
+
+    index: int  # in topology.workers
+    flags: dict[str, Setting] = field(default_factory=dict)
+
+    def value(self, name: str, default: Any = None) -> Any:
+        s = self.flags.get(name)
+        return default if s is None or s.value is None else s.value
+
+    def blame(self, name: str, fallback: PathKey) -> PathKey:
+        s = self.flags.get(name)
+        return s.path if s is not None and s.origin != "launcher" else fallback
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return int(self.value("tensor-parallel-size", 1))
+
+    @property
+    def pipeline_parallel_size(self) -> int:
+        return int(self.value("pipeline-parallel-size", 1))
+
+    @property
+    def parallel_sizes(self) -> tuple[int, int]:
+        return self.tensor_parallel_size, self.pipeline_parallel_size
+
+    @property
+    def block_size(self) -> int | None:
+        value = self.value("block-size")
+        return None if value is None else int(value)
+
+    @property
+    def prefix_caching(self) -> bool | None:
+        value = self.value("enable-prefix-caching")
+        return None if value is None else bool(value)
+
+
+@dataclass
+class ResolvedProcess:
+    """One process to run: everything `up` needs but its argv, which plan.render_argv writes."""
+
+    name: str
+    kind: str
+    section: str  # "workers" | "routers" | "frontends": where it is in the topology
+    index: int  # its position there
+    module: str  # python -m <module>
+    model: str
+    flags: dict[str, Setting]  # every flag it gets, in argv order (the launcher's, engine:, args:)
+    env: dict[str, str]
+    tier: int
+    gates: bool
+    restart: Restart
+    ready_timeout: float
+    drain_timeout: float
+    host: str | None = None
+    replica: int = 0
+    replica_of: str | None = None  # the topology worker this process is a replica of (`w` for w-1, w-2)
+    engine: EngineConfig | None = None  # engine kinds
+    kv_transfer: KvTransfer | None = None  # this replica's (kv_rank + replica, shared-storage folder)
+    gpus: tuple[int, ...] | None = None  # this replica's share of the worker's gpus
+    cpus: str | None = None
+    ports: dict[str, int] = field(default_factory=dict)  # what it listens on: "http", "metrics"
+    port_paths: dict[str, PathKey] = field(default_factory=dict)  # the field that set each port
+    url: str | None = None  # where a user reaches it (the frontend)
+    notes: list[str] = field(default_factory=list)  # choices made for the user, and why
+
+    @property
+    def path(self) -> PathKey:
+        return (self.section, self.index)
+
+    @property
+    def kill_after(self) -> float:
+        """Seconds from SIGTERM to SIGKILL: the drain, then the engine's own shutdown (DRAIN_MARGIN)."""
+        return self.drain_timeout + DRAIN_MARGIN
+
+
+@dataclass
+class Endpoints:
+    etcd: list[str]
+    nats: str
+
+    @classmethod
+    def resolve(cls, topo: Topology) -> Endpoints:
+        """NATS_SERVER and ETCD_ENDPOINTS override the file, as they do for a worker started by hand."""
+        etcd = os.environ.get("ETCD_ENDPOINTS") or topo.services.etcd
+        nats = os.environ.get("NATS_SERVER") or topo.services.nats
+        return cls(etcd=[e.strip() for e in etcd.split(",") if e.strip()], nats=nats)
+
+
+@dataclass
+class Resolved:
+    topology: Topology
+    endpoints: Endpoints
+    engines: list[EngineConfig]  # one per topology.workers entry, same order
+    processes: list[ResolvedProcess]  # frontends, routers, then each worker's replicas
+    problems: list[Problem] = field(default_factory=list)  # `args:` entries that cannot be read
+
+
+class HostCpu:
+    """This host's CPU flags, read once and only if a CPU worker needs them (injectable for tests)."""
+
+    def __init__(self, flags: frozenset[str] | None = None, known: bool = False) -> None:
+        self._flags = flags
+        self._known = known or flags is not None
+
+    def flags(self) -> frozenset[str] | None:
+        if not self._known:
+            self._flags, self._known = read_cpu_flags(), True
+        return self._flags
+
+
+def cpu_engine_defaults(w: Worker, flags: dict[str, Any], cpu: HostCpu) -> tuple[dict[str, Any], list[str]]:
+    """Flags a CPU worker gets when its topology leaves them unset, and one note per choice.
+
+    Only workers without `gpus` (vLLM's CPU build) and never over an explicit value (engine: or
+    args:); GPU workers are left exactly as written.
+    """
+    if w.gpus is not None or "dtype" in flags:
+        return {}, []
+    choice = choose_cpu_dtype(cpu.flags())
+    if choice is None:
+        return {}, ["dtype left to vLLM: this host's CPU flags could not be read"]
+    return {"dtype": choice.dtype}, [choice.reason]
+
+
+def nixl_side_channel_env(w: Worker, replica: int = 0) -> dict[str, str]:
+    """NIXL ignores kv_ip/kv_port: each instance listens for handshakes on VLLM_NIXL_SIDE_CHANNEL_HOST
+    (default localhost), and a prefill hands that address to the decode side as remote_host. Across
+    hosts that must be the instance's own routable address, so kv_ip/kv_port become those variables
+    (an explicit env: entry wins). Replicas on one host get consecutive ports.
+    """
+    kt = w.kv_transfer
+    if kt is None or not kt.kv_connector.startswith("Nixl") or kt.kv_ip is None:
+        return {}
+    env = {"VLLM_NIXL_SIDE_CHANNEL_HOST": kt.kv_ip}
+    if kt.kv_port is not None:
+        env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(kt.kv_port + replica)
+    return env
+
+
+def replica_name(w: Worker, k: int) -> str:
+    return w.name if w.replicas == 1 else f"{w.name}-{k + 1}"
+
+
+# --- engine flags ------------------------------------------------------------------------
+
+_UNSET = object()
+
+
+def _engine_settings(mapping: Any, path: PathKey, origin: str) -> dict[str, Setting]:
+    """An `engine:` mapping (pydantic Engine) as Settings, keys dashed, typed ones as the schema read them."""
+    return {name: Setting(name, value, (*path, _written_key(mapping, name)), origin)
+            for name, value in mapping.flags().items()}
+
+
+def _written_key(mapping: Any, name: str) -> str:
+    """The key as the file spells it (dashes or underscores), for its position."""
+    extra = mapping.model_extra or {}
+    for key in extra:
+        if str(key).replace("_", "-") == name:
+            return str(key)
+    return name
+
+
+def _args_settings(proc: ProcessCommon, section: str, index: int, kind: str,
+                   table: engine_flags.FlagTable | None) -> tuple[dict[str, Setting], list[Problem]]:
+    flags, problems = engine_flags.parse_arg_list(proc.args, table, kind)
+    settings = {f.name: Setting(f.name, f.value, (section, index, "args", f.index), "args", f.tokens) for f in flags}
+    return settings, [Problem((section, index, "args", i), message) for i, message in problems]
+
+
+# The flags the launcher itself reads, bounded as the schema bounds them in engine:.
+_BOUNDS = {"tensor-parallel-size": (1, 4096), "pipeline-parallel-size": (1, 4096), "block-size": (1, 1 << 20)}
+
+
+def _bound_problems(settings: dict[str, Setting]) -> list[Problem]:
+    problems = []
+    for name, (lo, hi) in _BOUNDS.items():
+        s = settings.get(name)
+        if s is None:
+            continue
+        try:
+            number = int(s.value)
+        except (TypeError, ValueError):
+            problems.append(Problem(s.path, f"'{name}' takes an integer, not {s.value!r}"))
+            continue
+        if not lo <= number <= hi:
+            problems.append(Problem(s.path, f"'{name}' is {lo} to {hi}, not {number}"))
+    return problems
+
+
+def engine_config(topo: Topology, index: int, table: engine_flags.FlagTable | None
+                  ) -> tuple[EngineConfig, dict[str, Setting], list[Problem]]:
+    """A worker's effective engine flags, the args: flags no engine: gave (rendered after the
+    launcher's own), and the problems of its args: (unknown, bad value, owned, given twice or also in
+    its engine:)."""
+    w = topo.workers[index]
+    config = EngineConfig(index)
+    config.flags.update(_engine_settings(topo.engine, ("engine",), "engine"))
+    own = _engine_settings(w.engine, ("workers", index, "engine"), "worker engine")
+    config.flags.update(own)
+    args, problems = _args_settings(w, "workers", index, w.kind, table)
+    for name, s in list(args.items()):
+        if name in own:
+            problems.append(Problem(s.path, f"'--{name}' is also in this worker's engine: "
+                                            f"({path_text(own[name].path)}): give each flag once"))
+            del args[name]
+    bad = _bound_problems(args)
+    problems += bad
+    for p in bad:
+        args = {n: s for n, s in args.items() if s.path != p.path}
+    appended = {n: s for n, s in args.items() if n not in config.flags}  # new flags go after the launcher's
+    config.flags.update(args)  # an args: flag over a top-level engine: one takes its place
+    return config, appended, problems
+
+
+# --- processes ----------------------------------------------------------------------------
+
+def _base_env(topo: Topology, endpoints: Endpoints, name: str, proc: ProcessCommon) -> dict[str, str]:
+    """What every process is told about its deployment: the worker runtime reads these (RuntimeSettings)."""
+    env = {
+        "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+        "PYTHONUNBUFFERED": "1",
+        "LAUNCHER_NAMESPACE": topo.effective_namespace,
+        "LAUNCHER_PROCESS": name,
+        "ETCD_ENDPOINTS": ",".join(endpoints.etcd),
+        "NATS_SERVER": endpoints.nats,
+        # The supervisor's kill deadline is this plus DRAIN_MARGIN: the worker must know its own budget.
+        "LAUNCHER_DRAIN_TIMEOUT": str(proc.drain_timeout),
+    }
+    if proc.host:
+        env["LAUNCHER_HOST"] = proc.host
+    env.update(topo.env)
+    return env
+
+
+def metrics_ports(topo: Topology) -> dict[tuple[int, int], int]:
+    """(worker index, replica) -> its Prometheus port: the worker's own, else base + its position among
+    the engine processes of its host without one (so two hosts may use the same numbers)."""
+    ports: dict[tuple[int, int], int] = {}
+    next_free: dict[str | None, int] = {}
+    for i, w in enumerate(topo.workers):
+        for k in range(w.replicas):
+            if w.metrics_port is not None:
+                ports[(i, k)] = w.metrics_port + k
+            else:
+                port = next_free.get(w.host, topo.metrics_port_base)
+                ports[(i, k)] = port
+                next_free[w.host] = port + 1
+    return ports
+
+
+def _launcher(name: str, value: Any, path: PathKey) -> Setting:
+    return Setting(name, value, path, "launcher")
+
+
+def _common(p: ProcessCommon) -> dict[str, Any]:
+    return {"restart": p.restart, "ready_timeout": p.ready_timeout, "drain_timeout": p.drain_timeout, "host": p.host}
+
+
+def _worker_processes(topo: Topology, index: int, config: EngineConfig, args: dict[str, Setting],
+                      endpoints: Endpoints, kv_dir: Path | None, ports: dict[tuple[int, int], int],
+                      cpu: HostCpu) -> list[ResolvedProcess]:
+    w = topo.workers[index]
+    kind = KINDS[w.kind]
+    path: PathKey = ("workers", index)
+    engine = {n: s for n, s in config.flags.items() if n not in args}  # engine:, with args: overrides in place
+    defaults, notes = cpu_engine_defaults(w, config.flags, cpu)
+    for n, value in defaults.items():
+        engine[n] = _launcher(n, value, (*path, "name"))
+    tp, pp = config.parallel_sizes
+    per_replica = w.gpus_per_replica or tp * pp
+    out = []
+    for k in range(w.replicas):
+        name = replica_name(w, k)
+        port = ports[(index, k)]
+        flags = {"model": _launcher("model", w.model or topo.model, (*path, "model") if w.model else ("model",)),
+                 **engine,
+                 "metrics-port": _launcher("metrics-port", port, (*path, "metrics_port"))}
+        kt = None
+        if w.kv_transfer is not None:
+            kt = w.kv_transfer.model_copy()
+            if kt.kv_rank is not None:
+                kt.kv_rank += k
+            if (kv_dir is not None and kt.kv_connector in SHARED_STORAGE_CONNECTORS
+                    and "shared_storage_path" not in kt.kv_connector_extra_config):
+                kt.kv_connector_extra_config = {**kt.kv_connector_extra_config, "shared_storage_path": str(kv_dir)}
+            flags["kv-transfer-config"] = _launcher("kv-transfer-config", kt.model_dump(exclude_none=True),
+                                                    (*path, "kv_transfer"))
+        flags.update(args)
+        env = _base_env(topo, endpoints, name, w)
+        gpus = None
+        if w.gpus is not None:
+            gpus = tuple(w.gpus[k * per_replica:(k + 1) * per_replica])
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+        if w.cpus:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = w.cpus
+        env.update(nixl_side_channel_env(w, k))
+        env.update(w.env)
+        port_path = (*path, "metrics_port") if w.metrics_port is not None else (*path, "name")
+        out.append(ResolvedProcess(
+            name=name, kind=w.kind, section="workers", index=index, module=kind.module,
+            model=w.model or topo.model, flags=flags, env=env, tier=kind.tier, gates=kind.gates, **_common(w),
+            replica=k, replica_of=w.name if w.replicas > 1 else None, engine=config, kv_transfer=kt,
+            gpus=gpus, cpus=w.cpus, ports={"metrics": port}, port_paths={"metrics": port_path}, notes=list(notes)))
+    return out
+
+
+def _router_process(topo: Topology, index: int, r: Router, engines: list[EngineConfig], endpoints: Endpoints,
+                    table: engine_flags.FlagTable | None) -> tuple[ResolvedProcess, list[Problem]]:
+    path: PathKey = ("routers", index)
+    model = r.model or topo.model
+    flags = {"model": _launcher("model", model, (*path, "model") if r.model else ("model",)),
+             "routing-strategy": _launcher("routing-strategy", r.strategy, (*path, "strategy"))}
+    block = next((e.block_size for e, w in zip(engines, topo.workers, strict=True) if w.kind == "kv_worker"), None)
+    if block is not None:
+        flags["block-size"] = _launcher("block-size", block, (*path, "name"))
+    args, problems = _args_settings(r, "routers", index, "router", table)
+    flags.update(args)
+    env = _base_env(topo, endpoints, r.name, r)
+    env.update(r.env)
+    kind = KINDS["router"]
+    proc = ResolvedProcess(name=r.name, kind="router", section="routers", index=index, module=kind.module,
+                           model=model, flags=flags, env=env, tier=kind.tier, gates=kind.gates, **_common(r))
+    metrics = args.get("metrics-port")
+    if metrics is not None:  # the router's own metrics port, given in args: still one port per host
+        proc.ports["metrics"] = int(metrics.value)
+        proc.port_paths["metrics"] = metrics.path
+    return proc, problems
+
+
+def _frontend_process(topo: Topology, index: int, f: Frontend, endpoints: Endpoints,
+                      table: engine_flags.FlagTable | None) -> tuple[ResolvedProcess, list[Problem]]:
+    path: PathKey = ("frontends", index)
+    flags = {"host": _launcher("host", f.listen, (*path, "listen")),
+             "port": _launcher("port", f.port, (*path, "port")),
+             "model": _launcher("model", topo.model, ("model",))}
+    for name in ("max_request_bytes", "request_timeout", "retries", "migration_limit"):
+        flags[name.replace("_", "-")] = _launcher(name.replace("_", "-"), getattr(f, name), (*path, name))
+    if f.api_key_env:  # the name of the variable, never the key
+        flags["api-key-env"] = _launcher("api-key-env", f.api_key_env, (*path, "api_key_env"))
+    args, problems = _args_settings(f, "frontends", index, "frontend", table)
+    flags.update(args)
+    env = _base_env(topo, endpoints, f.name, f)
+    env.update(f.env)
+    shown = "127.0.0.1" if f.listen in ("0.0.0.0", "::") else f.listen
+    kind = KINDS["frontend"]
+    common = _common(f)
+    # Ready once a worker serves: it waits as long as the slowest worker may take to load.
+    common["ready_timeout"] = max([f.ready_timeout, *(w.ready_timeout for w in topo.workers)])
+    proc = ResolvedProcess(name=f.name, kind="frontend", section="frontends", index=index, module=kind.module,
+                           model=topo.model, flags=flags, env=env, tier=kind.tier, gates=kind.gates, **common,
+                           ports={"http": f.port}, port_paths={"http": (*path, "port")},
+                           url=f"http://{f'[{shown}]' if ':' in shown else shown}:{f.port}")
+    return proc, problems
+
+
+def resolve(topo: Topology, *, endpoints: Endpoints | None = None, kv_dir: Path | None = None,
+            cpu_flags: frozenset[str] | None = None, cpu: HostCpu | None = None,
+            table: engine_flags.FlagTable | object | None = _UNSET) -> Resolved:
+    """Every process of a schema-valid topology, with its effective configuration.
+
+    endpoints: default Endpoints.resolve (the file, overridden by ETCD_ENDPOINTS / NATS_SERVER).
+    kv_dir: the shared_storage_path given to shared-storage connectors that have none.
+    cpu_flags / cpu: the CPU flags CPU workers' dtype is chosen from (default: this host's).
+    table: vLLM's flag table `args:` are read with (default: the cached one, None without vLLM).
+    """
+    flag_table = engine_flags.table_or_none() if table is _UNSET else table
+    assert flag_table is None or isinstance(flag_table, engine_flags.FlagTable)
+    endpoints = endpoints or Endpoints.resolve(topo)
+    cpu = cpu or HostCpu(cpu_flags)
+    problems: list[Problem] = []
+    engines: list[EngineConfig] = []
+    worker_args: list[dict[str, Setting]] = []
+    for i in range(len(topo.workers)):
+        config, args, bad = engine_config(topo, i, flag_table)
+        engines.append(config)
+        worker_args.append(args)
+        problems += bad
+    processes: list[ResolvedProcess] = []
+    for i, f in enumerate(topo.frontends):
+        proc, bad = _frontend_process(topo, i, f, endpoints, flag_table)
+        processes.append(proc)
+        problems += bad
+    for i, r in enumerate(topo.routers):
+        proc, bad = _router_process(topo, i, r, engines, endpoints, flag_table)
+        processes.append(proc)
+        problems += bad
+    ports = metrics_ports(topo)
+    for i in range(len(topo.workers)):
+        processes += _worker_processes(topo, i, engines[i], worker_args[i], endpoints, kv_dir, ports, cpu)
+    return Resolved(topo, endpoints, engines, processes, problems)
+
+
+def listening_ports(resolved: Resolved) -> list[tuple[PathKey, str | None, str, int]]:
+    """(path to blame, host, process, port) of every port the deployment listens on."""
+    order = {"workers": 0, "routers": 1, "frontends": 2}  # a clash blames the later: a frontend's port
+    procs = sorted(resolved.processes, key=lambda p: order[p.section])
+    return [(p.port_paths.get(role, p.path), p.host, p.name, port) for p in procs for role, port in p.ports.items()]
