@@ -14,11 +14,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("launcher", "workers")
 
-# Cycles another branch removes; each entry is removed from here at its merge.
-KNOWN_CYCLES: set[frozenset[str]] = {
-    frozenset({"workers.kv_router.metrics", "workers.kv_router.router"}),  # fixed on branch issue-22-kinds
-}
-
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
@@ -106,12 +101,7 @@ def test_the_graph_is_read() -> None:
 
 
 def test_no_import_cycle() -> None:
-    edges = graph()
-    for pair in KNOWN_CYCLES:
-        a, b = sorted(pair)
-        edges[a].discard(b)
-        edges[b].discard(a)
-    assert cycles(edges) == []
+    assert cycles(graph()) == []
 
 
 def test_the_chain_goes_one_way() -> None:
