@@ -340,6 +340,7 @@ def test_chaos(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
         # Last: `down` under load. Streams in flight end, completed or with an error event, within the
         # drain timeout; what starts after finds nobody listening (not a hang).
         pids = every_pid(env, NAME)
+        streaming("frontend")  # streams are in flight when `down` begins
         in_flight_at = time.monotonic()
         before = {id(o) for o in load.outcomes}
         launcher(["down", NAME], env, timeout=120)
