@@ -15,6 +15,8 @@ import time
 
 import psutil
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
 
 def tree(pid: int) -> list[psutil.Process]:
     try:
@@ -28,22 +30,42 @@ def tree_pids(pid: int) -> list[int]:
     return [p.pid for p in tree(pid)]
 
 
+def create_time(pid: int) -> float | None:
+    """When `pid` started: seconds since boot on Linux (/proc/<pid>/stat, field 22), else psutil's.
+
+    Why not psutil's `create_time()`: it is boot time + that offset, and the kernel moves "boot time"
+    whenever the wall clock is stepped (NTP, a resumed VM). Seen here: a step of 20 s made a live
+    supervisor look like a reused pid, so `down` and `restart` said "not running" and left its
+    processes behind. Time since boot never moves."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19]) / _CLOCK_TICKS
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, IndexError):  # no /proc (not Linux)
+        try:
+            return psutil.Process(pid).create_time()
+        except psutil.Error:
+            return None
+
+
+def _same_start(pid: int, recorded: float) -> bool:
+    """Whether `pid` started when `recorded` says. A recorded wall-clock time (> 1e9 s: written by an
+    older launcher, or without /proc) is compared with psutil's, a time since boot with ours."""
+    now = psutil.Process(pid).create_time() if recorded > 1e9 else create_time(pid)
+    return now is not None and abs(now - recorded) <= 1.0
+
+
 def is_same_process(pid: int, create_time: float | None) -> bool:
     """Guards against pid reuse: a recorded pid is ours only if its start time matches too."""
     try:
         proc = psutil.Process(pid)
-        if create_time is not None and abs(proc.create_time() - create_time) > 1.0:
+        if create_time is not None and not _same_start(pid, create_time):
             return False
         return proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def create_time(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.NoSuchProcess:
-        return None
 
 
 def _is_zombie(proc: psutil.Process) -> bool:
@@ -86,7 +108,7 @@ def owns_pid(pid: int, create_time: float | None) -> bool:
     if create_time is None:
         return True
     try:
-        return abs(psutil.Process(pid).create_time() - create_time) <= 1.0
+        return _same_start(pid, create_time)
     except psutil.NoSuchProcess:
         return True
 

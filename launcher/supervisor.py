@@ -149,8 +149,9 @@ class OsTrees:
             return {}  # ended, and its pid may be someone else's by now
         out = {}
         for proc in proctree.tree(pid):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                out[proc.pid] = proc.create_time()
+            started = proctree.create_time(proc.pid)
+            if started is not None:
+                out[proc.pid] = started
         return out
 
     def alive(self, pids_seen: dict[int, float]) -> list[int]:

@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import pytest
 
+from launcher import proctree
 from launcher import services as svc
 from launcher.backends.tmux import SOCKET_ENV
 from launcher.state import RunDir
@@ -122,15 +123,8 @@ def every_pid(env: dict[str, str], name: str) -> dict[int, float]:
 
 
 def alive(pids: dict[int, float]) -> list[int]:
-    left = []
-    for pid, created in pids.items():
-        try:
-            proc = psutil.Process(pid)
-            if abs(proc.create_time() - created) < 1 and proc.status() != psutil.STATUS_ZOMBIE:
-                left.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return left
+    """The recorded processes still running (same pid and start time, not a zombie)."""
+    return [pid for pid, created in pids.items() if proctree.is_same_process(pid, created)]
 
 
 def fake_topology(name: str, fake_dir: Path, mode: str, **worker: Any) -> dict[str, Any]:

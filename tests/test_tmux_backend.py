@@ -7,6 +7,7 @@ test_supervisor_e2e.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from launcher import proctree
 from launcher.backends.tmux import SOCKET_ENV, TmuxBackend, TmuxError, attach_argv, kill_sessions, sessions_of
 from launcher.plan import ProcessSpec
 from launcher.state import RunDir
@@ -45,12 +47,9 @@ def backend(run_dir: RunDir, tmux_socket: str, monkeypatch: pytest.MonkeyPatch) 
     b = TmuxBackend(run_dir)
     yield b
     for pid, created in list(b._pids.values()):
-        try:
-            proc = psutil.Process(pid)
-            if abs(proc.create_time() - (created or 0)) < 1:
-                proc.kill()
-        except psutil.NoSuchProcess:
-            pass
+        if proctree.is_same_process(pid, created):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
     b.close()
 
 

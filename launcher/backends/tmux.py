@@ -155,7 +155,7 @@ def zombie_exit_code(pid: int, created: float | None) -> int | None:
     started: the pane is shown dead, without a status, and its process stays a zombie for good.
     """
     try:
-        if created is not None and abs(psutil.Process(pid).create_time() - created) > 1.0:
+        if created is not None and not proctree.owns_pid(pid, created):
             return None
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (OSError, psutil.Error):
