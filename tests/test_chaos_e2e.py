@@ -186,9 +186,12 @@ def topology(model: Path, s: Services, port: int) -> dict[str, Any]:
         "services": {"etcd": s.etcd, "nats": s.nats, "managed": "never"},
         "engine": {**CPU_ENGINE, "block-size": 32, "enable-prefix-caching": True},
         "env": CPU_ENV,
-        "workers": [{"name": "worker-a", "kind": KV_WORKER.name, "cpus": "0", "ready_timeout": 300,
+        # ready_timeout 150: a restarted worker has been seen to make almost no progress importing torch for
+        # minutes under this load (cause not found); the supervisor's restart after a missed ready_timeout
+        # recovered it every time, so a short timeout bounds the recovery instead of waiting 300 s.
+        "workers": [{"name": "worker-a", "kind": KV_WORKER.name, "cpus": "0", "ready_timeout": 150,
                      "drain_timeout": DRAIN_TIMEOUT},
-                    {"name": "worker-b", "kind": KV_WORKER.name, "cpus": "1", "ready_timeout": 300,
+                    {"name": "worker-b", "kind": KV_WORKER.name, "cpus": "1", "ready_timeout": 150,
                      "drain_timeout": DRAIN_TIMEOUT}],
         "routers": [{"name": "router", "strategy": "prefix", "drain_timeout": DRAIN_TIMEOUT}],
         "frontends": [{"name": "frontend", "port": port, "request_timeout": 5.0, "drain_timeout": DRAIN_TIMEOUT}],
@@ -244,7 +247,10 @@ def test_chaos(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
         moved = migrations(url)
         t = time.monotonic()
         act()
-        wait_until(whole_again, 420, f"the deployment whole again after: {label}")
+        try:
+            wait_until(whole_again, 600, f"the deployment whole again after: {label}")
+        except AssertionError as exc:  # say where it stuck
+            raise AssertionError(f"{exc}; processes: {json.dumps(rd.state()['processes'])[:4000]}") from None
         back = time.monotonic() - t
         time.sleep(settle)  # requests keep flowing on the whole deployment
         window = [o for o in load.since(t) if id(o) not in before]
