@@ -94,6 +94,7 @@ class ProcState:
     manual_restarts: int = 0  # asked by `launcher restart` (never counts against max_restarts)
     exit_code: int | None = None
     message: str = ""
+    leftovers_since: float | None = None  # when a (re)start first found its last run's tree still alive
     last_exit: str = ""  # why it last ended (kept once a restart is ready: `status` still says why it restarted)
     next_start_at: float = 0.0
     lease_ids: list[int] = field(default_factory=list)
@@ -246,12 +247,22 @@ class Supervisor:
         if any(d.state != READY for d in deps) or now < p.next_start_at:
             return
         left = self.trees.alive(p.pids_seen)
+        stuck = ""
         if left:  # its last run's tree (an EngineCore) may still hold the device: kill again, start once gone
-            self.trees.signal(p, signal.SIGKILL)
-            why = f"{exitcodes.describe(p.exit_code)}; " if p.exit_code is not None else ""
-            p.message = (f"{why}waiting for {len(left)} process(es) of its last run to exit "
-                         f"(pids {', '.join(map(str, left))}, SIGKILL sent)")
-            return
+            p.leftovers_since = p.leftovers_since if p.leftovers_since is not None else now
+            if now - p.leftovers_since < KILL_WAIT:
+                self.trees.signal(p, signal.SIGKILL)
+                why = f"{exitcodes.describe(p.exit_code)}; " if p.exit_code is not None else ""
+                p.message = (f"{why}waiting for {len(left)} process(es) of its last run to exit "
+                             f"(pids {', '.join(map(str, left))}, SIGKILL sent)")
+                return
+            # Seen here: a process stuck in the kernel (state R, no CPU) survives SIGKILL for minutes. The
+            # service must not wait on it forever: start anyway, forget those pids, and say so.
+            stuck = f"; pids {', '.join(map(str, left))} of its last run survived SIGKILL for {KILL_WAIT:.0f} s"
+            log.warning("%s: %s (stuck in the kernel?): starting it anyway", p.name, stuck[2:])
+            for pid in left:
+                p.pids_seen.pop(pid, None)
+        p.leftovers_since = None
         p.exit_code, p.lease_ids = None, []
         try:
             p.pid = self.backend.start(spec, self.log_for(spec.name))
@@ -265,6 +276,7 @@ class Supervisor:
             p.message = f"restart {p.restarts}/{spec.max_restarts}"
         elif p.manual_restarts:
             p.message = "restarted by `launcher restart`"
+        p.message += stuck
         p.state, p.started_at, p.ready_at = STARTING, now, None
 
     def _on_exit(self, spec: ProcessSpec, p: ProcState, code: int, now: float) -> list[int]:

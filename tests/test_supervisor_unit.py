@@ -455,6 +455,26 @@ def test_leftovers_of_a_crash_get_sigkill_and_the_restart_waits_until_they_are_g
     assert sup.procs["w"].state == STARTING and sup.procs["w"].message == "restart 1/3"
 
 
+def test_a_leftover_that_survives_sigkill_does_not_block_the_restart_for_good(clock: Clock, tmp_path: Path) -> None:
+    """Seen here: a process stuck in the kernel outlived SIGKILL for minutes, and the restart waited on it, so the
+    worker never came back. After KILL_WAIT the restart goes ahead, and the message names the survivor."""
+    sup, backend = make([spec("w", backoff=1.0)], clock, tmp_path)
+    ready(sup, ["w"])
+    core = backend.spawn_child("w")
+    sup.remember_trees()
+    backend.unkillable.add(core)
+    backend.exit_codes["w"] = -9
+    sup.step({})
+    clock.advance(1.0)
+    sup.step({})
+    assert sup.procs["w"].state == BACKOFF and len(backend.starts) == 1  # waiting, SIGKILL sent again
+    clock.advance(KILL_WAIT + 0.5)
+    sup.step({})
+    w = sup.procs["w"]
+    assert w.state == STARTING and len(backend.starts) == 2
+    assert f"pids {core} of its last run survived SIGKILL" in w.message and core not in w.pids_seen
+
+
 def test_a_tree_that_survives_sigkill_is_given_up_on_and_reported(clock: Clock, tmp_path: Path) -> None:
     sup, backend = make([spec("w")], clock, tmp_path)
     ready(sup, ["w"])
