@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from urllib.parse import urlsplit
+from urllib.parse import urlparse, urlsplit
 
 from launcher.redact import redact_text
 
@@ -89,3 +89,12 @@ def parse_cpu_sets(spec: str) -> list[frozenset[int]]:
             raise ValueError(f"{spec!r} has an empty core set: write e.g. '0-3' or '0|1'")
         out.append(frozenset(cores))
     return out
+
+
+LOOPBACK_HOSTS = {"localhost", "::1", "0.0.0.0", ""}
+
+
+def is_loopback(address: str) -> bool:
+    """127.x, localhost, ::1 (and 0.0.0.0, which is not an address another host can dial)."""
+    host = urlparse(address if "://" in address else f"//{address}").hostname or ""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")

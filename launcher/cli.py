@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -20,7 +21,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from launcher import plan as planning
-from launcher import proctree, restart, services, state, validation
+from launcher import proctree, restart, secure, services, state, validation
+from launcher.credentials import OPERATOR
 from launcher.plan import Endpoints, ProcessSpec, build_plan, select_host
 from launcher.redact import redact_argv, redact_env, redact_obj, redact_text
 from launcher.resolve import Resolved, resolve
@@ -61,15 +63,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     topo = load_checked(args.topology)
-    kv_dir = RunDir.for_deployment(topo.name, args.host).path / "kv"
-    specs = select_host(build_plan(topo, kv_dir=kv_dir), args.host)
+    rd = RunDir.for_deployment(topo.name, args.host)
+    endpoints = Endpoints.resolve(topo, credentials=rd.path / "credentials")
+    specs = select_host(build_plan(topo, endpoints=endpoints, kv_dir=rd.path / "kv"), args.host)
     if args.json:
         print(json.dumps(redact_obj([s.to_json() for s in specs]), indent=1))
         return 0
-    endpoints = Endpoints.resolve(topo)
     console.print(redact_text(f"[bold]{topo.name}[/] namespace={topo.effective_namespace} backend={topo.backend} "
                               f"etcd={','.join(endpoints.etcd)} nats={endpoints.nats} "
                               f"(managed: {topo.services.managed})"))
+    security = endpoints.security
+    console.print(("security: TLS and client certificates" if security.tls else "security: none (in clear)")
+                  + f": {security.reason}", markup=False, soft_wrap=True)
     for s in specs:
         deps = f" after {', '.join(s.depends_on)}" if s.depends_on else ""
         console.print(f"\n[bold]{s.name}[/] ({s.kind}, {s.devices}{', host ' + s.host if s.host else ''}){deps}")
@@ -88,6 +93,8 @@ def _plan_json(topo: Topology, every_spec: list[ProcessSpec], endpoints: Endpoin
     return {
         "name": topo.name, "namespace": topo.effective_namespace, "backend": backend, "host": host,
         "etcd": endpoints.etcd, "nats": endpoints.nats, "topology": str(topology_file.resolve()),
+        # the launcher's own identity for the servers (status, the supervisor): file paths, no key
+        "tls": dataclasses.asdict(tls) if (tls := endpoints.security.files_for(OPERATOR)) else None,
         "processes": [s.to_json() for s in select_host(every_spec, host)],
         "deployment": [{"name": s.name, "kind": s.kind, "host": s.host, "devices": s.devices} for s in every_spec],
     }
@@ -155,7 +162,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                       "`launcher down` first to start it anew.")
         print_status(collect(rd), console)
         return 0
-    resolved = resolve(topo, kv_dir=rd.path / "kv")
+    resolved = resolve(topo, kv_dir=rd.path / "kv",
+                       endpoints=Endpoints.resolve(topo, credentials=rd.path / "credentials"))
     endpoints = resolved.endpoints
     every_spec = planning.render(resolved)
     specs = select_host(every_spec, args.host)
@@ -169,6 +177,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         err.print(f"{len(taken)} problem(s) in {args.topology}; nothing was started")
         return EXIT_INVALID
     rd.create()
+    bundle = args.credentials or (Path(os.environ["LAUNCHER_CREDENTIALS"]) if os.environ.get("LAUNCHER_CREDENTIALS")
+                                  else None)
+    try:
+        security = secure.prepare(resolved, bundle, say=lambda m: console.print(f"  {m}", markup=False))
+    except secure.CredentialsError as exc:
+        err.print(f"[red]error[/] {escape(redact_text(str(exc)))}", soft_wrap=True)
+        return EXIT_INVALID
     for stale in (rd.state_file, rd.path / "stop.json"):
         with contextlib.suppress(OSError):
             stale.unlink()
@@ -176,7 +191,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     previous = services.from_json(state.read_json(rd.services_file, []) or [])
     try:
         used = services.ensure_services(endpoints.etcd, endpoints.nats, topo.services.managed, rd.path,
-                                        say=lambda m: console.print(f"  {redact_text(str(m))}"))
+                                        say=lambda m: console.print(f"  {redact_text(str(m))}"), security=security)
     except services.ServiceError as exc:
         err.print(f"[red]error[/] {escape(redact_text(str(exc)))}")
         return 1
@@ -361,7 +376,8 @@ def _restart_plan(rd: RunDir, plan: dict[str, Any], path: Path) -> dict[str, Any
     """The plan of `path` for this deployment: the checks `up` runs, with the servers it runs with; exits 2
     if the file is invalid or names another deployment, namespace or set of processes."""
     topo = load_checked(path)
-    endpoints = Endpoints(etcd=list(plan.get("etcd", [])), nats=plan.get("nats", ""))
+    endpoints = dataclasses.replace(Endpoints.resolve(topo, credentials=rd.path / "credentials"),
+                                    etcd=list(plan.get("etcd", [])), nats=plan.get("nats", ""))
     resolved = resolve(topo, endpoints=endpoints, kv_dir=rd.path / "kv")
     new = _plan_json(topo, planning.render(resolved), endpoints, plan.get("backend", topo.backend),
                      plan.get("host"), path)
@@ -452,6 +468,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         for info in infos:
             print_status(info, console)
+    return 0
+
+
+def cmd_credentials_export(args: argparse.Namespace) -> int:
+    rd = _find(args.name, args.host)
+    try:
+        members = secure.export_bundle(rd, args.output)
+    except secure.CredentialsError as exc:
+        err.print(f"[red]error[/] {escape(str(exc))}", soft_wrap=True)
+        return 1
+    console.print(f"wrote {args.output} (0600): the CA certificate and {(len(members) - 1) // 2} identities' "
+                  "certificates and keys, not the CA's key. Copy it to the other hosts and run "
+                  f"`launcher up FILE --host H --credentials {args.output.name}` there; keep it as secret as a "
+                  "password", markup=False, soft_wrap=True)
+    return 0
+
+
+def cmd_credentials_env(args: argparse.Namespace) -> int:
+    rd = _find(args.name, args.host)
+    print("\n".join(secure.env_lines(rd)))
     return 0
 
 
@@ -552,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--backend", choices=["subprocess", "tmux"], default=None, help="override the topology's")
     u.add_argument("--host", default=None, help="multi-node: start only this host's processes")
     u.add_argument("--timeout", type=float, default=None, help="stop waiting after this many seconds")
+    u.add_argument("--credentials", type=Path, default=None, metavar="BUNDLE",
+                   help="multi-node, secured: the bundle `launcher credentials export` wrote on the host that "
+                        "started etcd and NATS (or LAUNCHER_CREDENTIALS)")
     u.set_defaults(func=cmd_up)
 
     s = sub.add_parser("status", help="processes, registration, CPU and memory")
@@ -596,6 +635,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("process")
     a.add_argument("--deployment", default=None)
     a.set_defaults(func=cmd_attach)
+
+    cr = sub.add_parser("credentials", help="a secured deployment's credentials").add_subparsers(
+        dest="action", required=True)
+    ce = cr.add_parser("export", help="write the bundle other hosts need (`up --credentials FILE`), 0600")
+    ce.add_argument("name", nargs="?", default=None, help="deployment (default: the only live one)")
+    ce.add_argument("-o", "--output", type=Path, required=True)
+    ce.add_argument("--host", default=None, help="multi-node: this host's share (<name>@<host>)")
+    ce.set_defaults(func=cmd_credentials_export)
+    cv = cr.add_parser("env", help="shell lines for a client started by hand: eval \"$(launcher credentials env)\"")
+    cv.add_argument("name", nargs="?", default=None, help="deployment (default: the only live one)")
+    cv.add_argument("--host", default=None, help="multi-node: this host's share (<name>@<host>)")
+    cv.set_defaults(func=cmd_credentials_env)
 
     sc = sub.add_parser("schema", help="JSON Schema of the topology file, for editors")
     sc.set_defaults(func=cmd_schema)

@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from launcher import engine_flags
+from launcher.addresses import is_loopback
 from launcher.cpu import choose_cpu_dtype, read_cpu_flags
+from launcher.credentials import Credentials
 from launcher.topology import DRAIN_MARGIN, Frontend, KvTransfer, ProcessCommon, Restart, Router, Topology, Worker
 from launcher.yamlpos import LoadedYaml, PathKey
 from workers.kinds import KINDS
+from workers.runtime.tls import TlsFiles
 
 # Connectors that hand KV over through a folder both sides see; with no shared_storage_path the
 # folder is the deployment's own (<run_dir>/kv), not vLLM's default /tmp shared by every deployment.
@@ -146,17 +149,84 @@ class ResolvedProcess:
         return self.drain_timeout + DRAIN_MARGIN
 
 
+@dataclass(frozen=True)
+class Security:
+    """How the deployment's processes reach etcd and NATS: in clear, or over TLS with a client certificate
+    (the launcher's own credentials, one identity per process; or the files services.tls names)."""
+
+    tls: bool
+    reason: str  # why, in words (plan shows it)
+    credentials: Path | None = None  # the launcher's credentials folder (managed auto/always)
+    given: TlsFiles | None = None  # managed: never: services.tls, or LAUNCHER_TLS_CA / _CERT / _KEY
+    problem: str | None = None  # what is missing to honour it (a rule reports it)
+
+    def files_for(self, identity: str) -> TlsFiles | None:
+        """The files `identity` (a process name, or credentials.OPERATOR) connects with; None in clear."""
+        if not self.tls:
+            return None
+        if self.given is not None:
+            return self.given
+        if self.credentials is None:  # TLS without files: `problem` says so, and a rule reports it
+            return None
+        return Credentials(self.credentials).client(identity)
+
+    @classmethod
+    def resolve(cls, topo: Topology, etcd: list[str], nats: str, credentials: Path | None) -> Security:
+        mode = topo.services.security
+        exposed = [e for e in [*etcd, nats] if not is_loopback(e)]
+        tls_urls = [e for e in [*etcd, nats] if e.split("://", 1)[0] in ("https", "tls")]
+        if mode == "none":
+            return cls(False, "services.security: none")
+        if mode == "tls":
+            reason = "services.security: tls"
+        elif exposed:
+            reason = f"{exposed[0]} is not a loopback address (services.security: auto)"
+        elif tls_urls:
+            reason = f"{tls_urls[0]} asks for TLS"
+        else:
+            return cls(False, "every service is on loopback (services.security: auto)")
+        if topo.services.managed != "never":
+            folder = credentials or Path(os.environ.get("LAUNCHER_HOME", "~/.local/state/vllm-launcher")
+                                         ).expanduser() / topo.name / "credentials"
+            return cls(True, reason, credentials=folder)
+        given: TlsFiles | None = None
+        problem = None
+        if topo.services.tls is not None:
+            given = TlsFiles(topo.services.tls.ca, topo.services.tls.cert, topo.services.tls.key)
+        else:
+            try:
+                given = TlsFiles.from_env()
+            except ValueError as exc:
+                problem = str(exc)
+            if given is None and problem is None:
+                problem = ("the launcher does not start these servers (managed: never), so it has no credentials "
+                           "for them: name the files (services.tls: {ca, cert, key}) or set LAUNCHER_TLS_CA, "
+                           "LAUNCHER_TLS_CERT and LAUNCHER_TLS_KEY; or services.security: none")
+        return cls(True, reason, given=given, problem=problem)
+
+
+def _secured_url(url: str, scheme: str) -> str:
+    """http:// -> https:// (nats:// -> tls://): the address the file names, reached over TLS."""
+    return url if "://" not in url else f"{scheme}://{url.split('://', 1)[1]}"
+
+
 @dataclass
 class Endpoints:
     etcd: list[str]
     nats: str
+    security: Security = field(default_factory=lambda: Security(False, "not resolved from a topology"))
 
     @classmethod
-    def resolve(cls, topo: Topology) -> Endpoints:
-        """NATS_SERVER and ETCD_ENDPOINTS override the file, as they do for a worker started by hand."""
-        etcd = os.environ.get("ETCD_ENDPOINTS") or topo.services.etcd
+    def resolve(cls, topo: Topology, credentials: Path | None = None) -> Endpoints:
+        """NATS_SERVER and ETCD_ENDPOINTS override the file, as they do for a worker started by hand.
+        credentials: the run directory's credentials folder (where `up` makes them)."""
+        etcd_text = os.environ.get("ETCD_ENDPOINTS") or topo.services.etcd
         nats = os.environ.get("NATS_SERVER") or topo.services.nats
-        return cls(etcd=[e.strip() for e in etcd.split(",") if e.strip()], nats=nats)
+        etcd = [e.strip() for e in etcd_text.split(",") if e.strip()]
+        security = Security.resolve(topo, etcd, nats, credentials)
+        if security.tls:
+            etcd, nats = [_secured_url(e, "https") for e in etcd], _secured_url(nats, "tls")
+        return cls(etcd=etcd, nats=nats, security=security)
 
 
 @dataclass
@@ -300,6 +370,9 @@ def _base_env(topo: Topology, endpoints: Endpoints, name: str, proc: ProcessComm
         # The supervisor's kill deadline is this plus DRAIN_MARGIN: the worker must know its own budget.
         "LAUNCHER_DRAIN_TIMEOUT": str(proc.drain_timeout),
     }
+    files = endpoints.security.files_for(name)
+    if files is not None:
+        env.update(files.env())
     if proc.host:
         env["LAUNCHER_HOST"] = proc.host
     env.update(topo.env)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Iterable
-from urllib.parse import urlparse
 
-from launcher.addresses import parse_cpu_sets
+from launcher.addresses import is_loopback, parse_cpu_sets
 from launcher.engine_flags import TableUnavailable, load_table
 from launcher.resolve import EngineConfig, Problem, Resolved, listening_ports, resolve
 from launcher.topology import Topology, Worker
@@ -287,15 +286,6 @@ def rule_kv_router(resolved: Resolved) -> list[Problem]:
     return problems
 
 
-LOOPBACK_HOSTS = {"localhost", "::1", "0.0.0.0", ""}
-
-
-def is_loopback(address: str) -> bool:
-    """127.x, localhost, ::1 (and 0.0.0.0, which is not an address another host can dial)."""
-    host = urlparse(address if "://" in address else f"//{address}").hostname or ""
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
-
-
 def deployment_hosts(topo: Topology) -> set[str]:
     return {p.host for _, procs in topo.sections() for p in procs if p.host is not None}
 
@@ -376,7 +366,42 @@ def rule_env_endpoints(resolved: Resolved) -> list[Problem]:
     return []
 
 
+def rule_security(resolved: Resolved) -> list[Problem]:
+    """What TLS needs that the file does not give, and what the file asks that would not be honoured."""
+    topo, security = resolved.topology, resolved.endpoints.security
+    problems: list[Problem] = []
+    if topo.services.tls is not None and topo.services.managed != "never":
+        problems.append(Problem(("services", "tls"), f"services.tls names credentials for servers someone else "
+                                f"runs, but services.managed is {topo.services.managed}: the launcher makes and "
+                                "uses its own for the servers it starts. Remove services.tls, or set managed: never"))
+    if topo.services.tls is not None and not security.tls:
+        problems.append(Problem(("services", "tls"), "services.tls is given but services.security is none: "
+                                "remove one of them"))
+    if security.problem:
+        problems.append(Problem(("services", "security"), f"TLS ({security.reason}): {security.problem}"))
+    if topo.services.security == "none":
+        secured = [e for e in ([*topo.services.etcd.split(","), topo.services.nats])
+                   if e.strip().split("://", 1)[0] in ("https", "tls")]
+        if secured:
+            key = "etcd" if secured[0] in topo.services.etcd else "nats"
+            problems.append(Problem(("services", key), f"{secured[0].strip()} asks for TLS but services.security "
+                                    "is none: write http:// / nats://, or remove security: none"))
+    return problems
+
+
+def security_warnings(resolved: Resolved) -> list[str]:
+    """A cross-host deployment that opted out of security: allowed, said out loud."""
+    topo = resolved.topology
+    exposed = [e for e in [*resolved.endpoints.etcd, resolved.endpoints.nats] if not is_loopback(e)]
+    if resolved.endpoints.security.tls or not exposed:
+        return []
+    return [f"{topo.name}: services.security is none and {exposed[0]} is not a loopback address: anyone who "
+            "reaches etcd or NATS there can send requests past the frontend's API key, read prompts and answers, "
+            "and register fake workers. Remove security: none to get TLS and client certificates"]
+
+
 RULES: list[Callable[[Resolved], list[Problem]]] = [
+    rule_security,
     rule_ports,
     rule_frontends,
     rule_unique_names,

@@ -37,6 +37,8 @@ class ManagedService:
     create_time: float | None
     endpoint: str
     log: str
+    # The deployment whose credentials secure it (TLS, client certificates); None: no security.
+    secured_by: str | None = None
 
 
 def service_dir(kind: str, endpoint: str) -> Path:

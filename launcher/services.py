@@ -10,18 +10,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from launcher import proctree, service_users
 from launcher.service_users import ManagedService
+from workers.runtime.tls import TlsFiles, handshake_problem
 
 __all__ = ["ManagedService"]  # defined beside its users' records, read here
 
@@ -30,6 +33,17 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", ""}
 
 class ServiceError(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Security:
+    """A secured deployment's side of its servers: the launcher's own client identity (the operator), and
+    for servers it starts, their certificate and NATS's configuration (users and permissions)."""
+
+    deployment: str
+    client: TlsFiles
+    server: TlsFiles | None = None  # None: this host starts no server (it has only a bundle, or managed: never)
+    nats_config: Callable[[str, Path], str] | None = None  # (listen host:port, JetStream store) -> config text
 
 
 def is_local(endpoint: str) -> bool:
@@ -43,21 +57,32 @@ def is_local(endpoint: str) -> bool:
     return any(addr.address.split("%")[0] == host for addrs in psutil.net_if_addrs().values() for addr in addrs)
 
 
-def etcd_healthy(endpoint: str, timeout: float = 1.0) -> bool:
+def etcd_healthy(endpoint: str, timeout: float = 1.0, tls: TlsFiles | None = None) -> bool:
     try:
-        with urllib.request.urlopen(f"{endpoint.rstrip('/')}/health", timeout=timeout) as resp:
+        context = tls.client_context() if tls is not None and endpoint.startswith("https:") else None
+        with urllib.request.urlopen(f"{endpoint.rstrip('/')}/health", timeout=timeout, context=context) as resp:
             return bool(json.loads(resp.read()).get("health") in ("true", True))
     except (OSError, ValueError, urllib.error.URLError):
         return False
 
 
 def nats_healthy(endpoint: str, timeout: float = 1.0) -> bool:
-    """A NATS server greets every connection with an INFO line."""
+    """A NATS server greets every connection with an INFO line, in clear even when it requires TLS."""
     url = urlparse(endpoint)
     try:
         with socket.create_connection((url.hostname or "127.0.0.1", url.port or 4222), timeout=timeout) as s:
             s.settimeout(timeout)
             return s.recv(5) == b"INFO "
+    except OSError:
+        return False
+
+
+def port_open(endpoint: str, timeout: float = 1.0) -> bool:
+    """Something accepts TCP connections there (whether or not it lets us in)."""
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "127.0.0.1", url.port or 2379), timeout=timeout):
+            return True
     except OSError:
         return False
 
@@ -86,10 +111,23 @@ def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
                                 start_new_session=True)
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], probe: object, endpoint: str, log: Path, timeout: float) -> None:
+def credentials_problem(label: str, endpoint: str, tls: TlsFiles) -> str | None:
+    """Whether a server that answers accepts this deployment's credentials: None, or the reason it does not
+    ("etcd at https://10.0.0.1:2379: TLS handshake failed: ..."), never a traceback."""
+    url = urlparse(endpoint)
+    greeting = b"INFO " if label == "NATS" else None
+    why = handshake_problem(url.hostname or "127.0.0.1", url.port or (4222 if greeting else 2379), tls,
+                            starttls_after=greeting)
+    return None if why is None else f"{label} at {endpoint}: {why}"
+
+
+Probe = Callable[[str], bool]
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], probe: Probe, endpoint: str, log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if probe(endpoint):  # type: ignore[operator]
+        if probe(endpoint):
             return
         if proc.poll() is not None:
             tail = log.read_text(errors="replace").splitlines()[-10:]
@@ -99,57 +137,128 @@ def _wait_ready(proc: subprocess.Popen[bytes], probe: object, endpoint: str, log
     raise ServiceError(f"{log.stem} did not answer on {endpoint} within {timeout:.0f} s; see {log}")
 
 
-def start_etcd(endpoint: str, run_dir: Path) -> ManagedService:
+def start_etcd(endpoint: str, run_dir: Path, security: Security | None = None) -> ManagedService:
+    """Secured: client URLs are https, and only a client certificate of the deployment's CA gets in
+    (--client-cert-auth). The peer URL stays on loopback: a single member talks to nobody."""
     url = urlparse(endpoint)
     host = url.hostname or "127.0.0.1"
     peer = f"http://127.0.0.1:{free_port()}"
     log = run_dir / "logs" / "etcd.log"
+    scheme = "https" if security is not None else "http"
     argv = [
         find_binary("etcd"), "--name", "launcher", "--data-dir", str(run_dir / "services" / "etcd"),
-        "--listen-client-urls", f"http://{host}:{url.port or 2379}",
-        "--advertise-client-urls", f"http://{host}:{url.port or 2379}",
+        "--listen-client-urls", f"{scheme}://{host}:{url.port or 2379}",
+        "--advertise-client-urls", f"{scheme}://{host}:{url.port or 2379}",
         "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
         "--initial-cluster", f"launcher={peer}", "--log-level", "warn",
     ]
+    if security is not None:
+        assert security.server is not None
+        argv += ["--cert-file", security.server.cert, "--key-file", security.server.key,
+                 "--trusted-ca-file", security.server.ca, "--client-cert-auth"]
     proc = _spawn(argv, log)
-    _wait_ready(proc, etcd_healthy, endpoint, log, timeout=30)
-    return ManagedService("etcd", proc.pid, proctree.create_time(proc.pid), endpoint, str(log))
+    tls = security.client if security is not None else None
+    _wait_ready(proc, lambda e: etcd_healthy(e, tls=tls), endpoint, log, timeout=30)
+    return ManagedService("etcd", proc.pid, proctree.create_time(proc.pid), endpoint, str(log),
+                          secured_by=security.deployment if security is not None else None)
 
 
-def start_nats(endpoint: str, run_dir: Path) -> ManagedService:
+def nats_config_file(run_dir: Path) -> Path:
+    return run_dir / "nats.conf"
+
+
+def write_nats_config(run_dir: Path, endpoint: str, security: Security) -> Path:
+    """The configuration of a secured nats-server (paths and permissions, no key), 0600."""
+    assert security.nats_config is not None
+    url = urlparse(endpoint)
+    store = run_dir / "services" / "nats"
+    store.mkdir(parents=True, exist_ok=True)
+    path = nats_config_file(run_dir)
+    text = security.nats_config(f"{url.hostname or '127.0.0.1'}:{url.port or 4222}", store)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def start_nats(endpoint: str, run_dir: Path, security: Security | None = None) -> ManagedService:
+    """Secured: TLS with verified client certificates, each mapped to its identity's permissions
+    (launcher.nats_access), from a configuration file."""
     url = urlparse(endpoint)
     log = run_dir / "logs" / "nats-server.log"
     store = run_dir / "services" / "nats"
     store.mkdir(parents=True, exist_ok=True)
-    argv = [find_binary("nats-server"), "-js", "-sd", str(store), "-a", url.hostname or "127.0.0.1",
-            "-p", str(url.port or 4222)]
+    if security is not None:
+        argv = [find_binary("nats-server"), "-c", str(write_nats_config(run_dir, endpoint, security))]
+    else:
+        argv = [find_binary("nats-server"), "-js", "-sd", str(store), "-a", url.hostname or "127.0.0.1",
+                "-p", str(url.port or 4222)]
     proc = _spawn(argv, log)
     _wait_ready(proc, nats_healthy, endpoint, log, timeout=30)
-    return ManagedService("nats-server", proc.pid, proctree.create_time(proc.pid), endpoint, str(log))
+    return ManagedService("nats-server", proc.pid, proctree.create_time(proc.pid), endpoint, str(log),
+                          secured_by=security.deployment if security is not None else None)
+
+
+def reload_nats(svc: ManagedService, security: Security) -> None:
+    """A running secured nats-server of this deployment gets the permissions of the topology as it is now
+    (processes added since it started): rewrite its configuration and SIGHUP it (nats-server's reload)."""
+    write_nats_config(service_users.service_dir("nats-server", svc.endpoint), svc.endpoint, security)
+    if proctree.is_same_process(svc.pid, svc.create_time):
+        os.kill(svc.pid, signal.SIGHUP)
+
+
+def _security_mismatch(label: str, svc: ManagedService, security: Security | None) -> str | None:
+    mine = security.deployment if security is not None else None
+    if svc.secured_by == mine:
+        return None
+    if svc.secured_by is None:
+        return (f"{label} on {svc.endpoint} was started by the launcher without security, and this deployment "
+                "is secured: stop the deployments that use it, or give this one other ports")
+    return (f"{label} on {svc.endpoint} is secured with the credentials of deployment '{svc.secured_by}'"
+            + (", and this deployment is not secured" if mine is None else "") +
+            ": deployments with their own credentials cannot share a server; give this one other ports")
 
 
 def ensure_services(etcd: list[str], nats: str, managed: str, user: Path,
-                    say: object = print) -> list[ManagedService]:
+                    say: Callable[[str], object] = print, security: Security | None = None) -> list[ManagedService]:
     """Probe each endpoint; start a local server for each that does not answer (unless managed: never).
 
     Returns the managed servers this deployment (`user`, its run directory) now uses: the ones
     started here, and the ones another deployment started that answer (adopted), each recorded in
     launcher.service_users. If a start fails, the servers started here are stopped before raising.
+    Secured (`security`): servers start with TLS and client-certificate authentication, and a server that
+    answers must accept this deployment's credentials; the error says why it does not.
     """
     used: list[ManagedService] = []
     started: list[ManagedService] = []
-    checks = [("etcd", etcd[0] if etcd else "", etcd_healthy, start_etcd, len(etcd) == 1, "etcd"),
-              ("NATS", nats, nats_healthy, start_nats, True, "nats-server")]
+    tls = security.client if security is not None else None
+    checks: list[tuple[str, str, Probe, Callable[..., ManagedService], bool, str]] = [
+        ("etcd", etcd[0] if etcd else "", lambda e: etcd_healthy(e, tls=tls), start_etcd, len(etcd) == 1, "etcd"),
+        ("NATS", nats, nats_healthy, start_nats, True, "nats-server")]
     try:
         for label, endpoint, probe, start, single, kind in checks:
             answering = any(probe(e) for e in (etcd if label == "etcd" else [nats]))
+            if not answering and security is not None and label == "etcd":
+                # an etcd that refuses our certificate answers nothing to /health: say why, do not start another
+                refused = [credentials_problem(label, e, security.client) for e in etcd if port_open(e)]
+                if any(refused):
+                    raise ServiceError("; ".join(r for r in refused if r))
             if answering and managed != "always":
                 shared = service_users.adopt(kind, endpoint, user) if single else None
                 if shared is not None:
                     used.append(shared)
-                    say(f"{label}: using {endpoint} (managed by the launcher, shared)")  # type: ignore[operator]
+                    mismatch = _security_mismatch(label, shared, security)
+                    if mismatch:
+                        raise ServiceError(mismatch)
+                    if security is not None and kind == "nats-server" and security.nats_config is not None:
+                        reload_nats(shared, security)
+                    say(f"{label}: using {endpoint} (managed by the launcher, shared)")
                 else:
-                    say(f"{label}: using {endpoint}")  # type: ignore[operator]
+                    say(f"{label}: using {endpoint}")
+                if security is not None:
+                    problem = credentials_problem(label, endpoint, security.client)
+                    if problem:
+                        raise ServiceError(problem)
                 continue
             if answering and managed == "always":
                 raise ServiceError(f"{label}: services.managed is 'always' but something already answers on "
@@ -160,14 +269,19 @@ def ensure_services(etcd: list[str], nats: str, managed: str, user: Path,
             if not single or not is_local(endpoint):
                 raise ServiceError(f"{label}: nothing answers on {endpoint}, a remote endpoint the launcher cannot "
                                    "start: start that server, or fix the endpoint (ETCD_ENDPOINTS / NATS_SERVER)")
-            say(f"{label}: nothing on {endpoint}, starting a local server")  # type: ignore[operator]
-            svc = start(endpoint, service_users.service_dir(kind, endpoint))
+            if security is not None and security.server is None:
+                raise ServiceError(f"{label}: nothing answers on {endpoint}, and this host has no server "
+                                   "certificate to start a secured one (a credentials bundle has none): start the "
+                                   "deployment's services on the host that made its credentials first")
+            say(f"{label}: nothing on {endpoint}, starting a local server"
+                + (" (TLS, client certificates)" if security is not None else ""))
+            svc = start(endpoint, service_users.service_dir(kind, endpoint), security)
             started.append(svc)
             service_users.record_started(kind, svc, user)
             used.append(svc)
     except BaseException:
         for svc in started:  # a partial start leaves nothing behind, recorded or not
-            say(f"{svc.name}: stopping the server this failed start began (pid {svc.pid})")  # type: ignore[operator]
+            say(f"{svc.name}: stopping the server this failed start began (pid {svc.pid})")
             release_services([svc], user, say=lambda m: None)
         for svc in used:
             if svc not in started:
@@ -177,7 +291,7 @@ def ensure_services(etcd: list[str], nats: str, managed: str, user: Path,
 
 
 def release_services(used: list[ManagedService], user: Path, grace: float = 10.0,
-                     say: object = print) -> list[str]:
+                     say: Callable[[str], object] = print) -> list[str]:
     """`user` gives up each managed server; one is stopped only when no live deployment uses it.
     Returns the names of the servers stopped; says what happened to each either way."""
     stopped = []
@@ -185,12 +299,12 @@ def release_services(used: list[ManagedService], user: Path, grace: float = 10.0
         others = service_users.release(svc.name, svc, user)
         if others:
             names = ", ".join(Path(o).name for o in others)
-            say(f"{svc.name} on {svc.endpoint} left running: still used by {names}")  # type: ignore[operator]
+            say(f"{svc.name} on {svc.endpoint} left running: still used by {names}")
             continue
         if proctree.is_same_process(svc.pid, svc.create_time):
             proctree.stop_tree(svc.pid, grace=grace)
             stopped.append(svc.name)
-            say(f"{svc.name} on {svc.endpoint} stopped: no other deployment uses it")  # type: ignore[operator]
+            say(f"{svc.name} on {svc.endpoint} stopped: no other deployment uses it")
     return stopped
 
 

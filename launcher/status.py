@@ -26,11 +26,13 @@ STATE_STYLE = {"ready": "green", "starting": "yellow", "backoff": "yellow", "pen
                "unknown": "yellow"}
 
 
-async def _registrations(etcd: list[str], namespace: str, timeout: float = 2.0) -> list[Any] | None:
+async def _registrations(etcd: list[str], namespace: str, timeout: float = 2.0,
+                         tls: dict[str, str] | None = None) -> list[Any] | None:
     from workers.runtime.registry import Registry
+    from workers.runtime.tls import TlsFiles
 
     try:
-        registry = await asyncio.wait_for(Registry.connect(etcd), timeout)
+        registry = await asyncio.wait_for(Registry.connect(etcd, tls=TlsFiles(**tls) if tls else None), timeout)
     except Exception:
         return None
     try:
@@ -76,7 +78,7 @@ def collect(run_dir: RunDir, sample: float = 0.2) -> dict[str, Any]:
     state = run_dir.state()
     procs_state = state.get("processes", {})
     supervisor = run_dir.supervisor_pid()
-    regs = asyncio.run(_registrations(plan.get("etcd", []), plan.get("namespace", "")))
+    regs = asyncio.run(_registrations(plan.get("etcd", []), plan.get("namespace", ""), tls=plan.get("tls")))
     by_process: dict[str, list[Any]] = {}
     for reg in regs or []:
         by_process.setdefault(reg.process, []).append(reg)

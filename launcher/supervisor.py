@@ -534,13 +534,15 @@ def stop_grace(run_dir: RunDir) -> float | None:
 async def run(run_dir: RunDir, stop: asyncio.Event | None = None) -> int:
     """The supervisor loop: until SIGTERM (or `stop`), then stop everything, ticking, and exit."""
     from workers.runtime.registry import Registry
+    from workers.runtime.tls import TlsFiles
 
     plan = run_dir.plan()
     specs = [ProcessSpec.from_json(s) for s in plan["processes"]]
     backend = make_backend(plan.get("backend", "subprocess"), run_dir)
     sup = Supervisor(specs, backend, run_dir.log_path)
     namespace = plan["namespace"]
-    registry = await Registry.connect(plan["etcd"])
+    tls = plan.get("tls")
+    registry = await Registry.connect(plan["etcd"], tls=TlsFiles(**tls) if tls else None)
     stop = stop or asyncio.Event()
     wake = asyncio.Event()  # SIGUSR1: a `launcher restart` request waits in the run dir
     loop = asyncio.get_running_loop()

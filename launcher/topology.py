@@ -63,12 +63,26 @@ class Engine(BaseModel):
         return out
 
 
+class ServiceTls(Strict):
+    """Files (never inline keys) to reach servers the launcher does not start (managed: never) over TLS."""
+
+    ca: str = Field(description="the CA certificate the servers' certificates are checked against (PEM file)")
+    cert: str = Field(description="the client certificate every process presents (PEM file)")
+    key: str = Field(description="its private key (PEM file, readable by the deployment's user only)")
+
+
 class Services(Strict):
     etcd: str = Field(DEFAULT_ETCD, description="etcd endpoint(s), comma-separated; ETCD_ENDPOINTS overrides")
     nats: str = Field(DEFAULT_NATS, description="NATS server URL; NATS_SERVER overrides")
     managed: Literal["auto", "always", "never"] = Field(
         "auto", description="auto: start local etcd/nats-server when nothing answers"
     )
+    security: Literal["auto", "tls", "none"] = Field(
+        "auto", description="auto: TLS and client certificates when a service is not on a loopback address "
+                            "(the launcher makes the deployment's credentials); tls: always; none: never (a "
+                            "cross-host deployment then lets anyone on the network in: validate warns)")
+    tls: ServiceTls | None = Field(None, description="managed: never with TLS: the credentials files to use "
+                                                     "(or LAUNCHER_TLS_CA / _CERT / _KEY)")
 
     @field_validator("etcd")
     @classmethod

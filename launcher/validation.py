@@ -86,6 +86,7 @@ def check_file(path: Path, say: Callable[[str], None] | None = None) -> Checked:
     if result.topology is not None:
         resolved = resolve(result.topology, table=table)
         result.problems += [p.render(loaded) for p in rules.check(resolved)]
+        result.warnings += rules.security_warnings(resolved)
     if result.problems:
         result.topology = None
     result.problems = [one_line(p) for p in result.problems]

@@ -24,8 +24,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 import aetcd
+import grpc
+from aetcd import rpc, watcher
 
-from workers.runtime.settings import ServiceUnavailable
+from workers.runtime.settings import ServiceRefused, ServiceUnavailable
+from workers.runtime.tls import TlsFiles, TlsRefused, handshake
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +128,54 @@ def instance_of_key(key: str) -> int:
     return int(key.rsplit(":", 1)[-1], 16)
 
 
-async def connect(endpoints: tuple[str, ...] | list[str], timeout: float = 5.0) -> aetcd.Client:
-    """First endpoint that answers wins; the error names every endpoint tried."""
+class SecureClient(aetcd.Client):
+    """aetcd.Client over TLS with a client certificate. aetcd 1.0 opens only insecure channels, so this
+    is its `connect` with grpc's secure channel in place of the insecure one; everything else is aetcd's."""
+
+    def __init__(self, *, host: str, port: int, timeout: int, tls: TlsFiles) -> None:
+        super().__init__(host=host, port=port, timeout=timeout)
+        ca, key, cert = tls.read()
+        self._credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                                         certificate_chain=cert)
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        self.channel = rpc.secure_channel(f"{self._host}:{self._port}", self._credentials,
+                                          options=self._options.items())
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
+        self._connected.set()
+
+
+async def connect(endpoints: tuple[str, ...] | list[str], timeout: float = 5.0,
+                  tls: TlsFiles | None = None) -> aetcd.Client:
+    """First endpoint that answers wins; the error names every endpoint tried.
+
+    https:// endpoints are reached with a client certificate (tls, default: LAUNCHER_TLS_* from the
+    environment); one that refuses it is reported with the TLS reason, checked by a handshake of our own
+    first, since gRPC's errors only say "failed to connect"."""
     errors = []
+    files = tls if tls is not None else TlsFiles.from_env()
     for endpoint in endpoints:
         url = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
-        client = aetcd.Client(host=url.hostname or "127.0.0.1", port=url.port or 2379, timeout=int(timeout))
+        host, port = url.hostname or "127.0.0.1", url.port or 2379
+        client: aetcd.Client
+        if url.scheme == "https":
+            if files is None:
+                raise ServiceRefused("etcd", endpoint, "it is https and no credentials were given", "ETCD_ENDPOINTS")
+            try:
+                await asyncio.to_thread(handshake, host, port, files, min(timeout, 3.0))
+            except TlsRefused as exc:
+                raise ServiceRefused("etcd", endpoint, exc.reason, "ETCD_ENDPOINTS") from None
+            except OSError:
+                pass  # nothing answers: the attempt below says so, with the other endpoints'
+            client = SecureClient(host=host, port=port, timeout=int(timeout), tls=files)
+        else:
+            client = aetcd.Client(host=host, port=port, timeout=int(timeout))
         try:
             await asyncio.wait_for(client.connect(), timeout)
             await asyncio.wait_for(client.status(), timeout)
@@ -152,8 +197,8 @@ class Registry:
         self._keepalive: asyncio.Task[None] | None = None
 
     @classmethod
-    async def connect(cls, endpoints: tuple[str, ...] | list[str]) -> Registry:
-        return cls(await connect(endpoints))
+    async def connect(cls, endpoints: tuple[str, ...] | list[str], tls: TlsFiles | None = None) -> Registry:
+        return cls(await connect(endpoints, tls=tls))
 
     async def grant(self, ttl: int = DEFAULT_TTL) -> int:
         """A lease id before registering, so the per-instance NATS subject can exist first."""
@@ -261,10 +306,11 @@ class Registry:
             await self.client.close()
 
 
-async def components_by_namespace(endpoints: tuple[str, ...] | list[str]) -> dict[str, set[str]]:
+async def components_by_namespace(endpoints: tuple[str, ...] | list[str],
+                                  tls: TlsFiles | None = None) -> dict[str, set[str]]:
     """Every namespace with live registrations, and the components registered there
     (keys `{ns}/components/{component}/...`)."""
-    client = await connect(endpoints)
+    client = await connect(endpoints, tls=tls)
     try:
         result = await client.get_all(keys_only=True)
         found: dict[str, set[str]] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlparse
@@ -33,7 +34,8 @@ from workers.runtime.annotated import (
 )
 from workers.runtime.inbox import InboxMux, ReplierLost, Replies, ReplyTimeout
 from workers.runtime.sender import Sender
-from workers.runtime.settings import ServiceUnavailable, subject_token
+from workers.runtime.settings import ServiceRefused, ServiceUnavailable, subject_token
+from workers.runtime.tls import TlsFiles, client_identity, describe, inbox_prefix
 
 log = logging.getLogger(__name__)
 
@@ -87,22 +89,57 @@ def cancel_subject(subject: str) -> str:
     return f"{subject}.cancel"
 
 
-async def connect(server: str, name: str, timeout: float = 5.0) -> NATS:
+async def connect(server: str, name: str, timeout: float = 5.0, tls: TlsFiles | None = None) -> NATS:
     """Connect, failing fast with the address if nothing answers (nats-py would retry forever, since
-    reconnects are unlimited); once connected, reconnect forever (NATS restarts are survived)."""
+    reconnects are unlimited); once connected, reconnect forever (NATS restarts are survived).
+
+    A secured deployment (tls, default: LAUNCHER_TLS_* from the environment) connects over TLS with its
+    client certificate, and reads replies on its identity's own inbox prefix (the only one its NATS user
+    may subscribe to). A refused connection names the server and the reason, never a traceback."""
+    files = tls if tls is not None else TlsFiles.from_env()
     await _probe(server, timeout)
 
+    connected = False
+
     async def on_error(exc: Exception) -> None:
+        # nats-py retries a refused first connection forever (reconnects are unlimited): raising from its
+        # error callback is the way out, for refusals only; a server that restarts is still waited for.
+        if not connected and isinstance(exc, REFUSALS + ((ConnectionResetError,) if files else ())):
+            raise exc
         log.warning("NATS at %s: %s: %s", server, type(exc).__name__, exc)
 
-    return await nats.connect(
-        servers=[server],
-        name=name,
-        connect_timeout=timeout,
-        max_reconnect_attempts=-1,
-        allow_reconnect=True,
-        error_cb=on_error,
-    )
+    options: dict[str, Any] = {}
+    if files is not None:
+        options = {"tls": files.client_context(), "inbox_prefix": inbox_prefix(client_identity()).encode()}
+    try:
+        nc = await nats.connect(
+            servers=[server],
+            name=name,
+            connect_timeout=timeout,
+            max_reconnect_attempts=-1,
+            allow_reconnect=True,
+            error_cb=on_error,
+            **options,
+        )
+    except (*REFUSALS, ConnectionResetError) as exc:
+        raise ServiceRefused("NATS", server, _refusal(exc), "NATS_SERVER") from None
+    connected = True
+    return nc
+
+
+# What a NATS server answers a client it will not let in (not: a server that is down).
+REFUSALS: tuple[type[Exception], ...] = (ssl.SSLError, nats.errors.AuthorizationError,
+                                         nats.errors.SecureConnRequiredError)
+
+
+def _refusal(exc: BaseException) -> str:
+    if isinstance(exc, nats.errors.AuthorizationError):
+        return "authorization violation (the server knows no user for this certificate)"
+    if isinstance(exc, nats.errors.SecureConnRequiredError):
+        return "it requires TLS, and no credentials were given"
+    if isinstance(exc, ConnectionResetError):
+        return "the server closed the connection during the TLS handshake (does it trust this certificate's CA?)"
+    return describe(exc)
 
 
 async def _probe(server: str, timeout: float) -> None:

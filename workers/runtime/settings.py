@@ -54,3 +54,16 @@ class ServiceUnavailable(ConnectionError):
             f"{service} at {url} did not answer ({cause}). Is it running? `launcher ls` / `launcher status` "
             f"show the deployments and their {service}; {env_var} overrides the address.")
 
+
+
+class ServiceRefused(ConnectionError):
+    """etcd or NATS answered but would not let this process in (TLS or authorization): names the address
+    and the reason, e.g. "TLS handshake failed: certificate verify failed: unable to get local issuer
+    certificate"."""
+
+    def __init__(self, service: str, url: str, cause: str, env_var: str) -> None:
+        self.service, self.url, self.cause = service, url, cause
+        super().__init__(
+            f"{service} at {url} refused this process: {cause}. A secured deployment's processes need its "
+            f"credentials (LAUNCHER_TLS_CA / _CERT / _KEY; `launcher credentials env NAME` prints them); "
+            f"{env_var} overrides the address.")
