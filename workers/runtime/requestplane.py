@@ -121,7 +121,8 @@ async def connect(server: str, name: str, timeout: float = 5.0, tls: TlsFiles | 
             error_cb=on_error,
             **options,
         )
-    except (*REFUSALS, ConnectionResetError) as exc:
+    except (ssl.SSLError, nats.errors.AuthorizationError, nats.errors.SecureConnRequiredError,
+            ConnectionResetError) as exc:  # REFUSALS, written out for mypy
         raise ServiceRefused("NATS", server, _refusal(exc), "NATS_SERVER") from None
     connected = True
     return nc
