@@ -18,8 +18,9 @@ OPERATOR = "operator"  # the identity of the launcher's CLI and of clients start
 
 
 def client_identity() -> str:
-    """Who this process is in a secured deployment: its process name, or the operator."""
-    return os.environ.get("LAUNCHER_PROCESS") or OPERATOR
+    """Who this process is in a secured deployment: LAUNCHER_IDENTITY where several processes share one
+    certificate (the replicas of a Kubernetes workload), else its process name, else the operator."""
+    return os.environ.get("LAUNCHER_IDENTITY") or os.environ.get("LAUNCHER_PROCESS") or OPERATOR
 
 
 def inbox_prefix(identity: str) -> str:
