@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -102,7 +103,10 @@ def test_multinode_yaml_plans_each_hosts_share_with_nixl_side_channels(tmp_path:
     assert (kv["kv_connector"], kv["kv_ip"], kv["kv_port"]) == ("NixlConnector", "10.0.0.2", 5600)
     # NIXL reads its handshake address from the environment, not from kv_ip.
     assert decode["env"]["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "10.0.0.2"
-    assert decode["env"]["ETCD_ENDPOINTS"] == "http://10.0.0.1:2379"
+    # the services are on 10.0.0.1, not loopback: secured by default, each process with its own certificate
+    assert decode["env"]["ETCD_ENDPOINTS"] == "https://10.0.0.1:2379"
+    assert decode["env"]["NATS_SERVER"] == "tls://10.0.0.1:4222"
+    assert decode["env"]["LAUNCHER_TLS_CERT"].endswith("multinode@b/credentials/decode.crt")
     assert decode["env"]["LAUNCHER_HOST"] == "b"
     frontend, prefill = json.loads(_launcher(["plan", "topologies/multinode.yaml", "--host", "a", "--json"],
                                              env).stdout)
@@ -144,6 +148,11 @@ class Host:
     def status(self) -> dict[str, dict[str, Any]]:
         info = json.loads(self.launcher(["status", "--host", self.name, "--json"]).stdout)
         return {p["name"]: p for p in info["processes"]}
+
+    def client_env(self) -> dict[str, str]:
+        """What `eval "$(launcher credentials env)"` gives a client started by hand on this host."""
+        lines = self.launcher(["credentials", "env", "--host", self.name]).stdout.splitlines()
+        return dict(shlex.split(line)[1].split("=", 1) for line in lines if line.startswith("export "))
 
 
 def _ip(*args: str) -> None:
@@ -214,7 +223,12 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, servic
     hosts = TwoHosts(a, b, name, nats, etcd, isolated=a.netns is not None)
     try:
         a.launcher(["up", str(path), "--host", "a"], timeout=600)
-        b.launcher(["up", str(path), "--host", "b"], timeout=600)
+        if hosts.isolated:  # secured (services on a routable address): b gets a's credentials bundle
+            bundle = tmp / "credentials.bundle"
+            a.launcher(["credentials", "export", name, "--host", "a", "-o", str(bundle)])
+            b.launcher(["up", str(path), "--host", "b", "--credentials", str(bundle)], timeout=600)
+        else:
+            b.launcher(["up", str(path), "--host", "b"], timeout=600)
         yield hosts
     finally:
         for host in (b, a):
@@ -242,8 +256,9 @@ CLIENT = textwrap.dedent("""\
 
 
 def ask_from(host: Host, nats: str, subject: str) -> list[dict[str, Any]]:
-    """A client process on `host` (inside its namespace): the worker's raw chunks."""
-    proc = host.run([sys.executable, "-c", CLIENT, nats, subject])
+    """A client process on `host` (inside its namespace), with the operator's credentials that host has:
+    the worker's raw chunks."""
+    proc = host.run([sys.executable, "-c", CLIENT, nats, subject], env=host.client_env())
     assert proc.returncode == 0, proc.stderr
     items: list[dict[str, Any]] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert items and not any(i["event"] == "error" for i in items), items
@@ -262,10 +277,85 @@ def test_host_b_reaches_services_only_through_host_a(two_hosts: TwoHosts) -> Non
     if not two_hosts.isolated:
         pytest.skip("hosts share loopback here (no network namespaces)")
     port = two_hosts.etcd.rsplit(":", 1)[1]
-    probe = "import sys; from launcher.services import etcd_healthy as h; print(h(sys.argv[1]))"
-    on_b = [two_hosts.b.run([sys.executable, "-c", probe, url]).stdout.strip()
-            for url in (two_hosts.etcd, f"http://127.0.0.1:{port}")]
+    probe = ("import sys; from launcher.services import etcd_healthy as h; from workers.runtime.tls import TlsFiles; "
+             "print(h(sys.argv[1], tls=TlsFiles.from_env()))")
+    secured = f"https://{two_hosts.a.address}:{port}"
+    on_b = [two_hosts.b.run([sys.executable, "-c", probe, url], env=two_hosts.b.client_env()).stdout.strip()
+            for url in (secured, f"https://127.0.0.1:{port}")]
     assert on_b == ["True", "False"], "b must see etcd at a's address and nothing on its own loopback"
+
+
+REFUSED_NATS = textwrap.dedent("""\
+    import asyncio, ssl, sys
+    import nats, nats.errors
+
+    async def main(url, subject):
+        anonymous = ssl.create_default_context()
+        anonymous.check_hostname, anonymous.verify_mode = False, ssl.CERT_NONE  # no certificate of its own
+        try:
+            nc = await nats.connect(url, tls=anonymous, allow_reconnect=False, max_reconnect_attempts=0,
+                                    connect_timeout=5)
+        except (ssl.SSLError, ConnectionError, nats.errors.Error) as exc:
+            print("refused", type(exc).__name__)
+            return
+        await nc.publish(subject, b"{}")
+        await nc.flush()
+        print("connected")
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+""")
+
+REFUSED_ETCD = textwrap.dedent("""\
+    import asyncio, sys
+    import aetcd
+
+    async def main(host, port):
+        client = aetcd.Client(host=host, port=int(port), timeout=5)  # in clear, no certificate
+        try:
+            await client.put(b"/fake/components/vllm/generate:1", b"{}")
+        except aetcd.exceptions.ClientError as exc:
+            print("refused", type(exc).__name__)
+            return
+        finally:
+            await client.close()
+        print("registered")
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+""")
+
+
+def test_from_host_b_nothing_gets_in_without_credentials(two_hosts: TwoHosts) -> None:
+    """Issue 21: the two-host test with security on. From b's namespace, a NATS client and an etcd client
+    without the deployment's certificates are refused, checked by their error types; b's own client
+    (the bundle's operator identity) is answered (test_a_client_on_one_host_reaches_the_worker_on_the_other)."""
+    if not two_hosts.isolated:
+        pytest.skip("hosts share loopback here (no network namespaces): the shared servers run in clear")
+    nats_url = f"tls://{two_hosts.a.address}:{two_hosts.nats.rsplit(':', 1)[1]}"
+    subject = requestplane.endpoint_subject(two_hosts.namespace, MONOLITH.component, MONOLITH.endpoint)
+    out = two_hosts.b.run([sys.executable, "-c", REFUSED_NATS, nats_url, subject]).stdout.split()
+    assert out[:1] == ["refused"] and out[1] in ("SSLError", "ConnectionResetError", "SSLEOFError"), out
+    out = two_hosts.b.run([sys.executable, "-c", REFUSED_ETCD, two_hosts.a.address,
+                           two_hosts.etcd.rsplit(":", 1)[1]]).stdout.split()
+    assert out[:1] == ["refused"] and out[1] in ("ConnectionFailedError", "ConnectionTimeoutError"), out
+
+
+def test_no_key_in_plan_status_logs_or_errors(two_hosts: TwoHosts) -> None:
+    if not two_hosts.isolated:
+        pytest.skip("hosts share loopback here (no network namespaces): no credentials are made")
+    keys = [line for host in (two_hosts.a, two_hosts.b)
+            for f in (host.home / f"{two_hosts.namespace}@{host.name}" / "credentials").glob("*.key")
+            for line in f.read_text().splitlines()[1:-1]]
+    assert keys
+    shown = []
+    for host in (two_hosts.a, two_hosts.b):
+        rd = host.home / f"{two_hosts.namespace}@{host.name}"
+        shown += [host.launcher(["status", "--host", host.name]).stdout,
+                  host.launcher(["status", "--host", host.name, "--json"]).stdout,
+                  host.launcher(["credentials", "env", "--host", host.name]).stdout]
+        shown += [p.read_text(errors="replace") for p in (rd / "logs").glob("*.log")]
+        shown += [(rd / "plan.json").read_text()]
+    for text in shown:
+        assert "PRIVATE KEY" not in text and not any(k in text for k in keys)
 
 
 def test_status_on_either_host_shows_both_hosts(two_hosts: TwoHosts) -> None:

@@ -111,7 +111,15 @@ def test_env_overrides_endpoints(tmp_path: Path, monkeypatch) -> None:  # type: 
     topo, _ = load_topology(path)
     monkeypatch.setenv("ETCD_ENDPOINTS", "http://a:1,http://b:2")
     monkeypatch.setenv("NATS_SERVER", "nats://c:3")
-    assert Endpoints.resolve(topo) == Endpoints(etcd=["http://a:1", "http://b:2"], nats="nats://c:3")
+    endpoints = Endpoints.resolve(topo)
+    # hosts a, b and c are not loopback: the deployment is secured, the same addresses over TLS
+    assert (endpoints.etcd, endpoints.nats) == (["https://a:1", "https://b:2"], "tls://c:3")
+    assert endpoints.security.tls and "http://a:1 is not a loopback address" in endpoints.security.reason
+    monkeypatch.setenv("ETCD_ENDPOINTS", "http://127.0.0.1:1")
+    monkeypatch.setenv("NATS_SERVER", "nats://localhost:3")
+    assert Endpoints.resolve(topo) == Endpoints(etcd=["http://127.0.0.1:1"], nats="nats://localhost:3",
+                                                security=Endpoints.resolve(topo).security)
+    assert not Endpoints.resolve(topo).security.tls
 
 
 def test_plan_cli_hides_secrets(tmp_path: Path) -> None:
