@@ -226,7 +226,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         console.print(f"live panes: {' '.join(attach_argv(rd, first))}  (or `launcher attach {first}`)")
     if ok:
         console.print(f"[green]ready[/] in {elapsed:.1f} s. Send a request:", highlight=False)
-        for line in request_examples(topo, specs):
+        for line in request_examples(topo, specs, secured=endpoints.security.tls, host=args.host):
             console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     else:
         console.print("[red]not every process is ready[/]: `launcher logs NAME`, or `launcher down`")
@@ -245,7 +245,8 @@ def check_host(resolved: Resolved, specs: list[ProcessSpec], check_ports: bool =
     return validation.host_problems([p for p in resolved.processes if p.name in mine], check_ports=check_ports)
 
 
-def request_examples(topo: Topology, specs: list[ProcessSpec]) -> list[str]:
+def request_examples(topo: Topology, specs: list[ProcessSpec], secured: bool = False,
+                     host: str | None = None) -> list[str]:
     """A curl line for each frontend this host runs (the API key by its variable, never its value),
     and the NATS client."""
     lines = []
@@ -256,8 +257,11 @@ def request_examples(topo: Topology, specs: list[ProcessSpec]) -> list[str]:
         argv = ["curl", "-s", f"{spec.url}/v1/chat/completions", "-H", shlex.quote("Content-Type: application/json"),
                 *auth, "-d", shlex.quote(body)]
         lines.append(" ".join(argv))
-    lines.append(f"python -m workers.common.client --namespace {topo.effective_namespace} "
-                 "--prompt 'what is the capital of france?' --chat")
+    client = (f"python -m workers.common.client --namespace {topo.effective_namespace} "
+              "--prompt 'what is the capital of france?' --chat")
+    if secured:  # the seed client needs the operator's certificate, as every client of a secured deployment
+        client = f'eval "$(launcher credentials env {topo.name}{" --host " + host if host else ""})" && {client}'
+    lines.append(client)
     return lines
 
 
