@@ -99,7 +99,7 @@ cat <<EOF
 watch a worker:   tmux ${socket}a -t v-1        (v-1 .. v-$n, router: tmux ${socket}a -t v-router)
                   or: launcher attach v-1
 status:           launcher status $name
-send a request:   python -m workers.common.client --namespace $name --component preprocess --prompt 'what is the capital of france?' --chat
+send a request:   eval "\$(launcher credentials env $name)" && python -m workers.common.client --namespace $name --component preprocess --prompt 'what is the capital of france?' --chat
 close:            launcher down $name
 EOF
 exit "$status"

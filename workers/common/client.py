@@ -19,7 +19,7 @@ from workers.common.protocol import GenerateRequest
 from workers.kinds import KINDS, entry_components, kind_of_component
 from workers.runtime import registry, requestplane
 from workers.runtime.annotated import Annotated
-from workers.runtime.settings import RuntimeSettings, ServiceUnavailable
+from workers.runtime.settings import RuntimeSettings, ServiceRefused, ServiceUnavailable
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -123,7 +123,7 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(asyncio.run(run(parse_args(argv))))
-    except ServiceUnavailable as exc:
+    except (ServiceUnavailable, ServiceRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 

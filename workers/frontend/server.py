@@ -25,9 +25,10 @@ from workers.frontend.catalog import Catalog, follow
 from workers.frontend.dispatch import Dispatcher
 from workers.frontend.tokens import Tokenizers
 from workers.kinds import KINDS
+from workers.runtime import exitcodes
 from workers.runtime.registry import Registration
 from workers.runtime.serve import WorkerContext, setup_logging
-from workers.runtime.settings import RuntimeSettings
+from workers.runtime.settings import RuntimeSettings, ServiceRefused, ServiceUnavailable
 
 log = logging.getLogger("workers.frontend")
 
@@ -126,9 +127,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args))
+        run = asyncio.run
     else:
-        uvloop.run(serve(args))
+        run = uvloop.run
+    try:
+        run(serve(args))
+    except (ServiceUnavailable, ServiceRefused) as exc:  # the address and the reason, not a traceback
+        log.error("%s", exc)
+        sys.exit(exitcodes.SERVICE_UNAVAILABLE)
 
 
 if __name__ == "__main__":

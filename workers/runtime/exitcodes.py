@@ -11,9 +11,13 @@ from __future__ import annotations
 # sysexits' EX_TEMPFAIL ("a temporary failure: retry"): the process is sound, its engine is not; restart it.
 # Not 1 (any uncaught exception) nor a small number a user's own script might use.
 ENGINE_DEAD = 75
+# sysexits' EX_UNAVAILABLE: etcd or NATS did not answer, or refused this process (TLS, authorization); the
+# log says which address and why. Restarted under the policy: a server that comes back is found again.
+SERVICE_UNAVAILABLE = 69
 
 REASONS: dict[int, str] = {
     ENGINE_DEAD: "its vLLM engine core died",
+    SERVICE_UNAVAILABLE: "etcd or NATS did not answer or refused it: see its log",
 }
 
 

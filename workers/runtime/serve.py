@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from workers.runtime import exitcodes, requestplane
 from workers.runtime.registry import Registration, Registry
-from workers.runtime.settings import RuntimeSettings
+from workers.runtime.settings import RuntimeSettings, ServiceRefused, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,11 @@ class WorkerContext:
 def run_worker(main: Coroutine[Any, Any, int | None]) -> NoReturn:
     """Run a worker's main coroutine and exit with its code. A failed worker (engine dead) leaves at
     once, even if a library left a non-daemon thread behind: the supervisor waits on this exit."""
-    code = asyncio.run(main) or 0
+    try:
+        code = asyncio.run(main) or 0
+    except (ServiceUnavailable, ServiceRefused) as exc:  # the address and the reason, not a traceback
+        logging.getLogger(__name__).error("%s", exc)
+        code = exitcodes.SERVICE_UNAVAILABLE
     if code:
         logging.shutdown()
         os._exit(code)
