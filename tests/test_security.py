@@ -380,3 +380,17 @@ def test_up_elsewhere_without_the_bundle_says_how_to_get_it(tmp_path: Path) -> N
     out = _launcher(["up", str(path)], tmp_path)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "launcher credentials export sec -o FILE" in out.stderr and "--credentials FILE" in out.stderr
+
+
+def test_a_refused_client_says_who_and_why_without_a_traceback(secured: Secured, tmp_path: Path) -> None:
+    """The seed client with another deployment's certificate, then with none."""
+    stranger = _stranger(tmp_path).client("fe")
+    base = {"ETCD_ENDPOINTS": secured.etcd, "NATS_SERVER": secured.nats}
+    argv = [*LAUNCHER[:1], "-m", "workers.common.client", "--namespace", NAMESPACE, "--prompt", "hi"]
+    for env, reason in (({**base, **stranger.env()}, "TLS handshake failed: unknown CA"),
+                        (base, "it is https and no credentials were given")):
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("ETCD_", "NATS_", "LAUNCHER_"))}
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT, env={**clean, **env})
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert f"etcd at {secured.etcd} refused this process: {reason}" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr

@@ -66,7 +66,10 @@ class TlsFiles:
 def describe(exc: BaseException) -> str:
     """A TLS failure as a user reads it: "TLS handshake failed: <what the peer or the check said>"."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS handshake failed: {exc.verify_message or exc.reason} (is it this deployment's CA?)"
+        if exc.verify_code in (19, 20, 21):  # self-signed in chain / issuer not found / cannot verify leaf
+            return (f"TLS handshake failed: unknown CA (the server's certificate is not from this deployment's CA: "
+                    f"{exc.verify_message})")
+        return f"TLS handshake failed: certificate verify failed: {exc.verify_message or exc.reason}"
     if isinstance(exc, ssl.SSLError):
         reason = (exc.reason or str(exc)).lower().replace("_", " ")
         hint = " (the server wants this deployment's client certificate)" if "certificate" in reason else ""
