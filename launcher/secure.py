@@ -40,7 +40,7 @@ def prepare(resolved: Resolved, bundle: Path | None, say: Callable[[str], object
     if not security.tls:
         return None
     if security.given is not None:
-        return services.Security(topo.name, client=security.given)
+        return services.Security(topo.name, client=security.given, own=False)
     assert security.credentials is not None
     creds = Credentials(security.credentials)
     if bundle is not None:

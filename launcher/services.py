@@ -44,6 +44,7 @@ class Security:
     client: TlsFiles
     server: TlsFiles | None = None  # None: this host starts no server (it has only a bundle, or managed: never)
     nats_config: Callable[[str, Path], str] | None = None  # (listen host:port, JetStream store) -> config text
+    own: bool = True  # the launcher's credentials for this deployment; False: files the topology names
 
 
 def is_local(endpoint: str) -> bool:
@@ -247,7 +248,8 @@ def ensure_services(etcd: list[str], nats: str, managed: str, user: Path,
                 shared = service_users.adopt(kind, endpoint, user) if single else None
                 if shared is not None:
                     used.append(shared)
-                    mismatch = _security_mismatch(label, shared, security)
+                    mismatch = _security_mismatch(label, shared, security) if security is None or security.own \
+                        else None  # files the topology names: the handshake below decides
                     if mismatch:
                         raise ServiceError(mismatch)
                     if security is not None and kind == "nats-server" and security.nats_config is not None:

@@ -394,3 +394,54 @@ def test_a_refused_client_says_who_and_why_without_a_traceback(secured: Secured,
         assert out.returncode == 2, out.stdout + out.stderr
         assert f"etcd at {secured.etcd} refused this process: {reason}" in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
+
+
+def test_servers_someone_else_runs_are_reached_with_the_files_the_topology_names(secured: Secured) -> None:
+    """managed: never with services.tls: every process presents those files; nothing is made."""
+    files = secured.files(OPERATOR)
+    topo_file = write_topology(secured.home / "byo.yaml", {
+        **_topology(secured.etcd, secured.nats, managed="never",
+                    tls={"ca": files.ca, "cert": files.cert, "key": files.key}),
+        "name": "byo"})
+    topo, _ = load_topology(topo_file)
+    resolved = resolve(topo, endpoints=Endpoints.resolve(topo, credentials=secured.home / "byo" / "credentials"),
+                       table=None)
+    security = secure.prepare(resolved, None, say=lambda m: None)
+    assert security is not None and security.client == files and security.server is None
+    assert all(p.env["LAUNCHER_TLS_CERT"] == files.cert for p in resolved.processes)
+    said: list[str] = []
+    used = svc.ensure_services(resolved.endpoints.etcd, resolved.endpoints.nats, "never",
+                               secured.home / "byo", say=said.append, security=security)  # the handshakes pass
+    assert not any("starting" in s for s in said), said
+    assert not (secured.home / "byo" / "credentials").exists()
+    assert {u.name for u in used} == {"etcd", "nats-server"}  # used, as any deployment's; never started
+
+
+def test_a_process_added_later_gets_its_permissions_on_the_running_server(secured: Secured) -> None:
+    """`up` again with one more worker: its certificate is made and nats-server reloads its users."""
+    data = _topology(secured.etcd, secured.nats, security="tls")
+    data["workers"].append({"name": "w2", "kind": "monolith", "args": ["--component", "extra"]})
+    data["services"] = {**data["services"], "etcd": secured.etcd.replace("https", "http"),
+                        "nats": secured.nats.replace("tls", "nats")}
+    topo_file = write_topology(secured.home / "sec-more.yaml", data)
+    topo, _ = load_topology(topo_file)
+    run_dir = secured.home / "sec"
+    resolved = resolve(topo, endpoints=Endpoints.resolve(topo, credentials=run_dir / "credentials"), table=None)
+    said: list[str] = []
+    security = secure.prepare(resolved, None, say=said.append)
+    assert security is not None and any("certificate of w2" in s for s in said), said
+    svc.ensure_services(resolved.endpoints.etcd, resolved.endpoints.nats, "auto", run_dir, say=said.append,
+                        security=security)
+
+    async def w2_serves() -> list[Exception]:
+        errors: list[Exception] = []
+        conn = await _connect(secured.nats, secured.files("w2"), "w2", errors)
+        try:
+            await conn.subscribe(f"{NAMESPACE}.extra.generate")
+            await conn.flush()
+            await asyncio.sleep(0.3)
+        finally:
+            await conn.close()
+        return errors
+
+    assert asyncio.run(w2_serves()) == []
