@@ -562,6 +562,9 @@ def cmd_export_kubernetes(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     for note in exp.notes:
         err.print(f"[yellow]note[/] {note}", soft_wrap=True)
+    if exp.credentials_made:
+        console.print(f"[green]credentials[/]: made {', '.join(exp.credentials_made)} in {out / 'credentials'} "
+                      "(0600; keep them out of git)")
     console.print(f"[green]wrote[/] {len(written)} files to {out}: `kubectl apply -k {out}` "
                   f"(notes in {out / 'NOTES.txt'})")
     return 0

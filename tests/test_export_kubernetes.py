@@ -37,6 +37,16 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # export may change nothing else, and a new rewrite must be added here knowingly.
 DROPPED_ENV = {"CUDA_VISIBLE_DEVICES", "VLLM_CPU_OMP_THREADS_BIND", "LAUNCHER_HOST"}
 IN_CLUSTER_ENV = {"ETCD_ENDPOINTS": "http://etcd:2379", "NATS_SERVER": "nats://nats:4222"}
+# Secured (every export unless services.security: none): TLS URLs, and this host's certificate paths
+# (if the plan has them) become the pod's Secret mount, with the workload as the identity.
+SECURED_ENV = {"ETCD_ENDPOINTS": "https://etcd:2379", "NATS_SERVER": "tls://nats:4222"}
+TLS_ENV = {"LAUNCHER_TLS_CA": "/etc/vllm-launcher/tls/ca.crt", "LAUNCHER_TLS_CERT": "/etc/vllm-launcher/tls/tls.crt",
+           "LAUNCHER_TLS_KEY": "/etc/vllm-launcher/tls/tls.key"}
+# etcd as the export wrote it before security (and still does with services.security: none).
+CLEAR_ETCD_COMMAND = ["etcd", "--name=etcd-0", "--data-dir=/var/lib/etcd", "--listen-client-urls=http://0.0.0.0:2379",
+                      "--advertise-client-urls=http://etcd:2379", "--listen-peer-urls=http://0.0.0.0:2380",
+                      "--initial-advertise-peer-urls=http://etcd-0.etcd:2380",
+                      "--initial-cluster=etcd-0=http://etcd-0.etcd:2380"]
 POD_IP = {"fieldRef": {"fieldPath": "status.podIP"}}
 
 
@@ -98,6 +108,24 @@ def env_of(workload: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(workload)["env"]}
 
 
+def kustomization(folder: Path) -> dict[str, Any]:
+    return dict(yaml.safe_load((folder / "kustomization.yaml").read_text()))
+
+
+def generated_files(kust: dict[str, Any]) -> list[str]:
+    """The files kustomize's generators read (name=path or path), relative to the folder."""
+    return [f.split("=", 1)[-1] for kind in ("configMapGenerator", "secretGenerator")
+            for gen in kust.get(kind, []) for f in gen.get("files", [])]
+
+
+def pod_secret(workload: dict[str, Any]) -> str | None:
+    """The Secret of a pod's `tls` volume (its identity), if it has one."""
+    for vol in workload["spec"]["template"]["spec"].get("volumes", []):
+        if vol["name"] == "tls":
+            return str(vol["secret"]["secretName"])
+    return None
+
+
 def argv_of(workload: dict[str, Any]) -> list[str]:
     c = container(workload)
     return [*c["command"], *c["args"]]
@@ -137,11 +165,17 @@ def test_the_schema_check_can_fail(exported) -> None:  # type: ignore[no-untyped
 @pytest.mark.parametrize("topo", [t.stem for t in TOPOLOGIES])
 def test_kustomization_lists_every_manifest_and_references_resolve(exported, topo: str) -> None:  # type: ignore[no-untyped-def]
     folder, _ = exported[topo]
-    kust = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    kust = kustomization(folder)
     assert kust["kind"] == "Kustomization" and kust["namespace"] == k8s.dns_label(topo)
     on_disk = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
     assert sorted(kust["resources"]) == sorted(on_disk) and len(set(kust["resources"])) == len(kust["resources"])
-    assert {p.name for p in folder.iterdir()} == on_disk | {"kustomization.yaml", "NOTES.txt", "README.md"}
+    generated = generated_files(kust)
+    assert all((folder / f).is_file() for f in generated)
+    top_level = {f for f in generated if "/" not in f}  # nats.conf; the credentials are in their folder
+    assert {p.name for p in folder.iterdir()} == on_disk | top_level | {
+        "kustomization.yaml", "NOTES.txt", "README.md", *(["credentials"] if "secretGenerator" in kust else [])}
+    config_maps = {g["name"] for g in kust.get("configMapGenerator", [])}
+    secrets = {g["name"] for g in kust.get("secretGenerator", [])}
 
     docs = docs_of(folder)
     names = [(d["kind"], d["metadata"]["name"]) for d in docs]
@@ -160,6 +194,10 @@ def test_kustomization_lists_every_manifest_and_references_resolve(exported, top
         for vol in template["spec"].get("volumes", []):
             if "persistentVolumeClaim" in vol:
                 assert vol["persistentVolumeClaim"]["claimName"] in claims
+            if "secret" in vol:
+                assert vol["secret"]["secretName"] in secrets
+            if "configMap" in vol:
+                assert vol["configMap"]["name"] in config_maps
         for init in template["spec"].get("initContainers", []):
             waits_for = init["command"][init["command"].index("wait") + 1:]
             assert set(waits_for) <= processes, f"{w['metadata']['name']} waits for an unknown process"
@@ -183,11 +221,26 @@ def test_kustomize_builds_the_set(exported, topo: str) -> None:  # type: ignore[
     built = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
     assert built.returncode == 0, built.stderr
     objects = [d for d in yaml.safe_load_all(built.stdout) if d]
-    assert sorted(_describe(d) for d in objects) == sorted(_describe(d) for d in docs_of(folder))
+    kust = kustomization(folder)
+    generated = {(kind, g["name"]) for key, kind in (("configMapGenerator", "ConfigMap"), ("secretGenerator", "Secret"))
+                 for g in kust.get(key, [])}
+    made = [d for d in objects if d["kind"] in ("ConfigMap", "Secret")]
+    # a generated object's name carries the hash of its content (a new certificate rolls its pods)
+    assert sorted((d["kind"], d["metadata"]["name"].rsplit("-", 1)[0]) for d in made) == sorted(generated)
+    rest = [d for d in objects if d not in made]
+    assert sorted(_describe(d) for d in rest) == sorted(_describe(d) for d in docs_of(folder))
     namespace = k8s.dns_label(topo)
     for obj in objects:
         if obj["kind"] != "Namespace":
             assert obj["metadata"]["namespace"] == namespace
+    names = {d["metadata"]["name"] for d in made}
+    for w in workloads(rest):  # every reference to a generated object now names the built one
+        for vol in w["spec"]["template"]["spec"].get("volumes", []):
+            ref = vol.get("secret", {}).get("secretName") or vol.get("configMap", {}).get("name")
+            if ref is not None:
+                assert ref in names, ref
+    for secret in (d for d in made if d["kind"] == "Secret"):
+        assert secret["type"] == "kubernetes.io/tls" and sorted(secret["data"]) == ["ca.crt", "tls.crt", "tls.key"]
 
 
 def _describe(doc: dict[str, Any]) -> str:
@@ -201,6 +254,7 @@ def test_argv_and_env_are_the_plans(exported, topo: str) -> None:  # type: ignor
     folder, plan = exported[topo]
     topology, _ = load_topology(ROOT / "topologies" / f"{topo}.yaml")
     managed = topology.services.managed != "never"
+    secured = managed and topology.services.security != "none"
     by_process = {}
     for w in process_workloads(docs_of(folder)):
         for name in w["spec"]["template"]["metadata"]["annotations"]["vllm-launcher/processes"].split(","):
@@ -229,15 +283,17 @@ def test_argv_and_env_are_the_plans(exported, topo: str) -> None:  # type: ignor
         assert argv[1:] == expected_argv
 
         env = env_of(w)
-        expected = {k: v for k, v in p["env"].items() if k not in DROPPED_ENV}
+        expected = {k: v for k, v in p["env"].items() if k not in DROPPED_ENV and k not in TLS_ENV}
         if managed:
-            expected.update(IN_CLUSTER_ENV)
+            expected.update(SECURED_ENV if secured else IN_CLUSTER_ENV)
         if w["spec"]["replicas"] > 1:  # replicas share a workload and register under its name
             expected["LAUNCHER_PROCESS"] = w["metadata"]["name"]
         if "nixl" in {port["name"] for port in container(w).get("ports", [])}:
             expected["VLLM_NIXL_SIDE_CHANNEL_HOST"] = POD_IP
         if "metrics" in p["ports"]:  # vLLM's metrics on the pod's address, for a scraper
             expected["LAUNCHER_METRICS_ADDR"] = "0.0.0.0"
+        if secured:  # one identity per workload, its certificate from the pod's Secret
+            expected.update({**TLS_ENV, "LAUNCHER_IDENTITY": expected["LAUNCHER_PROCESS"]})
         assert env == expected
 
 
@@ -280,7 +336,7 @@ def test_disaggregated_layout(exported) -> None:  # type: ignore[no-untyped-def]
         assert w["spec"]["serviceName"] == name and w["spec"]["replicas"] == 1
 
         # The rest of the environment: the plan's, with etcd / NATS in the cluster.
-        assert env["ETCD_ENDPOINTS"] == "http://etcd:2379" and env["NATS_SERVER"] == "nats://nats:4222"
+        assert env["ETCD_ENDPOINTS"] == "https://etcd:2379" and env["NATS_SERVER"] == "tls://nats:4222"
         assert env["LAUNCHER_NAMESPACE"] == "disagg" and env["LAUNCHER_PROCESS"] == name
         assert env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
         assert "CUDA_VISIBLE_DEVICES" not in env
@@ -306,8 +362,8 @@ def test_disaggregated_layout(exported) -> None:  # type: ignore[no-untyped-def]
     (init,) = decode["spec"]["template"]["spec"]["initContainers"]
     assert init["command"] == ["python3", "-m", "launcher.probe", "wait", "prefill"]
 
-    # etcd and NATS with JetStream, in the cluster.
-    assert "-js" in container(find(docs, "StatefulSet", "nats"))["args"]
+    # etcd and NATS with JetStream, in the cluster (secured: JetStream is in its configuration).
+    assert json.loads((folder / "nats.conf").read_text())["jetstream"] == {"store_dir": "/data"}
     assert find(docs, "Service", "nats")["spec"]["ports"][0]["port"] == 4222
     assert find(docs, "Service", "etcd")["spec"]["ports"][0]["port"] == 2379
 
@@ -366,7 +422,8 @@ def test_secrets_become_secret_refs_and_never_values(tmp_path: Path, monkeypatch
     topo = tmp_path / "secret.yaml"
     topo.write_text("""\
 name: Secret_Demo
-services: {etcd: "http://10.1.2.3:2379", nats: "nats://alice:s3cr3t-pw@nats.example:4222", managed: never}
+services: {etcd: "http://10.1.2.3:2379", nats: "nats://alice:s3cr3t-pw@nats.example:4222", managed: never,
+           security: none}
 model: org/model
 env: {HF_TOKEN: hf_hunter2, PLAIN: visible}
 workers:
