@@ -8,25 +8,38 @@ paper (schemas, references between objects), not by applying them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
+import socket
+import ssl
+import stat
 import subprocess
+import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 import yaml
 from kubernetes_validate.utils import validate
 
+from launcher import proctree, services
 from launcher.cli import main
 from launcher.export import kubernetes as k8s
 from launcher.export.secrets import looks_secret
 from launcher.topology import load_topology
 from tests.helpers import ROOT
+from workers.runtime.registry import Registration, Registry
+from workers.runtime.settings import ServiceRefused
+from workers.runtime.tls import TlsFiles, inbox_prefix
 
 TOPOLOGIES = sorted((ROOT / "topologies").glob("*.yaml"))
 # The oldest Kubernetes minor still commonly run, and the newest whose schemas kubernetes-validate ships.
@@ -563,3 +576,405 @@ def test_small_helpers() -> None:
     assert looks_secret("HF_TOKEN", "x") and looks_secret("DB_PASSWORD", "x") and looks_secret("X", "nats://u:p@h:1")
     assert looks_secret("ETCD", "http://a:1,http://user:pw@b:2")
     assert not looks_secret("NATS_SERVER", "nats://nats:4222") and not looks_secret("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+# ---------------------------------------------------------------- a secured deployment (issue 21)
+
+
+def test_secured_export_mounts_each_workload_its_own_identity(exported) -> None:  # type: ignore[no-untyped-def]
+    """kv-router (8 interchangeable workers, a router, a frontend): one identity per workload, one Secret
+    each, mounted read-only in that workload's pods only; etcd and NATS with TLS and client certificates."""
+    folder, _ = exported["kv-router"]
+    docs = docs_of(folder)
+    kust = kustomization(folder)
+    generators = {g["name"]: g for g in kust["secretGenerator"]}
+    assert sorted(generators) == ["tls-frontend", "tls-router", "tls-server", "tls-worker"]
+    assert generators["tls-worker"] == {"name": "tls-worker", "type": "kubernetes.io/tls", "files": [
+        "ca.crt=credentials/ca.crt", "tls.crt=credentials/worker.crt", "tls.key=credentials/worker.key"]}
+    assert not any("ca.key" in f for f in generated_files(kust))  # the CA's key is in no Secret
+
+    mount = {"name": "tls", "mountPath": "/etc/vllm-launcher/tls", "readOnly": True}
+    for w in process_workloads(docs):
+        name = w["metadata"]["name"]
+        assert pod_secret(w) == f"tls-{name}"
+        (vol,) = [v for v in w["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+        assert vol["secret"]["defaultMode"] == 0o400
+        assert vol["secret"]["items"] == [{"key": k, "path": k} for k in ("ca.crt", "tls.crt", "tls.key")]
+        assert mount in container(w)["volumeMounts"]
+        env = env_of(w)
+        assert {k: env[k] for k in TLS_ENV} == TLS_ENV and env["LAUNCHER_IDENTITY"] == name
+        assert env["ETCD_ENDPOINTS"] == "https://etcd:2379" and env["NATS_SERVER"] == "tls://nats:4222"
+        for init in w["spec"]["template"]["spec"].get("initContainers", []):  # it reads etcd too
+            init_env = {e["name"]: e["value"] for e in init["env"]}
+            assert init_env["ETCD_ENDPOINTS"] == "https://etcd:2379"
+            assert {k: init_env[k] for k in TLS_ENV} == TLS_ENV and init_env["LAUNCHER_IDENTITY"] == name
+            assert init["volumeMounts"] == [mount]
+    worker = find(docs, "Deployment", "worker")
+    assert worker["spec"]["replicas"] == 8 and env_of(worker)["LAUNCHER_IDENTITY"] == "worker"
+
+    etcd = find(docs, "StatefulSet", "etcd")
+    cmd = container(etcd)["command"]
+    assert "--listen-client-urls=https://0.0.0.0:2379" in cmd and "--advertise-client-urls=https://etcd:2379" in cmd
+    for flag in ("--cert-file=/etc/vllm-launcher/tls/tls.crt", "--key-file=/etc/vllm-launcher/tls/tls.key",
+                 "--trusted-ca-file=/etc/vllm-launcher/tls/ca.crt", "--client-cert-auth",
+                 "--listen-metrics-urls=http://0.0.0.0:2381", "--listen-peer-urls=http://127.0.0.1:2380"):
+        assert flag in cmd
+    assert not any(a.startswith("--peer-") or "0.0.0.0:2380" in a for a in cmd)  # no peer port on the network
+    assert container(etcd)["readinessProbe"]["httpGet"] == {"path": "/health", "port": "metrics"}
+    assert container(etcd)["livenessProbe"]["tcpSocket"] == {"port": "metrics"}
+    assert {p["name"]: p["containerPort"] for p in container(etcd)["ports"]} == {"client": 2379, "metrics": 2381}
+    assert pod_secret(etcd) == "tls-server" and mount in container(etcd)["volumeMounts"]
+
+    nats = find(docs, "StatefulSet", "nats")
+    assert container(nats)["args"] == ["-c", "/etc/nats-config/nats.conf", "-m", "8222"]
+    assert container(nats)["readinessProbe"]["httpGet"]["port"] == "monitor"
+    assert pod_secret(nats) == "tls-server" and mount in container(nats)["volumeMounts"]
+    assert {"name": "config", "configMap": {"name": "nats-config"}} in nats["spec"]["template"]["spec"]["volumes"]
+    assert kust["configMapGenerator"] == [{"name": "nats-config", "files": ["nats.conf"]}]
+    conf = json.loads((folder / "nats.conf").read_text())
+    assert conf["tls"] == {"cert_file": "/etc/vllm-launcher/tls/tls.crt", "key_file": "/etc/vllm-launcher/tls/tls.key",
+                           "ca_file": "/etc/vllm-launcher/tls/ca.crt", "verify_and_map": True, "timeout": 5}
+    assert conf["listen"] == "0.0.0.0:4222"
+
+    notes = (folder / "NOTES.txt").read_text()
+    assert "as secret as passwords" in notes and "credentials/" in notes and "WARNING" not in notes
+    assert "Credentials" in (folder / "README.md").read_text()
+
+
+def test_nats_permissions_are_per_workload(exported) -> None:  # type: ignore[no-untyped-def]
+    """One NATS user per workload (the subject of its certificate), with its kind's permissions; the
+    replicas of `worker` share the user `worker`; and the operator."""
+    from cryptography import x509
+
+    folder, _ = exported["kv-router"]
+    users = {u["user"]: u["permissions"] for u in
+             json.loads((folder / "nats.conf").read_text())["authorization"]["users"]}
+    assert sorted(users) == sorted(f"CN={n},O=kv-router" for n in ("frontend", "router", "worker", "operator"))
+    worker, router, frontend = (users[f"CN={n},O=kv-router"] for n in ("worker", "router", "frontend"))
+    assert "kv-router.backend.generate" in worker["subscribe"]["allow"]
+    assert "_INBOX.worker.>" in worker["subscribe"]["allow"]
+    assert "kv-router.kv_events" in worker["publish"]["allow"]
+    assert "kv-router.backend.generate" not in worker["publish"]["allow"]  # no worker asks another
+    assert "kv-router.backend.generate" in router["publish"]["allow"]
+    assert "kv-router.kv_events" in router["subscribe"]["allow"]
+    assert frontend["publish"]["allow"] == ["kv-router.preprocess.generate", "kv-router.preprocess.generate.>"]
+    # each certificate's subject is the user it is mapped to
+    for ident in ("frontend", "router", "worker", "operator"):
+        cert = x509.load_pem_x509_certificate((folder / "credentials" / f"{ident}.crt").read_bytes())
+        assert cert.subject.rfc4514_string() == f"CN={ident},O=kv-router"
+    server = x509.load_pem_x509_certificate((folder / "credentials" / "server.crt").read_bytes())
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName)
+    for svc in ("etcd", "nats"):
+        assert {svc, f"{svc}.kv-router", f"{svc}.kv-router.svc", f"{svc}.kv-router.svc.cluster.local"} <= set(sans)
+
+
+@pytest.mark.parametrize("topo", [t.stem for t in TOPOLOGIES])
+def test_no_private_key_outside_the_credentials_folder(exported, topo: str) -> None:  # type: ignore[no-untyped-def]
+    folder, _ = exported[topo]
+    creds = folder / "credentials"
+    for path in folder.rglob("*"):
+        if path.is_file() and creds not in path.parents:
+            assert "PRIVATE KEY" not in path.read_text(), path
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o700
+    keys = sorted(creds.glob("*.key"))
+    assert keys and all(stat.S_IMODE(k.stat().st_mode) == 0o600 for k in keys)
+    assert all("PRIVATE KEY" in k.read_text() for k in keys)
+    ignore = (creds / ".gitignore").read_text().splitlines()
+    assert "*" in ignore and "!.gitignore" in ignore
+
+
+def test_the_keys_stay_out_of_git(exported, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    folder, _ = exported["monolith"]
+    repo = tmp_path / "repo"
+    shutil.copytree(folder, repo / "k8s")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+    staged = subprocess.run(["git", "-C", str(repo), "diff", "--cached", "--name-only"], check=True,
+                            capture_output=True, text=True).stdout.split()
+    assert "k8s/kustomization.yaml" in staged and "k8s/credentials/.gitignore" in staged
+    assert not [f for f in staged if f.startswith("k8s/credentials/") and f != "k8s/credentials/.gitignore"]
+
+
+def test_reexport_keeps_the_credentials(tmp_path: Path) -> None:
+    """Running pods keep trusting each other: the CA and every identity stay; a new workload gets a new one."""
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\nmodel: m\nworkers: [{name: a}]\n")
+    out = tmp_path / "out"
+    cli(["export", "kubernetes", str(path), "-o", str(out)])
+    creds = out / "credentials"
+    before = {p.name: p.read_bytes() for p in creds.iterdir()}
+    path.write_text("name: t\nmodel: m\nworkers: [{name: a}, {name: b}]\n")
+    second = cli(["export", "kubernetes", str(path), "-o", str(out)])
+    after = {p.name: p.read_bytes() for p in creds.iterdir()}
+    assert {k: after[k] for k in before} == before
+    assert sorted(set(after) - set(before)) == ["b.crt", "b.key"]
+    assert "certificate of b" in second.stdout and "made CA" not in second.stdout
+    assert [g["name"] for g in kustomization(out)["secretGenerator"]] == ["tls-server", "tls-a", "tls-b"]
+    users = [u["user"] for u in json.loads((out / "nats.conf").read_text())["authorization"]["users"]]
+    assert users == ["CN=a,O=t", "CN=b,O=t", "CN=operator,O=t"]
+
+    # a folder holding another deployment's credentials is not mixed with this one's
+    path.write_text("name: other\nmodel: m\nworkers: [{name: a}]\n")
+    refused = cli(["export", "kubernetes", str(path), "-o", str(out)], check=False)
+    assert refused.returncode == 2 and "deployment 't'" in refused.stderr
+    # without ca.key nothing new can be issued: said, not half-written
+    (creds / "ca.key").unlink()
+    path.write_text("name: t\nmodel: m\nworkers: [{name: a}, {name: c}]\n")
+    refused = cli(["export", "kubernetes", str(path), "-o", str(out)], check=False)
+    assert refused.returncode == 2 and "no ca.key" in refused.stderr and " c" in refused.stderr
+    assert "tls-c" not in (out / "kustomization.yaml").read_text()
+
+
+def test_security_none_keeps_the_clear_export_and_warns(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\nservices: {security: none}\nmodel: m\nworkers: [{name: a}]\nfrontends: [{name: fe}]\n")
+    out = tmp_path / "out"
+    cli(["export", "kubernetes", str(path), "-o", str(out)])
+    assert not (out / "credentials").exists() and not (out / "nats.conf").exists()
+    kust = kustomization(out)
+    assert "secretGenerator" not in kust and "configMapGenerator" not in kust
+    docs = docs_of(out)
+    etcd, nats = find(docs, "StatefulSet", "etcd"), find(docs, "StatefulSet", "nats")
+    assert container(etcd)["command"] == CLEAR_ETCD_COMMAND
+    assert container(etcd)["readinessProbe"]["httpGet"] == {"path": "/health", "port": "client"}
+    assert container(nats)["args"] == ["-js", "-sd", "/data", "-m", "8222"]
+    for w in workloads(docs):
+        assert all("secret" not in v for v in w["spec"]["template"]["spec"].get("volumes", []))
+    for w in process_workloads(docs):
+        env = env_of(w)
+        assert {k: env[k] for k in IN_CLUSTER_ENV} == IN_CLUSTER_ENV
+        assert not set(TLS_ENV) & set(env) and "LAUNCHER_IDENTITY" not in env
+    assert "WARNING services.security: none" in (out / "NOTES.txt").read_text()
+    for doc in docs:
+        validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+def test_managed_never_mounts_the_users_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers the user runs, over TLS: the pods mount Secret <ns>-tls, which the user makes from the
+    files services.tls names; nothing of those files, and no credentials folder, is written."""
+    for var in ("ETCD_ENDPOINTS", "NATS_SERVER", "LAUNCHER_TLS_CA", "LAUNCHER_TLS_CERT", "LAUNCHER_TLS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    for name in ("ca.pem", "client.pem", "client-key.pem"):
+        (pki / name).write_text("-----BEGIN PRIVATE KEY-----\nnot-a-real-key\n-----END PRIVATE KEY-----\n")
+    path = tmp_path / "t.yaml"
+    path.write_text(f"""\
+name: ext
+services:
+  etcd: https://etcd.infra:2379
+  nats: tls://nats.infra:4222
+  managed: never
+  tls: {{ca: {pki}/ca.pem, cert: {pki}/client.pem, key: {pki}/client-key.pem}}
+model: m
+workers: [{{name: a, replicas: 2}}]
+""")
+    out = tmp_path / "out"
+    cli(["export", "kubernetes", str(path), "-o", str(out)])
+    assert not (out / "credentials").exists()
+    kust = kustomization(out)
+    assert "secretGenerator" not in kust
+    docs = docs_of(out)
+    (w,) = workloads(docs)
+    assert pod_secret(w) == "ext-tls"
+    env = env_of(w)
+    assert {k: env[k] for k in TLS_ENV} == TLS_ENV and "LAUNCHER_IDENTITY" not in env
+    assert env["ETCD_ENDPOINTS"] == "https://etcd.infra:2379" and env["NATS_SERVER"] == "tls://nats.infra:4222"
+    everything = "".join(p.read_text() for p in out.rglob("*") if p.is_file())
+    assert "PRIVATE KEY" not in everything and "not-a-real-key" not in everything
+    readme = (out / "README.md").read_text()
+    assert (f"create secret generic ext-tls --from-file=ca.crt={pki}/ca.pem --from-file=tls.crt={pki}/client.pem "
+            f"--from-file=tls.key={pki}/client-key.pem") in readme
+    notes = (out / "NOTES.txt").read_text()
+    assert "Secret ext-tls" in notes and "managed: never" in notes
+    for doc in docs:
+        validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+def test_identities_that_are_the_exports_own_files_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\nmodel: m\nworkers: [{name: server}, {name: CA}, {name: operator}]\n")
+    refused = cli(["export", "kubernetes", str(path), "-o", str(tmp_path / "out")], check=False)
+    assert refused.returncode == 2
+    for name in ("'server'", "'CA'", "'operator'"):
+        assert name in refused.stderr
+    assert not (tmp_path / "out" / "credentials").exists()
+    path.write_text("name: t\nservices: {security: none}\nmodel: m\nworkers: [{name: server}]\n")
+    cli(["export", "kubernetes", str(path), "-o", str(tmp_path / "clear")])  # no identities there
+
+
+def _project(folder: Path, secret: str, into: Path) -> Path:
+    """What the kubelet mounts for a pod: the Secret's keys (the generator's files) as files, 0400."""
+    (gen,) = [g for g in kustomization(folder)["secretGenerator"] if g["name"] == secret]
+    into.mkdir(parents=True)
+    for item in gen["files"]:
+        key, source = item.split("=", 1)
+        (into / key).write_bytes((folder / source).read_bytes())
+        (into / key).chmod(0o400)
+    return into
+
+
+def _handshake(port: int, name: str, ctx: ssl.SSLContext) -> Exception | None:
+    """A TLS connection to 127.0.0.1:port checked against `name`, then one read (TLS 1.3 servers refuse a
+    client certificate after the handshake): None when accepted, else the error."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as raw, \
+                ctx.wrap_socket(raw, server_hostname=name) as tls:
+            tls.settimeout(0.5)
+            try:
+                if tls.recv(1) == b"":
+                    return ConnectionError("closed after the handshake")
+            except TimeoutError:
+                return None  # nothing to read and no alert: accepted
+    except (ssl.SSLError, OSError) as exc:
+        return exc
+    return None
+
+
+def test_the_exported_etcd_and_nats_run_secured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No cluster: the exported etcd command and nats.conf run here on real servers (the venv's etcd and
+    nats-server), with each Secret projected as the kubelet would and the in-cluster addresses and ports
+    moved to free loopback ones. The init container's `launcher.probe wait` reaches etcd with the pod's
+    environment; a client without a certificate is refused; NATS maps each workload's certificate to its
+    permissions; the probes' ports answer in clear."""
+
+    try:
+        etcd_bin, nats_bin = services.find_binary("etcd"), services.find_binary("nats-server")
+    except services.ServiceError as exc:
+        pytest.skip(str(exc))
+    for var in ("ETCD_ENDPOINTS", "NATS_SERVER"):
+        monkeypatch.delenv(var, raising=False)
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\nmodel: m\nfrontends: [{name: fe}]\nrouters: [{name: r}]\n"
+                    "workers: [{name: kw, kind: kv_worker, replicas: 2}]\n")
+    folder = tmp_path / "out"
+    cli(["export", "kubernetes", str(path), "-o", str(folder)])
+    docs = docs_of(folder)
+    mount = "/etc/vllm-launcher/tls"
+    client, peer, metrics, nats_port, monitor = (services.free_port() for _ in range(5))
+
+    etcd_dir = _project(folder, "tls-server", tmp_path / "mounts" / "etcd")
+    moves = {mount: str(etcd_dir), "0.0.0.0:2379": f"127.0.0.1:{client}", "etcd:2379": f"127.0.0.1:{client}",
+             "127.0.0.1:2380": f"127.0.0.1:{peer}", "0.0.0.0:2381": f"127.0.0.1:{metrics}",
+             "/var/lib/etcd": str(tmp_path / "etcd-data")}
+
+    def moved(arg: str) -> str:
+        for old, new in moves.items():
+            arg = arg.replace(old, new)
+        return arg
+
+    etcd_cmd = [etcd_bin, *(moved(a) for a in container(find(docs, "StatefulSet", "etcd"))["command"][1:])]
+    conf = json.loads((folder / "nats.conf").read_text())
+    conf["listen"] = f"127.0.0.1:{nats_port}"
+    conf["jetstream"]["store_dir"] = str(tmp_path / "nats-data")
+    conf["tls"] = {k: v.replace(mount, str(etcd_dir)) if isinstance(v, str) else v for k, v in conf["tls"].items()}
+    (tmp_path / "nats.conf").write_text(json.dumps(conf))
+    nats_args = container(find(docs, "StatefulSet", "nats"))["args"]
+    assert nats_args == ["-c", "/etc/nats-config/nats.conf", "-m", "8222"]
+    nats_cmd = [nats_bin, "-c", str(tmp_path / "nats.conf"), "-m", str(monitor)]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = [subprocess.Popen(cmd, stdout=(logs / f"{i}.log").open("wb"), stderr=subprocess.STDOUT,
+                              start_new_session=True) for i, cmd in enumerate((etcd_cmd, nats_cmd))]
+    try:
+        deadline = time.monotonic() + 30
+        health = ""
+        while time.monotonic() < deadline:
+            try:  # the readiness probe: /health on the metrics port, in clear
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/health", timeout=1) as resp:
+                    health = resp.read().decode()
+                with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/healthz", timeout=1) as resp:
+                    assert resp.status == 200
+                break
+            except OSError:
+                assert all(p.poll() is None for p in procs), [(logs / f"{i}.log").read_text() for i in (0, 1)]
+                time.sleep(0.2)
+        assert '"health":"true"' in health.replace(" ", ""), health
+        etcd_url, nats_url = f"https://127.0.0.1:{client}", f"tls://127.0.0.1:{nats_port}"
+
+        def pod(name: str) -> tuple[dict[str, str], TlsFiles]:
+            w = next(w for w in process_workloads(docs) if w["metadata"]["name"] == name)
+            files = _project(folder, pod_secret(w) or "", tmp_path / "mounts" / name)
+            env = {k: v.replace(mount, str(files)) for k, v in env_of(w).items() if isinstance(v, str)}
+            env.update(ETCD_ENDPOINTS=etcd_url, NATS_SERVER=nats_url)
+            return env, TlsFiles(env["LAUNCHER_TLS_CA"], env["LAUNCHER_TLS_CERT"], env["LAUNCHER_TLS_KEY"])
+
+        kw_env, kw = pod("kw")
+        r_env, r = pod("r")
+        fe_env, fe = pod("fe")
+
+        async def etcd_scenario() -> None:
+            registry = await Registry.connect([etcd_url], tls=r)
+            try:
+                await registry.register(Registration(namespace="t", component="router", endpoint="generate",
+                                                     subject="s", process="r"))
+                # the workers' init container waits for the router as the pod runs it: its env, its mount
+                clean = {k: v for k, v in os.environ.items() if not k.startswith(("ETCD_", "NATS_", "LAUNCHER_"))}
+                init = next(w for w in process_workloads(docs) if w["metadata"]["name"] == "kw")
+                (init_c,) = init["spec"]["template"]["spec"]["initContainers"]
+                init_env = {e["name"]: e["value"].replace(mount, str(tmp_path / "mounts" / "kw"))
+                            for e in init_c["env"]}
+                init_env["ETCD_ENDPOINTS"] = etcd_url
+                assert init_c["command"][:4] == ["python3", "-m", "launcher.probe", "wait"]
+                waited = subprocess.run([sys.executable, "-m", "launcher.probe", "--timeout", "5", "wait",
+                                         *init_c["command"][4:]],
+                                        env={**clean, **init_env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                                        text=True, timeout=60)
+                assert waited.returncode == 0 and "registered: r" in waited.stdout, waited.stdout + waited.stderr
+            finally:
+                await registry.close()
+            with pytest.raises(ServiceRefused):  # https, and no certificate: refused before a request
+                await Registry.connect([etcd_url], tls=None)
+
+        asyncio.run(etcd_scenario())
+        # The Service's qualified name is in the server certificate; a pod's certificate gets in ...
+        assert _handshake(client, "etcd.t.svc.cluster.local", r.client_context()) is None
+        # ... and a client that trusts the CA (it is no secret) but has no certificate does not.
+        anonymous = ssl.create_default_context(cafile=str(etcd_dir / "ca.crt"))
+        refused = _handshake(client, "etcd.t.svc", anonymous)
+        assert refused is not None and not isinstance(refused, ssl.SSLCertVerificationError), refused
+
+        async def nats_scenario() -> tuple[list[bytes], list[str]]:
+            errors: list[str] = []
+
+            async def on_error(exc: Exception) -> None:
+                errors.append(str(exc))
+
+            async def conn(files: TlsFiles, identity: str) -> Any:
+                return await nats.connect(nats_url, tls=files.client_context(), error_cb=on_error,
+                                          inbox_prefix=inbox_prefix(identity).encode(), allow_reconnect=False,
+                                          max_reconnect_attempts=0, connect_timeout=3)
+
+            worker = await conn(kw, kw_env["LAUNCHER_IDENTITY"])
+            router = await conn(r, r_env["LAUNCHER_IDENTITY"])
+            front = await conn(fe, fe_env["LAUNCHER_IDENTITY"])
+            try:
+                sub = await worker.subscribe("t.backend.generate")
+                events = await router.subscribe("t.kv_events")
+                await worker.flush()
+                await router.flush()
+                await router.publish("t.backend.generate", b"from the router")
+                await front.publish("t.backend.generate", b"past the router")  # refused: not its subject
+                await front.publish("t.kv_events", b"fake event")  # refused
+                for c in (router, front):
+                    await c.flush()
+                await asyncio.sleep(0.3)
+                got = []
+                while sub.pending_msgs:
+                    got.append((await sub.next_msg(timeout=1)).data)
+                assert events.pending_msgs == 0
+                return got, errors
+            finally:
+                for c in (worker, router, front):
+                    await c.close()
+
+        got, errors = asyncio.run(nats_scenario())
+        assert got == [b"from the router"]
+        assert any("publish" in e.lower() and "backend.generate" in e for e in errors), errors
+        assert any("publish" in e.lower() and "kv_events" in e for e in errors), errors
+    finally:
+        for proc in procs:
+            proctree.stop_tree(proc.pid, grace=5)
