@@ -252,7 +252,8 @@ class Export:
                       f"certificates are in `{CREDENTIALS_DIR}/` (0600): its keys are as secret as passwords; "
                       f"`{CREDENTIALS_DIR}/.gitignore` keeps them out of git. `kubectl apply -k .` turns them into "
                       "Secrets (secretGenerator), one per workload, each mounted in that workload's pods only. "
-                      "Export again into this folder to keep them; delete the folder to start over with new ones.",
+                      f"Export again into this folder to keep them; delete `{CREDENTIALS_DIR}/` to start over "
+                      "with new ones.",
                       ""]
         elif tls is not None and tls.given is not None:
             g = tls.given
@@ -260,6 +261,7 @@ class Export:
                       f"etcd and NATS are yours (managed: never) and reached over TLS ({tls.reason}): every pod mounts "
                       f"Secret `{self.tls_secret_name}`, made from the files services.tls names (nothing of them is "
                       "written here):", "", "```bash",
+                      *([] if self.secrets else [f"kubectl create namespace {self.namespace}"]),
                       f"kubectl -n {self.namespace} create secret generic {self.tls_secret_name} "
                       f"--from-file=ca.crt={g.ca} --from-file=tls.crt={g.cert} --from-file=tls.key={g.key}", "```", ""]
         lines += ["## Apply", "", "```bash", "kubectl apply -k .",
@@ -892,7 +894,7 @@ def _security(topo: Topology, security: Security, namespace: str) -> Tls | None:
         if svc.security == "none":
             return None
         reason = ("services.security: tls" if svc.security == "tls" else
-                  "in a cluster etcd and NATS are Services other pods reach, not loopback (services.security: auto)")
+                  "services.security: auto, and in a cluster etcd and NATS are Services other pods reach, not loopback")
         return Tls(generated=True, deployment=topo.name, reason=reason, server_hosts=server_hosts(namespace))
     if not security.tls:
         return None
