@@ -730,8 +730,14 @@ def test_reexport_keeps_the_credentials(tmp_path: Path) -> None:
 
 def test_security_none_keeps_the_clear_export_and_warns(tmp_path: Path) -> None:
     path = tmp_path / "t.yaml"
-    path.write_text("name: t\nservices: {security: none}\nmodel: m\nworkers: [{name: a}]\nfrontends: [{name: fe}]\n")
+    path.write_text("name: t\nmodel: m\nworkers: [{name: a}]\nfrontends: [{name: fe}]\n")
     out = tmp_path / "out"
+    cli(["export", "kubernetes", str(path), "-o", str(out)])
+    assert (out / "nats.conf").exists()
+    path.write_text("name: t\nservices: {security: none}\nmodel: m\nworkers: [{name: a}]\nfrontends: [{name: fe}]\n")
+    cli(["export", "kubernetes", str(path), "-o", str(out)])
+    assert not (out / "nats.conf").exists()  # the secured export's own file goes with it
+    shutil.rmtree(out / "credentials")  # (kept by the re-export: keys are the user's to delete)
     cli(["export", "kubernetes", str(path), "-o", str(out)])
     assert not (out / "credentials").exists() and not (out / "nats.conf").exists()
     kust = kustomization(out)
