@@ -34,7 +34,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from workers.runtime.tls import OPERATOR, TlsFiles
 
-__all__ = ["OPERATOR", "Credentials", "CredentialsError", "identity_name"]
+__all__ = ["OPERATOR", "RESERVED_IDENTITIES", "Credentials", "CredentialsError", "identity_name"]
+
+# Names a process may not have in a secured deployment: its certificate files would be the CA's, the
+# servers', or the operator's (whose NATS permissions it would then share).
+RESERVED_IDENTITIES = ("ca", "server", OPERATOR)
 CA_DAYS = 3650
 LEAF_DAYS = 825  # the longest validity common TLS clients accept for a leaf
 BUNDLE_MEMBERS_CA = "ca.crt"

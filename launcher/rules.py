@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Iterable
 
 from launcher.addresses import is_loopback, parse_cpu_sets
+from launcher.credentials import RESERVED_IDENTITIES
 from launcher.engine_flags import TableUnavailable, load_table
 from launcher.resolve import EngineConfig, Problem, Resolved, listening_ports, resolve
 from launcher.topology import Topology, Worker
@@ -377,6 +378,14 @@ def rule_security(resolved: Resolved) -> list[Problem]:
     if topo.services.tls is not None and not security.tls:
         problems.append(Problem(("services", "tls"), "services.tls is given but services.security is none: "
                                 "remove one of them"))
+    if security.tls and security.credentials is not None:
+        for proc in resolved.processes:
+            if proc.name in RESERVED_IDENTITIES:
+                problems.append(Problem((*proc.path, "name"),
+                                        f"'{proc.name}' cannot name a process of a secured deployment: its "
+                                        "certificate would be the " + {"ca": "CA's", "server": "servers'",
+                                                                         "operator": "operator's"}[proc.name]
+                                        + " own; rename it"))
     if security.problem:
         problems.append(Problem(("services", "security"), f"TLS ({security.reason}): {security.problem}"))
     if topo.services.security == "none":

@@ -445,3 +445,14 @@ def test_a_process_added_later_gets_its_permissions_on_the_running_server(secure
         return errors
 
     assert asyncio.run(w2_serves()) == []
+
+
+def test_a_process_may_not_take_a_credentials_files_name(tmp_path: Path) -> None:
+    for name in ("ca", "server", "operator"):
+        topo = _topology("http://127.0.0.1:2379", "nats://127.0.0.1:4222", security="tls")
+        topo["workers"][1]["name"] = name
+        path = write_topology(tmp_path / "t.yaml", topo)
+        out = _launcher(["validate", str(path)], tmp_path)
+        assert out.returncode == 2 and f"'{name}' cannot name a process of a secured deployment" in out.stderr
+    topo["services"]["security"] = "none"  # in clear, no certificate: any name
+    assert _launcher(["validate", str(write_topology(tmp_path / "t.yaml", topo))], tmp_path).returncode == 0

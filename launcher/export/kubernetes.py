@@ -39,7 +39,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from launcher import nats_access
-from launcher.credentials import OPERATOR, Credentials, CredentialsError
+from launcher.credentials import OPERATOR, RESERVED_IDENTITIES, Credentials, CredentialsError
 from launcher.export.secrets import looks_secret
 from launcher.plan import dependencies, render_argv, setting_argv
 from launcher.resolve import SHARED_STORAGE_CONNECTORS, ResolvedProcess, Security, Setting, resolve
@@ -78,8 +78,6 @@ NATS_CONFIG_MAP = "nats-config"
 NATS_CONFIG_FILE = "nats.conf"  # written beside kustomization.yaml, for its configMapGenerator
 NATS_CONFIG_MOUNT = "/etc/nats-config"
 SERVER_SECRET = "tls-server"  # etcd's and nats-server's certificate (one, as under `launcher up`)
-# Identities that would collide with the credentials folder's own files (ca.crt, server.crt, operator.crt).
-RESERVED_IDENTITIES = ("ca", "server", OPERATOR)
 GITIGNORE = ("# written by `launcher export kubernetes`: these keys are as secret as passwords; never commit them.\n"
              "*\n!.gitignore\n")
 
