@@ -76,6 +76,20 @@ async def _send_error(send: Send, error: ApiError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _stream_error(first: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+    """(status, body, headers) when a stream's first event is vLLM's error event: nothing was generated,
+    so the client gets the status (503 with Retry-After, 504, 400) as a request without `stream` would."""
+    if not first.startswith(b"data: {\"error\""):
+        return None
+    try:
+        event = json.loads(first.split(b"\n", 1)[0][len(b"data: "):])
+        code = int(event["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    headers = [(b"retry-after", str(NoWorker.retry_after).encode())] if code == NoWorker.status else []
+    return code, json.dumps(event).encode(), headers
+
+
 class FrontendApp:
     def __init__(self, dispatcher: Dispatcher, catalog: Catalog, settings: Settings,
                  metrics: FrontendMetrics | None = None) -> None:
@@ -166,12 +180,33 @@ class FrontendApp:
                 self.metrics.cancelled.labels(model).inc()
             return message
 
+        held: Message | None = None  # a stream's 200, until its first event shows it is not an error
+        swallow = False
+
         async def watch(message: Message) -> None:
-            nonlocal status, finished
+            nonlocal status, finished, held, swallow
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                finished = True
+                if stream and status == 200:
+                    held = message
+                    return
+            elif message["type"] == "http.response.body":
+                if not message.get("more_body", False):
+                    finished = True
+                if swallow:  # the rest of a stream that failed before its first token ("data: [DONE]")
+                    if finished:
+                        await send({"type": "http.response.body", "body": b""})
+                    return
+                if held is not None:
+                    start, held = held, None
+                    error = _stream_error(message.get("body", b""))
+                    if error is not None:  # failed before the first token: say it as the HTTP status
+                        status, swallow = error[0], True
+                        await send({"type": "http.response.start", "status": status,
+                                    "headers": [(b"content-type", b"application/json"), *error[2]]})
+                        await send({"type": "http.response.body", "body": error[1], "more_body": not finished})
+                        return
+                    await send(start)
             await send(message)
 
         inflight = self.metrics.inflight.labels(model)

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -36,6 +37,17 @@ from workers.frontend.dispatch import Dispatcher, StreamBroken
 from workers.frontend.errors import ApiError
 
 log = logging.getLogger(__name__)
+
+
+# Loop turns a failing request waits for its reader to take the outputs before the error (a reader that is
+# gone never does: then the error replaces them, which nobody sees).
+FAIL_DRAIN_TURNS = 100
+
+
+@dataclass
+class Failure:
+    request_id: str
+    error: ApiError
 
 
 class Resources:
@@ -65,7 +77,13 @@ class RemoteEngineCore:
 
     # ---- what AsyncLLM calls -------------------------------------------------------------------
     async def get_output_async(self) -> Any:
-        return await self.outputs.get()
+        """The next outputs; a failure is acted on here, in stream order, after the outputs before it
+        reached their request's collector."""
+        while True:
+            item = await self.outputs.get()
+            if not isinstance(item, Failure):
+                return item
+            await self._fail(item.request_id, item.error)
 
     async def add_request_async(self, request: Any) -> None:
         refused = self._unsupported(request)
@@ -138,23 +156,25 @@ class RemoteEngineCore:
                 self.outputs.put_nowait(EngineCoreOutputs(outputs=[out], timestamp=time.monotonic()))
                 if out.finish_reason is not None:
                     return
-            self._fail(request_id, ApiError("the worker's stream ended without a finish reason"))
+            self.outputs.put_nowait(Failure(request_id, ApiError("the worker's stream ended without a finish reason")))
         except StreamBroken as exc:
-            self._fail(request_id, exc.error)
+            self.outputs.put_nowait(Failure(request_id, exc.error))
         except ApiError as exc:
-            self._fail(request_id, exc)
+            self.outputs.put_nowait(Failure(request_id, exc))
         except asyncio.CancelledError:
             if self.observer is not None:
                 self.observer.cancelled()
             raise
         except Exception as exc:  # a bug here must end the request, never hang it
             log.exception("request %s failed in the frontend", request_id)
-            self._fail(request_id, ApiError(f"{type(exc).__name__}: {exc}"))
+            self.outputs.put_nowait(Failure(request_id, ApiError(f"{type(exc).__name__}: {exc}")))
         finally:
             self.tasks.pop(request_id, None)
 
-    def _fail(self, request_id: str, error: ApiError) -> None:
-        """End the request (and, for n > 1, its siblings) with the error's HTTP status."""
+    async def _fail(self, request_id: str, error: ApiError) -> None:
+        """End the request (and, for n > 1, its siblings) with the error's HTTP status, after what it
+        produced so far: an exception put in vLLM's output collector replaces an output not yet taken, so
+        the reader (awaiting it) gets a few turns of the loop to take it first."""
         from vllm.exceptions import GracefulHTTPError
 
         processor = self.output_processor
@@ -162,6 +182,10 @@ class RemoteEngineCore:
         if state is None or state.queue is None:
             return
         queue = state.queue
+        for _ in range(FAIL_DRAIN_TURNS):
+            if queue.output is None:
+                break
+            await asyncio.sleep(0)
         parent = state.parent_req
         ids = [request_id] if parent is None else list(getattr(parent, "child_requests", ()) or [request_id])
         to_abort = processor.abort_requests(ids, internal=True)

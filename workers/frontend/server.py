@@ -1,14 +1,14 @@
 """The OpenAI-compatible frontend process: HTTP in, NATS out to whatever the deployment serves.
 
     python -m workers.frontend.server --port 8000 [--host 127.0.0.1] [--model DIR] [--api-key-env NAME]
-        [any `vllm serve` server flag: --enable-auto-tool-choice --tool-call-parser hermes --chat-template T ...]
+        [`vllm serve` server flags: --enable-auto-tool-choice --tool-call-parser hermes --chat-template T ...]
 
 It finds the deployment's workers in etcd (namespace from LAUNCHER_NAMESPACE), listens at once
 (`/health` answers 503 until a worker serves), builds vLLM's OpenAI server for the model the workers
 registered (`workers.frontend.openai_layer`), and registers itself in etcd (component `frontend`,
 endpoint `http`, its URL in `extra.url`) once it listens, sees a worker and has that server: that is
-what `launcher up` waits for. Flags it does not know itself go to vLLM's `vllm serve` parser, which
-checks them when the frontend starts.
+what `launcher up` waits for. Its `vllm serve` flags (tools, reasoning, chat template) go to vLLM's
+own parser, which checks them when the frontend starts.
 """
 
 from __future__ import annotations
@@ -51,14 +51,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=2, help="tries on other instances before the first token")
     p.add_argument("--migration-limit", type=int, default=3,
                    help="times a stream whose instance is lost mid-stream is continued on another (0: never)")
+    g = p.add_argument_group("vllm serve", "`vllm serve`'s own server flags, passed on to vLLM's parser (which checks "
+                             "their values when the frontend starts) and used where `vllm serve` uses them")
+    for flag in VLLM_SWITCHES:
+        g.add_argument(f"--{flag}", action="store_true", default=None)
+    for flag in VLLM_VALUES:
+        g.add_argument(f"--{flag}", default=None)
     return p
 
 
+# `vllm serve` flags a topology may give a frontend (`args:`): tools, reasoning, the chat template, answers.
+VLLM_SWITCHES = ("enable-auto-tool-choice", "exclude-tools-when-tool-choice-none", "trust-request-chat-template",
+                 "enable-prompt-tokens-details", "enable-force-include-usage", "return-tokens-as-token-ids",
+                 "enable-log-requests")
+VLLM_VALUES = ("tool-call-parser", "reasoning-parser", "chat-template", "chat-template-content-format",
+               "response-role", "default-chat-template-kwargs", "tool-parser-plugin", "max-log-len")
+
+
+def vllm_flags_of(args: argparse.Namespace) -> list[str]:
+    """The `vllm serve` flags given, as argv for vLLM's parser."""
+    argv: list[str] = []
+    for flag in VLLM_SWITCHES:
+        if getattr(args, flag.replace("-", "_")):
+            argv.append(f"--{flag}")
+    for flag in VLLM_VALUES:
+        value = getattr(args, flag.replace("-", "_"))
+        if value is not None:
+            argv += [f"--{flag}", value]
+    return argv
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Its own flags; the rest are `vllm serve` flags (args.vllm_flags), for vLLM's parser to read."""
-    args, rest = build_parser().parse_known_args(argv)
-    args.vllm_flags = rest
-    return args
+    return build_parser().parse_args(argv)
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -73,7 +97,7 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 async def serve(args: argparse.Namespace) -> None:
     key = api_key(args)  # before connecting: a missing key is a configuration error, said at once
-    vllm_args = serve_args(args.model or "model", args.vllm_flags)  # vLLM's parser: a bad flag is said at once
+    vllm_args = serve_args(args.model or "model", vllm_flags_of(args))  # vLLM's parser: a bad flag is said at once
     settings = RuntimeSettings.from_env()
     ctx = WorkerContext(settings)
     await ctx.connect()
