@@ -204,7 +204,7 @@ class EngineHandler:
 
         try:
             if req.output == "tokens":  # vLLM's own SamplingParams, as the frontend's renderer made them
-                params = msgspec.convert(req.sampling, SamplingParams)
+                params = msgspec.convert(req.sampling, SamplingParams, strict=False)  # JSON keys: logit_bias ids
                 # Text is the frontend's: it detokenizes and checks stop strings (and aborts us on one).
                 params.detokenize = False
                 params.stop = []
