@@ -58,11 +58,18 @@ class Observer:
         self.metrics = metrics
         self.model = model
 
-    def first_token(self, seconds: float) -> None:
-        self.metrics.ttft.labels(self.model).observe(seconds)
+    def prompt(self, n: int) -> None:
+        self.metrics.input_tokens.labels(self.model).inc(n)
 
-    def tokens(self, n: int) -> None:
+    def tokens(self, n: int, ttft: float | None, per_token: float | None) -> None:
+        """`n` tokens came: the first ones of their request after `ttft` s, or `per_token` s each after
+        the previous ones."""
         self.metrics.output_tokens.labels(self.model).inc(n)
+        if ttft is not None:
+            self.metrics.ttft.labels(self.model).observe(ttft)
+        if per_token is not None:
+            for _ in range(n):
+                self.metrics.itl.labels(self.model).observe(per_token)
 
     def cancelled(self) -> None:
         """A stream ended early: the client went away, or a stop string ended it (counted by the gate)."""

@@ -38,6 +38,9 @@ from workers.frontend.errors import ApiError
 
 log = logging.getLogger(__name__)
 
+# The vLLM release whose internals (listed above) this was written and tested against (scripts/setup.sh).
+TESTED_VLLM = "0.32"
+
 
 # Loop turns a failing request waits for its reader to take the outputs before the error (a reader that is
 # gone never does: then the error replaces them, which nobody sees).
@@ -68,7 +71,7 @@ class RemoteEngineCore:
     def __init__(self, dispatcher: Dispatcher, model: Callable[[], str], observer: Any = None) -> None:
         self.dispatcher = dispatcher
         self.model = model  # the served name the dispatcher routes by
-        self.observer = observer  # metrics: first_token(request_id), tokens(n), cancelled()
+        self.observer = observer  # metrics: prompt(n), tokens(n, ttft, itl), cancelled()
         self.outputs: asyncio.Queue[Any] = asyncio.Queue()
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.resources = Resources()
@@ -144,15 +147,18 @@ class RemoteEngineCore:
         from vllm.v1.engine import EngineCoreOutputs
 
         started = time.perf_counter()
-        first = True
+        last: float | None = None
+        if self.observer is not None:
+            self.observer.prompt(len(payload["token_ids"]))
         try:
             async for chunk in self.dispatcher.generate(self.model(), payload):
                 out = engine_core_output(request_id, chunk)  # type: ignore[arg-type]
-                if first and out.new_token_ids and self.observer is not None:
-                    self.observer.first_token(time.perf_counter() - started)
-                    first = False
-                if self.observer is not None and out.new_token_ids:
-                    self.observer.tokens(len(out.new_token_ids))
+                n = len(out.new_token_ids)
+                if n and self.observer is not None:
+                    now = time.perf_counter()
+                    self.observer.tokens(n, now - started if last is None else None,
+                                         None if last is None else (now - last) / n)
+                    last = now
                 self.outputs.put_nowait(EngineCoreOutputs(outputs=[out], timestamp=time.monotonic()))
                 if out.finish_reason is not None:
                     return
@@ -255,10 +261,15 @@ def engine_core_output(request_id: str, chunk: GenerateChunk) -> Any:
 def build_engine(vllm_config: Any, core: RemoteEngineCore) -> Any:
     """vLLM's AsyncLLM over `core`: AsyncLLM builds its engine-core client through one factory, which
     answers `core` while it is built (nothing else reads the factory then)."""
+    import vllm
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.core_client import EngineCoreClient
     from vllm.v1.executor import Executor
 
+    if not str(vllm.__version__).startswith(TESTED_VLLM):
+        log.warning("vLLM %s: the frontend's remote engine core was written against vLLM %s internals (AsyncLLM, "
+                    "EngineCoreOutput); if requests fail, install vLLM %s (scripts/setup.sh)", vllm.__version__,
+                    TESTED_VLLM, TESTED_VLLM)
     factory = EngineCoreClient.__dict__["make_async_mp_client"]
     EngineCoreClient.make_async_mp_client = staticmethod(lambda **_: core)  # type: ignore[method-assign]
     try:
