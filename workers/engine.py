@@ -109,7 +109,7 @@ class OutputTap:
     and `RequestState.external_req_id`."""
 
     def __init__(self, engine: Any) -> None:
-        self.sinks: dict[str, list[Any]] = {}
+        self.sinks: dict[str, list[GenerateChunk]] = {}
         processor = engine.output_processor
         states = processor.request_states
         original = processor.process_outputs
@@ -121,13 +121,15 @@ class OutputTap:
                     state = states.get(out.request_id)
                     sink = sinks.get(state.external_req_id) if state is not None else None
                     if sink is not None:
-                        sink.append(out)
+                        # Read now: the output processor hands `new_token_ids` on to the RequestOutput,
+                        # whose collector extends that very list when its reader lags behind.
+                        sink.append(step_of(out))
             return original(outputs, *args, **kwargs)
 
         processor.process_outputs = process_outputs
 
-    def open(self, request_id: str) -> list[Any]:
-        sink: list[Any] = []
+    def open(self, request_id: str) -> list[GenerateChunk]:
+        sink: list[GenerateChunk] = []
         self.sinks[request_id] = sink
         return sink
 
@@ -139,26 +141,43 @@ def rows_of(ids: Any, logprobs: Any, ranks: Any) -> LogprobRows:
     return {"ids": ids.tolist(), "logprobs": logprobs.tolist(), "ranks": ranks.tolist()}
 
 
-def tokens_chunk(outputs: list[Any]) -> GenerateChunk:
-    """Engine-core outputs of one request, merged into one chunk (the rows of each kind concatenated)."""
-    chunk: GenerateChunk = {"token_ids": [t for o in outputs for t in o.new_token_ids]}
+def step_of(o: Any) -> GenerateChunk:
+    """One EngineCoreOutput as a chunk (copied out of vLLM's objects)."""
+    step: GenerateChunk = {"token_ids": list(o.new_token_ids)}
+    if o.new_logprobs is not None:
+        step["lp"] = rows_of(*o.new_logprobs[:3])
+    if o.new_prompt_logprobs_tensors is not None:
+        step["plp"] = [rows_of(*o.new_prompt_logprobs_tensors[:3])]
+    if o.prefill_stats is not None:
+        step["cached_tokens"] = o.prefill_stats.num_cached_tokens
+    if o.finish_reason is not None:
+        step["finish_reason"] = o.finish_reason.name.lower()
+        step["stop_reason"] = o.stop_reason
+    return step
+
+
+def tokens_chunk(steps: list[GenerateChunk]) -> GenerateChunk:
+    """The steps of one request since the last chunk, merged into one (the rows of each kind concatenated)."""
+    if len(steps) == 1:
+        return steps[0]
+    chunk: GenerateChunk = {"token_ids": [t for step in steps for t in step.get("token_ids", ())]}
     lp: LogprobRows | None = None
-    for o in outputs:
-        if o.new_logprobs is not None:
-            rows = rows_of(*o.new_logprobs[:3])
+    for step in steps:
+        if "lp" in step:
+            rows = step["lp"]
             if lp is None:
-                lp = rows
+                lp = {"ids": list(rows["ids"]), "logprobs": list(rows["logprobs"]), "ranks": list(rows["ranks"])}
             else:
                 lp["ids"] += rows["ids"]
                 lp["logprobs"] += rows["logprobs"]
                 lp["ranks"] += rows["ranks"]
-        if o.new_prompt_logprobs_tensors is not None:
-            chunk.setdefault("plp", []).append(rows_of(*o.new_prompt_logprobs_tensors[:3]))
-        if o.prefill_stats is not None and "cached_tokens" not in chunk:
-            chunk["cached_tokens"] = o.prefill_stats.num_cached_tokens
-        if o.finish_reason is not None:
-            chunk["finish_reason"] = o.finish_reason.name.lower()
-            chunk["stop_reason"] = o.stop_reason
+        if "plp" in step:
+            chunk.setdefault("plp", []).extend(step["plp"])
+        if "cached_tokens" in step and "cached_tokens" not in chunk:
+            chunk["cached_tokens"] = step["cached_tokens"]
+        if "finish_reason" in step:
+            chunk["finish_reason"] = step["finish_reason"]
+            chunk["stop_reason"] = step.get("stop_reason")
     if lp is not None:
         chunk["lp"] = lp
     return chunk

@@ -71,9 +71,6 @@ class Observer:
             for _ in range(n):
                 self.metrics.itl.labels(self.model).observe(per_token)
 
-    def cancelled(self) -> None:
-        """A stream ended early: the client went away, or a stop string ended it (counted by the gate)."""
-
 
 async def _send_error(send: Send, error: ApiError) -> None:
     body = json.dumps(error.body()).encode()

@@ -71,7 +71,7 @@ class RemoteEngineCore:
     def __init__(self, dispatcher: Dispatcher, model: Callable[[], str], observer: Any = None) -> None:
         self.dispatcher = dispatcher
         self.model = model  # the served name the dispatcher routes by
-        self.observer = observer  # metrics: prompt(n), tokens(n, ttft, itl), cancelled()
+        self.observer = observer  # metrics: prompt(n), tokens(n, ttft, itl)
         self.outputs: asyncio.Queue[Any] = asyncio.Queue()
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.resources = Resources()
@@ -167,9 +167,7 @@ class RemoteEngineCore:
             self.outputs.put_nowait(Failure(request_id, exc.error))
         except ApiError as exc:
             self.outputs.put_nowait(Failure(request_id, exc))
-        except asyncio.CancelledError:
-            if self.observer is not None:
-                self.observer.cancelled()
+        except asyncio.CancelledError:  # aborted: the client went away, or a stop string ended it
             raise
         except Exception as exc:  # a bug here must end the request, never hang it
             log.exception("request %s failed in the frontend", request_id)
