@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime
 import io
 import ipaddress
-import os
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from launcher.state import write_private
 from workers.runtime.tls import OPERATOR, TlsFiles
 
 __all__ = ["OPERATOR", "RESERVED_IDENTITIES", "Credentials", "CredentialsError", "identity_name"]
@@ -56,16 +56,6 @@ def identity_name(deployment: str, identity: str) -> str:
 def _name(deployment: str, common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, deployment),
                       x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
-def _write(path: Path, data: bytes) -> None:
-    """0600 from the first byte: a key must never be readable, even for a moment."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -164,8 +154,8 @@ class Credentials:
                                              decipher_only=False), critical=True)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
                 .sign(key, hashes.SHA256()))
-        _write(self.ca_key, _key_pem(key))
-        _write(self.ca, cert.public_bytes(serialization.Encoding.PEM))
+        write_private(self.ca_key, _key_pem(key))
+        write_private(self.ca, cert.public_bytes(serialization.Encoding.PEM))
 
     def _issue(self, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, subject: x509.Name,
                files: TlsFiles, server_hosts: list[str] | None = None) -> None:
@@ -185,8 +175,8 @@ class Credentials:
             builder = builder.add_extension(x509.SubjectAlternativeName([_san(h) for h in server_hosts]),
                                             critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
-        _write(Path(files.key), _key_pem(key))
-        _write(Path(files.cert), cert.public_bytes(serialization.Encoding.PEM))
+        write_private(Path(files.key), _key_pem(key))
+        write_private(Path(files.cert), cert.public_bytes(serialization.Encoding.PEM))
 
     # --- the bundle another host receives ------------------------------------------------
 
@@ -205,7 +195,7 @@ class Credentials:
                 info = tarfile.TarInfo(member)
                 info.size, info.mode = len(data), 0o600
                 tar.addfile(info, io.BytesIO(data))
-        _write(out, buf.getvalue())
+        write_private(out, buf.getvalue())
         return members
 
     def import_bundle(self, bundle: Path) -> list[str]:
@@ -224,7 +214,7 @@ class Credentials:
                 for m in members:
                     f = tar.extractfile(m)
                     assert f is not None
-                    _write(self.folder / m.name, f.read())
+                    write_private(self.folder / m.name, f.read())
         except (OSError, tarfile.TarError) as exc:
             raise CredentialsError(f"cannot read the credentials bundle {bundle}: {exc}") from None
         return sorted(m.name for m in members)

@@ -29,14 +29,19 @@ def state_root() -> Path:
     return Path(os.environ.get("LAUNCHER_HOME", "~/.local/state/vllm-launcher")).expanduser()
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic, and 0600 from the first byte (the file may hold a process's environment)."""
+def write_private(path: Path, data: bytes) -> None:
+    """Atomic, and 0600 from the first byte (an environment, a key: never readable, even for a moment)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "wb") as f:
         os.fchmod(f.fileno(), 0o600)  # O_CREAT's mode does not apply to a leftover temp file
-        f.write(json.dumps(obj, indent=1, default=str))
+        f.write(data)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """write_private, as JSON (the file may hold a process's environment)."""
+    write_private(path, json.dumps(obj, indent=1, default=str).encode())
 
 
 def read_json(path: Path, default: Any = None) -> Any:
