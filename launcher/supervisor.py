@@ -50,6 +50,9 @@ log = logging.getLogger("launcher.supervisor")
 TICK = 0.25
 STOP_GRACE = 10.0  # SIGTERM -> SIGKILL for a process that never registered: it has nothing to drain
 KILL_WAIT = 10.0  # after SIGKILL, a member still alive (stuck in the kernel) is given up on and reported
+# max_restarts bounds a crash loop, not a deployment's lifetime: a process that stays ready this long has its
+# restart count (and so its backoff) reset, as Kubernetes resets a container's after 10 minutes of running.
+STABLE_AFTER = 600.0
 ETCD_TIMEOUT = 2.0  # one list or revoke; the next tick tries again
 MAX_JOBS = 5  # restart jobs kept in state.json, the running one last
 
@@ -90,7 +93,8 @@ class ProcState:
     create_time: float | None = None
     started_at: float | None = None
     ready_at: float | None = None
-    restarts: int = 0  # by the restart policy (counts against max_restarts)
+    restarts: int = 0  # by the restart policy, ever (what `status` shows)
+    in_a_row: int = 0  # of those, since it last stayed ready STABLE_AFTER: counts against max_restarts
     manual_restarts: int = 0  # asked by `launcher restart` (never counts against max_restarts)
     exit_code: int | None = None
     message: str = ""
@@ -209,6 +213,9 @@ class Supervisor:
             p.lease_ids = list(registered[p.name])
             if p.state == STARTING:
                 p.state, p.ready_at, p.message = READY, now, ""
+            elif p.in_a_row and p.ready_at is not None and now - p.ready_at >= STABLE_AFTER:
+                log.info("%s: ready for %.0f s: max_restarts counts from 0 again", p.name, STABLE_AFTER)
+                p.in_a_row = 0
         elif p.state == READY:
             p.lease_ids = []
         elif p.started_at is not None and now - p.started_at > spec.ready_timeout:
@@ -230,12 +237,13 @@ class Supervisor:
     def _restart_later(self, spec: ProcessSpec, p: ProcState, now: float) -> bool:
         """Back off and restart `p` if its policy allows another restart; False when it does not."""
         wants_restart = spec.restart_policy in ("always", "on-failure")
-        if not wants_restart or p.restarts >= spec.max_restarts:
+        if not wants_restart or p.in_a_row >= spec.max_restarts:
             return False
-        delay = min(spec.backoff * (2 ** p.restarts), spec.backoff_max)
+        delay = min(spec.backoff * (2 ** p.in_a_row), spec.backoff_max)
         p.restarts += 1
+        p.in_a_row += 1
         p.state, p.next_start_at = BACKOFF, now + delay
-        p.message = f"restart {p.restarts}/{spec.max_restarts} in {delay:.1f} s"
+        p.message = f"restart {p.in_a_row}/{spec.max_restarts} in {delay:.1f} s"
         return True
 
     def _maybe_start(self, spec: ProcessSpec, p: ProcState, now: float) -> None:
@@ -273,7 +281,7 @@ class Supervisor:
         p.create_time = proctree.create_time(p.pid)
         p.pids_seen[p.pid] = p.create_time or 0.0
         if p.state == BACKOFF:
-            p.message = f"restart {p.restarts}/{spec.max_restarts}"
+            p.message = f"restart {p.in_a_row}/{spec.max_restarts}"
         elif p.manual_restarts:
             p.message = "restarted by `launcher restart`"
         p.message += stuck
@@ -293,7 +301,7 @@ class Supervisor:
             p.message = f"{why}; {p.message}"
         elif wants_restart:
             p.state = FAILED
-            p.message = f"{why}; gave up after {p.restarts} restart(s) (max_restarts)"
+            p.message = f"{why}; gave up after {p.in_a_row} restart(s) in a row (max_restarts)"
         else:
             p.state = EXITED if code == 0 else FAILED
             p.message = why

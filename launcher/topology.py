@@ -99,7 +99,8 @@ class Services(Strict):
 
 class Restart(Strict):
     policy: Literal["never", "on-failure", "always"] = "on-failure"
-    max_restarts: int = Field(3, ge=0, le=1_000_000)
+    max_restarts: int = Field(3, ge=0, le=1_000_000, description="restarts in a row before the process is failed; "
+                              "the count starts again once it has stayed ready for 10 minutes")
     backoff: float = Field(1.0, gt=0, le=1e6, description="first delay in seconds; doubles after each restart")
     backoff_max: float = Field(30.0, gt=0, le=1e6)
 

@@ -186,12 +186,14 @@ def topology(model: Path, s: Services, port: int) -> dict[str, Any]:
         "services": {"etcd": s.etcd, "nats": s.nats, "managed": "never"},
         "engine": {**CPU_ENGINE, "block-size": 32, "enable-prefix-caching": True},
         "env": CPU_ENV,
-        # ready_timeout 150: a restarted worker has been seen to make almost no progress importing torch for
-        # minutes under this load (cause not found); the supervisor's restart after a missed ready_timeout
-        # recovered it every time, so a short timeout bounds the recovery instead of waiting 300 s.
-        "workers": [{"name": "worker-a", "kind": KV_WORKER.name, "cpus": "0", "ready_timeout": 150,
+        # ready_timeout 400: under this load a restarted worker needs 80-215 s to register (20 s idle). Cause,
+        # seen with py-spy: vLLM's shm_broadcast readers busy-loop (sched_yield) for 1 s after every read, so
+        # the serving worker's VLLM::Worker holds its core at 70-100% even under paced load, and the
+        # restarting worker's three processes import torch and vLLM one after another on what is left.
+        # A missed ready_timeout would cost a restart; the rolling restart counts that as not coming back.
+        "workers": [{"name": "worker-a", "kind": KV_WORKER.name, "cpus": "0", "ready_timeout": 400,
                      "drain_timeout": DRAIN_TIMEOUT},
-                    {"name": "worker-b", "kind": KV_WORKER.name, "cpus": "1", "ready_timeout": 150,
+                    {"name": "worker-b", "kind": KV_WORKER.name, "cpus": "1", "ready_timeout": 400,
                      "drain_timeout": DRAIN_TIMEOUT}],
         "routers": [{"name": "router", "strategy": "prefix", "drain_timeout": DRAIN_TIMEOUT}],
         "frontends": [{"name": "frontend", "port": port, "request_timeout": 5.0, "drain_timeout": DRAIN_TIMEOUT}],

@@ -28,6 +28,7 @@ from launcher.supervisor import (
     REJECTED,
     RESTARTING,
     SKIPPED,
+    STABLE_AFTER,
     STARTING,
     STOP_GRACE,
     STOPPED,
@@ -226,6 +227,40 @@ def test_death_of_a_ready_process_revokes_its_leases_and_restarts_it(clock: Cloc
     assert sup.procs["w"].state == STARTING and sup.procs["w"].message == "restart 1/3"
     sup.step({"w": [0x3]})
     assert sup.procs["w"].state == READY and sup.procs["w"].restarts == 1
+
+
+def test_max_restarts_counts_a_crash_loop_not_the_deployments_lifetime(clock: Clock, tmp_path: Path) -> None:
+    """Crashes spread over days never exhaust max_restarts: once a restarted process has stayed ready for
+    STABLE_AFTER, the next crash is restart 1 again, with the first backoff; status still counts them all."""
+    sup, backend = make([spec("w", max_restarts=2, backoff=1.0)], clock, tmp_path)
+    sup.step({})
+    sup.step({"w": [1]})
+    for day in range(4):
+        backend.exit_codes["w"] = -9
+        sup.step({})
+        p = sup.procs["w"]
+        assert p.state == BACKOFF and p.message == "killed by SIGKILL; restart 1/2 in 1.0 s", (day, p.message)
+        clock.advance(1.0)
+        sup.step({})
+        sup.step({"w": [2 + day]})
+        assert p.state == READY
+        clock.advance(STABLE_AFTER - 1)
+        sup.step({"w": [2 + day]})
+        assert p.in_a_row == 1, "not stable long enough yet"
+        clock.advance(1)
+        sup.step({"w": [2 + day]})
+        assert p.in_a_row == 0
+    assert p.restarts == 4 and len(backend.starts) == 5
+    # A crash loop still ends: two quick crashes after a stable run use both restarts, the third gives up.
+    for _ in range(2):
+        backend.exit_codes["w"] = 1
+        sup.step({})
+        clock.advance(p.next_start_at - clock.now)
+        sup.step({})
+        sup.step({"w": [9]})
+    backend.exit_codes["w"] = 1
+    sup.step({})
+    assert p.state == FAILED and "gave up after 2 restart(s) in a row" in p.message
 
 
 @pytest.mark.parametrize(("policy", "code", "expected"), [
