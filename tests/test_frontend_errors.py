@@ -1,12 +1,12 @@
-"""The frontend's error answers, in-process: FrontendApp over httpx's ASGITransport, a catalog filled
-with registrations, and a stub dispatcher that answers what each test scripts (no NATS, no engine).
-The same answers over the network, from real workers, are in test_frontend_e2e.py."""
+"""The frontend's HTTP answers when things go wrong, through vLLM's own OpenAI server (built over the tiny
+model's config and tokenizer: no engine) and a stub dispatcher that plays the workers' part."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,7 +17,7 @@ from workers.frontend.app import FrontendApp, Settings
 from workers.frontend.catalog import Catalog
 from workers.frontend.dispatch import StreamBroken, api_error
 from workers.frontend.errors import WorkerFailed, WorkerSilent
-from workers.frontend.tokens import Tokenizers
+from workers.frontend.openai_layer import build_openai_app, serve_args
 from workers.kinds import KINDS
 from workers.runtime.annotated import Annotated, ErrorCode
 
@@ -25,16 +25,17 @@ ENTRY = KINDS["monolith"].component  # any kind with a way in would do
 Script = Callable[[], AsyncIterator[dict[str, Any]]]
 
 
-async def tokens(*texts: str) -> AsyncIterator[dict[str, Any]]:
-    for i, text in enumerate(texts):
-        yield {"text": text, "token_ids": [i], **({"finish_reason": "length"} if i == len(texts) - 1 else {})}
+async def tokens(*ids: int) -> AsyncIterator[dict[str, Any]]:
+    """A worker's answer in output "tokens": one token per chunk, the last one finished."""
+    for i, token in enumerate(ids):
+        yield {"token_ids": [token], **({"finish_reason": "length"} if i == len(ids) - 1 else {})}
 
 
 class StubDispatcher:
-    """What FrontendApp uses of a Dispatcher: generate() and the retry/migration counters."""
+    """What the frontend uses of a Dispatcher: generate() and the retry/migration counters."""
 
-    def __init__(self, script: Script) -> None:
-        self.script = script
+    def __init__(self) -> None:
+        self.script: Script = lambda: tokens(72, 73)
         self.retried = self.migrated = 0
         self.calls = 0
 
@@ -44,18 +45,36 @@ class StubDispatcher:
             yield chunk
 
 
-def call(method: str, path: str, script: Script | None = None, catalog: Catalog | None = None,
-         settings: Settings | None = None, **kwargs: Any) -> httpx.Response:
-    dispatcher = StubDispatcher(script or (lambda: tokens("a", "b")))
-    app = FrontendApp(dispatcher, catalog or catalog_of(reg(ENTRY, 1)), Tokenizers(), settings or Settings())  # type: ignore[arg-type]
+class Harness:
+    """One event loop and one vLLM app for the module (building it reads the model's config)."""
 
-    async def run() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.app), base_url="http://t") as http:
-            response = await http.request(method, path, **kwargs)
-            await response.aread()
-            return response
+    def __init__(self, model: Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.dispatcher = StubDispatcher()
+        self.catalog = catalog_of(reg(ENTRY, 1, max_len=64))
+        route = self.catalog.serving()["smol"]
+        config = {"model": str(model), "served_model_name": ["smol"]}
+        self.openai = self.loop.run_until_complete(
+            build_openai_app(serve_args(str(model), []), route, config, self.dispatcher))  # type: ignore[arg-type]
 
-    return asyncio.run(run())
+    def call(self, method: str, path: str, script: Script | None = None, catalog: Catalog | None = None,
+             settings: Settings | None = None, **kwargs: Any) -> httpx.Response:
+        self.dispatcher.script = script or (lambda: tokens(72, 73))
+        app = FrontendApp(self.dispatcher, catalog or self.catalog, settings or Settings())  # type: ignore[arg-type]
+        app.openai = self.openai
+
+        async def run() -> httpx.Response:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.app), base_url="http://t") as http:
+                response = await http.request(method, path, **kwargs)
+                await response.aread()
+                return response
+
+        return self.loop.run_until_complete(run())
+
+
+@pytest.fixture(scope="module")
+def harness(tiny_model: Path) -> Harness:
+    return Harness(tiny_model)
 
 
 def completion(**fields: Any) -> dict[str, Any]:
@@ -68,48 +87,46 @@ def error_of(r: httpx.Response) -> dict[str, Any]:
     return dict(body["error"])
 
 
-def test_a_good_request_is_answered() -> None:
-    r = call("POST", "/v1/completions", json=completion())
-    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "ab"
+def test_a_good_request_is_answered(harness: Harness) -> None:
+    r = harness.call("POST", "/v1/completions", json=completion())
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "fg"  # token ids 72, 73
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (b"{not json", "not valid JSON"), (b"\"\xc3\x28\"", "not valid UTF-8"), (b"[1, 2]", "must be a JSON object"),
-])
-def test_a_body_that_is_not_a_json_object_is_400(content: bytes, message: str) -> None:
-    r = call("POST", "/v1/completions", content=content, headers={"content-type": "application/json"})
-    assert r.status_code == 400 and error_of(r)["type"] == "BadRequestError" and message in error_of(r)["message"]
+@pytest.mark.parametrize("content", [b"{not json", b"\"\xc3\x28\"", b"[1, 2]"])
+def test_a_body_that_is_not_a_json_object_is_400(harness: Harness, content: bytes) -> None:
+    r = harness.call("POST", "/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400  # vLLM's answer (FastAPI's for a body it cannot parse)
 
 
-def test_a_bad_parameter_is_400_and_named() -> None:
-    r = call("POST", "/v1/completions", json=completion(max_tokens="many"))
-    assert r.status_code == 400 and error_of(r)["param"] == "max_tokens"
+def test_a_bad_parameter_is_400_and_named(harness: Harness) -> None:
+    r = harness.call("POST", "/v1/completions", json=completion(max_tokens="many"))
+    assert r.status_code == 400 and error_of(r)["param"] == "body.max_tokens"  # as vLLM names it
 
 
-def test_a_prompt_past_the_context_is_400() -> None:
-    catalog = catalog_of(reg(ENTRY, 1, max_len=4))
-    r = call("POST", "/v1/completions", catalog=catalog, json=completion(prompt=[1, 2, 3, 4, 5]))
-    assert r.status_code == 400 and "maximum context length is 4 tokens" in error_of(r)["message"]
+def test_a_prompt_past_the_context_is_400(harness: Harness) -> None:
+    # The context is the one the workers registered (64 here), not the model's own.
+    r = harness.call("POST", "/v1/completions", json=completion(prompt=[5] * 70))
+    assert r.status_code == 400 and "64" in error_of(r)["message"]
 
 
-def test_an_unknown_model_is_404_naming_the_served_ones() -> None:
-    r = call("POST", "/v1/completions", json=completion(model="gpt-9"))
+def test_an_unknown_model_is_404_naming_the_served_ones(harness: Harness) -> None:
+    r = harness.call("POST", "/v1/completions", json=completion(model="gpt-9"))
     error = error_of(r)
-    assert r.status_code == 404 and error["param"] == "model" and "Served models: smol" in error["message"]
+    assert r.status_code == 404 and "gpt-9" in error["message"] and "smol" in error["message"]
 
 
-def test_an_unknown_route_is_404() -> None:
-    assert call("GET", "/v1/nothing").status_code == 404
+def test_an_unknown_route_is_404(harness: Harness) -> None:
+    assert harness.call("GET", "/v1/nothing").status_code == 404
 
 
 @pytest.mark.parametrize("declared", [True, False])
-def test_a_body_over_the_limit_is_413(declared: bool) -> None:
+def test_a_body_over_the_limit_is_413(harness: Harness, declared: bool) -> None:
     body = json.dumps(completion(prompt="x" * 2000)).encode()
 
     async def chunked() -> AsyncIterator[bytes]:  # no content-length: the limit is counted while reading
         yield body
 
-    r = call("POST", "/v1/completions", settings=Settings(max_request_bytes=1024),
+    r = harness.call("POST", "/v1/completions", settings=Settings(max_request_bytes=1024),
              **({"content": body} if declared else {"content": chunked()}))
     assert r.status_code == 413 and error_of(r)["type"] == "RequestTooLargeError"
 
@@ -117,8 +134,8 @@ def test_a_body_over_the_limit_is_413(declared: bool) -> None:
 @pytest.mark.parametrize(("header", "status"), [
     (None, 401), ("Bearer wrong", 401), ("Basic secret", 401), ("Bearer secret", 200),
 ])
-def test_the_api_key_is_required_when_set(header: str | None, status: int) -> None:
-    r = call("POST", "/v1/completions", settings=Settings(api_key="secret"), json=completion(),
+def test_the_api_key_is_required_when_set(harness: Harness, header: str | None, status: int) -> None:
+    r = harness.call("POST", "/v1/completions", settings=Settings(api_key="secret"), json=completion(),
              headers={"authorization": header} if header else {})
     assert r.status_code == status
     if status == 401:
@@ -126,52 +143,43 @@ def test_the_api_key_is_required_when_set(header: str | None, status: int) -> No
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_no_worker_to_take_it_is_503_with_retry_after(stream: bool) -> None:
+def test_no_worker_to_take_it_is_503_with_retry_after(harness: Harness, stream: bool) -> None:
     # The model is known (its kv workers registered) but nothing is a way in: no router is up.
     catalog = catalog_of(reg(KINDS["kv_worker"].component, 1))
-    r = call("POST", "/v1/completions", catalog=catalog, json=completion(stream=stream))
+    r = harness.call("POST", "/v1/completions", catalog=catalog, json=completion(stream=stream))
     assert (r.status_code, r.headers.get("retry-after")) == (503, "5")
     assert error_of(r)["type"] == "ServiceUnavailableError"
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_silent_worker_is_504(stream: bool) -> None:
+def test_a_silent_worker_is_504(harness: Harness, stream: bool) -> None:
     async def silent() -> AsyncIterator[dict[str, Any]]:
         raise WorkerSilent("vllm instance w: no token for 10 s")
         yield {}
 
-    r = call("POST", "/v1/completions", script=silent, json=completion(stream=stream))
-    assert r.status_code == 504 and error_of(r)["type"] == "GatewayTimeoutError"
+    r = harness.call("POST", "/v1/completions", script=silent, json=completion(stream=stream))
+    assert r.status_code == 504 and "no token for 10 s" in error_of(r)["message"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_request_the_worker_refuses_is_400(stream: bool) -> None:
+def test_a_request_the_worker_refuses_is_400(harness: Harness, stream: bool) -> None:
     async def refused() -> AsyncIterator[dict[str, Any]]:
         raise api_error(Annotated.error("token id 99999 is out of vocabulary", code=ErrorCode.BAD_REQUEST), "w")
         yield {}
 
-    r = call("POST", "/v1/completions", script=refused, json=completion(stream=stream))
+    r = harness.call("POST", "/v1/completions", script=refused, json=completion(stream=stream))
     assert r.status_code == 400 and "out of vocabulary" in error_of(r)["message"]
 
 
-def test_a_failure_after_the_first_token_ends_the_stream_with_an_error_event() -> None:
+def test_a_failure_after_the_first_token_ends_the_stream_with_an_error_event(harness: Harness) -> None:
     async def broken() -> AsyncIterator[dict[str, Any]]:
-        yield {"text": "a", "token_ids": [1]}
+        yield {"token_ids": [72]}
         raise StreamBroken(WorkerFailed("vllm instance w: the engine failed"))
 
-    r = call("POST", "/v1/completions", script=broken, json=completion(stream=True))
+    r = harness.call("POST", "/v1/completions", script=broken, json=completion(stream=True))
     assert r.status_code == 200  # already sent with the first token
     events = [line.removeprefix("data: ") for line in r.text.split("\n\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
-    assert json.loads(events[0])["choices"][0]["text"] == "a"
+    assert json.loads(events[0])["choices"][0]["text"] == "f"
     error = json.loads(events[-2])["error"]
-    assert (error["code"], error["type"]) == (500, "InternalServerError") and "engine failed" in error["message"]
-
-
-def test_a_model_whose_way_in_does_not_answer_the_route_is_404(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The routes come from the entry kind's row: a kind without /v1/completions is not sent one."""
-    from dataclasses import replace
-
-    monkeypatch.setitem(KINDS, "monolith", replace(KINDS["monolith"], routes=("/v1/chat/completions",)))
-    r = call("POST", "/v1/completions", json=completion())
-    assert r.status_code == 404 and "does not serve /v1/completions" in error_of(r)["message"]
+    assert error["code"] == 500 and "engine failed" in error["message"]

@@ -10,7 +10,6 @@ from workers.common.client import entry_of
 from workers.frontend.catalog import Catalog
 from workers.frontend.dispatch import Dispatcher, api_error
 from workers.frontend.errors import BadRequest, NoWorker, WorkerFailed, WorkerSilent
-from workers.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from workers.kinds import KINDS, entry_component, entry_components
 from workers.runtime.annotated import Annotated, ErrorCode
 from workers.runtime.registry import Registration
@@ -76,32 +75,6 @@ def test_worker_errors_map_to_statuses_by_code(code: ErrorCode | None, error: ty
     assert got.body()["error"]["code"] == got.status
 
 
-def test_sampling_follows_openai_fields() -> None:
-    chat = ChatCompletionRequest.model_validate({
-        "model": "smol", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-        "max_completion_tokens": 5, "stop": "\n", "logprobs": True, "top_logprobs": 2, "logit_bias": {"7": -1},
-        "seed": 3, "ignore_eos": True})
-    assert chat.requested_max_tokens() == 5
-    assert chat.template_messages() == [{"role": "user", "content": "hi"}]
-    assert chat.sampling(5) == {"max_tokens": 5, "seed": 3, "stop": ["\n"], "ignore_eos": True,
-                                "logit_bias": {7: -1.0}, "logprobs": 2}
-    with pytest.raises(BadRequest) as info:
-        ChatCompletionRequest.model_validate({"model": "smol", "messages": [{"role": "user", "content": "x"}],
-                                              "n": 2}).check_supported()
-    assert info.value.param == "n"
-
-
-def test_completion_prompts_one_at_a_time() -> None:
-    def prompt_of(p: object) -> object:
-        return CompletionRequest.model_validate({"model": "smol", "prompt": p}).single_prompt()
-
-    assert prompt_of("hello") == "hello"
-    assert prompt_of([1, 2, 3]) == [1, 2, 3]
-    assert prompt_of(["only"]) == "only"
-    with pytest.raises(BadRequest):
-        prompt_of(["a", "b"])
-
-
 def test_up_names_a_port_already_in_use() -> None:
     import socket
 
@@ -118,34 +91,29 @@ def test_up_names_a_port_already_in_use() -> None:
     assert ports_in_use([spec]) == []
 
 
-def test_a_dead_instance_is_retried_then_503_even_when_streaming(services) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_instance_is_retried_then_503(services) -> None:  # type: ignore[no-untyped-def]
     """Two registered instances nobody serves any more (killed before their leases went): the request is
-    tried on each (no-responders is retryable), then answered 503 with Retry-After: a streaming client
-    gets the status too, since nothing was streamed yet. Real nats-server; no engine needed."""
+    tried on each (no-responders is retryable), then fails with 503 (NoWorker, Retry-After), before any
+    token, so vLLM's server answers the status. Real nats-server; no engine needed."""
     import asyncio
 
-    import httpx
-
-    from workers.frontend.app import FrontendApp, Settings
-    from workers.frontend.tokens import Tokenizers
     from workers.runtime import requestplane
 
-    async def run() -> list[tuple[int, str | None, str]]:
+    async def run() -> NoWorker | None:
         nc = await requestplane.connect(services.nats, "test-frontend")
         try:
             catalog = catalog_of(reg("vllm", 11), reg("vllm", 12))
             dispatcher = Dispatcher(nc, catalog, timeout=2, retries=2)
-            app = FrontendApp(dispatcher, catalog, Tokenizers(), Settings())
-            out = []
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.app), base_url="http://t") as http:
-                for stream in (False, True):
-                    r = await http.post("/v1/completions", json={"model": "smol", "prompt": [1, 2, 3],
-                                                                 "max_tokens": 4, "stream": stream})
-                    out.append((r.status_code, r.headers.get("retry-after"), r.json()["error"]["type"]))
-            assert dispatcher.retried == 2  # once per request: the second instance, then nothing left
-            return out
+            payload = {"request_id": "r", "token_ids": [1, 2, 3], "sampling": {"max_tokens": 4}, "output": "tokens"}
+            try:
+                async for _ in dispatcher.generate("smol", payload):
+                    pass
+            except NoWorker as exc:
+                assert dispatcher.retried == 1  # the second instance, then nothing left
+                return exc
+            return None
         finally:
             await nc.close()
 
-    for status, retry_after, kind in asyncio.run(run()):
-        assert (status, retry_after, kind) == (503, "5", "ServiceUnavailableError")
+    error = asyncio.run(run())
+    assert error is not None and (error.status, error.headers()) == (503, {"Retry-After": "5"})

@@ -21,7 +21,8 @@ class FrontendMetrics:
         self.requests = Counter(f"{PREFIX}_requests", "HTTP requests by endpoint, model, stream and status",
                                 ["endpoint", "model", "request_type", "status"], registry=r)
         self.inflight = Gauge(f"{PREFIX}_inflight_requests", "requests being served", ["model"], registry=r)
-        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "request received -> first token sent",
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds",
+                              "request sent to a worker -> its first token back",
                               ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram(f"{PREFIX}_inter_token_latency_seconds", "time between tokens (per token)",
                              ["model"], buckets=LATENCY_BUCKETS, registry=r)

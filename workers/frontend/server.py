@@ -1,11 +1,14 @@
 """The OpenAI-compatible frontend process: HTTP in, NATS out to whatever the deployment serves.
 
     python -m workers.frontend.server --port 8000 [--host 127.0.0.1] [--model DIR] [--api-key-env NAME]
+        [`vllm serve` server flags: --enable-auto-tool-choice --tool-call-parser hermes --chat-template T ...]
 
 It finds the deployment's workers in etcd (namespace from LAUNCHER_NAMESPACE), listens at once
-(`/health` answers 503 until a worker serves), and registers itself in etcd (component `frontend`,
-endpoint `http`, its URL in `extra.url`) once it listens and sees a worker: that is what `launcher up`
-waits for. No vLLM import: HTTP, NATS, etcd and a tokenizer.
+(`/health` answers 503 until a worker serves), builds vLLM's OpenAI server for the model the workers
+registered (`workers.frontend.openai_layer`), and registers itself in etcd (component `frontend`,
+endpoint `http`, its URL in `extra.url`) once it listens, sees a worker and has that server: that is
+what `launcher up` waits for. Its `vllm serve` flags (tools, reasoning, chat template) go to vLLM's
+own parser, which checks them when the frontend starts.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ import sys
 
 import uvicorn
 
-from workers.frontend.app import FrontendApp, Settings
+from workers.frontend.app import FrontendApp, Observer, Settings
 from workers.frontend.catalog import Catalog, follow
 from workers.frontend.dispatch import Dispatcher
-from workers.frontend.tokens import Tokenizers
+from workers.frontend.openai_layer import build_openai_app, model_config_of, serve_args
 from workers.kinds import KINDS
 from workers.runtime import exitcodes
 from workers.runtime.registry import Registration
@@ -49,7 +52,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=2, help="tries on other instances before the first token")
     p.add_argument("--migration-limit", type=int, default=3,
                    help="times a stream whose instance is lost mid-stream is continued on another (0: never)")
+    g = p.add_argument_group("vllm serve", "`vllm serve`'s own server flags, passed on to vLLM's parser (which checks "
+                             "their values when the frontend starts) and used where `vllm serve` uses them")
+    for flag in VLLM_SWITCHES:
+        g.add_argument(f"--{flag}", action="store_true", default=None)
+    for flag in VLLM_VALUES:
+        g.add_argument(f"--{flag}", default=None)
     return p
+
+
+# `vllm serve` flags a topology may give a frontend (`args:`): tools, reasoning, the chat template, answers.
+VLLM_SWITCHES = ("enable-auto-tool-choice", "exclude-tools-when-tool-choice-none", "trust-request-chat-template",
+                 "enable-prompt-tokens-details", "enable-force-include-usage", "return-tokens-as-token-ids",
+                 "enable-log-requests")
+VLLM_VALUES = ("tool-call-parser", "reasoning-parser", "chat-template", "chat-template-content-format",
+               "response-role", "default-chat-template-kwargs", "tool-parser-plugin", "max-log-len")
+
+
+def vllm_flags_of(args: argparse.Namespace) -> list[str]:
+    """The `vllm serve` flags given, as argv for vLLM's parser."""
+    argv: list[str] = []
+    for flag in VLLM_SWITCHES:
+        if getattr(args, flag.replace("-", "_")):
+            argv.append(f"--{flag}")
+    for flag in VLLM_VALUES:
+        value = getattr(args, flag.replace("-", "_"))
+        if value is not None:
+            argv += [f"--{flag}", value]
+    return argv
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,47 +98,61 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 async def serve(args: argparse.Namespace) -> None:
     key = api_key(args)  # before connecting: a missing key is a configuration error, said at once
+    vllm_args = serve_args(args.model or "model", vllm_flags_of(args))  # vLLM's parser: a bad flag is said at once
     settings = RuntimeSettings.from_env()
     ctx = WorkerContext(settings)
     await ctx.connect()
     assert ctx.nc is not None and ctx.registry is not None
     catalog = Catalog()
-    tokenizers = Tokenizers()
-    if args.model:
-        # Loaded while the workers start, so the first request does not wait for it.
-        warm = asyncio.create_task(tokenizers.get(args.model))
-
-        def loaded(t: asyncio.Task[object]) -> None:
-            if not t.cancelled() and t.exception() is not None:
-                log.warning("tokenizer of %s: %s", args.model, t.exception())
-
-        warm.add_done_callback(loaded)
     follower = asyncio.create_task(follow(ctx.registry, settings.namespace, catalog))
     dispatcher = Dispatcher(ctx.nc, catalog, args.request_timeout, args.retries, args.migration_limit)
-    app = FrontendApp(dispatcher, catalog, tokenizers, Settings(key, args.max_request_bytes))
+    app = FrontendApp(dispatcher, catalog, Settings(key, args.max_request_bytes))
     # On SIGTERM uvicorn stops accepting and lets the streams in flight finish. It waits a little longer
     # than the workers drain, so a stream they hand back at their drain's end still gets its error event.
     config = uvicorn.Config(app.app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=math.ceil(settings.drain_timeout) + 5, lifespan="off")
+                            timeout_graceful_shutdown=math.ceil(settings.drain_timeout) + 5, lifespan="off",
+                            interface="asgi3")
     server = uvicorn.Server(config)
     url = f"http://{args.host}:{args.port}"
-    registering = asyncio.create_task(_register_when_serving(ctx, server, catalog, url))
+    building = asyncio.create_task(_build_when_known(app, catalog, dispatcher, vllm_args, server))
+    registering = asyncio.create_task(_register_when_serving(ctx, server, app, url))
     try:
         await server.serve()  # returns on SIGTERM/SIGINT (uvicorn's handlers), after draining
     finally:
-        for task in (registering, follower):
+        for task in (registering, follower, building):
             task.cancel()
         await ctx.close()
-    if not server.started:
-        sys.exit(1)  # e.g. the port was taken: uvicorn said so in the log
+    if not server.started or (building.done() and not building.cancelled() and building.exception()):
+        sys.exit(1)  # e.g. the port was taken, or vLLM refused the model: said in the log
 
 
-async def _register_when_serving(ctx: WorkerContext, server: uvicorn.Server, catalog: Catalog, url: str) -> None:
-    """Ready = listening and some worker serves: only then may `launcher up` call it ready."""
+async def _build_when_known(app: FrontendApp, catalog: Catalog, dispatcher: Dispatcher,
+                            vllm_args: argparse.Namespace, server: uvicorn.Server) -> None:
+    """vLLM's OpenAI server, once a worker registered the model (its configuration comes with it)."""
+    while not catalog.serving():
+        catalog.changed.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(catalog.changed.wait(), 5)
+    route = next(iter(sorted(catalog.serving().items())))[1]
+    try:
+        app.openai = await build_openai_app(vllm_args, route, model_config_of(catalog, route), dispatcher,
+                                            Observer(app.metrics, route.name))
+        app.built.set()
+    except BaseException:
+        log.exception("vLLM's OpenAI layer could not be built for %s: the frontend stops", route.name)
+        server.should_exit = True
+        raise
+
+
+async def _register_when_serving(ctx: WorkerContext, server: uvicorn.Server, app: FrontendApp, url: str) -> None:
+    """Ready = listening, some worker serves and vLLM's server is built: only then may `launcher up`
+    call it ready."""
     assert ctx.registry is not None
+    catalog = app.catalog
     while not server.started:
         await asyncio.sleep(0.05)
     log.info("listening on %s; waiting for a worker to serve", url)
+    await app.built.wait()
     while not catalog.serving():
         catalog.changed.clear()
         with contextlib.suppress(asyncio.TimeoutError):

@@ -501,8 +501,9 @@ class RouterService:
                      req.request_id, decision.strategy, decision.process, decision.worker, decision.blocks,
                      decision.matched, decision.load, (now - t_route) * 1e6, (now - t0) * 1e6)
             view = self.router.workers[decision.worker]
-            payload = GenerateRequest(request_id=req.request_id, token_ids=token_ids.tolist(), sampling=req.sampling,
-                                      kv_transfer_params=req.kv_transfer_params).model_dump(exclude_none=True)
+            # Everything the caller sent (SamplingParams, output mode, priority) goes on; text becomes ids.
+            payload = req.model_copy(update={"prompt": None, "messages": None, "token_ids": token_ids.tolist()}
+                                     ).model_dump(exclude_none=True)
             self.router.started(decision)
             answered = False
             failure: Annotated | None = None

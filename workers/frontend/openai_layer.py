@@ -1,0 +1,82 @@
+"""vLLM's own OpenAI server, built in the frontend over the deployment's workers.
+
+Everything `vllm serve` answers for a generative model comes from vLLM's classes here, unchanged:
+chat, completions, responses, Anthropic messages, tokenize, detokenize, version, models, with their
+validation, error objects, tools, reasoning, structured output, n, echo, batches and logprobs. The one
+thing replaced is the engine core (`workers.frontend.remote_engine`).
+
+The model's configuration comes from the workers' registration (`model_config`: the engine arguments
+that shape vLLM's ModelConfig, and the max_model_len their engine resolved), so the frontend validates and
+renders as the worker's engine would. The frontend's own vLLM server flags (`--enable-auto-tool-choice`,
+`--tool-call-parser`, `--reasoning-parser`, `--chat-template`, ...) are `vllm serve`'s, read by vLLM's
+own parser and checked by its own validation when the frontend starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from workers.frontend.catalog import Catalog, ModelRoute
+from workers.frontend.dispatch import Dispatcher
+from workers.frontend.remote_engine import RemoteEngineCore, build_engine
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_TASKS: tuple[Any, ...] = ("generate",)
+
+
+def serve_args(model: str, flags: list[str]) -> argparse.Namespace:
+    """`vllm serve MODEL FLAGS...` as vLLM's own parser reads and checks it (SystemExit with its message)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="frontend (vllm serve flags)"))
+    args = parser.parse_args(["--model", model, *flags])
+    try:
+        validate_parsed_serve_args(args)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"frontend: {exc}") from None
+    return args
+
+
+def model_config_of(catalog: Catalog, route: ModelRoute) -> dict[str, Any]:
+    """The registered engine arguments of one of the model's engine workers (all load the same model)."""
+    for reg in catalog.by_key.values():
+        config = reg.extra.get("model_config")
+        if reg.model == route.path and isinstance(config, dict):
+            return dict(config)
+    return {"model": route.path, "served_model_name": [route.name]}
+
+
+async def build_openai_app(args: argparse.Namespace, route: ModelRoute, model_config: dict[str, Any],
+                           dispatcher: Dispatcher, observer: Any = None) -> Any:
+    """vLLM's FastAPI app (`vllm serve`'s routers, exception handlers and middleware) and its state,
+    over an AsyncLLM whose engine core is the deployment."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.usage.usage_lib import UsageContext
+
+    args = argparse.Namespace(**vars(args))
+    for name, value in model_config.items():
+        if value is not None:
+            setattr(args, name, value)
+    names = model_config.get("served_model_name")
+    args.served_model_name = names if isinstance(names, list) else [names or route.name]
+    if route.max_model_len is not None:
+        args.max_model_len = route.max_model_len
+    args.disable_log_stats = True
+    args.api_key = None  # the frontend checks its key itself (`--api-key-env`), before anything else
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+    served = route.name
+    core = RemoteEngineCore(dispatcher, lambda: served, observer)
+    engine = build_engine(vllm_config, core)
+    app = build_app(args, SUPPORTED_TASKS, vllm_config.model_config)
+    await init_app_state(engine, app.state, args, SUPPORTED_TASKS)
+    log.info("vLLM's OpenAI layer is up for %s (max_model_len %s, tool parser %s, reasoning parser %s)",
+             served, vllm_config.model_config.max_model_len, args.tool_call_parser,
+             args.structured_outputs_config.reasoning_parser or None)
+    return app
