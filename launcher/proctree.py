@@ -123,7 +123,27 @@ def _members(pid: int | None, extra: list[psutil.Process] | None, create_time: f
     return ours, [p for p in members if not _is_zombie(p)]
 
 
+def roots(members: list[psutil.Process]) -> list[psutil.Process]:
+    """The members whose parent is not a member: the process itself, and children orphaned by a dead parent."""
+    pids = {p.pid for p in members}
+    out = []
+    for proc in members:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if proc.ppid() not in pids:
+                out.append(proc)
+    return out
+
+
 def _send(pid: int | None, ours: bool, members: list[psutil.Process], sig: signal.Signals) -> None:
+    """SIGTERM asks once, and only the roots: a worker drains and then stops its own EngineCore, and a
+    second SIGTERM means "stop draining now" to it (as to most servers), while an EngineCore that gets
+    SIGTERM itself exits at once and fails the requests its worker is draining. Any other signal (SIGKILL)
+    goes to the whole process group and every member."""
+    if sig == signal.SIGTERM:
+        for proc in roots(members):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(sig)
+        return
     if ours and pid is not None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)
@@ -134,7 +154,8 @@ def _send(pid: int | None, ours: bool, members: list[psutil.Process], sig: signa
 
 def signal_tree(pid: int | None, sig: signal.Signals, extra: list[psutil.Process] | None = None,
                 create_time: float | None = None) -> list[int]:
-    """Send `sig` to the process group of `pid`, every member of its tree and `extra`; wait for nothing.
+    """Send `sig` to the process group of `pid`, every member of its tree and `extra` (SIGTERM: to the roots
+    among them only, see `_send`); wait for nothing.
 
     The supervisor's loop uses this and checks on later ticks whether the tree is gone. Returns the
     pids signalled. `pid` None (never started, or its start failed): only `extra`.
@@ -146,7 +167,7 @@ def signal_tree(pid: int | None, sig: signal.Signals, extra: list[psutil.Process
 
 def stop_tree(pid: int, grace: float = 10.0, extra: list[psutil.Process] | None = None,
               create_time: float | None = None) -> list[int]:
-    """SIGTERM the process group and every member, wait `grace`, SIGKILL the rest, wait them out.
+    """SIGTERM the tree's roots, wait `grace`, SIGKILL the process group and every member left, wait them out.
 
     Blocking: for `down`'s sweep of leftovers and for tools, never for the supervisor's loop.
     Returns the pids that were part of the tree. `extra` adds processes known from earlier
