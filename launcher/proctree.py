@@ -50,6 +50,17 @@ def create_time(pid: int) -> float | None:
             return None
 
 
+def cpu(pid: int) -> tuple[str, float] | None:
+    """(state letter, user + system CPU seconds) from /proc/<pid>/stat; None when it is gone (or no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(b")") + 2:].split()
+        return fields[0].decode(), (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _same_start(pid: int, recorded: float) -> bool:
     """Whether `pid` started when `recorded` says. A recorded wall-clock time (> 1e9 s: written by an
     older launcher, or without /proc) is compared with psutil's, a time since boot with ours."""

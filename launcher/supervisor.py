@@ -53,6 +53,12 @@ KILL_WAIT = 10.0  # after SIGKILL, a member still alive (stuck in the kernel) is
 # max_restarts bounds a crash loop, not a deployment's lifetime: a process that stays ready this long has its
 # restart count (and so its backoff) reset, as Kubernetes resets a container's after 10 minutes of running.
 STABLE_AFTER = 600.0
+# A starting process with a member runnable (state R) that gets no CPU at all for this long is stuck in the
+# kernel, not slow: on 2 busy cores every runnable task still gets seconds of CPU in 30 s. Seen on this
+# project's CI VMs (kernel 6.18): a worker importing torch stuck in sched_setaffinity (affine_move_task) for
+# 8 minutes, deaf to SIGKILL, while its ready_timeout ran. Such a start is abandoned and made again at once.
+STUCK_AFTER = 30.0
+STUCK_STARTS = 3  # fresh starts for one start's stuck runs; then its ready_timeout decides
 ETCD_TIMEOUT = 2.0  # one list or revoke; the next tick tries again
 MAX_JOBS = 5  # restart jobs kept in state.json, the running one last
 
@@ -105,6 +111,8 @@ class ProcState:
     pids_seen: dict[int, float] = field(default_factory=dict)  # pid -> create_time, every tree member ever
     log_tail: list[str] = field(default_factory=list)
     stop: Stop | None = None
+    cpu_seen: dict[int, tuple[float, float]] = field(default_factory=dict)  # starting: pid -> (cpu s, since)
+    stuck_starts: int = 0  # runs of this start abandoned as stuck in the kernel
 
 
 @dataclass
@@ -145,6 +153,10 @@ class Trees(Protocol):
         """`sig` to the process group of `p.pid` and every live member of `p.pids_seen`."""
         ...
 
+    def cpu(self, pid: int) -> tuple[str, float] | None:
+        """(state letter, CPU seconds used) of a live process, None if it is gone."""
+        ...
+
 
 class OsTrees:
     """`Trees` over the real process table (psutil)."""
@@ -164,6 +176,9 @@ class OsTrees:
 
     def signal(self, p: ProcState, sig: signal.Signals) -> None:
         proctree.signal_tree(p.pid, sig, extra=leftovers(p.pids_seen), create_time=p.create_time)
+
+    def cpu(self, pid: int) -> tuple[str, float] | None:
+        return proctree.cpu(pid)
 
 
 class Supervisor:
@@ -213,6 +228,7 @@ class Supervisor:
             p.lease_ids = list(registered[p.name])
             if p.state == STARTING:
                 p.state, p.ready_at, p.message = READY, now, ""
+                p.stuck_starts, p.cpu_seen = 0, {}
             elif p.in_a_row and p.ready_at is not None and now - p.ready_at >= STABLE_AFTER:
                 log.info("%s: ready for %.0f s: max_restarts counts from 0 again", p.name, STABLE_AFTER)
                 p.in_a_row = 0
@@ -220,7 +236,43 @@ class Supervisor:
             p.lease_ids = []
         elif p.started_at is not None and now - p.started_at > spec.ready_timeout:
             self._on_ready_timeout(spec, p, now)
+        elif p.stuck_starts < STUCK_STARTS and (stuck := self._stuck_member(p, now)) is not None:
+            self._start_again(p, now, stuck)
         return []
+
+    def _stuck_member(self, p: ProcState, now: float) -> int | None:
+        """A member of a starting process's tree that has been runnable without any CPU for STUCK_AFTER."""
+        assert p.pid is not None
+        members = self.trees.members(p.pid, p.create_time)
+        for pid in list(p.cpu_seen):
+            if pid not in members:
+                del p.cpu_seen[pid]
+        for pid in members:
+            got = self.trees.cpu(pid)
+            if got is None:
+                continue
+            state, used = got
+            seen = p.cpu_seen.get(pid)
+            if state != "R" or seen is None or used != seen[0]:
+                p.cpu_seen[pid] = (used, now)
+            elif now - seen[1] >= STUCK_AFTER:
+                return pid
+        return None
+
+    def _start_again(self, p: ProcState, now: float, stuck: int) -> None:
+        """Abandon a run stuck in the kernel (SIGKILL sent, but such a process may not die for minutes) and
+        start a fresh one at once; the stuck pids are forgotten, and named in the log and the message."""
+        self._remember(p)
+        self.trees.signal(p, signal.SIGKILL)
+        left = sorted(set(self.trees.alive(p.pids_seen)) | {stuck, p.pid or stuck})
+        log.warning("%s: pid %d runnable with no CPU for %.0f s (stuck in the kernel): SIGKILL sent to pids %s, "
+                    "starting it again", p.name, stuck, STUCK_AFTER, ", ".join(map(str, left)))
+        for pid in left:
+            p.pids_seen.pop(pid, None)
+        p.stuck_starts += 1
+        p.cpu_seen = {}
+        p.state, p.next_start_at = PENDING, now
+        p.message = f"started again: pid {stuck} was stuck in the kernel (runnable, no CPU for {STUCK_AFTER:.0f} s)"
 
     def _on_ready_timeout(self, spec: ProcessSpec, p: ProcState, now: float) -> None:
         p.log_tail = log_tail(self.log_for(p.name))
@@ -282,7 +334,7 @@ class Supervisor:
         p.pids_seen[p.pid] = p.create_time or 0.0
         if p.state == BACKOFF:
             p.message = f"restart {p.in_a_row}/{spec.max_restarts}"
-        elif p.manual_restarts:
+        elif p.manual_restarts and not p.stuck_starts:
             p.message = "restarted by `launcher restart`"
         p.message += stuck
         p.state, p.started_at, p.ready_at = STARTING, now, None

@@ -32,6 +32,7 @@ from launcher.supervisor import (
     STARTING,
     STOP_GRACE,
     STOPPED,
+    STUCK_AFTER,
     WAITING,
     ProcState,
     Supervisor,
@@ -76,6 +77,8 @@ class FakeBackend:
     children: dict[str, list[int]] = field(default_factory=dict)  # process -> child pids of its current run
     alive_children: set[int] = field(default_factory=set)
     unkillable: set[int] = field(default_factory=set)
+    cpu_of: dict[int, tuple[str, float]] = field(default_factory=dict)  # pid -> (state, CPU s); else sleeping
+    deaf: set[str] = field(default_factory=set)  # processes whose current run survives SIGKILL (stuck)
 
     def now(self) -> float:
         return self.clock() if self.clock else 0.0
@@ -121,8 +124,12 @@ class FakeBackend:
             self.exit_codes.setdefault(p.name, 0)
             self.alive_children -= tree - self.unkillable
         elif sig == signal.SIGKILL:
-            self.exit_codes.setdefault(p.name, -9)
+            if p.name not in self.deaf:
+                self.exit_codes.setdefault(p.name, -9)
             self.alive_children -= tree - self.unkillable
+
+    def cpu(self, pid: int) -> tuple[str, float] | None:
+        return self.cpu_of.get(pid, ("S", 0.0))
 
 
 def spec(name: str, tier: int = 2, depends_on: list[str] | None = None, **kw: object) -> ProcessSpec:
@@ -522,6 +529,45 @@ def test_a_tree_that_survives_sigkill_is_given_up_on_and_reported(clock: Clock, 
     sup.step(None)
     assert sup.stopped() and sup.procs["w"].state == STOPPED
     assert f"pids {core} survived SIGKILL for 10 s" in sup.procs["w"].message
+
+
+def test_a_start_stuck_in_the_kernel_is_made_again_without_waiting_for_its_ready_timeout(clock: Clock,
+                                                                                          tmp_path: Path) -> None:
+    """Its EngineCore is runnable but gets no CPU for STUCK_AFTER (SIGKILL does not end it either): the run
+    is abandoned and a fresh one started at once, without using a restart of max_restarts, and without
+    failing a `launcher restart` under way; a process slow but moving is left alone."""
+    sup, backend = make([spec("w", ready_timeout=600.0, max_restarts=0)], clock, tmp_path)
+    ready(sup, ["w"])
+    job = sup.request_restart("j1", ["w"], rolling=True)
+    sup.step({})
+    first = sup.procs["w"].pid
+    assert sup.procs["w"].state == STARTING and first is not None
+    core = backend.spawn_child("w")
+    backend.cpu_of[first] = ("S", 1.0)  # the worker waits on its core: not stuck
+    for t in range(0, 60, 5):  # a slow core: runnable, but it gets CPU
+        backend.cpu_of[core] = ("R", 0.1 * t)
+        sup.step({})
+        clock.advance(5)
+    assert sup.procs["w"].state == STARTING and sup.procs["w"].pid == first
+    backend.deaf.add("w")
+    backend.unkillable.add(core)
+    backend.cpu_of[core] = ("R", 100.0)
+    sup.step({})  # the core's CPU stops moving from now on
+    clock.advance(STUCK_AFTER - 1)
+    sup.step({})
+    assert sup.procs["w"].state == STARTING, "not for STUCK_AFTER yet"
+    clock.advance(1)
+    sup.step({})
+    p = sup.procs["w"]
+    assert backend.signals[-1][1] == "SIGKILL"
+    assert p.state == PENDING and p.message.startswith(f"started again: pid {core} was stuck in the kernel")
+    backend.deaf.clear()
+    sup.step({})
+    assert p.state == STARTING and p.pid != first and len(backend.starts) == 3
+    assert core not in p.pids_seen and first not in p.pids_seen, "the stuck run is forgotten, not waited for"
+    assert (p.in_a_row, job.state) == (0, "running")
+    sup.step({"w": [9]})
+    assert p.state == READY and job.state == DONE and p.stuck_starts == 0
 
 
 def test_a_restart_drains_starts_at_once_and_waits_for_ready(clock: Clock, tmp_path: Path) -> None:
