@@ -31,7 +31,7 @@ def test_annotated_roundtrip() -> None:
 
 def test_retry_only_before_the_first_token_and_only_for_a_lost_worker() -> None:
     lost = {ErrorCode.NO_RESPONDERS, ErrorCode.NO_ANSWER, ErrorCode.SILENT, ErrorCode.SHUTTING_DOWN,
-            ErrorCode.WORKER_LOST, ErrorCode.ENGINE_DEAD}
+            ErrorCode.WORKER_LOST, ErrorCode.ENGINE_DEAD, ErrorCode.MESSAGES_LOST}
     for code in ErrorCode:
         assert instance_lost(code) == (code in lost), code
         assert retryable(code, tokens_sent=False) == (code in lost), code
@@ -145,6 +145,34 @@ def test_a_subscriber_that_never_acks_is_no_answer(services) -> None:  # type: i
 
     (item,) = asyncio.run(run())
     assert item.is_error() and item.code == ErrorCode.NO_ANSWER and "no worker answered" in item.comment[0]
+
+
+def test_a_gap_in_the_streams_numbers_is_messages_lost_not_a_shorter_answer(services) -> None:  # type: ignore[no-untyped-def]
+    """Core NATS drops what is published while the receiver's subscription is gone (a NATS restart): the
+    stream must say so (a code the frontend migrates on), not stream on with tokens missing."""
+    from workers.runtime.sender import ACK, SEQ_HEADER
+
+    async def answer(msg: Any) -> None:  # message 2 never arrives
+        for seq, payload in ((0, ACK), (1, Annotated(data={"token_ids": [1]}).encode()),
+                             (3, Annotated(data={"token_ids": [3]}).encode())):
+            await nc_w.publish(msg.reply, payload, headers={SEQ_HEADER: str(seq)})
+
+    async def run() -> list[Annotated]:
+        nonlocal nc_w
+        nc_w = await requestplane.connect(services.nats, "gappy")
+        await nc_w.subscribe("t3g.c.generate", cb=answer)
+        nc = await requestplane.connect(services.nats, "c")
+        try:
+            return [a async for a in requestplane.stream(nc, "t3g.c.generate", {}, idle_timeout=5)]
+        finally:
+            await nc.close()
+            await nc_w.close()
+
+    nc_w: Any = None
+    first, lost = asyncio.run(run())
+    assert first.data == {"token_ids": [1]}
+    assert lost.is_error() and lost.code == ErrorCode.MESSAGES_LOST and "2..2" in lost.comment[0]
+    assert instance_lost(lost.code), "the frontend continues such a stream elsewhere"
 
 
 def test_invalid_request_is_bad_request(services) -> None:  # type: ignore[no-untyped-def]

@@ -10,16 +10,20 @@ from typing import Any
 from tests.helpers import until
 from workers.runtime import requestplane
 from workers.runtime.annotated import Annotated
-from workers.runtime.sender import ACK, END, KEEPALIVE, Sender, merge_into
+from workers.runtime.sender import ACK, END, KEEPALIVE, SEQ_HEADER, Sender, merge_into
 
 
 class RecordingNats:
-    """Stands in for the connection in unit tests of the writer's order: records (subject, payload)."""
+    """Stands in for the connection in unit tests of the writer's order: records (subject, payload), and
+    checks that each stream's messages are numbered 0, 1, 2... (the Seq header)."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes]] = []
+        self.seq: dict[str, int] = {}
 
-    async def publish(self, subject: str, payload: bytes) -> None:
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        assert headers is not None and int(headers[SEQ_HEADER]) == self.seq.get(subject, 0), (subject, headers)
+        self.seq[subject] = self.seq.get(subject, 0) + 1
         self.sent.append((subject, payload))
 
 

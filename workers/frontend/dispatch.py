@@ -38,7 +38,8 @@ def api_error(item: Annotated, where: str) -> ApiError:
     code = item.code
     if code == ErrorCode.BAD_REQUEST:
         return BadRequest(text)
-    if code in (ErrorCode.NO_RESPONDERS, ErrorCode.SHUTTING_DOWN, ErrorCode.WORKER_LOST, ErrorCode.ENGINE_DEAD):
+    if code in (ErrorCode.NO_RESPONDERS, ErrorCode.SHUTTING_DOWN, ErrorCode.WORKER_LOST, ErrorCode.ENGINE_DEAD,
+                ErrorCode.MESSAGES_LOST):
         return NoWorker(f"no instance of {where} could take the request: {text}")
     if code in (ErrorCode.NO_ANSWER, ErrorCode.SILENT):
         return WorkerSilent(f"{where}: {text}")

@@ -36,13 +36,14 @@ class ErrorCode(StrEnum):
     CANCELLED = "cancelled"  # the caller cancelled the request
     WORKER_LOST = "worker_lost"  # the instance's registration vanished mid-stream (it died or was revoked)
     ENGINE_DEAD = "engine_dead"  # the worker's vLLM engine core died; the worker exits and is replaced
+    MESSAGES_LOST = "messages_lost"  # a gap in the stream's sequence numbers (NATS dropped some: reconnect)
 
 
 # Codes that mean the instance was lost (Dynamo migrates on the same four: cannot connect, disconnected,
 # timeout, engine shutdown), never that the request is at fault: another instance may serve it, from the
 # start before any token, or continued (prompt + tokens so far) after some.
 RETRYABLE = frozenset({ErrorCode.NO_RESPONDERS, ErrorCode.NO_ANSWER, ErrorCode.SILENT, ErrorCode.SHUTTING_DOWN,
-                       ErrorCode.WORKER_LOST, ErrorCode.ENGINE_DEAD})
+                       ErrorCode.WORKER_LOST, ErrorCode.ENGINE_DEAD, ErrorCode.MESSAGES_LOST})
 
 
 def instance_lost(code: str | None) -> bool:

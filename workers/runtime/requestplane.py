@@ -33,7 +33,7 @@ from workers.runtime.annotated import (
     StreamError,
 )
 from workers.runtime.inbox import InboxMux, ReplierLost, Replies, ReplyTimeout
-from workers.runtime.sender import Sender
+from workers.runtime.sender import SEQ_HEADER, Sender
 from workers.runtime.settings import ServiceRefused, ServiceUnavailable, subject_token
 from workers.runtime.tls import TlsFiles, client_identity, describe, inbox_prefix
 
@@ -297,6 +297,7 @@ async def stream(
     try:
         await nc.publish(subject, _encode_request(request), reply=replies.subject)
         acked = False
+        expected = 0  # the next message's number (sender.SEQ_HEADER)
         while True:
             try:
                 msg = await replies.next(idle_timeout)
@@ -319,6 +320,12 @@ async def stream(
                 yield Annotated.error(f"no worker serves {subject} (NATS status {status or 'empty'})",
                                       code=ErrorCode.NO_RESPONDERS)
                 return
+            seq = (msg.headers or {}).get(SEQ_HEADER)
+            if seq is not None and int(seq) != expected:
+                yield Annotated.error(f"the stream from {subject} lost message(s) {expected}..{int(seq) - 1} "
+                                      "(NATS dropped them: a reconnect?)", code=ErrorCode.MESSAGES_LOST)
+                return
+            expected += 1
             item = Annotated.decode(msg.data)
             if item.event == EVENT_ACK:
                 acked = True

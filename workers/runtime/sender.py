@@ -12,7 +12,10 @@ no encoding); one writer task per connection then
   of the sending (text concatenated, token_ids extended): fewer, larger messages under load;
 * sends keepalives for every open stream from one timer, instead of a task per request.
 
-Order within a stream is kept: data, then an error or the end marker, exactly as put.
+Order within a stream is kept: data, then an error or the end marker, exactly as put. Every message of a
+stream carries its number (header `Seq`, from 0): core NATS drops what is published while the receiver's
+subscription is not there (a reconnect after a NATS restart), and a receiver that did not count would stream
+on with tokens missing and answer 200 (requestplane.stream turns a gap into `messages_lost`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from nats.aio.client import Client as NATS
 from workers.runtime.annotated import EVENT_ACK, EVENT_END, EVENT_KEEPALIVE, Annotated
 
 log = logging.getLogger(__name__)
+
+SEQ_HEADER = "Seq"
 
 ACK = Annotated(event=EVENT_ACK).encode()
 END = Annotated(event=EVENT_END).encode()
@@ -68,7 +73,7 @@ class _Owned(dict[str, Any]):
 class Outbox:
     """One stream's pending messages; filled by the stream's task, emptied by the Sender's writer."""
 
-    __slots__ = ("_closed", "_pending", "_queued", "_sender", "_started", "last_sent", "reply")
+    __slots__ = ("_closed", "_pending", "_queued", "_sender", "_started", "last_sent", "reply", "seq")
 
     def __init__(self, sender: Sender, reply: str) -> None:
         self.reply = reply
@@ -79,6 +84,7 @@ class Outbox:
         self._started = False  # a data message has gone out (later ones are not first tokens)
         self._closed = False
         self.last_sent = time.monotonic()
+        self.seq = 0  # the number of the next message sent
 
     def put(self, item: Any) -> None:
         """A data item from the handler; merged into the last pending one when both are token deltas."""
@@ -175,7 +181,8 @@ class Sender:
         payloads = box.take()
         for payload in payloads:
             try:
-                await self._nc.publish(box.reply, payload)
+                await self._nc.publish(box.reply, payload, headers={SEQ_HEADER: str(box.seq)})
+                box.seq += 1
             except Exception as exc:  # connection closed or draining: this stream cannot be answered
                 log.warning("dropping a reply to %s: %s", box.reply, exc)
                 break
