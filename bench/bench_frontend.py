@@ -54,6 +54,18 @@ def wait_http(url: str, deadline_s: float, proc: subprocess.Popen[bytes] | None 
     raise TimeoutError(url)
 
 
+def tree_cpu(root: psutil.Process) -> float:
+    """User + system CPU seconds of the frontend and its child processes (`processes: N`)."""
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
 def bench_serve(base: str, model: str, tokenizer: str, conc: int, prompts: int, args: argparse.Namespace,
                 out_dir: Path, tag: str) -> dict[str, Any]:
     name = f"{tag}.json"
@@ -80,6 +92,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--api-servers", type=int, default=1,
+                   help="HTTP processes on each side: vllm serve --api-server-count N, frontend processes: N")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still takes both sides down (finally)
     served = "bench-model"
@@ -92,7 +106,8 @@ def main() -> None:
     log_a = (tmp / "vllm-serve.log").open("wb")
     flags = [x for k, v in engine.items() for x in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
     serve = subprocess.Popen([sys.executable, str(SHIM), "serve", args.model, "--host", "127.0.0.1", "--port",
-                              str(port_a), *flags], env={**env, "VLLM_CPU_OMP_THREADS_BIND": "0"},
+                              str(port_a), *flags, "--api-server-count", str(args.api_servers)],
+                             env={**env, "VLLM_CPU_OMP_THREADS_BIND": "0"},
                              stdout=log_a, stderr=subprocess.STDOUT, start_new_session=True)
     # (b) our deployment: frontend + monolith worker on core 1, its own etcd and NATS.
     port_b = svc.free_port()
@@ -101,7 +116,7 @@ def main() -> None:
             "services": {"etcd": etcd, "nats": nats},
             "workers": [{"name": "vllm", "kind": "monolith", "cpus": "1", "ready_timeout": 600,
                          "metrics_port": svc.free_port()}],
-            "frontends": [{"name": "frontend", "port": port_b}]}
+            "frontends": [{"name": "frontend", "port": port_b, "processes": args.api_servers}]}
     topo_file = tmp / "bench-frontend.yaml"
     topo_file.write_text(yaml.safe_dump(topo, sort_keys=False))
     launcher = [sys.executable, "-m", "launcher.cli"]
@@ -119,11 +134,10 @@ def main() -> None:
                 prompts = max(8, 4 * conc)
                 order = ("a", "b") if (rep + args.concurrency.index(conc)) % 2 == 0 else ("b", "a")
                 for side in order:
-                    before = frontend.cpu_times()
+                    before = tree_cpu(frontend)
                     r = bench_serve(sides[side], served, args.model, conc, prompts, args, tmp, f"{side}-{conc}-{rep}")
                     if side == "b":
-                        after = frontend.cpu_times()
-                        cpu_b += (after.user - before.user) + (after.system - before.system)
+                        cpu_b += tree_cpu(frontend) - before
                         tokens_b += int(r["total_output_tokens"])
                     results.setdefault((side, conc), []).append(r)
                     print(f"rep {rep} conc {conc:>2} {side}: {r['output_throughput']:8.1f} tok/s, "
@@ -134,7 +148,8 @@ def main() -> None:
                        stdout=subprocess.DEVNULL)
         stop_tree(serve.pid, grace=10)
     print(f"\nmodel {Path(args.model).name} ({args.dtype}), random dataset {args.input_len} in / {args.output_len} "
-          f"out, ignore_eos, {args.reps} reps alternating; a = vllm serve, b = frontend -> NATS -> worker\n")
+          f"out, ignore_eos, {args.reps} reps alternating, {args.api_servers} HTTP process(es) a side; a = vllm serve, "
+          "b = frontend -> NATS -> worker\n")
     print("| conc | a tok/s | b tok/s | tok/s b/a (median, range) | a TTFT p50 ms | b TTFT p50 ms "
           "| TTFT b/a (median, range) |")
     print("|---|---|---|---|---|---|---|")

@@ -59,7 +59,8 @@ MODULE_OWNED = {
         "port": "the launcher passes --port from the frontend's `port:`: set it there",
         "model": "the launcher passes --model from the top-level `model:`: set it there",
         **{flag: f"the launcher passes --{flag} from the frontend's `{flag.replace('-', '_')}:`: set it there"
-           for flag in ("api-key-env", "max-request-bytes", "request-timeout", "retries", "migration-limit")},
+           for flag in ("api-key-env", "max-request-bytes", "request-timeout", "retries", "migration-limit",
+                        "processes")},
     },
 }
 

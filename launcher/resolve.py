@@ -482,6 +482,8 @@ def _frontend_process(topo: Topology, index: int, f: Frontend, endpoints: Endpoi
              "model": _launcher("model", topo.model, ("model",))}
     for name in ("max_request_bytes", "request_timeout", "retries", "migration_limit"):
         flags[name.replace("_", "-")] = _launcher(name.replace("_", "-"), getattr(f, name), (*path, name))
+    processes, why = frontend_processes(f.processes)
+    flags["processes"] = _launcher("processes", processes, (*path, "processes"))
     if f.api_key_env:  # the name of the variable, never the key
         flags["api-key-env"] = _launcher("api-key-env", f.api_key_env, (*path, "api_key_env"))
     args, problems = _args_settings(f, "frontends", index, "frontend", table)
@@ -496,8 +498,21 @@ def _frontend_process(topo: Topology, index: int, f: Frontend, endpoints: Endpoi
     proc = ResolvedProcess(name=f.name, kind="frontend", section="frontends", index=index, module=kind.module,
                            model=topo.model, flags=flags, env=env, tier=kind.tier, gates=kind.gates, **common,
                            ports={"http": f.port}, port_paths={"http": (*path, "port")},
-                           url=f"http://{f'[{shown}]' if ':' in shown else shown}:{f.port}")
+                           url=f"http://{f'[{shown}]' if ':' in shown else shown}:{f.port}",
+                           notes=[why] if why else [])
     return proc, problems
+
+
+def frontend_processes(given: int | str, cores: int | None = None) -> tuple[int, str]:
+    """How many HTTP processes a frontend runs, and, for `auto`, why (plan shows it).
+
+    One per 8 cores, 1 to 8: each process is one Python event loop (HTTP, vLLM's render and derender),
+    and the engines, the router and NATS need the other cores."""
+    if isinstance(given, int):
+        return given, ""
+    cores = cores or os.cpu_count() or 1
+    n = max(1, min(8, cores // 8))
+    return n, f"processes auto: {n} ({cores} cores on the host that planned it: one per 8, 1 to 8)"
 
 
 def resolve(topo: Topology, *, endpoints: Endpoints | None = None, kv_dir: Path | None = None,

@@ -225,6 +225,16 @@ class Frontend(ProcessCommon):
     migration_limit: int = Field(3, ge=0, le=1000, description=(
         "how many times a stream whose worker died or drained mid-stream is continued on another instance "
         "(0: such a stream ends with an error)"))
+    processes: int | Literal["auto"] = Field("auto", description=(
+        "HTTP server processes sharing the port, as `vllm serve --api-server-count` (1 to 64); auto: one per "
+        "8 cores of the host that plans it, 1 to 8"))
+
+    @field_validator("processes")
+    @classmethod
+    def _processes(cls, n: int | str) -> int | str:
+        if isinstance(n, int) and not 1 <= n <= 64:
+            raise ValueError(f"processes {n}: give 1 to 64, or auto")
+        return n
 
 
 class Topology(Strict):

@@ -12,6 +12,8 @@ the next starts), because the machine has 2 cores.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -71,7 +73,8 @@ def _engine(**extra: Any) -> dict[str, Any]:
 def _topology(kind: str, demo_model: Path, port: int, metrics: list[int]) -> dict[str, Any]:
     base: dict[str, Any] = {"name": f"fe-{kind}", "model": str(demo_model), "env": dict(CPU_ENV),
                             "frontends": [{"name": "frontend", "port": port, "ready_timeout": 300}]}
-    if kind == "monolith":
+    if kind == "monolith":  # its frontend runs 2 processes on the port: every test here goes through both
+        base["frontends"][0]["processes"] = 2
         base["engine"] = _engine()
         base["workers"] = [{"name": "vllm", "kind": MONOLITH.name, "ready_timeout": 300, "metrics_port": metrics[0]}]
     elif kind == "1p1d":
@@ -258,6 +261,72 @@ def test_health_live_metrics_and_auth(front: Front) -> None:
         # The key is never printed: not in the plan the launcher shows, nor in the frontend's log.
         log = Path(front.deployment.status()["run_dir"], "logs", "frontend.log").read_text()
         assert front.api_key not in log
+
+
+def _server_pids(front: Front) -> list[int]:
+    """The frontend's HTTP processes: the one the launcher started and its children."""
+    import psutil
+
+    root = psutil.Process(front.deployment.process("frontend")["pid"])
+    return [root.pid, *(c.pid for c in root.children())]
+
+
+def _total(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_frontend_processes_share_the_port_count_as_one_and_a_dead_one_comes_back(front: Front) -> None:
+    """`processes: 2`: both accept on the one port, /metrics from either counts the whole group, and a
+    child killed -9 is started again while the other keeps serving."""
+    if front.kind != "monolith":
+        pytest.skip("only the monolith's frontend runs 2 processes (the others run the default, 1 here)")
+    import httpx
+    import psutil
+
+    pids = _server_pids(front)
+    assert len(pids) == 2, pids
+    port = int(front.url.rsplit(":", 1)[1])
+    body = {"model": SERVED, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    before = _total(_curl(front, "/metrics", method="GET")[1], "vllm_launcher_frontend_requests_total")
+    seen: set[int] = set()
+    sent = 0
+
+    def serving_pids() -> set[int]:
+        out = set()
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                if any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
+                       for c in psutil.Process(pid).net_connections("tcp")):
+                    out.add(pid)
+        return out
+
+    async def burst() -> None:  # 8 clients at once, each on its own connection, watched while they run
+        nonlocal sent
+        async def one() -> None:
+            async with httpx.AsyncClient(base_url=front.url, timeout=120) as http:
+                r = await http.post("/v1/completions", json=body)
+                assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
+        tasks = [asyncio.create_task(one()) for _ in range(8)]
+        sent += len(tasks)
+        while not all(t.done() for t in tasks):
+            seen.update(await asyncio.to_thread(serving_pids))
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*tasks)
+
+    deadline = time.monotonic() + 120
+    while len(seen) < 2 and time.monotonic() < deadline:
+        asyncio.run(burst())
+    assert seen == set(pids), f"connections were taken by {seen} of {pids}"
+    after = _total(_curl(front, "/metrics", method="GET")[1], "vllm_launcher_frontend_requests_total")
+    assert after - before == sent, "/metrics from either process counts both processes' requests"
+
+    child = pids[1]
+    psutil.Process(child).kill()
+    got = [_curl(front, "/v1/completions", json.dumps(body).encode())[0] for _ in range(5)]  # the other serves
+    assert got == [200] * 5, got
+    wait_until(lambda: len(_server_pids(front)) == 2 and child not in _server_pids(front), 120,
+               "the killed frontend process started again")
+    assert front.deployment.process("frontend")["state"] == "ready"
 
 
 # ---- cancellation ---------------------------------------------------------------------------------------

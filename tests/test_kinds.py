@@ -33,7 +33,8 @@ _TYPES = {None: "str", int: "int", float: "float", str: "str"}
 
 
 def module_flags(kind: Kind) -> dict[str, str]:
-    """The flags the kind's module adds beside vLLM's, read from its own argparse (no vLLM needed)."""
+    """The flags the kind's module adds beside vLLM's, read from its own argparse (no vLLM needed); hidden
+    ones are the module's to itself (a frontend's children), never a topology's."""
     module = importlib.import_module(kind.module)
     if kind.engine:
         parser = argparse.ArgumentParser()
@@ -42,7 +43,7 @@ def module_flags(kind: Kind) -> dict[str, str]:
     else:
         parser = module.build_parser()
     return {a.option_strings[0][2:]: _TYPES.get(a.type, getattr(a.type, "__name__", "?"))
-            for a in parser._actions if not isinstance(a, argparse._HelpAction)}
+            for a in parser._actions if not isinstance(a, argparse._HelpAction) and a.help != argparse.SUPPRESS}
 
 
 @pytest.mark.parametrize("kind", [*KINDS.values(), fake_kind.KIND], ids=lambda k: k.name)
@@ -59,7 +60,8 @@ def test_a_kinds_component_is_its_name_or_the_row_says_why(kind: Kind) -> None:
 
 def test_the_frontend_takes_every_route_a_kind_answers() -> None:
     """Nothing serves yet: every OpenAI route a kind answers is a 503 with Retry-After (not a 404)."""
-    app = FrontendApp(None, Catalog(), Settings())  # type: ignore[arg-type]
+    catalog = Catalog()
+    app = FrontendApp(Dispatcher(None, catalog, timeout=1, retries=0), catalog, Settings())  # type: ignore[arg-type]
 
     async def statuses() -> set[tuple[int, str | None]]:
         out = set()

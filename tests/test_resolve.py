@@ -226,3 +226,19 @@ def test_validate_and_up_refuse_an_endpoint_override_alike(tmp_path: Path, monke
         assert "ETCD_ENDPOINTS=http://127.0.0.1:2379 is a loopback address" in result.stderr
         assert f"{path}:3:" in result.stderr  # blamed on services.etcd, which it overrides
     assert not (tmp_path / "home").exists() or not any((tmp_path / "home").rglob("services.json"))
+
+
+def test_frontend_processes_follow_the_host_cores_unless_given() -> None:
+    from launcher.resolve import frontend_processes
+
+    assert [frontend_processes("auto", cores)[0] for cores in (1, 2, 15, 16, 64, 128, 512)] == [1, 1, 1, 2, 8, 8, 8]
+    assert "processes auto: 2 (16 cores" in frontend_processes("auto", 16)[1]
+    assert frontend_processes(3, 2) == (3, ""), "a number given is kept, whatever the host"
+
+
+def test_a_frontends_processes_reach_its_argv(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\nmodel: m\nworkers: [{name: w}]\nfrontends: [{name: web, processes: 3}]\n")
+    topo, _ = load_topology(path)
+    argv = next(p.argv for p in plan.build_plan(topo) if p.name == "web")
+    assert argv[argv.index("--processes") + 1] == "3"

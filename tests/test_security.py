@@ -33,7 +33,7 @@ from launcher import services as svc
 from launcher.credentials import OPERATOR, Credentials, CredentialsError
 from launcher.resolve import Endpoints, Resolved, resolve
 from launcher.topology import load_topology
-from tests.helpers import LAUNCHER, ROOT, write_topology
+from tests.helpers import LAUNCHER, ROOT, until, write_topology
 from workers.runtime import requestplane
 from workers.runtime.registry import Registration, Registry
 from workers.runtime.settings import ServiceRefused
@@ -237,12 +237,15 @@ def test_nats_without_credentials_is_refused(secured: Secured, tmp_path: Path) -
         with pytest.raises(ServiceRefused, match="TLS handshake failed") as refused:
             await requestplane.connect(secured.nats, "stranger", tls=_stranger(tmp_path).client("fe"))
         assert refused.value.url == secured.nats
-        # The worker heard nothing.
+        # The worker heard nothing but the frontend's marker, sent after every attempt above.
         worker = await _connect(secured.nats, secured.files("w"), "w", errors)
         heard = await worker.subscribe(subject)
         await worker.flush()
-        await asyncio.sleep(0.2)  # what an attacker could have sent would be here by now
-        assert heard.pending_msgs == 0
+        frontend = await _connect(secured.nats, secured.files("fe"), "fe", errors)
+        await frontend.publish(subject, b"marker")
+        await frontend.flush()
+        assert (await heard.next_msg(timeout=5)).data == b"marker" and heard.pending_msgs == 0
+        await frontend.close()
         await worker.close()
 
     asyncio.run(scenario())
@@ -280,7 +283,14 @@ def test_each_identity_publishes_only_what_its_kind_does(secured: Secured) -> No
             await conns["fe"].subscribe(f"{inbox_prefix('r')}.>")
             for c in conns.values():
                 await c.flush()
-            await asyncio.sleep(0.3)  # the violations' -ERR lines arrive after the flush's PONG
+
+            def settled() -> bool:  # the violations' -ERR lines may arrive after the flush's PONG
+                fe = [str(e) for e in errors["fe"]]
+                return (sum("publish" in e for e in fe) >= 2 and any("subscription" in e for e in fe)
+                        and any("publish" in str(e) for e in errors["w"])
+                        and min(s.pending_msgs for s in (router_events, monolith_requests, kv_requests)) >= 1)
+
+            await until(settled, 15, "the allowed messages delivered and the refused ones' errors in")
             got = {
                 "events": [m.data async for m in _drain(router_events)],
                 "monolith": [m.data async for m in _drain(monolith_requests)],
@@ -437,9 +447,13 @@ def test_a_process_added_later_gets_its_permissions_on_the_running_server(secure
         errors: list[Exception] = []
         conn = await _connect(secured.nats, secured.files("w2"), "w2", errors)
         try:
-            await conn.subscribe(f"{NAMESPACE}.extra.generate")
+            sub = await conn.subscribe(f"{NAMESPACE}.extra.generate")
             await conn.flush()
-            await asyncio.sleep(0.3)
+            operator = await _connect(secured.nats, secured.files(OPERATOR), OPERATOR, errors)
+            await operator.publish(f"{NAMESPACE}.extra.generate", b"hello w2")
+            await operator.flush()
+            assert (await sub.next_msg(timeout=5)).data == b"hello w2", "its subscription was allowed"
+            await operator.close()
         finally:
             await conn.close()
         return errors

@@ -108,3 +108,11 @@ def test_drain_timeout_and_migration_limit_are_bounded(tmp_path: Path) -> None:
     assert len(problems) == 2
     assert "workers[0].drain_timeout: Input should be greater than 0, not 0" in problems[0]
     assert "frontends[0].migration_limit: Input should be greater than or equal to 0, not -1" in problems[1]
+
+
+def test_frontend_processes_are_1_to_64_or_auto(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, "name: t\nmodel: m\nworkers: [{name: w}]\n"
+                                     "frontends: [{name: f, processes: 0}, {name: g, port: 8001, processes: many}]\n")
+    assert len(problems) >= 2, problems
+    assert any("frontends[0].processes" in p and "give 1 to 64, or auto" in p for p in problems), problems
+    assert any("frontends[1].processes" in p for p in problems), problems

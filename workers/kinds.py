@@ -53,7 +53,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     # The frontend starts first, so /health answers (503) while workers load, and gates nothing.
     Kind("frontend", "workers.frontend.server", 0, "frontend", ("http",), engine=False, entry_rank=None,
          flags={"host": "str", "port": "int", "model": "str", "api-key-env": "str", "max-request-bytes": "int",
-                "request-timeout": "float", "retries": "int", "migration-limit": "int",
+                "request-timeout": "float", "retries": "int", "migration-limit": "int", "processes": "int",
                 **dict.fromkeys(("enable-auto-tool-choice", "exclude-tools-when-tool-choice-none",
                                  "trust-request-chat-template", "enable-prompt-tokens-details",
                                  "enable-force-include-usage", "return-tokens-as-token-ids", "enable-log-requests",
@@ -61,7 +61,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
                                  "chat-template-content-format", "response-role", "default-chat-template-kwargs",
                                  "tool-parser-plugin", "max-log-len"), "str")},
          set_by_launcher=frozenset({"host", "port", "model", "api-key-env", "max-request-bytes", "request-timeout",
-                                    "retries", "migration-limit"}),
+                                    "retries", "migration-limit", "processes"}),
          gates=False),
     # Routers before workers, so they see every worker's first KV event.
     Kind("router", "workers.kv_router.router", 0, "preprocess", ("generate",), engine=False, entry_rank=0,

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -103,8 +103,7 @@ class FrontendApp:
         self.metrics = metrics or FrontendMetrics()
         self.openai: ASGIApp | None = None  # vLLM's app, once the model's configuration is known
         self.built = asyncio.Event()  # set with `openai`
-        self._retried_seen = 0
-        self._migrated_seen = 0
+        dispatcher.on_resend = self._count_resend
         self.own = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
             Route("/live", self.live, methods=["GET"]),
@@ -243,12 +242,9 @@ class FrontendApp:
     async def live(self, request: Request) -> Response:
         return Response(status_code=200)
 
+    def _count_resend(self, migrated: bool) -> None:
+        """Counted when it happens (not when /metrics is read: another process of the group may answer that)."""
+        (self.metrics.migrations if migrated else self.metrics.retries).inc()
+
     async def prometheus(self, request: Request) -> Response:
-        retried, migrated = self.dispatcher.retried, self.dispatcher.migrated
-        if retried > self._retried_seen:
-            self.metrics.retries.inc(retried - self._retried_seen)
-            self._retried_seen = retried
-        if migrated > self._migrated_seen:
-            self.metrics.migrations.inc(migrated - self._migrated_seen)
-            self._migrated_seen = migrated
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from workers.frontend.catalog import Catalog, ModelRoute
@@ -83,8 +83,9 @@ class Dispatcher:
         self.streams = requestplane.StreamTracker()
         catalog.on_delete.append(self._instance_gone)
         self._turn = 0
-        self.retried = 0  # read by the metrics
+        self.retried = 0
         self.migrated = 0
+        self.on_resend: Callable[[bool], None] = lambda migrated: None  # the metrics' hook (True: a migration)
 
     def _instance_gone(self, reg: Registration) -> None:
         if n := self.streams.lost(reg.instance, f"{reg.process or reg.component} unregistered"):
@@ -122,6 +123,7 @@ class Dispatcher:
                     self.migrated += 1
                 else:
                     self.retried += 1
+                self.on_resend(bool(generated))
                 log.warning("request %s: %s; %s on %s", payload.get("request_id"), last.message,
                             f"continuing after {len(generated)} token(s)" if generated else "trying again", where)
             self.inflight[inst.instance] += 1

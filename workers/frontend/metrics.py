@@ -1,11 +1,33 @@
 """The frontend's Prometheus metrics (prometheus_client), in the style of vLLM's and Dynamo's frontend.
 
-One registry per app (not the process-global one) so tests can build several apps in one process.
+One registry per app (not the process-global one) so tests can build several apps in one process. A
+frontend of several processes (`--processes`) uses prometheus_client's multiprocess mode instead: each
+process writes its values to files in one folder, and `/metrics` from any of them sums the group.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own name for the folder
+
+
+def use_multiprocess(folder: str) -> None:
+    """From now on, metrics this process creates write to `folder` (call before creating any)."""
+    os.environ[MULTIPROC_ENV] = folder
+    values.ValueClass = values.MultiProcessValue()
+
+
+def multiprocess_folder() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def process_dead(pid: int) -> None:
+    """A group member ended: its live gauges (requests in flight) no longer count."""
+    if multiprocess_folder():
+        multiprocess.mark_process_dead(pid)
 
 PREFIX = "vllm_launcher_frontend"
 
@@ -20,7 +42,8 @@ class FrontendMetrics:
         r = self.registry
         self.requests = Counter(f"{PREFIX}_requests", "HTTP requests by endpoint, model, stream and status",
                                 ["endpoint", "model", "request_type", "status"], registry=r)
-        self.inflight = Gauge(f"{PREFIX}_inflight_requests", "requests being served", ["model"], registry=r)
+        self.inflight = Gauge(f"{PREFIX}_inflight_requests", "requests being served", ["model"], registry=r,
+                              multiprocess_mode="livesum")
         self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds",
                               "request sent to a worker -> its first token back",
                               ["model"], buckets=LATENCY_BUCKETS, registry=r)
@@ -35,3 +58,12 @@ class FrontendMetrics:
         self.retries = Counter(f"{PREFIX}_retries", "requests sent again to another instance", registry=r)
         self.migrations = Counter(f"{PREFIX}_migrations", "streams continued on another instance after their "
                                   "instance was lost mid-stream (prompt + tokens so far sent again)", registry=r)
+
+    def exposition(self) -> bytes:
+        """The text `/metrics` answers: this process's, or the whole group's in multiprocess mode."""
+        folder = multiprocess_folder()
+        if folder is None:
+            return generate_latest(self.registry)
+        group = CollectorRegistry()
+        multiprocess.MultiProcessCollector(group, path=folder)
+        return generate_latest(group)

@@ -1,6 +1,7 @@
 """The OpenAI-compatible frontend process: HTTP in, NATS out to whatever the deployment serves.
 
     python -m workers.frontend.server --port 8000 [--host 127.0.0.1] [--model DIR] [--api-key-env NAME]
+        [--processes N: N HTTP server processes on the port, `vllm serve --api-server-count` (processes.py)]
         [`vllm serve` server flags: --enable-auto-tool-choice --tool-call-parser hermes --chat-template T ...]
 
 It finds the deployment's workers in etcd (namespace from LAUNCHER_NAMESPACE), listens at once
@@ -19,7 +20,10 @@ import contextlib
 import logging
 import math
 import os
+import signal
+import socket
 import sys
+from types import FrameType
 
 import uvicorn
 
@@ -27,6 +31,7 @@ from workers.frontend.app import FrontendApp, Observer, Settings
 from workers.frontend.catalog import Catalog, follow
 from workers.frontend.dispatch import Dispatcher
 from workers.frontend.openai_layer import build_openai_app, model_config_of, serve_args
+from workers.frontend.processes import ServerGroup, exit_with_parent, tell_parent
 from workers.kinds import KINDS
 from workers.runtime import exitcodes
 from workers.runtime.registry import Registration
@@ -52,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=2, help="tries on other instances before the first token")
     p.add_argument("--migration-limit", type=int, default=3,
                    help="times a stream whose instance is lost mid-stream is continued on another (0: never)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="HTTP server processes sharing the port, as `vllm serve --api-server-count` "
+                        "(workers.frontend.processes)")
+    # A child of a --processes group: the listening socket it inherits, and the pipe it says "serving" on.
+    p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("vllm serve", "`vllm serve`'s own server flags, passed on to vLLM's parser (which checks "
                              "their values when the frontend starts) and used where `vllm serve` uses them")
     for flag in VLLM_SWITCHES:
@@ -83,7 +94,11 @@ def vllm_flags_of(args: argparse.Namespace) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 1 <= args.processes <= 64:
+        parser.error(f"--processes {args.processes}: give 1 to 64")
+    return args
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -96,9 +111,26 @@ def api_key(args: argparse.Namespace) -> str | None:
     return key
 
 
-async def serve(args: argparse.Namespace) -> None:
+class _Server(uvicorn.Server):
+    """uvicorn's server; the first process of a group also passes each stop signal on to its children,
+    and does not re-raise it once drained (uvicorn's default), so it can wait for them first."""
+
+    group: ServerGroup | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.group is None:
+            return super().handle_exit(sig, frame)
+        self.group.forward(sig)
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+
+
+async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     key = api_key(args)  # before connecting: a missing key is a configuration error, said at once
     vllm_args = serve_args(args.model or "model", vllm_flags_of(args))  # vLLM's parser: a bad flag is said at once
+    child = args.listen_fd is not None
+    group = ServerGroup.open(args.processes, argv, args.host, args.port) if args.processes > 1 and not child else None
     settings = RuntimeSettings.from_env()
     ctx = WorkerContext(settings)
     await ctx.connect()
@@ -109,21 +141,51 @@ async def serve(args: argparse.Namespace) -> None:
     app = FrontendApp(dispatcher, catalog, Settings(key, args.max_request_bytes))
     # On SIGTERM uvicorn stops accepting and lets the streams in flight finish. It waits a little longer
     # than the workers drain, so a stream they hand back at their drain's end still gets its error event.
+    grace = math.ceil(settings.drain_timeout) + 5
     config = uvicorn.Config(app.app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=math.ceil(settings.drain_timeout) + 5, lifespan="off",
-                            interface="asgi3")
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=grace, lifespan="off", interface="asgi3")
+    server = _Server(config)
+    server.group = group
+    sockets = [group.sock] if group else [socket.socket(fileno=args.listen_fd)] if child else None
     url = f"http://{args.host}:{args.port}"
     building = asyncio.create_task(_build_when_known(app, catalog, dispatcher, vllm_args, server))
-    registering = asyncio.create_task(_register_when_serving(ctx, server, app, url))
+    tasks = [follower, building]
+    if child:  # accept only once it can serve; the parent registers the group
+        orphaned = asyncio.Event()
+        tasks += [asyncio.create_task(exit_with_parent(orphaned)),
+                  asyncio.create_task(_child_ready(server, app, args.ready_fd, orphaned))]
+    else:
+        tasks.append(asyncio.create_task(_register_when_serving(ctx, server, app, url, group)))
+    if group:
+        tasks += group.start()
     try:
-        await server.serve()  # returns on SIGTERM/SIGINT (uvicorn's handlers), after draining
+        if child:  # built, or the build failed (then it exits 1 below, and the parent hears it died)
+            built = asyncio.create_task(app.built.wait())
+            await asyncio.wait([built, building], return_when=asyncio.FIRST_COMPLETED)
+            built.cancel()
+        if not child or app.built.is_set():
+            await server.serve(sockets=sockets)  # returns on SIGTERM/SIGINT (uvicorn's handlers), after draining
     finally:
-        for task in (registering, follower, building):
+        if group:
+            group.forward(signal.SIGTERM)
+            await group.wait_children(grace + 5)
+        for task in tasks:
             task.cancel()
         await ctx.close()
-    if not server.started or (building.done() and not building.cancelled() and building.exception()):
+        if group:
+            group.close()
+    if not server.started or (building.done() and not building.cancelled() and building.exception()) or (
+            group and group.failed):
         sys.exit(1)  # e.g. the port was taken, or vLLM refused the model: said in the log
+
+
+async def _child_ready(server: uvicorn.Server, app: FrontendApp, ready_fd: int, orphaned: asyncio.Event) -> None:
+    """A group's child: serving once it accepts (it only does once built); stops with an orphaned group."""
+    while not server.started:
+        await asyncio.sleep(0.05)
+    tell_parent(ready_fd)
+    await orphaned.wait()
+    server.should_exit = True
 
 
 async def _build_when_known(app: FrontendApp, catalog: Catalog, dispatcher: Dispatcher,
@@ -144,15 +206,18 @@ async def _build_when_known(app: FrontendApp, catalog: Catalog, dispatcher: Disp
         raise
 
 
-async def _register_when_serving(ctx: WorkerContext, server: uvicorn.Server, app: FrontendApp, url: str) -> None:
-    """Ready = listening, some worker serves and vLLM's server is built: only then may `launcher up`
-    call it ready."""
+async def _register_when_serving(ctx: WorkerContext, server: uvicorn.Server, app: FrontendApp, url: str,
+                                 group: ServerGroup | None) -> None:
+    """Ready = listening, some worker serves, vLLM's server is built, and every other process of its group
+    serves: only then may `launcher up` call it ready."""
     assert ctx.registry is not None
     catalog = app.catalog
     while not server.started:
         await asyncio.sleep(0.05)
     log.info("listening on %s; waiting for a worker to serve", url)
     await app.built.wait()
+    if group is not None:
+        await group.all_ready.wait()
     while not catalog.serving():
         catalog.changed.clear()
         with contextlib.suppress(asyncio.TimeoutError):
@@ -167,6 +232,7 @@ async def _register_when_serving(ctx: WorkerContext, server: uvicorn.Server, app
 
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
         import uvloop
@@ -175,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         run = uvloop.run
     try:
-        run(serve(args))
+        run(serve(args, argv))
     except (ServiceUnavailable, ServiceRefused) as exc:  # the address and the reason, not a traceback
         log.error("%s", exc)
         sys.exit(exitcodes.SERVICE_UNAVAILABLE)
