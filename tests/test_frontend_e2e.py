@@ -285,6 +285,9 @@ def test_frontend_processes_share_the_port_count_as_one_and_a_dead_one_comes_bac
 
     pids = _server_pids(front)
     assert len(pids) == 2, pids
+    # Its own log lines still print once vLLM's server is built (vLLM 0.32's build_app raised the root level).
+    log = Path(front.deployment.status()["run_dir"], "logs", "frontend.log").read_text()
+    assert "frontend process 2/2 serves" in log and "frontend ready at" in log, log[-3000:]
     port = int(front.url.rsplit(":", 1)[1])
     body = {"model": SERVED, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
     before = _total(_curl(front, "/metrics", method="GET")[1], "vllm_launcher_frontend_requests_total")

@@ -74,7 +74,12 @@ async def build_openai_app(args: argparse.Namespace, route: ModelRoute, model_co
     served = route.name
     core = RemoteEngineCore(dispatcher, lambda: served, observer)
     engine = build_engine(vllm_config, core)
+    root = logging.getLogger()
+    level = root.level
     app = build_app(args, SUPPORTED_TASKS, vllm_config.model_config)
+    # vLLM 0.32's build_app leaves the root logger at ERROR (seen: 20 -> 40), which silenced every INFO and
+    # WARNING of the frontend's own (retries, migrations, readiness) from then on.
+    root.setLevel(level)
     await init_app_state(engine, app.state, args, SUPPORTED_TASKS)
     log.info("vLLM's OpenAI layer is up for %s (max_model_len %s, tool parser %s, reasoning parser %s)",
              served, vllm_config.model_config.max_model_len, args.tool_call_parser,
