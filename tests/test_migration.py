@@ -123,6 +123,54 @@ def test_a_stream_whose_worker_dies_goes_on_elsewhere_with_the_same_tokens(servi
     asyncio.run(run())
 
 
+def test_a_stream_whose_only_instance_dies_waits_for_its_replacement(services) -> None:  # type: ignore[no-untyped-def]
+    """The lone way in (a router) dies mid-stream and the supervisor starts it again: the stream waits up to
+    the request timeout for it and goes on there, instead of ending with an error the client cannot retry."""
+    async def run() -> None:
+        dying, replacement = ScriptedWorker(11, hang_after=3), ScriptedWorker(12)
+        nc, catalog, dispatcher = await deployment(services.nats, dying)
+        dispatcher.timeout = 5
+        try:
+            seen: list[int] = []
+            task = asyncio.create_task(collect(dispatcher, payload(10), seen))
+            await until(lambda: len(seen) == 3, 10, "the client got the dying instance's 3 tokens")
+            await dying.kill()
+            catalog.delete(dying.reg.key)
+            await until(lambda: 11 not in dispatcher.inflight, 10, "the stream to the dead instance ended")
+            assert not task.done(), "it waits for another instance rather than failing at once"
+            await replacement.start(services.nats)
+            catalog.put(replacement.reg.key, replacement.reg)  # registered again, under a new instance id
+            assert await asyncio.wait_for(task, 10) == reference([5, 6, 7], 10)
+            (cont,) = replacement.requests
+            assert cont["sampling"]["max_tokens"] == 7 and dispatcher.migrated == 1
+        finally:
+            await nc.close()
+            await replacement.kill()
+
+    asyncio.run(run())
+
+
+def test_a_stream_whose_only_instance_never_comes_back_fails_after_the_request_timeout(services
+                                                                                     ) -> None:  # type: ignore[no-untyped-def]
+    async def run() -> None:
+        dying = ScriptedWorker(13, hang_after=2)
+        nc, catalog, dispatcher = await deployment(services.nats, dying)
+        dispatcher.timeout = 1
+        try:
+            seen: list[int] = []
+            task = asyncio.create_task(collect(dispatcher, payload(6), seen))
+            await until(lambda: len(seen) == 2, 10, "the client got the dying instance's tokens")
+            await dying.kill()
+            catalog.delete(dying.reg.key)
+            with pytest.raises(StreamBroken) as broken:
+                await asyncio.wait_for(task, 10)
+            assert broken.value.error.status == 503
+        finally:
+            await nc.close()
+
+    asyncio.run(run())
+
+
 def test_structured_output_is_not_migrated_and_ends_with_an_error(services) -> None:  # type: ignore[no-untyped-def]
     async def run() -> None:
         dying, other = ScriptedWorker(3, hang_after=2), ScriptedWorker(4)

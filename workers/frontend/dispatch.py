@@ -10,7 +10,10 @@ on the message.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -100,6 +103,20 @@ class Dispatcher:
         self._turn += 1
         return tied[self._turn % len(tied)]
 
+    async def _instance_within(self, model: str, seconds: float) -> bool:
+        """Whether an instance serves `model` within `seconds` (woken by the catalog's changes)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            route = self.catalog.serving().get(model)
+            if route is not None and route.instances:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.catalog.changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):  # capped: another waiter may clear the event
+                await asyncio.wait_for(self.catalog.changed.wait(), min(left, 0.5))
+
     async def generate(self, model: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The worker's chunks (text, token_ids, and the final one's counts); raises ApiError before the
         first chunk and StreamBroken after it."""
@@ -107,6 +124,7 @@ class Dispatcher:
         last: ApiError | None = None
         generated: list[int] = []
         retries = migrations = 0
+        waited = False
         request = payload
         while True:
             route = self.catalog.serving().get(model)
@@ -114,6 +132,12 @@ class Dispatcher:
             inst = None if route is None else (self.pick(route, tried) or (self.pick(route, set()) if generated
                                                                              else None))
             if route is None or inst is None:
+                if generated and last is not None and not waited:
+                    # Mid-stream, and every instance is gone (a lone router being restarted): the client
+                    # cannot ask again without repeating what it has, so wait a request_timeout for one.
+                    waited = True
+                    if await self._instance_within(model, self.timeout):
+                        continue
                 if last is not None:
                     raise StreamBroken(last) if generated else last
                 raise NoWorker(f"no worker serves model '{model}' right now (starting, or down): retry shortly")
