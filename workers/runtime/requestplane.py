@@ -204,6 +204,9 @@ class EndpointServer:
         self._subs.append(await self._nc.subscribe(self._instance_subject, cb=self._on_msg))
         for subject in (self._subject, self._instance_subject):
             self._subs.append(await self._nc.subscribe(cancel_subject(subject), cb=self._on_cancel))
+        # The server has the subscriptions before the caller registers this instance: a request sent the
+        # moment the registration is seen must not find nobody listening (no_responders, a wasted retry).
+        await self._nc.flush()
         self.accepting = True
 
     async def _on_cancel(self, msg: Msg) -> None:
