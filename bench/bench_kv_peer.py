@@ -75,7 +75,7 @@ sys.path.insert(0, str(ROOT))
 from launcher import services as svc  # noqa: E402
 from launcher.cpu import choose_cpu_dtype, read_cpu_flags  # noqa: E402
 from launcher.proctree import stop_tree  # noqa: E402
-from tests.helpers import DEMO_MODEL, Deployment, Services, up  # noqa: E402
+from tests.helpers import DEMO_MODEL, Deployment, Services, allow_vllm, up  # noqa: E402
 
 SHIM = ROOT / "bench" / "vllm_serve_shim.py"
 SERVED = "bench-model"
@@ -541,6 +541,7 @@ def make_workloads(args: argparse.Namespace, tokenizer: Any, seed: int) -> dict[
 
 
 def main() -> None:
+    allow_vllm()  # this benchmark starts vLLM (tests.helpers refuses that outside the e2e tier)
     args = parse_args()
     if shutil.which("vllm-router") is None:
         print(f"vllm-router is not installed (not on PATH). Install it with:\n  pip install {ROUTER_PIN}\n"

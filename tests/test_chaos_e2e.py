@@ -409,6 +409,7 @@ def report(rows: list[dict[str, Any]], left: list[int], seen: int, outcomes: lis
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "chaos-cpu.md").write_text(
-        "# Chaos run (tests/test_chaos_e2e.py): frontend + 2 prefix router replicas + 2 kv workers, tiny-llama, 2 CPU cores\n\n"
+        "# Chaos run (tests/test_chaos_e2e.py): frontend + 2 prefix router replicas + 2 kv workers, tiny-llama, "
+        "2 CPU cores\n\n"
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{text}\n")
     (out / "chaos-cpu.json").write_text(json.dumps({"rows": rows, "left": left, "seen": seen}, indent=1))
