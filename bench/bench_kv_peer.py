@@ -605,13 +605,18 @@ def main() -> None:
         "pressure": f"{args.prefixes} prefixes x ~{args.prefix_tokens} tokens, {args.requests} requests, shuffled",
         "multiturn": f"{args.conversations} conversations x {args.turns} turns, opening ~{args.opening_tokens} tokens",
         "roomy": f"{args.prefixes} prefixes x ~{args.roomy_prefix_tokens} tokens, {args.roomy_requests} requests",
+        "zipf": f"{args.zipf_requests} requests over {args.zipf_docs} documents x ~{args.zipf_doc_tokens} tokens, "
+                f"Zipf exponent {args.zipf_exponent}",
+        "chat": f"{args.chat_conversations} chats x {args.chat_turns} turns with the model's answers, system prompt "
+                f"~{args.chat_system_tokens} tokens",
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # the runs first: a report problem must not lose them
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
     summary = {w: {s: medians([r for r in runs if r["workload"] == w and r["side"] == s])
                    for s in args.sides if any(r["workload"] == w and r["side"] == s for r in runs)}
                for w in args.workloads}
     md = markdown(summary, list(args.sides), meta) + f"\nTotal bench time: {meta['total_s']:.0f} s.\n"
     print("\n" + md)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(md)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
 
