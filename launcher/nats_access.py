@@ -7,7 +7,8 @@ The subjects are the request plane's (workers/runtime/requestplane.py) and the K
   subjects below it) and publishes replies to callers' inboxes;
 - a caller publishes requests and cancels to the components it calls, and reads replies only on its
   own inbox prefix (`_INBOX.<identity>`: nobody reads another identity's replies);
-- KV workers publish KV events and load and hear resync requests; routers hear events and ask for resyncs.
+- KV workers publish KV events and load and hear resync requests; routers hear events and ask for resyncs,
+  and tell each other the requests they send (workers/kv_router/peers.py).
 So a worker cannot send generation requests to other workers, the frontend cannot publish KV events,
 and no identity can read the prompts or answers of another's streams.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from launcher.credentials import OPERATOR, identity_name
 from launcher.resolve import ResolvedProcess
 from workers.kinds import KINDS, entry_kinds
+from workers.kv_router.peers import routed_subject
 from workers.runtime.settings import subject_token
 from workers.runtime.tls import inbox_prefix
 
@@ -74,7 +76,8 @@ def access_for(namespace: str, processes: list[ResolvedProcess]) -> list[Access]
         if proc.kind == "kv_worker":
             acc.add(publish=[f"{ns}.kv_events", f"{ns}.kv_load"], subscribe=[f"{ns}.kv_resync.*"])
         if proc.kind == "router":
-            acc.add(subscribe=[f"{ns}.kv_events", f"{ns}.kv_load"], publish=[f"{ns}.kv_resync.*"])
+            acc.add(subscribe=[f"{ns}.kv_events", f"{ns}.kv_load", routed_subject(namespace)],
+                    publish=[f"{ns}.kv_resync.*", routed_subject(namespace)])
             acc.add(publish=_serves(ns, _flag(proc, "worker-component", KINDS["kv_worker"].component), "generate"))
         if proc.kind == "decode":
             acc.add(publish=_serves(ns, _flag(proc, "prefill-component", KINDS["prefill"].component), "generate"))

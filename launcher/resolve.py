@@ -18,7 +18,7 @@ Nothing here imports what comes after it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -280,7 +280,7 @@ def nixl_side_channel_env(w: Worker, replica: int = 0) -> dict[str, str]:
     return env
 
 
-def replica_name(w: Worker, k: int) -> str:
+def replica_name(w: Worker | Router, k: int) -> str:
     return w.name if w.replicas == 1 else f"{w.name}-{k + 1}"
 
 
@@ -451,8 +451,9 @@ def _worker_processes(topo: Topology, index: int, config: EngineConfig, args: di
     return out
 
 
-def _router_process(topo: Topology, index: int, r: Router, engines: list[EngineConfig], endpoints: Endpoints,
-                    table: engine_flags.FlagTable | None) -> tuple[ResolvedProcess, list[Problem]]:
+def _router_processes(topo: Topology, index: int, r: Router, engines: list[EngineConfig], endpoints: Endpoints,
+                      table: engine_flags.FlagTable | None) -> tuple[list[ResolvedProcess], list[Problem]]:
+    """One process per replica; they differ only in name (and a metrics port given in args:, + k)."""
     path: PathKey = ("routers", index)
     model = r.model or topo.model
     flags = {"model": _launcher("model", model, (*path, "model") if r.model else ("model",)),
@@ -462,16 +463,26 @@ def _router_process(topo: Topology, index: int, r: Router, engines: list[EngineC
         flags["block-size"] = _launcher("block-size", block, (*path, "name"))
     args, problems = _args_settings(r, "routers", index, "router", table)
     flags.update(args)
-    env = _base_env(topo, endpoints, r.name, r)
-    env.update(r.env)
     kind = KINDS["router"]
-    proc = ResolvedProcess(name=r.name, kind="router", section="routers", index=index, module=kind.module,
-                           model=model, flags=flags, env=env, tier=kind.tier, gates=kind.gates, **_common(r))
     metrics = args.get("metrics-port")
-    if metrics is not None:  # the router's own metrics port, given in args: still one port per host
-        proc.ports["metrics"] = int(metrics.value)
-        proc.port_paths["metrics"] = metrics.path
-    return proc, problems
+    out = []
+    for k in range(r.replicas):
+        name = replica_name(r, k)
+        env = _base_env(topo, endpoints, name, r)
+        env.update(r.env)
+        own = dict(flags)
+        notes = []
+        if metrics is not None and k:  # one port per replica on one host
+            own["metrics-port"] = replace(metrics, value=int(metrics.value) + k, tokens=(str(int(metrics.value) + k),))
+            notes.append(f"metrics port {int(metrics.value) + k}: the one in args: + {k} (replica {k + 1})")
+        proc = ResolvedProcess(name=name, kind="router", section="routers", index=index, module=kind.module,
+                               model=model, flags=own, env=env, tier=kind.tier, gates=kind.gates, **_common(r),
+                               replica=k, replica_of=r.name if r.replicas > 1 else None, notes=notes)
+        if metrics is not None:  # the router's own metrics port, given in args:
+            proc.ports["metrics"] = int(own["metrics-port"].value)
+            proc.port_paths["metrics"] = metrics.path
+        out.append(proc)
+    return out, problems
 
 
 def _frontend_process(topo: Topology, index: int, f: Frontend, endpoints: Endpoints,
@@ -543,8 +554,8 @@ def resolve(topo: Topology, *, endpoints: Endpoints | None = None, kv_dir: Path 
         processes.append(proc)
         problems += bad
     for i, r in enumerate(topo.routers):
-        proc, bad = _router_process(topo, i, r, engines, endpoints, flag_table)
-        processes.append(proc)
+        procs, bad = _router_processes(topo, i, r, engines, endpoints, flag_table)
+        processes += procs
         problems += bad
     ports = metrics_ports(topo)
     for i in range(len(topo.workers)):

@@ -51,6 +51,7 @@ def _workers(topo: Topology) -> Iterable[tuple[int, Worker]]:
 
 
 def rule_unique_names(resolved: Resolved) -> list[Problem]:
+    """Names in the file, and the names replicas get (w-1, w-2): `status`, `logs` and etcd know a process by it."""
     topo = resolved.topology
     seen: dict[str, PathKey] = {}
     problems = []
@@ -60,6 +61,14 @@ def rule_unique_names(resolved: Resolved) -> list[Problem]:
         if name in seen:
             problems.append(Problem(path, f"name '{name}' is used twice; every process needs its own name"))
         seen[name] = path
+    for proc in resolved.processes:
+        if proc.replica_of is None:
+            continue
+        other = seen.get(proc.name)
+        if other is not None and other != (proc.section, proc.index, "name"):
+            problems.append(Problem((proc.section, proc.index, "replicas"), (
+                f"replica '{proc.name}' of '{proc.replica_of}' has the name of another process: rename one")))
+        seen[proc.name] = (proc.section, proc.index, "name")
     return problems
 
 

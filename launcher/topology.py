@@ -207,6 +207,10 @@ class Router(ProcessCommon):
     kind: Literal["router"] = "router"
     strategy: Literal["prefix", "round_robin", "random"] = "prefix"
     model: str | None = None
+    replicas: int = Field(1, ge=1, le=16, description=(
+        "router processes serving the same component (name-1, name-2, ...): the frontend spreads requests "
+        "over them and continues a dead one's requests on another; they see the same KV events and tell each "
+        "other the requests they send (workers.kv_router.peers)"))
 
 
 class Frontend(ProcessCommon):

@@ -44,6 +44,12 @@ CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 RUNNING_E2E = False
 
 
+def allow_vllm() -> None:
+    """For bench/ scripts: they start vLLM on purpose (the guard below is for the fast test tier)."""
+    global RUNNING_E2E
+    RUNNING_E2E = True
+
+
 def _refuse_vllm_outside_e2e(model: Any) -> None:
     """A topology of a real model folder starts vLLM: only an e2e test may (see tests/conftest.py)."""
     if not RUNNING_E2E and isinstance(model, str) and (Path(model) / "config.json").exists():

@@ -46,6 +46,21 @@ def test_multiturn_turns_extend_the_previous_prompt(tokenizer: Any) -> None:
             assert nxt.startswith(prev + b.REPLY)  # a fixed reply, not the model's answer
 
 
+def test_zipf_has_a_hot_head_and_a_tail_beyond_both_caches(tokenizer: Any) -> None:
+    w = b.zipf(5, tokenizer, docs=16, doc_tokens=600, requests=128, exponent=1.0)
+    assert w.prompts == b.zipf(5, tokenizer, docs=16, doc_tokens=600, requests=128, exponent=1.0).prompts
+    counts = w.notes["requests_per_doc"]
+    assert sum(counts) == 128 and counts[0] > 3 * max(counts[8:])  # rank 1 is hot, the tail cold
+    assert w.notes["all_docs_tokens"] > 2 * 48 * 64  # more than both workers' caches together
+
+
+def test_chat_turns_are_conversations_with_their_own_system_prompt(tokenizer: Any) -> None:
+    w = b.chat(3, tokenizer, conversations=8, turns=4, system_tokens=500)
+    assert len(w.chats) == 8 and all(len(users) == 4 for _, users in w.chats)
+    assert len({system for system, _ in w.chats}) == 8
+    assert all(len(tokenizer(system)["input_ids"]) >= 500 for system, _ in w.chats)
+
+
 def test_refuses_to_run_without_vllm_router(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": str(tmp_path), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_kv_peer.py"), "--reps", "1"], env=env,

@@ -42,7 +42,8 @@ def module_flags(kind: Kind) -> dict[str, str]:
         module.add_flags(parser)
     else:
         parser = module.build_parser()
-    return {a.option_strings[0][2:]: _TYPES.get(a.type, getattr(a.type, "__name__", "?"))
+    return {a.option_strings[0][2:]: "bool" if isinstance(a, argparse.BooleanOptionalAction)
+            else _TYPES.get(a.type, getattr(a.type, "__name__", "?"))
             for a in parser._actions if not isinstance(a, argparse._HelpAction) and a.help != argparse.SUPPRESS}
 
 

@@ -76,6 +76,33 @@ workers:
     assert ranks == [0, 1]
 
 
+def test_router_replicas_get_names_and_a_metrics_port_each(tmp_path: Path) -> None:
+    specs = plan_of(tmp_path, """\
+name: t
+model: m
+workers:
+  - {name: k, kind: kv_worker, engine: {block-size: 32}}
+routers:
+  - {name: r, replicas: 2, args: [--metrics-port, "9500"]}
+""")
+    by = {s.name: s for s in specs}
+    assert [s.name for s in specs if s.kind == "router"] == ["r-1", "r-2"]
+    assert [by[n].replica_of for n in ("r-1", "r-2")] == ["r", "r"]
+    assert [by[n].ports["metrics"] for n in ("r-1", "r-2")] == [9500, 9501]
+    assert [by[n].argv[by[n].argv.index("--metrics-port") + 1] for n in ("r-1", "r-2")] == ["9500", "9501"]
+    assert [by[n].env["LAUNCHER_PROCESS"] for n in ("r-1", "r-2")] == ["r-1", "r-2"]
+    assert by["k"].depends_on == ["r-1", "r-2"]
+
+
+def test_a_replica_name_may_not_be_another_process_name(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\nmodel: m\nworkers:\n  - {name: r-2, kind: kv_worker, engine: {block-size: 32}}\n"
+                    "routers:\n  - {name: r, replicas: 2}\n")
+    out = subprocess.run([sys.executable, "-m", "launcher.cli", "validate", str(path)], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert f"{path}:6:15: routers[0].replicas" in out.stderr and "replica 'r-2' of 'r'" in out.stderr + out.stdout
+
+
 def test_order_routers_then_prefill_then_decode(tmp_path: Path) -> None:
     specs = plan_of(tmp_path, """\
 name: t

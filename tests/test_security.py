@@ -275,9 +275,11 @@ def test_each_identity_publishes_only_what_its_kind_does(secured: Secured) -> No
             await conns["fe"].publish(f"{ns}.vllm.generate", b"from the frontend")
             await conns["kw"].publish(f"{ns}.kv_events", b"a real event")
             await conns["r"].publish(f"{ns}.backend.generate", b"from the router")
+            await conns["r"].publish(f"{ns}.kv_routed", b"a router's requests, for its replicas")
             # refused: a fake KV event with the frontend's identity; a worker asking another worker;
             # the frontend calling the KV workers past the router; reading another identity's replies
             await conns["fe"].publish(f"{ns}.kv_events", b"fake event")
+            await conns["fe"].publish(f"{ns}.kv_routed", b"fake requests in flight, to steer the routers")
             await conns["w"].publish(f"{ns}.backend.generate", b"worker to worker")
             await conns["fe"].publish(f"{ns}.backend.generate", b"frontend past the router")
             await conns["fe"].subscribe(f"{inbox_prefix('r')}.>")
@@ -286,7 +288,7 @@ def test_each_identity_publishes_only_what_its_kind_does(secured: Secured) -> No
 
             def settled() -> bool:  # the violations' -ERR lines may arrive after the flush's PONG
                 fe = [str(e) for e in errors["fe"]]
-                return (sum("publish" in e for e in fe) >= 2 and any("subscription" in e for e in fe)
+                return (sum("publish" in e for e in fe) >= 3 and any("subscription" in e for e in fe)
                         and any("publish" in str(e) for e in errors["w"])
                         and min(s.pending_msgs for s in (router_events, monolith_requests, kv_requests)) >= 1)
 
@@ -307,6 +309,7 @@ def test_each_identity_publishes_only_what_its_kind_does(secured: Secured) -> No
                              "kv": [b"from the router"]}
     fe, w = result["errors"]["fe"], result["errors"]["w"]
     assert any("publish" in e and "kv_events" in e for e in fe), fe
+    assert any("publish" in e and "kv_routed" in e for e in fe), fe
     assert any("publish" in e and "backend.generate" in e for e in fe), fe
     assert any("subscription" in e and "_inbox.r." in e.lower() for e in fe), fe
     assert any("publish" in e and "backend.generate" in e for e in w), w

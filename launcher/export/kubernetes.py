@@ -44,7 +44,7 @@ from launcher.export.secrets import looks_secret
 from launcher.plan import dependencies, render_argv, setting_argv
 from launcher.resolve import SHARED_STORAGE_CONNECTORS, ResolvedProcess, Security, Setting, resolve
 from launcher.rules import is_loopback
-from launcher.topology import DRAIN_MARGIN, KvTransfer, Topology
+from launcher.topology import DRAIN_MARGIN, KvTransfer, Router, Topology, Worker
 from workers.runtime.tls import ENV_CA, ENV_CERT, ENV_KEY, TlsFiles
 
 DEFAULT_IMAGE = "vllm-launcher:vllm"  # what container/build.sh --framework VLLM tags
@@ -276,12 +276,13 @@ def _describe(doc: dict[str, Any]) -> str:
 
 
 def _units(topo: Topology, specs: list[ResolvedProcess]) -> list[Unit]:
-    """Replicas of one worker become one workload with `replicas: N` when nothing but their name and
-    GPU indices differs (no kv rank, no side-channel port): they are interchangeable pods."""
+    """Replicas of one worker (or router) become one workload with `replicas: N` when nothing but their
+    name and GPU indices differs (no kv rank, no side-channel port): they are interchangeable pods."""
     by_name = {s.name: s for s in specs}
     units: list[Unit] = []
     grouped: set[str] = set()
-    for w in topo.workers:
+    replicated: list[Worker | Router] = [*topo.workers, *topo.routers]
+    for w in replicated:
         if w.replicas < 2:
             continue
         members = [by_name.get(f"{w.name}-{k + 1}") for k in range(w.replicas)]

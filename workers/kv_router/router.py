@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import random
@@ -36,9 +37,11 @@ import numpy as np
 from workers.common.protocol import GenerateRequest
 from workers.kinds import KINDS
 from workers.kv_router import events as ev
+from workers.kv_router import peers
 from workers.kv_router.cost import CostWeights, Footprint, InflightBlocks, WorkerTable
 from workers.kv_router.indexer import FlatIndex, Index
 from workers.kv_router.metrics import RouterMetrics
+from workers.kv_router.peers import PeerFeed, PeerTable, new_peer_id
 from workers.runtime import requestplane
 from workers.runtime.annotated import Annotated, ErrorCode, StreamError, retryable
 from workers.runtime.registry import Delete, Put, Registration, Snapshot, Update, instance_of_key
@@ -62,7 +65,8 @@ class WorkerView:
     reg: Registration
     load: ev.Load | None = None
     inflight_requests: int = 0
-    others: int = 0  # requests another router sent there, from the last load report
+    peer_requests: int = 0  # requests other routers told us they sent there (workers.kv_router.peers)
+    others: int = 0  # requests beyond those, from the last load report (a router that tells nothing)
 
     @property
     def name(self) -> str:
@@ -88,6 +92,7 @@ class Decision:
     router: KvRouter
     hashes: list[int] = field(default_factory=list)  # the request's full prompt blocks (chained hashes)
     footprint: Footprint | None = None
+    id: int = 0  # what peers know it by (workers.kv_router.peers)
 
     @property
     def matched(self) -> dict[str, int]:
@@ -124,6 +129,9 @@ class KvRouter:
         self.inflight = InflightBlocks()
         self.table = WorkerTable()
         self.resync_requests: list[int] = []  # drained by the plumbing, which publishes them
+        self._ids = itertools.count(1)
+        self.decisions: dict[int, Decision] = {}  # ours in flight, by id
+        self.peers = PeerTable(new_peer_id(), self.peer_started, self.peer_ended)
 
     # ---- membership -------------------------------------------------------------------------
     def _ensure_index(self, block_size: int) -> Index:
@@ -179,6 +187,7 @@ class KvRouter:
         self.last_seq.pop(w, None)
         self.awaiting_snapshot.pop(w, None)
         self.inflight.drop_worker(w)
+        self.peers.drop_worker(w)
         self.table.remove(w)
         if self.index is not None:
             self.index.remove_worker(w)
@@ -252,7 +261,7 @@ class KvRouter:
             # What the report shows beyond our own requests is another router's: ours are counted exactly
             # (the report is up to a second old), theirs only through it.
             w = load.worker
-            view.others = max(0, load.running + load.waiting - view.inflight_requests)
+            view.others = max(0, load.running + load.waiting - view.inflight_requests - view.peer_requests)
             if math.isfinite(view.capacity):
                 pinned = load.kv_usage * view.capacity
                 self.table.set("reported", w, max(0.0, pinned - self.inflight.distinct(w)) if view.others else 0.0)
@@ -285,7 +294,8 @@ class KvRouter:
         else:
             chosen = self._cheapest(hashes, matches, fp, exclude)
         return Decision(worker=chosen, process=self.workers[chosen].name, strategy=self.strategy, blocks=len(hashes),
-                        matches=matches, candidates=candidates, router=self, hashes=hashes, footprint=fp)
+                        matches=matches, candidates=candidates, router=self, hashes=hashes, footprint=fp,
+                        id=next(self._ids))
 
     def overlaps(self, hashes: Sequence[int], matches: dict[int, int]) -> dict[int, int]:
         """Worker -> leading prompt blocks it holds (KV events) or is computing (our requests in flight)."""
@@ -301,6 +311,8 @@ class KvRouter:
     def load_of(self, w: int) -> dict[str, float]:
         view = self.workers[w]
         out: dict[str, float] = {"inflight": view.inflight_requests}
+        if view.peer_requests:
+            out["peer_inflight"] = view.peer_requests
         if w in self.table.slot:  # the cost's inputs, in blocks: pinned (active), cached, and capacity
             state = self.table.state(w, 0)
             out.update(active_blocks=state.active, cached_blocks=float(self.table.cached[self.table.slot[w]]))
@@ -316,13 +328,34 @@ class KvRouter:
             view.inflight_requests += 1
             self.inflight.add(d.worker, d.hashes, self._private_blocks(d))
             self._sync_blocks(d.worker, view)
+            self.decisions[d.id] = d
 
     def finished(self, d: Decision) -> None:
+        self.decisions.pop(d.id, None)
         view = self.workers.get(d.worker)
         if view is not None:
             view.inflight_requests = max(0, view.inflight_requests - 1)
             self.inflight.remove(d.worker, d.hashes, self._private_blocks(d))
             self._sync_blocks(d.worker, view)
+
+    # ---- other routers' requests (workers.kv_router.peers) ------------------------------------
+    def peer_started(self, worker: int, hashes: Sequence[int], private: int) -> bool:
+        """Another router sent a request to `worker`: its blocks are being computed there, as ours are.
+        False for a worker this router does not know (yet): nothing is counted, so nothing is uncounted."""
+        view = self.workers.get(worker)
+        if view is None:
+            return False
+        view.peer_requests += 1
+        self.inflight.add(worker, hashes, private)
+        self._sync_blocks(worker, view)
+        return True
+
+    def peer_ended(self, worker: int, hashes: Sequence[int], private: int) -> None:
+        view = self.workers.get(worker)
+        if view is not None:
+            view.peer_requests = max(0, view.peer_requests - 1)
+            self.inflight.remove(worker, hashes, private)
+            self._sync_blocks(worker, view)
 
     def _sync_blocks(self, w: int, view: WorkerView) -> None:
         """The table's view of our requests on w: distinct pinned blocks, their own blocks, their count."""
@@ -331,8 +364,8 @@ class KvRouter:
         self._sync_requests(w, view)
 
     def _sync_requests(self, w: int, view: WorkerView) -> None:
-        """Requests in flight on w: ours, and those w last reported beyond ours (another router's)."""
-        self.table.set("requests", w, view.inflight_requests + view.others)
+        """Requests in flight on w: ours, our peers', and those w last reported beyond both."""
+        self.table.set("requests", w, view.inflight_requests + view.peer_requests + view.others)
 
     @staticmethod
     def _private_blocks(d: Decision) -> int:
@@ -406,8 +439,11 @@ class RouterService:
     """NATS and etcd around a KvRouter: the `generate` endpoint, event and load feeds, membership."""
 
     def __init__(self, ctx: WorkerContext, router: KvRouter, tokenizer: Tokenizer, worker_component: str,
-                 idle_timeout: float = requestplane.DEFAULT_IDLE_TIMEOUT, max_retries: int = MAX_RETRIES) -> None:
+                 idle_timeout: float = requestplane.DEFAULT_IDLE_TIMEOUT, max_retries: int = MAX_RETRIES,
+                 share_inflight: bool = True) -> None:
         self.ctx = ctx
+        self.share_inflight = share_inflight
+        self.feed: PeerFeed | None = None
         self.max_retries = max_retries
         self.router = router
         self.tokenizer = tokenizer
@@ -423,18 +459,32 @@ class RouterService:
         nc = self.ctx.nc
         await nc.subscribe(ev.events_subject(self.ns), cb=self._on_events)
         await nc.subscribe(ev.load_subject(self.ns), cb=self._on_load)
+        if self.share_inflight:
+            await self.share()
         # The workers registered before this router started: their KV events so far were never seen here.
         updates = self.ctx.registry.follow(self.ns, self.worker_component)
         self.router.on_registry(await anext(updates), known_before_start=True)
         await self._flush_resyncs()
         follow = asyncio.create_task(self._follow(updates))
         resync = asyncio.create_task(self._resync_loop())
-        self.tasks = [follow, resync]
+        self.tasks += [follow, resync]
         self.ctx.on_shutdown.append(self.stop)
+
+    async def share(self) -> None:
+        """Hear the other routers' requests and tell them ours (workers.kv_router.peers)."""
+        assert self.ctx.nc is not None
+        await self.ctx.nc.subscribe(peers.routed_subject(self.ns), cb=self._on_routed)
+        await self.ctx.nc.flush()  # subscribed at the server before this router serves
+        self.feed = PeerFeed(self.ctx.nc.publish, self.ns, self.router.peers.own_id,
+                             lambda: list(self.router.decisions))
+        self.feed.start()
+        self.tasks.append(asyncio.create_task(self._expire_peers()))
 
     def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
+        if self.feed is not None:
+            self.feed.stop()
 
     async def _follow(self, updates: AsyncIterator[Update]) -> None:
         async for update in updates:
@@ -453,6 +503,17 @@ class RouterService:
         while self.router.resync_requests:
             w = self.router.resync_requests.pop()
             await self.ctx.nc.publish(ev.resync_subject(self.ns, w), b"")
+
+    async def _on_routed(self, msg: Any) -> None:
+        try:
+            self.router.peers.apply(peers.decoder.decode(msg.data), time.monotonic())
+        except Exception as exc:
+            log.warning("undecodable message of another router: %s", exc)
+
+    async def _expire_peers(self) -> None:
+        while True:
+            await asyncio.sleep(peers.LIVE_EVERY)
+            self.router.peers.expire(time.monotonic())
 
     async def _resync_loop(self) -> None:
         while True:
@@ -505,6 +566,8 @@ class RouterService:
             payload = req.model_copy(update={"prompt": None, "messages": None, "token_ids": token_ids.tolist()}
                                      ).model_dump(exclude_none=True)
             self.router.started(decision)
+            if self.feed is not None:
+                self.feed.started(decision.id, decision.worker, decision.hashes, KvRouter._private_blocks(decision))
             answered = False
             failure: Annotated | None = None
             try:
@@ -520,6 +583,8 @@ class RouterService:
                     yield chunk
             finally:
                 self.router.finished(decision)
+                if self.feed is not None:
+                    self.feed.finished(decision.id)
             if failure is None:
                 return
             text = f"worker {decision.process}: {'; '.join(failure.comment)}"
@@ -553,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of random choices (strategy random, ties)")
     p.add_argument("--idle-timeout", type=float, default=requestplane.DEFAULT_IDLE_TIMEOUT,
                    help="seconds of silence (no token, no keepalive) before a worker counts as lost")
+    p.add_argument("--share-inflight", action=argparse.BooleanOptionalAction, default=True,
+                   help="tell other routers of the same workers (replicas) the requests this one sends, and count "
+                        "theirs (workers/kv_router/peers.py); off, they are seen only in the workers' load reports")
     p.add_argument("--max-retries", type=int, default=MAX_RETRIES,
                    help="other workers tried when the chosen one is lost before its first token")
     return p
@@ -573,7 +641,8 @@ async def serve(args: argparse.Namespace) -> int:
         serve_prometheus(args.metrics_port, "router", ctx.unhealthy)
         RouterMetrics.default().watch_index(router.indexed_blocks)
     service = RouterService(ctx, router, Tokenizer(args.model), args.worker_component,
-                            idle_timeout=args.idle_timeout, max_retries=args.max_retries)
+                            idle_timeout=args.idle_timeout, max_retries=args.max_retries,
+                            share_inflight=args.share_inflight)
     await service.start()
     await ctx.serve(args.component, KINDS["router"].endpoint, service.generate, model=args.model,
                     block_size=args.block_size)
