@@ -27,18 +27,27 @@ STATE_STYLE = {"ready": "green", "starting": "yellow", "backoff": "yellow", "pen
 
 
 async def _registrations(etcd: list[str], namespace: str, timeout: float = 2.0,
-                         tls: dict[str, str] | None = None) -> list[Any] | None:
+                         tls: dict[str, str] | None = None) -> tuple[list[Any] | None, str | None]:
+    """The namespace's registrations, or None and why not (no answer in time, or refused and the reason)."""
     from workers.runtime.registry import Registry
+    from workers.runtime.settings import ServiceRefused
     from workers.runtime.tls import TlsFiles
+
+    def why(exc: BaseException) -> str:
+        if isinstance(exc, ServiceRefused):
+            return f"refused `launcher status`: {exc.cause}"
+        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+            return f"did not answer within {timeout:.0f} s"
+        return f"did not answer ({type(exc).__name__}: {exc})"
 
     try:
         registry = await asyncio.wait_for(Registry.connect(etcd, tls=TlsFiles(**tls) if tls else None), timeout)
-    except Exception:
-        return None
+    except Exception as exc:
+        return None, why(exc)
     try:
-        return await asyncio.wait_for(registry.list(namespace), timeout)
-    except Exception:
-        return None
+        return await asyncio.wait_for(registry.list(namespace), timeout), None
+    except Exception as exc:
+        return None, why(exc)
     finally:
         with contextlib.suppress(Exception):
             await registry.client.close()
@@ -78,7 +87,8 @@ def collect(run_dir: RunDir, sample: float = 0.2) -> dict[str, Any]:
     state = run_dir.state()
     procs_state = state.get("processes", {})
     supervisor = run_dir.supervisor_pid()
-    regs = asyncio.run(_registrations(plan.get("etcd", []), plan.get("namespace", ""), tls=plan.get("tls")))
+    regs, etcd_problem = asyncio.run(_registrations(plan.get("etcd", []), plan.get("namespace", ""),
+                                                    tls=plan.get("tls")))
     by_process: dict[str, list[Any]] = {}
     for reg in regs or []:
         by_process.setdefault(reg.process, []).append(reg)
@@ -127,7 +137,8 @@ def collect(run_dir: RunDir, sample: float = 0.2) -> dict[str, Any]:
     rows += _remote_rows(plan, regs, by_process)
     return {"deployment": run_dir.name, "run_dir": str(run_dir.path), "namespace": plan.get("namespace"),
             "backend": plan.get("backend"), "supervisor_pid": supervisor, "etcd": plan.get("etcd"),
-            "nats": plan.get("nats"), "etcd_reachable": regs is not None, "host": plan.get("host"),
+            "nats": plan.get("nats"), "etcd_reachable": regs is not None, "etcd_problem": etcd_problem,
+            "host": plan.get("host"),
             "processes": rows, "restart": _running_restart(state) if supervisor else None}
 
 
@@ -214,7 +225,9 @@ def print_status(info: dict[str, Any], console: Console) -> None:
         phases = ", ".join(f"{name} {phase}" for name, phase in job["phase"].items())
         console.print(f"[magenta]restart under way[/]{' (rolling)' if job['rolling'] else ''}: {phases}")
     if not info["etcd_reachable"]:
-        console.print(f"[yellow]etcd at {','.join(info['etcd'] or [])} did not answer: registration unknown[/]")
+        problem = info.get("etcd_problem") or "did not answer"
+        console.print(f"[yellow]etcd at {','.join(info['etcd'] or [])} {problem}: registration unknown[/]",
+                      highlight=False)
     for r in info["processes"]:
         if r.get("url"):
             console.print(f"[bold]{r['name']}[/]: OpenAI API at {r['url']}/v1", highlight=False)

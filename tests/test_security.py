@@ -11,6 +11,7 @@ subscriber did not receive.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -162,6 +163,21 @@ def test_etcd_serves_the_deployment_and_refuses_everyone_else(secured: Secured, 
         assert "certificate" in str(refused.value)
 
     asyncio.run(scenario())
+
+
+def test_status_says_why_etcd_refused_it(secured: Secured, tmp_path: Path) -> None:
+    """`launcher status` reports a refusing etcd with its reason, not as an etcd that did not answer."""
+    from launcher import status
+
+    regs, why = asyncio.run(status._registrations([secured.etcd], NAMESPACE, tls=None))
+    assert regs is None and why is not None, why
+    assert why.startswith("refused `launcher status`: ") and "no credentials" in why, why
+    stranger = _stranger(tmp_path).client("fe")
+    regs, why = asyncio.run(status._registrations([secured.etcd], NAMESPACE, tls=dataclasses.asdict(stranger)))
+    assert regs is None and why is not None and "TLS handshake failed" in why, why
+    operator = dataclasses.asdict(secured.files("operator"))
+    regs, why = asyncio.run(status._registrations([secured.etcd], NAMESPACE, tls=operator))
+    assert regs is not None and why is None
 
 
 def test_a_fake_instance_cannot_be_registered_without_credentials(secured: Secured, tmp_path: Path) -> None:
