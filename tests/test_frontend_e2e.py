@@ -311,9 +311,10 @@ def test_frontend_processes_share_the_port_count_as_one_and_a_dead_one_comes_bac
                 assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
         tasks = [asyncio.create_task(one()) for _ in range(8)]
         sent += len(tasks)
-        while not all(t.done() for t in tasks):
+        pending: set[asyncio.Task[None]] = set(tasks)
+        while pending:  # sample who holds connections until every request is answered
             seen.update(await asyncio.to_thread(serving_pids))
-            await asyncio.sleep(0.02)
+            _, pending = await asyncio.wait(pending, timeout=0.02)
         await asyncio.gather(*tasks)
 
     deadline = time.monotonic() + 120

@@ -123,6 +123,17 @@ def test_a_stream_whose_worker_dies_goes_on_elsewhere_with_the_same_tokens(servi
     asyncio.run(run())
 
 
+async def killed_mid_stream(dispatcher: Dispatcher, catalog: Catalog, dying: ScriptedWorker, max_tokens: int,
+                            after: int) -> asyncio.Task[list[int]]:
+    """A stream of `max_tokens` whose lone instance dies (and is unregistered) after sending `after` tokens."""
+    seen: list[int] = []
+    task = asyncio.create_task(collect(dispatcher, payload(max_tokens), seen))
+    await until(lambda: len(seen) == after, 10, f"the client got the dying instance's {after} tokens")
+    await dying.kill()
+    catalog.delete(dying.reg.key)
+    return task
+
+
 def test_a_stream_whose_only_instance_dies_waits_for_its_replacement(services) -> None:  # type: ignore[no-untyped-def]
     """The lone way in (a router) dies mid-stream and the supervisor starts it again: the stream waits up to
     the request timeout for it and goes on there, instead of ending with an error the client cannot retry."""
@@ -131,11 +142,7 @@ def test_a_stream_whose_only_instance_dies_waits_for_its_replacement(services) -
         nc, catalog, dispatcher = await deployment(services.nats, dying)
         dispatcher.timeout = 5
         try:
-            seen: list[int] = []
-            task = asyncio.create_task(collect(dispatcher, payload(10), seen))
-            await until(lambda: len(seen) == 3, 10, "the client got the dying instance's 3 tokens")
-            await dying.kill()
-            catalog.delete(dying.reg.key)
+            task = await killed_mid_stream(dispatcher, catalog, dying, 10, after=3)
             await until(lambda: 11 not in dispatcher.inflight, 10, "the stream to the dead instance ended")
             assert not task.done(), "it waits for another instance rather than failing at once"
             await replacement.start(services.nats)
@@ -157,11 +164,7 @@ def test_a_stream_whose_only_instance_never_comes_back_fails_after_the_request_t
         nc, catalog, dispatcher = await deployment(services.nats, dying)
         dispatcher.timeout = 1
         try:
-            seen: list[int] = []
-            task = asyncio.create_task(collect(dispatcher, payload(6), seen))
-            await until(lambda: len(seen) == 2, 10, "the client got the dying instance's tokens")
-            await dying.kill()
-            catalog.delete(dying.reg.key)
+            task = await killed_mid_stream(dispatcher, catalog, dying, 6, after=2)
             with pytest.raises(StreamBroken) as broken:
                 await asyncio.wait_for(task, 10)
             assert broken.value.error.status == 503

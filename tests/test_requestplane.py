@@ -128,20 +128,29 @@ def test_nobody_serving_is_an_error_not_a_hang(services) -> None:  # type: ignor
     assert item.code == ErrorCode.NO_RESPONDERS
 
 
+async def stream_from(nats: str, subject: str, answer: Any, idle_timeout: float) -> list[Annotated]:
+    """What a client streams from `subject`, where a scripted subscriber runs `answer(its_connection, msg)`."""
+    nc_w = await requestplane.connect(nats, "scripted")
+
+    async def on_msg(msg: Any) -> None:
+        await answer(nc_w, msg)
+
+    await nc_w.subscribe(subject, cb=on_msg)
+    nc = await requestplane.connect(nats, "c")
+    try:
+        return [a async for a in requestplane.stream(nc, subject, {}, idle_timeout=idle_timeout)]
+    finally:
+        await nc.close()
+        await nc_w.close()
+
+
 def test_a_subscriber_that_never_acks_is_no_answer(services) -> None:  # type: ignore[no-untyped-def]
     """Something holds the subject but never answers (a wedged process): NO_ANSWER after the idle timeout."""
-    async def ignore(msg: Any) -> None:
+    async def ignore(nc_w: Any, msg: Any) -> None:
         return None
 
     async def run() -> list[Annotated]:
-        nc_w = await requestplane.connect(services.nats, "mute")
-        await nc_w.subscribe("t3b.c.generate", cb=ignore)
-        nc = await requestplane.connect(services.nats, "c")
-        try:
-            return [a async for a in requestplane.stream(nc, "t3b.c.generate", {}, idle_timeout=1)]
-        finally:
-            await nc.close()
-            await nc_w.close()
+        return await stream_from(services.nats, "t3b.c.generate", ignore, idle_timeout=1)
 
     (item,) = asyncio.run(run())
     assert item.is_error() and item.code == ErrorCode.NO_ANSWER and "no worker answered" in item.comment[0]
@@ -152,23 +161,14 @@ def test_a_gap_in_the_streams_numbers_is_messages_lost_not_a_shorter_answer(serv
     stream must say so (a code the frontend migrates on), not stream on with tokens missing."""
     from workers.runtime.sender import ACK, SEQ_HEADER
 
-    async def answer(msg: Any) -> None:  # message 2 never arrives
+    async def answer(nc_w: Any, msg: Any) -> None:  # message 2 never arrives
         for seq, payload in ((0, ACK), (1, Annotated(data={"token_ids": [1]}).encode()),
                              (3, Annotated(data={"token_ids": [3]}).encode())):
             await nc_w.publish(msg.reply, payload, headers={SEQ_HEADER: str(seq)})
 
     async def run() -> list[Annotated]:
-        nonlocal nc_w
-        nc_w = await requestplane.connect(services.nats, "gappy")
-        await nc_w.subscribe("t3g.c.generate", cb=answer)
-        nc = await requestplane.connect(services.nats, "c")
-        try:
-            return [a async for a in requestplane.stream(nc, "t3g.c.generate", {}, idle_timeout=5)]
-        finally:
-            await nc.close()
-            await nc_w.close()
+        return await stream_from(services.nats, "t3g.c.generate", answer, idle_timeout=5)
 
-    nc_w: Any = None
     first, lost = asyncio.run(run())
     assert first.data == {"token_ids": [1]}
     assert lost.is_error() and lost.code == ErrorCode.MESSAGES_LOST and "2..2" in lost.comment[0]

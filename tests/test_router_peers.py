@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from tests.helpers import until
 from tests.test_retries import IdsOnly
 from workers.common.protocol import GenerateRequest
 from workers.kv_router import peers
@@ -168,26 +169,20 @@ async def _two_replicas(nats: str) -> None:
         req = GenerateRequest(token_ids=tokens, sampling={"max_tokens": 4}).model_dump(exclude_none=True)
         return [chunk async for chunk in service.generate(req)]
 
-    async def until(cond: Any, what: str, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.02)
-
     try:
         first = asyncio.create_task(ask(a, [*PREFIX, 1]))
-        await until(lambda: sum(v.peer_requests for v in b.router.workers.values()) == 1,
+        await until(lambda: sum(v.peer_requests for v in b.router.workers.values()) == 1, 5,
                     "router-2 to hear router-1's request")
         home = next(w for w, v in b.router.workers.items() if v.peer_requests == 1)
         second = asyncio.create_task(ask(b, [*PREFIX, 2]))
-        await until(lambda: b.router.decisions, "router-2's own decision")
+        await until(lambda: b.router.decisions, 5, "router-2's own decision")
         assert next(iter(b.router.decisions.values())).worker == home
         release.set()
         done = await asyncio.gather(first, second)
         assert all(chunks[-1].get("finish_reason") == "stop" for chunks in done)
         assert {c["routing"]["process"] for chunks in done for c in chunks if "routing" in c} == {f"w{home}"}
         await until(lambda: all(v.peer_requests == 0 for s in services for v in s.router.workers.values()),
-                    "both routers to hear the finishes")
+                    5, "both routers to hear the finishes")
     finally:
         for s in services:
             s.stop()

@@ -132,6 +132,7 @@ class KvRouter:
         self._ids = itertools.count(1)
         self.decisions: dict[int, Decision] = {}  # ours in flight, by id
         self.peers = PeerTable(new_peer_id(), self.peer_started, self.peer_ended)
+        self.feed: PeerFeed | None = None  # told of our own starts and finishes, for the peers (RouterService.share)
 
     # ---- membership -------------------------------------------------------------------------
     def _ensure_index(self, block_size: int) -> Index:
@@ -325,13 +326,17 @@ class KvRouter:
     def started(self, d: Decision) -> None:
         view = self.workers.get(d.worker)
         if view is not None:
+            private = self._private_blocks(d)
             view.inflight_requests += 1
-            self.inflight.add(d.worker, d.hashes, self._private_blocks(d))
+            self.inflight.add(d.worker, d.hashes, private)
             self._sync_blocks(d.worker, view)
             self.decisions[d.id] = d
+            if self.feed is not None:
+                self.feed.started(d.id, d.worker, d.hashes, private)
 
     def finished(self, d: Decision) -> None:
-        self.decisions.pop(d.id, None)
+        if self.decisions.pop(d.id, None) is not None and self.feed is not None:
+            self.feed.finished(d.id)
         view = self.workers.get(d.worker)
         if view is not None:
             view.inflight_requests = max(0, view.inflight_requests - 1)
@@ -475,8 +480,8 @@ class RouterService:
         assert self.ctx.nc is not None
         await self.ctx.nc.subscribe(peers.routed_subject(self.ns), cb=self._on_routed)
         await self.ctx.nc.flush()  # subscribed at the server before this router serves
-        self.feed = PeerFeed(self.ctx.nc.publish, self.ns, self.router.peers.own_id,
-                             lambda: list(self.router.decisions))
+        self.feed = self.router.feed = PeerFeed(self.ctx.nc.publish, self.ns, self.router.peers.own_id,
+                                                lambda: list(self.router.decisions))
         self.feed.start()
         self.tasks.append(asyncio.create_task(self._expire_peers()))
 
@@ -566,8 +571,6 @@ class RouterService:
             payload = req.model_copy(update={"prompt": None, "messages": None, "token_ids": token_ids.tolist()}
                                      ).model_dump(exclude_none=True)
             self.router.started(decision)
-            if self.feed is not None:
-                self.feed.started(decision.id, decision.worker, decision.hashes, KvRouter._private_blocks(decision))
             answered = False
             failure: Annotated | None = None
             try:
@@ -583,8 +586,6 @@ class RouterService:
                     yield chunk
             finally:
                 self.router.finished(decision)
-                if self.feed is not None:
-                    self.feed.finished(decision.id)
             if failure is None:
                 return
             text = f"worker {decision.process}: {'; '.join(failure.comment)}"
