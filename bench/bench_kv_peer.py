@@ -37,8 +37,10 @@ ignore_eos, 4 requests (or conversations) in flight:
 
 Figures per side, workload and repetition: prefix-cache hit rate, preemptions and the per-worker
 request split from each engine's own Prometheus counters (deltas over the run), TTFT p50/p90 (first
-SSE chunk with text), wall time, failed requests. Printed and written: medians over repetitions and
-the ratios against vllm-router (and ours-prefix / ours-rr), as markdown (`OUT.md`) and JSON (`OUT.json`).
+SSE chunk with text), wall time, failed requests; for our sides, the CPU (user + system) the router
+replicas and the frontend (with its HTTP processes) used per 1,000 streamed tokens. Printed and written:
+medians over repetitions and the ratios against vllm-router (and ours-prefix / ours-rr), as markdown
+(`OUT.md`) and JSON (`OUT.json`).
 
 Time on the 2-core CPU machine (from the smoke run, bench/results/kv-peer-cpu-smoke.*): a side starts in
 45-100 s; the defaults (128 + 8x4 + 64 requests, 2 reps, 3 sides) take about 30 minutes.
@@ -261,7 +263,21 @@ def percentile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes and their children (the frontend's HTTP processes), so far."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            for p in (proc, *proc.children(recursive=True)):
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    total += t.user + t.system
+    return total
+
+
 def run_workload(side: Side, work: Workload, args: argparse.Namespace) -> dict[str, Any]:
+    cpu_before = {role: cpu_seconds(pids) for role, pids in side.cpu_pids.items()}
     before = {p: scrape(p) for p in side.metrics_ports}
     router_before = scrape(side.router_metrics_port) if side.router_metrics_port else {}
     results, wall = asyncio.run(drive(side.url, work, args.max_tokens, args.in_flight))
@@ -281,6 +297,11 @@ def run_workload(side: Side, work: Workload, args: argparse.Namespace) -> dict[s
         "text_chunks_per_request": statistics.median(r.chunks for r in results) if results else None,
         "errors": sorted({r.error for r in results if r.error})[:5],
     }
+    # ignore_eos: every request that succeeded streamed exactly max_tokens tokens, on every side.
+    tokens = args.max_tokens * (out["requests"] - out["failed"])
+    for role, pids in side.cpu_pids.items():
+        used = cpu_seconds(pids) - cpu_before[role]
+        out[f"{role}_cpu_ms_per_1k_tokens"] = 1e6 * used / tokens if tokens else None
     if side.router_metrics_port:
         ra = scrape(side.router_metrics_port)
         out["router_counters"] = {k: ra[k] - router_before.get(k, 0.0) for k in ra
@@ -300,6 +321,9 @@ class Side:
     deployment: Deployment | None = None
     argv: dict[str, Any] = field(default_factory=dict)
     engine_pids: list[int] = field(default_factory=list)
+    # Our router replicas and frontend: their CPU per 1,000 streamed tokens (issue 24: the router out of the
+    # token path); the frontend's too, so that moving work from one to the other would show.
+    cpu_pids: dict[str, list[int]] = field(default_factory=dict)
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -376,6 +400,8 @@ def start_ours(side: Side, args: argparse.Namespace, tmp: Path, services: Servic
     wait_http(side.url + "/health", 120, [])
     state = json.loads((Path(services.env["LAUNCHER_HOME"]) / name / "state.json").read_text())
     side.engine_pids = [state["processes"][f"worker-{i}"]["pid"] for i in (0, 1)]
+    side.cpu_pids = {role: [p["pid"] for n, p in state["processes"].items() if n.startswith(role) and p.get("pid")]
+                     for role in ("router", "frontend")}
 
 
 def start_dynamo(side: Side, args: argparse.Namespace, tmp: Path, rep: int) -> None:
@@ -439,7 +465,8 @@ def warm_up(side: Side) -> None:
 
 # ---------------------------------------------------------------- report
 
-FIGS = ("hit_rate", "ttft_p50_ms", "ttft_p90_ms", "wall_s", "preemptions", "failed")
+FIGS = ("hit_rate", "ttft_p50_ms", "ttft_p90_ms", "wall_s", "preemptions", "failed", "router_cpu_ms_per_1k_tokens",
+        "frontend_cpu_ms_per_1k_tokens")
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -449,6 +476,11 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out[f] = statistics.median(xs) if xs else None
     out["split"] = [r["split"] for r in runs]
     return out
+
+
+def cpu_cell(m: dict[str, Any]) -> str:
+    r, f = m.get("router_cpu_ms_per_1k_tokens"), m.get("frontend_cpu_ms_per_1k_tokens")
+    return "-" if r is None and f is None else f"{r or 0:.0f} / {f or 0:.0f}"
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -463,15 +495,16 @@ def markdown(summary: dict[str, dict[str, dict[str, Any]]], sides: list[str], me
              "over both engines; split = requests per engine (vllm:request_success), one list per repetition.", ""]
     for w, per_side in summary.items():
         lines += [f"## {w} ({meta['workloads'][w]})", "",
-                  "| side | hit rate | TTFT p50 ms | TTFT p90 ms | wall s | preemptions | failed | split |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| side | hit rate | TTFT p50 ms | TTFT p90 ms | wall s | preemptions | failed | split "
+                  "| router / frontend CPU ms per 1k tokens |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for s in sides:
             m = per_side.get(s)
             if m is None:
                 continue
             hr = f"{m['hit_rate']:.3f}" if m["hit_rate"] is not None else "-"
             lines.append(f"| {s} | {hr} | {m['ttft_p50_ms']:.0f} | {m['ttft_p90_ms']:.0f} | {m['wall_s']:.1f} | "
-                         f"{m['preemptions']:.0f} | {m['failed']:.0f} | {m['split']} |")
+                         f"{m['preemptions']:.0f} | {m['failed']:.0f} | {m['split']} | {cpu_cell(m)} |")
         pairs = [("ours-prefix", "vllm-router"), ("ours-prefix", "dynamo"), ("ours-prefix-2r", "dynamo"),
                  ("ours-prefix", "ours-rr"), ("vllm-router", "vllm-router-rr"),
                  ("ours-prefix-2r", "ours-prefix"), ("ours-prefix-2r", "ours-prefix-2r-alone")]
@@ -481,7 +514,7 @@ def markdown(summary: dict[str, dict[str, dict[str, Any]]], sides: list[str], me
                 lines.append(f"| {a} / {b} | {ratio(ma['hit_rate'], mb['hit_rate'])} | "
                              f"{ratio(ma['ttft_p50_ms'], mb['ttft_p50_ms'])} | "
                              f"{ratio(ma['ttft_p90_ms'], mb['ttft_p90_ms'])} | {ratio(ma['wall_s'], mb['wall_s'])} "
-                             "| | | |")
+                             "| | | | |")
         lines.append("")
     return "\n".join(lines)
 
@@ -595,6 +628,8 @@ def main() -> None:
                               f"p90 {r['ttft_p90_ms']:.0f} ms wall {r['wall_s']:.1f} s preempt "
                               f"{r['preemptions']:.0f} failed {r['failed']} split {r['split']} "
                               f"chunks/req {r['text_chunks_per_request']}"
+                              + (f" router CPU {r['router_cpu_ms_per_1k_tokens']:.0f} ms/1k tokens"
+                                 if r.get("router_cpu_ms_per_1k_tokens") is not None else "")
                               + (f" router {r['router_counters']}" if r.get("router_counters") else ""), flush=True)
                 finally:
                     side.stop()

@@ -6,9 +6,12 @@ The subjects are the request plane's (workers/runtime/requestplane.py) and the K
 - a server of `<ns>.<component>.<endpoint>` subscribes there (and to its per-instance and cancel
   subjects below it) and publishes replies to callers' inboxes;
 - a caller publishes requests and cancels to the components it calls, and reads replies only on its
-  own inbox prefix (`_INBOX.<identity>`: nobody reads another identity's replies);
+  own inbox prefix (`_INBOX.<identity>`: nobody reads another identity's replies); a router hands each
+  request off to a worker, which answers the caller directly, so the frontend may also cancel streams on
+  the routers' workers' per-instance cancel subjects (never send them requests);
 - KV workers publish KV events and load and hear resync requests; routers hear events and ask for resyncs,
-  and tell each other the requests they send (workers/kv_router/peers.py).
+  and tell each other the requests they send (workers/kv_router/peers.py); a worker reports a request's
+  end to the router's own inbox (a reply subject, as any answer).
 So a worker cannot send generation requests to other workers, the frontend cannot publish KV events,
 and no identity can read the prompts or answers of another's streams.
 """
@@ -62,6 +65,8 @@ def access_for(namespace: str, processes: list[ResolvedProcess]) -> list[Access]
     entry_components = sorted({component_of(p) for p in processes if p.kind in entry})
     all_components = sorted({(component_of(p), KINDS[p.kind].endpoint) for p in processes
                              if KINDS[p.kind].endpoints})
+    routed_components = sorted({_flag(p, "worker-component", KINDS["kv_worker"].component) for p in processes
+                                if p.kind == "router"})
     out = []
     for proc in processes:
         kind = KINDS[proc.kind]
@@ -69,6 +74,8 @@ def access_for(namespace: str, processes: list[ResolvedProcess]) -> list[Access]
         if proc.kind == "frontend":
             for comp in entry_components:
                 acc.add(publish=_serves(ns, comp, "generate"))
+            for comp in routed_components:
+                acc.add(publish=[f"{_serves(ns, comp, 'generate')[0]}.*.cancel"])
         else:
             for endpoint in kind.endpoints:
                 acc.add(subscribe=_serves(ns, component_of(proc), endpoint))

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,28 @@ async def ask(nats: str, namespace: str, component: str, request: GenerateReques
         return [item async for item in generate(nc, subject, request, idle_timeout)]
     finally:
         await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def served(nc: Any, subject: str, handler: requestplane.Handler) -> AsyncIterator[requestplane.EndpointServer]:
+    """`handler` (a RouterService's `generate`, say) served on `subject` as its process would serve it."""
+    server = requestplane.EndpointServer(nc, subject, f"{subject}.1", handler)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def chunks_via(nc: Any, subject: str, request: dict[str, Any], idle_timeout: float = 5.0
+                     ) -> tuple[list[dict[str, Any]], Annotated | None]:
+    """What a caller of `subject` gets: the data chunks, and the error that ended the stream (None: none)."""
+    chunks: list[dict[str, Any]] = []
+    async for item in requestplane.stream(nc, subject, request, idle_timeout):
+        if item.is_error():
+            return chunks, item
+        chunks.append(item.data)
+    return chunks, None
 
 
 def raw_chunks(nats: str, namespace: str, component: str, request: GenerateRequest) -> list[Annotated]:

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tests.helpers import until
+from tests.helpers import chunks_via, served, until
 from tests.test_retries import IdsOnly
 from workers.common.protocol import GenerateRequest
 from workers.kv_router import events as ev
@@ -73,8 +73,7 @@ def test_router_reaches_a_worker_and_takes_its_kv_events_after_its_lease_is_lost
         ctx = WorkerContext(RuntimeSettings(ns, (services.etcd,), services.nats, "router", "localhost"))
         await ctx.connect()
         router = KvRouter("prefix", None)
-        service = RouterService(ctx, router, IdsOnly(),  # type: ignore[arg-type]
-                                "backend", idle_timeout=2)
+        service = RouterService(ctx, router, IdsOnly(), "backend")  # type: ignore[arg-type]
         await service.start()
         operator = await Registry.connect([services.etcd])
         try:
@@ -88,8 +87,11 @@ def test_router_reaches_a_worker_and_takes_its_kv_events_after_its_lease_is_lost
             await w_nc.publish(ev.events_subject(ns), ev.batch_encoder.encode(batch))
             await until(lambda: router.choose([1, 2, 3, 4, 5]).matches.get(lease) == 2, 10,
                         "its KV events accepted")
-            chunks = [c async for c in service.generate(GenerateRequest(token_ids=[1, 2, 3, 4, 5]).model_dump(
-                exclude_none=True))]
+            assert ctx.nc is not None
+            async with served(ctx.nc, f"{ns}.preprocess.generate", service.generate):
+                request = GenerateRequest(token_ids=[1, 2, 3, 4, 5]).model_dump(exclude_none=True)
+                chunks, error = await chunks_via(w_nc, f"{ns}.preprocess.generate", request)
+            assert error is None, error
             return chunks
         finally:
             service.stop()

@@ -334,3 +334,91 @@ def test_a_caller_that_leaves_cancels_the_workers_stream(services, via: str) -> 
             await client.close()
 
     asyncio.run(run())
+
+
+# ---- handoff: a router's stream handed to the worker it chose -------------------------------------------
+def test_a_handed_off_stream_is_the_workers_from_then_on(services) -> None:  # type: ignore[no-untyped-def]
+    """The caller reads the worker's chunks (numbered from 0 again) with the routing on the final one; the
+    router's loss after the handoff does not end the stream, the worker's does, at once; a caller that
+    leaves cancels on the worker; the worker reports the end to the router's inbox, however it ends."""
+    release = asyncio.Event()
+    aborted: list[str] = []
+
+    async def worker(req: dict[str, Any]) -> AsyncIterator[Any]:
+        try:
+            yield {"text": " Par", "token_ids": [1]}
+            if req["mode"] == "finish":
+                yield {"text": "is", "token_ids": [2], "finish_reason": "stop"}
+                return
+            await release.wait()
+        except asyncio.CancelledError:
+            aborted.append(req["mode"])
+            raise
+
+    async def router(req: dict[str, Any]) -> AsyncIterator[Any]:
+        forwarded = {**req, requestplane.ROUTED: {"by": ends_inbox, "id": req["id"]}}
+        yield requestplane.Handoff(0x77, "th.backend.generate.77", forwarded, {"process": "w"})
+
+    async def run() -> dict[str, Any]:
+        nc_w, w_server = await _serve(services.nats, "th.backend.generate.77", worker)
+        nc_r, r_server = await _serve(services.nats, "th.preprocess.generate", router)
+        ends: list[bytes] = []
+
+        async def on_end(msg: Any) -> None:
+            ends.append(msg.data)
+
+        await nc_r.subscribe(ends_inbox, cb=on_end)
+        nc = await requestplane.connect(services.nats, "caller")
+        tracker = requestplane.StreamTracker()
+        out: dict[str, Any] = {}
+        try:
+            out["finished"] = [a async for a in requestplane.stream(nc, "th.preprocess.generate",
+                                                                    {"mode": "finish", "id": 1}, 2, tracker, 0x99)]
+            # Lost router (after the handoff): nothing happens; lost worker: the stream ends now.
+            handed: list[dict[str, Any]] = []
+            held = requestplane.stream(nc, "th.preprocess.generate", {"mode": "hold", "id": 2}, 30, tracker, 0x99,
+                                       on_handoff=handed.append)
+            first = await anext(held)
+            await until(lambda: w_server.routed_in_flight() == {ends_inbox: [2]}, 5, "the worker lists it")
+            assert tracker.lost(0x99, "router killed") == 0
+            assert tracker.lost(0x77, "worker killed") == 1
+            t0 = time.monotonic()
+            out["lost"] = [first, *[a async for a in held]]
+            out["lost_after_s"] = time.monotonic() - t0
+            out["handed"] = handed
+            # A caller that leaves: the cancel reaches the worker (not the router that handed off).
+            left = requestplane.stream(nc, "th.preprocess.generate", {"mode": "leave", "id": 3}, 30)
+            await anext(left)
+            await left.aclose()
+            await until(lambda: "leave" in aborted, 5, "the worker's stream cancelled")
+            await until(lambda: len(ends) == 3, 5, "three end reports")
+            out["ends"] = sorted(ends)
+            out["in_flight"] = w_server.routed_in_flight()
+            release.set()
+            return out
+        finally:
+            await nc.close()
+            for server, conn in ((w_server, nc_w), (r_server, nc_r)):
+                await server.stop()
+                await conn.close()
+
+    ends_inbox = "_INBOX.th-router.ends"
+    out = asyncio.run(run())
+    data = [a.data for a in out["finished"]]
+    assert "".join(d["text"] for d in data) == " Paris" and data[-1]["finish_reason"] == "stop"
+    assert data[-1]["routing"] == {"process": "w"}
+    assert [a.data for a in out["lost"][:1]] == [{"text": " Par", "token_ids": [1]}]
+    assert out["lost"][-1].is_error() and out["lost"][-1].code == ErrorCode.WORKER_LOST
+    assert out["lost_after_s"] < 2  # not the 30 s idle timeout
+    assert out["handed"] == [{"instance": 0x77, "subject": "th.backend.generate.77", "routing": {"process": "w"}}]
+    assert out["ends"] == [b"1", b"2", b"3"] and out["in_flight"] == {}
+
+
+def test_a_handoff_that_names_nobody_is_an_error(services) -> None:  # type: ignore[no-untyped-def]
+    async def answer(nc_w: Any, msg: Any) -> None:
+        await nc_w.publish(msg.reply, Annotated(event="handoff", data={"subject": 3}).encode(),
+                           headers={"Seq": "0"})
+
+    items = asyncio.run(stream_from(services.nats, "th2.c.generate", answer, idle_timeout=2))
+    assert len(items) == 1 and items[0].is_error() and items[0].code == ErrorCode.WORKER_ERROR
+    assert "without saying to whom" in items[0].comment[0]

@@ -1,4 +1,6 @@
-"""Retries before the first token, decided by error code, through the KV router and the prefill pick.
+"""Retries before the first token and migrations after it, decided by error code: through the KV router
+(which hands each request off to a worker; the frontend's Dispatcher retries with the lost workers in
+`avoid`) and through the prefill pick.
 
 Real nats-server; the workers are EndpointServers with scripted handlers (one piece of logic under
 test: who is tried, how often, and what the caller sees).
@@ -14,13 +16,19 @@ from typing import Any
 
 import numpy as np
 
+from tests.helpers import until
 from workers.common.protocol import GenerateRequest
+from workers.frontend.catalog import Catalog
+from workers.frontend.dispatch import Dispatcher, StreamBroken
+from workers.frontend.errors import ApiError, BadRequest, NoWorker
 from workers.kv_router.router import KvRouter, RouterService
 from workers.runtime import requestplane
 from workers.runtime.annotated import ErrorCode, StreamError
 from workers.runtime.registry import Registration
 from workers.runtime.serve import WorkerContext
 from workers.runtime.settings import RuntimeSettings
+
+MODEL = "m"
 
 
 class IdsOnly:
@@ -37,8 +45,8 @@ Behaviour = Callable[[str, dict[str, Any]], AsyncIterator[Any]]
 
 
 async def healthy(name: str, req: dict[str, Any]) -> AsyncIterator[Any]:
-    yield {"text": " Paris", "worker": name}
-    yield {"text": "", "finish_reason": "stop", "worker": name}
+    yield {"text": " Paris", "token_ids": [9], "worker": name}
+    yield {"text": "", "token_ids": [], "finish_reason": "stop", "worker": name}
 
 
 async def stopping(name: str, req: dict[str, Any]) -> AsyncIterator[Any]:
@@ -52,32 +60,37 @@ async def refusing(name: str, req: dict[str, Any]) -> AsyncIterator[Any]:
 
 
 async def dying_after_a_token(name: str, req: dict[str, Any]) -> AsyncIterator[Any]:
-    yield {"text": " Par", "worker": name}
+    yield {"text": " Par", "token_ids": [7], "worker": name}
     raise StreamError("worker shutting down: request aborted", code=ErrorCode.SHUTTING_DOWN)
 
 
 class Fleet:
-    """Workers on per-instance subjects, registered straight into a KvRouter (no etcd needed here)."""
+    """Workers on per-instance subjects, registered straight into a KvRouter (no etcd needed here), a router
+    serving on NATS, and a frontend's Dispatcher whose catalog lists them all."""
 
     def __init__(self, nats: str, ns: str) -> None:
         self.nats = nats
         self.ns = ns
         self.calls: Counter[str] = Counter()
+        self.requests: dict[str, list[dict[str, Any]]] = {}  # what each worker was sent
         self.servers: list[requestplane.EndpointServer] = []
         self.conns: list[Any] = []
         self.router = KvRouter("round_robin", block_size=2)
+        self.catalog = Catalog()
 
     async def add(self, name: str, instance: int, behaviour: Behaviour | None) -> None:
         """behaviour None: registered but not subscribed, like a worker killed -9 before its lease expired."""
         subject = requestplane.endpoint_subject(self.ns, "backend", "generate")
         reg = Registration(namespace=self.ns, component="backend", endpoint="generate", subject=subject,
-                           lease_id=instance, process=name, block_size=2)
+                           lease_id=instance, process=name, block_size=2, model=MODEL)
         self.router.add_worker(reg)
+        self.catalog.put(f"w/{instance:x}", reg)
         if behaviour is None:
             return
 
         async def handler(req: dict[str, Any]) -> AsyncIterator[Any]:
             self.calls[name] += 1
+            self.requests.setdefault(name, []).append(req)
             async for item in behaviour(name, req):
                 yield item
 
@@ -87,12 +100,25 @@ class Fleet:
         self.servers.append(server)
         self.conns.append(nc)
 
-    async def service(self, max_retries: int = 2) -> RouterService:
+    async def service(self) -> RouterService:
         ctx = WorkerContext(RuntimeSettings(self.ns, (), self.nats, "router", "localhost"))
         ctx.nc = await requestplane.connect(self.nats, "router")
         self.conns.append(ctx.nc)
-        return RouterService(ctx, self.router, IdsOnly(),  # type: ignore[arg-type]
-                             "backend", idle_timeout=2, max_retries=max_retries)
+        return RouterService(ctx, self.router, IdsOnly(), "backend")  # type: ignore[arg-type]
+
+    async def dispatcher(self, service: RouterService, retries: int = 2) -> Dispatcher:
+        """A frontend's Dispatcher whose one entry instance is `service`, served on NATS."""
+        subject = requestplane.endpoint_subject(self.ns, "preprocess", "generate")
+        reg = Registration(namespace=self.ns, component="preprocess", endpoint="generate", subject=subject,
+                           lease_id=0x99, process="router", model=MODEL)
+        assert service.ctx.nc is not None
+        server = requestplane.EndpointServer(service.ctx.nc, subject, reg.instance_subject, service.generate)
+        await server.start()
+        self.servers.append(server)
+        self.catalog.put("r/99", reg)
+        nc = await requestplane.connect(self.nats, "frontend")
+        self.conns.append(nc)
+        return Dispatcher(nc, self.catalog, timeout=2, retries=retries)
 
     async def close(self) -> None:
         for server in self.servers:
@@ -101,85 +127,143 @@ class Fleet:
             await nc.close()
 
 
-async def collect(service: RouterService) -> tuple[list[dict[str, Any]], StreamError | None]:
+Outcome = tuple[list[dict[str, Any]], ApiError | None]
+
+
+async def collect(dispatcher: Dispatcher, token_ids: list[int] | None = None) -> Outcome:
     chunks: list[dict[str, Any]] = []
+    request = GenerateRequest(token_ids=token_ids or [1, 2, 3, 4], sampling={"max_tokens": 4}, output="tokens")
     try:
-        async for chunk in service.generate(GenerateRequest(token_ids=[1, 2, 3, 4]).model_dump(exclude_none=True)):
+        async for chunk in dispatcher.generate(MODEL, request.model_dump(exclude_none=True)):
             chunks.append(chunk)
-    except StreamError as exc:
+    except StreamBroken as exc:
+        return chunks, exc.error
+    except ApiError as exc:
         return chunks, exc
     return chunks, None
 
 
-def test_router_retries_a_dead_worker_on_another(services) -> None:  # type: ignore[no-untyped-def]
-    """A worker killed before its lease expired answers NATS 503 (no responders): the request goes elsewhere."""
-    async def run() -> list[tuple[list[dict[str, Any]], StreamError | None]]:
+def test_a_dead_worker_is_passed_over_when_the_request_is_sent_again(services) -> None:  # type: ignore[no-untyped-def]
+    """A worker killed before its lease expired answers NATS 503 (no responders) to the handed-off request:
+    the frontend asks the router again with that worker in `avoid`, and the router chooses another."""
+    async def run() -> tuple[list[Outcome], Fleet]:
         fleet = Fleet(services.nats, "rt1")
         await fleet.add("dead", 0x10, None)
         await fleet.add("alive", 0x20, healthy)
-        service = await fleet.service()
+        dispatcher = await fleet.dispatcher(await fleet.service())
         try:
-            return [await collect(service) for _ in range(4)]
+            return [await collect(dispatcher) for _ in range(4)], fleet
         finally:
             await fleet.close()
 
-    results = asyncio.run(run())
+    results, fleet = asyncio.run(run())
     assert all(err is None for _, err in results), results
     assert all(chunks[0]["worker"] == "alive" for chunks, _ in results)
+    assert all(r.get("avoid") is None for r in fleet.requests["alive"])  # the router keeps `avoid` to itself
+    # the router's decision rides on the final chunk, as when it relayed the stream
+    assert all(chunks[-1]["routing"]["process"] == "alive" for chunks, _ in results)
 
 
-def test_router_retries_at_most_n_times(services) -> None:  # type: ignore[no-untyped-def]
-    async def run() -> tuple[Counter[str], StreamError | None]:
+def test_retries_are_bounded_and_never_the_same_worker_twice(services) -> None:  # type: ignore[no-untyped-def]
+    async def run() -> tuple[Counter[str], Outcome]:
         fleet = Fleet(services.nats, "rt2")
         for i in range(5):
             await fleet.add(f"w{i}", 0x30 + i, stopping)
-        service = await fleet.service(max_retries=2)
+        dispatcher = await fleet.dispatcher(await fleet.service(), retries=2)
         try:
-            chunks, err = await collect(service)
-            assert chunks == []
-            return fleet.calls, err
+            outcome = await collect(dispatcher)
+            return fleet.calls, outcome
         finally:
             await fleet.close()
 
-    calls, err = asyncio.run(run())
+    calls, (chunks, err) = asyncio.run(run())
+    assert chunks == []
     assert sum(calls.values()) == 3 and max(calls.values()) == 1  # 1 + 2 retries, never the same worker twice
-    assert err is not None and err.code == ErrorCode.SHUTTING_DOWN
+    assert isinstance(err, NoWorker) and "shutting down" in err.message, err
 
 
-def test_router_never_retries_a_bad_request(services) -> None:  # type: ignore[no-untyped-def]
-    async def run() -> tuple[Counter[str], StreamError | None]:
+def test_a_bad_request_is_never_retried(services) -> None:  # type: ignore[no-untyped-def]
+    async def run() -> tuple[Counter[str], Outcome]:
         fleet = Fleet(services.nats, "rt3")
         await fleet.add("a", 0x40, refusing)
         await fleet.add("b", 0x41, refusing)
-        service = await fleet.service()
+        dispatcher = await fleet.dispatcher(await fleet.service())
         try:
-            _, err = await collect(service)
-            return fleet.calls, err
+            return fleet.calls, await collect(dispatcher)
         finally:
             await fleet.close()
 
-    calls, err = asyncio.run(run())
+    calls, (_, err) = asyncio.run(run())
     assert sum(calls.values()) == 1
-    assert err is not None and err.code == ErrorCode.BAD_REQUEST
+    assert isinstance(err, BadRequest), err
 
 
-def test_router_never_retries_after_the_first_token(services) -> None:  # type: ignore[no-untyped-def]
-    """Tokens already reached the caller: a retry would repeat them, so the stream ends with the error."""
-    async def run() -> tuple[Counter[str], list[dict[str, Any]], StreamError | None]:
+def test_a_stream_whose_worker_dies_goes_on_on_another_worker(services) -> None:  # type: ignore[no-untyped-def]
+    """After a token, the frontend migrates: the prompt plus the token so far go to the router again, with the
+    lost worker in `avoid`; the other worker continues, and the router's count of requests in flight returns
+    to 0 from both workers' end reports."""
+    async def run() -> tuple[Fleet, Outcome, KvRouter]:
         fleet = Fleet(services.nats, "rt4")
         await fleet.add("a", 0x50, dying_after_a_token)
-        await fleet.add("b", 0x51, dying_after_a_token)
+        await fleet.add("b", 0x51, healthy)
         service = await fleet.service()
+        dispatcher = await fleet.dispatcher(service)
         try:
-            chunks, err = await collect(service)
-            return fleet.calls, chunks, err
+            outcome = await collect(dispatcher, [1, 2, 3, 4])
+            await until(lambda: not fleet.router.decisions, 5, "both workers' end reports")
+            return fleet, outcome, fleet.router
         finally:
             await fleet.close()
 
-    calls, chunks, err = asyncio.run(run())
-    assert sum(calls.values()) == 1
-    assert [c["text"] for c in chunks] == [" Par"]
-    assert err is not None and err.code == ErrorCode.SHUTTING_DOWN
+    fleet, (chunks, err), router = asyncio.run(run())
+    assert err is None, err
+    assert "".join(c["text"] for c in chunks) == " Par Paris" and chunks[-1]["finish_reason"] == "stop"
+    assert chunks[0]["worker"] == "a" and chunks[-1]["worker"] == "b"
+    assert fleet.calls == Counter({"a": 1, "b": 1})
+    assert fleet.requests["b"][0]["token_ids"] == [1, 2, 3, 4, 7]  # the continuation: prompt + the token so far
+    assert all(v.inflight_requests == 0 for v in router.workers.values())
+
+
+def test_the_router_forgets_a_request_whose_end_report_was_lost() -> None:
+    """A worker's load report lists the routers' requests it serves: one missing from it LOST_END_AFTER after
+    its handoff ended without its report reaching the router, and no longer counts."""
+    import time
+
+    from workers.kv_router import events as ev
+    from workers.kv_router import router as kv
+
+    router = KvRouter("prefix", block_size=2)
+    router.ends_to = "_INBOX.r.ends"
+    reg = Registration(namespace="n", component="backend", endpoint="generate", subject="n.backend.generate",
+                       lease_id=0x60, process="w", block_size=2)
+    router.add_worker(reg)
+    old, young = router.choose([1, 2, 3, 4]), router.choose([5, 6, 7, 8])
+    router.started(old)
+    router.started(young)
+    old.started -= kv.LOST_END_AFTER + 1
+    listed = ev.Load(worker=0x60, running=1, waiting=0, kv_usage=0.1, routed={router.ends_to: [old.id]})
+    router.on_load(listed)
+    assert set(router.decisions) == {old.id, young.id}  # listed, or too young to judge
+    router.on_load(ev.Load(worker=0x60, running=0, waiting=0, kv_usage=0.0, routed={"_INBOX.other.ends": [3]}))
+    assert set(router.decisions) == {young.id}
+    assert router.workers[0x60].inflight_requests == 1
+    router.on_load(ev.Load(worker=0x60, running=0, waiting=0, kv_usage=0.0))  # a report that does not say
+    assert set(router.decisions) == {young.id}
+    router.ended(young.id)
+    assert not router.decisions and router.workers[0x60].inflight_requests == 0
+    assert time.monotonic() - young.started < kv.LOST_END_AFTER
+
+
+def test_a_worker_whose_registration_goes_ends_its_requests_in_flight() -> None:
+    router = KvRouter("round_robin", block_size=2)
+    for w in (0x70, 0x71):
+        router.add_worker(Registration(namespace="n", component="backend", endpoint="generate",
+                                       subject="n.backend.generate", lease_id=w, process=f"w{w:x}", block_size=2))
+    decisions = [router.choose([1, 2, 3, i]) for i in range(4)]
+    for d in decisions:
+        router.started(d)
+    router.remove_worker(0x70)
+    assert {d.worker for d in router.decisions.values()} == {0x71} and len(router.decisions) == 2
 
 
 # ---- the decode worker's prefill pick -------------------------------------------------------------
@@ -273,7 +357,7 @@ class SlowText(IdsOnly):
 
 def test_tokenizing_a_prompt_does_not_hold_up_other_requests(services) -> None:  # type: ignore[no-untyped-def]
     """While one request's text is being tokenized, a request that came later (token ids, as the frontend
-    sends them) is routed and answered: tokenizing runs off the router's event loop."""
+    sends them) is routed: tokenizing runs off the router's event loop."""
     async def run() -> list[str]:
         fleet = Fleet(services.nats, "rt-tok")
         await fleet.add("w", 0x50, healthy)

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tests.helpers import until
+from tests.helpers import chunks_via, served, until
 from tests.test_retries import IdsOnly
 from workers.common.protocol import GenerateRequest
 from workers.kv_router import peers
@@ -160,14 +160,21 @@ async def _two_replicas(nats: str) -> None:
         ctx = WorkerContext(RuntimeSettings(ns, (), nats, f"router-{k + 1}", "localhost"))
         ctx.nc = await requestplane.connect(nats, f"router-{k + 1}")
         conns.append(ctx.nc)
-        service = RouterService(ctx, router(k, ns), IdsOnly(), "backend", idle_timeout=5)  # type: ignore[arg-type]
+        service = RouterService(ctx, router(k, ns), IdsOnly(), "backend")  # type: ignore[arg-type]
         await service.share()
         services.append(service)
     a, b = services
+    caller = await requestplane.connect(nats, "frontend")
+    conns.append(caller)
 
     async def ask(service: RouterService, tokens: list[int]) -> list[dict[str, Any]]:
         req = GenerateRequest(token_ids=tokens, sampling={"max_tokens": 4}).model_dump(exclude_none=True)
-        return [chunk async for chunk in service.generate(req)]
+        assert service.ctx.nc is not None
+        subject = f"{ns}.preprocess.generate.{service.router.peers.own_id:x}"
+        async with served(service.ctx.nc, subject, service.generate):
+            chunks, error = await chunks_via(caller, subject, req)
+        assert error is None, error
+        return chunks
 
     try:
         first = asyncio.create_task(ask(a, [*PREFIX, 1]))

@@ -287,10 +287,15 @@ def test_each_identity_publishes_only_what_its_kind_does(secured: Secured) -> No
             router_events = await _heard(conns["r"], f"{ns}.kv_events")
             monolith_requests = await _heard(conns["w"], f"{ns}.vllm.generate")
             kv_requests = await _heard(conns["kw"], f"{ns}.backend.generate")
+            kv_cancels = await _heard(conns["kw"], f"{ns}.backend.generate.*.cancel")
+            router_ends = await _heard(conns["r"], f"{inbox_prefix('r')}.ends")
             # allowed: the frontend asks the monolith; the KV worker publishes events; the router asks a KV worker
             await conns["fe"].publish(f"{ns}.vllm.generate", b"from the frontend")
             await conns["kw"].publish(f"{ns}.kv_events", b"a real event")
             await conns["r"].publish(f"{ns}.backend.generate", b"from the router")
+            # the router hands requests off: the frontend cancels on the worker, the worker reports ends to the router
+            await conns["fe"].publish(f"{ns}.backend.generate.1f.cancel", b"_INBOX.fe.x")
+            await conns["kw"].publish(f"{inbox_prefix('r')}.ends", b"7")
             await conns["r"].publish(f"{ns}.kv_routed", b"a router's requests, for its replicas")
             # refused: a fake KV event with the frontend's identity; a worker asking another worker;
             # the frontend calling the KV workers past the router; reading another identity's replies
@@ -306,13 +311,16 @@ def test_each_identity_publishes_only_what_its_kind_does(secured: Secured) -> No
                 fe = [str(e) for e in errors["fe"]]
                 return (sum("publish" in e for e in fe) >= 3 and any("subscription" in e for e in fe)
                         and any("publish" in str(e) for e in errors["w"])
-                        and min(s.pending_msgs for s in (router_events, monolith_requests, kv_requests)) >= 1)
+                        and min(s.pending_msgs for s in (router_events, monolith_requests, kv_requests, kv_cancels,
+                                                         router_ends)) >= 1)
 
             await until(settled, 15, "the allowed messages delivered and the refused ones' errors in")
             got = {
                 "events": [m.data async for m in _drain(router_events)],
                 "monolith": [m.data async for m in _drain(monolith_requests)],
                 "kv": [m.data async for m in _drain(kv_requests)],
+                "cancels": [m.data async for m in _drain(kv_cancels)],
+                "ends": [m.data async for m in _drain(router_ends)],
             }
             return {"got": got, "errors": {n: [str(e) for e in errs] for n, errs in errors.items()},
                     "types": {n: [type(e) for e in errs] for n, errs in errors.items()}}
@@ -322,7 +330,7 @@ def test_each_identity_publishes_only_what_its_kind_does(secured: Secured) -> No
 
     result = asyncio.run(scenario())
     assert result["got"] == {"events": [b"a real event"], "monolith": [b"from the frontend"],
-                             "kv": [b"from the router"]}
+                             "kv": [b"from the router"], "cancels": [b"_INBOX.fe.x"], "ends": [b"7"]}
     fe, w = result["errors"]["fe"], result["errors"]["w"]
     assert any("publish" in e and "kv_events" in e for e in fe), fe
     assert any("publish" in e and "kv_routed" in e for e in fe), fe

@@ -255,6 +255,9 @@ class EngineHandler:
 
     async def _generate(self, raw: dict[str, Any]) -> AsyncIterator[GenerateChunk]:
         req = GenerateRequest.model_validate(raw)
+        if req.avoid:
+            raise StreamError("`avoid` names instances for a router to pass over; this is an engine worker, which "
+                              "serves what it is sent", ErrorCode.BAD_REQUEST)
         prompt = await self.prompt_of(req)
         params = self.sampling_params(req)
         request_id = req.request_id

@@ -67,8 +67,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("router", "workers.kv_router.router", 0, "preprocess", ("generate",), engine=False, entry_rank=0,
          flags={"model": "str", "routing-strategy": "str", "block-size": "int", "load-weight": "float",
                 "evict-weight": "float", "overflow-weight": "float", "request-tokens": "float", "metrics-port": "int",
-                **_COMPONENT, "worker-component": "str", "seed": "int", "idle-timeout": "float",
-                "share-inflight": "bool", "max-retries": "int"},
+                **_COMPONENT, "worker-component": "str", "seed": "int", "share-inflight": "bool"},
          set_by_launcher=frozenset({"model", "routing-strategy", "block-size"}),
          routes=GENERATIVE_ROUTES,
          component_reason="the client (`python -m workers.common.client --component preprocess`), its users' "

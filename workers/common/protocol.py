@@ -31,6 +31,9 @@ class GenerateRequest(BaseModel):
     output: Literal["text", "tokens"] = "text"
     priority: int = 0
     cache_salt: str | None = None
+    # For a router only: instances (ids) not to choose, those the caller saw lost on this request's earlier
+    # tries (a router hands a request off; the caller retries or migrates). An engine worker refuses it.
+    avoid: list[int] | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:

@@ -6,6 +6,10 @@ rest itself. A failure before the first token (a dead worker: NATS no-responders
 is retried on another instance, up to `retries` times; after the first token the stream migrates
 (`Dispatcher`), up to `migration_limit` times. The decision is made on the typed error code, never
 on the message.
+
+A router hands the request off to the worker it chose (requestplane.Handoff), and the worker streams
+here directly. When that worker is lost, the router is not at fault: the request goes to a router again
+(the same one, if it is the only one) with the lost workers in `avoid`, which it passes over.
 """
 
 from __future__ import annotations
@@ -121,6 +125,7 @@ class Dispatcher:
         """The worker's chunks (text, token_ids, and the final one's counts); raises ApiError before the
         first chunk and StreamBroken after it."""
         tried: set[int] = set()
+        avoid: set[int] = set()  # workers a router handed this request to that were lost
         last: ApiError | None = None
         generated: list[int] = []
         retries = migrations = 0
@@ -128,7 +133,7 @@ class Dispatcher:
         request = payload
         while True:
             route = self.catalog.serving().get(model)
-            # Prefer an instance not tried yet; a router that relayed its worker's loss may be the only one.
+            # Prefer an instance not tried yet; mid-stream, any (a lone instance's stream must go on somewhere).
             inst = None if route is None else (self.pick(route, tried) or (self.pick(route, set()) if generated
                                                                              else None))
             if route is None or inst is None:
@@ -152,9 +157,12 @@ class Dispatcher:
                             f"continuing after {len(generated)} token(s)" if generated else "trying again", where)
             self.inflight[inst.instance] += 1
             failure: Annotated | None = None
+            handed: list[dict[str, Any]] = []
+            if avoid:
+                request = {**request, "avoid": sorted(avoid)}
             try:
                 async for item in requestplane.stream(self.nc, inst.instance_subject, request, self.timeout,
-                                                      self.streams, inst.instance):
+                                                      self.streams, inst.instance, on_handoff=handed.append):
                     if item.is_error():
                         failure = item
                         break
@@ -167,8 +175,13 @@ class Dispatcher:
                     del self.inflight[inst.instance]
             if failure is None:
                 return
+            if handed:  # the worker it went to failed, not the router that chose it
+                where = f"{where}, worker {(handed[-1].get('routing') or {}).get('process') or handed[-1]['instance']}"
             error = api_error(failure, where)
-            tried.add(inst.instance)
+            if handed:
+                avoid.add(handed[-1]["instance"])
+            else:
+                tried.add(inst.instance)
             if not instance_lost(failure.code):
                 raise StreamBroken(error) if generated else error
             if generated:

@@ -69,6 +69,9 @@ class Load(msgspec.Struct):
     prefix_queries: int = 0  # cumulative prefix-cache query tokens (vLLM's counter)
     prefix_hits: int = 0  # cumulative prefix-cache hit tokens
     process: str = ""
+    # Router report inbox -> ids of its requests this worker serves (EndpointServer.routed_in_flight): a
+    # router ends those it sent long enough ago that are not here (their end report was lost). None: not told.
+    routed: dict[str, list[int]] | None = None
 
 
 batch_encoder = msgspec.msgpack.Encoder()

@@ -5,11 +5,19 @@
 Serves component `preprocess`, endpoint `generate` (so `python -m workers.common.client --component
 preprocess ...` works). Each request is tokenized (the chat template for `messages`), split into
 full blocks, hashed with the router's chained hash and matched against the index of every
-worker's KV events; the chosen worker gets the token ids on its per-instance subject and its
-stream is passed back. The decision is logged and attached to the final chunk as `routing`.
+worker's KV events; the request (now token ids) is handed off to the chosen worker's per-instance
+subject with the caller's reply inbox (requestplane.Handoff): the worker streams to the caller, not
+through the router, and reports the request's end to the router's own inbox (for its accounting of
+requests in flight). The decision is logged, and the caller's stream attaches it to the final chunk
+as `routing`. A caller that sees the worker lost asks again with the worker in `avoid` (the frontend's
+retries and migrations), and the router passes over it.
 
 Cost (strategy prefix): the KV blocks a request costs on each worker, capacity included; the
 formula and why each term is there are in workers/kv_router/cost.py. Lowest wins.
+
+Requests in flight: a request counts from its handoff until the worker reports its end, the worker's
+registration is deleted, or (a lost report) a load report of that worker no longer lists it
+LOST_END_AFTER seconds after the handoff.
 
 Index lifecycle: a worker's blocks are dropped when its etcd registration disappears; a gap in a
 worker's batch sequence, an event whose parent is unknown, or a worker already running when the
@@ -43,7 +51,7 @@ from workers.kv_router.indexer import FlatIndex, Index
 from workers.kv_router.metrics import RouterMetrics
 from workers.kv_router.peers import PeerFeed, PeerTable, new_peer_id
 from workers.runtime import requestplane
-from workers.runtime.annotated import Annotated, ErrorCode, StreamError, retryable
+from workers.runtime.annotated import ErrorCode, StreamError
 from workers.runtime.registry import Delete, Put, Registration, Snapshot, Update, instance_of_key
 from workers.runtime.serve import WorkerContext, run_worker, serve_prometheus, setup_logging
 from workers.runtime.settings import RuntimeSettings
@@ -52,7 +60,9 @@ log = logging.getLogger("workers.kv_router.router")
 
 RESYNC_RETRY = 5.0
 TOKENIZE_TIMEOUT = 30.0
-MAX_RETRIES = 2  # other instances tried after a lost one, before the first token only
+# A request its worker's load report does not list this long after the handoff has ended (its end report was
+# lost); long enough that a request still queued on its way to a busy worker is not taken for ended.
+LOST_END_AFTER = 10.0
 STRATEGIES = ("prefix", "round_robin", "random")
 
 
@@ -92,7 +102,8 @@ class Decision:
     router: KvRouter
     hashes: list[int] = field(default_factory=list)  # the request's full prompt blocks (chained hashes)
     footprint: Footprint | None = None
-    id: int = 0  # what peers know it by (workers.kv_router.peers)
+    id: int = 0  # what peers and the worker's end report know it by
+    started: float = 0.0  # time.monotonic() of the handoff
 
     @property
     def matched(self) -> dict[str, int]:
@@ -133,6 +144,7 @@ class KvRouter:
         self.decisions: dict[int, Decision] = {}  # ours in flight, by id
         self.peers = PeerTable(new_peer_id(), self.peer_started, self.peer_ended)
         self.feed: PeerFeed | None = None  # told of our own starts and finishes, for the peers (RouterService.share)
+        self.ends_to: str | None = None  # the inbox our workers report ends to (RouterService.listen_for_ends)
 
     # ---- membership -------------------------------------------------------------------------
     def _ensure_index(self, block_size: int) -> Index:
@@ -183,6 +195,8 @@ class KvRouter:
         return removed
 
     def remove_worker(self, w: int) -> None:
+        for d in [d for d in self.decisions.values() if d.worker == w]:
+            self.finished(d)  # its requests are over here (a frontend continues them elsewhere)
         view = self.workers.pop(w, None)
         self.gone.add(w)
         self.last_seq.pop(w, None)
@@ -267,6 +281,25 @@ class KvRouter:
                 pinned = load.kv_usage * view.capacity
                 self.table.set("reported", w, max(0.0, pinned - self.inflight.distinct(w)) if view.others else 0.0)
             self._sync_requests(w, view)
+            if load.routed is not None and self.ends_to is not None:
+                self._end_unlisted(w, set(load.routed.get(self.ends_to, ())))
+
+    def _end_unlisted(self, w: int, serving: set[int]) -> None:
+        """Our requests on w that its load report does not list, though handed off LOST_END_AFTER ago:
+        their end reports were lost (a NATS reconnect), and they would count as in flight for ever."""
+        cutoff = time.monotonic() - LOST_END_AFTER
+        lost = [d for d in self.decisions.values() if d.worker == w and d.started < cutoff and d.id not in serving]
+        for d in lost:
+            self.finished(d)
+        if lost:
+            log.warning("worker %s: %d request(s) ended without an end report (lost): no longer counted",
+                        self.workers[w].name, len(lost))
+
+    def ended(self, decision_id: int) -> None:
+        """A worker reported the end of one of our requests."""
+        d = self.decisions.get(decision_id)
+        if d is not None:
+            self.finished(d)
 
     def stale_resyncs(self) -> list[int]:
         now = time.monotonic()
@@ -326,6 +359,7 @@ class KvRouter:
     def started(self, d: Decision) -> None:
         view = self.workers.get(d.worker)
         if view is not None:
+            d.started = time.monotonic()
             private = self._private_blocks(d)
             view.inflight_requests += 1
             self.inflight.add(d.worker, d.hashes, private)
@@ -444,26 +478,23 @@ class RouterService:
     """NATS and etcd around a KvRouter: the `generate` endpoint, event and load feeds, membership."""
 
     def __init__(self, ctx: WorkerContext, router: KvRouter, tokenizer: Tokenizer, worker_component: str,
-                 idle_timeout: float = requestplane.DEFAULT_IDLE_TIMEOUT, max_retries: int = MAX_RETRIES,
                  share_inflight: bool = True) -> None:
         self.ctx = ctx
         self.share_inflight = share_inflight
         self.feed: PeerFeed | None = None
-        self.max_retries = max_retries
         self.router = router
         self.tokenizer = tokenizer
         self.worker_component = worker_component
-        self.idle_timeout = idle_timeout
         self.ns = ctx.settings.namespace
         self.tasks: list[asyncio.Task[None]] = []
         self.metrics = RouterMetrics.default()
-        self.streams = requestplane.StreamTracker()  # relays by worker: a lost worker's end at once
 
     async def start(self) -> None:
         assert self.ctx.nc is not None and self.ctx.registry is not None
         nc = self.ctx.nc
         await nc.subscribe(ev.events_subject(self.ns), cb=self._on_events)
         await nc.subscribe(ev.load_subject(self.ns), cb=self._on_load)
+        await self.listen_for_ends()
         if self.share_inflight:
             await self.share()
         # The workers registered before this router started: their KV events so far were never seen here.
@@ -474,6 +505,23 @@ class RouterService:
         resync = asyncio.create_task(self._resync_loop())
         self.tasks += [follow, resync]
         self.ctx.on_shutdown.append(self.stop)
+
+    async def listen_for_ends(self) -> None:
+        """Subscribe to our own inbox for the workers' end reports (requestplane.ROUTED), before we route."""
+        assert self.ctx.nc is not None
+        if self.router.ends_to is None:
+            inbox = self.ctx.nc.new_inbox()  # under this identity's inbox prefix: only we read it
+            await self.ctx.nc.subscribe(inbox, cb=self._on_end)
+            await self.ctx.nc.flush()
+            self.router.ends_to = inbox
+
+    async def _on_end(self, msg: Any) -> None:
+        try:
+            decision_id = int(msg.data)
+        except ValueError:
+            log.warning("undecodable end report: %r", msg.data[:64])
+            return
+        self.router.ended(decision_id)
 
     async def share(self) -> None:
         """Hear the other routers' requests and tell them ours (workers.kv_router.peers)."""
@@ -493,15 +541,8 @@ class RouterService:
 
     async def _follow(self, updates: AsyncIterator[Update]) -> None:
         async for update in updates:
-            self.workers_gone(self.router.on_registry(update))
+            self.router.on_registry(update)
             await self._flush_resyncs()
-
-    def workers_gone(self, workers: list[int]) -> None:
-        """Workers whose registration vanished (they died, or drained and left): end the relays to them
-        now with `worker_lost`, which the frontend continues on another worker."""
-        for w in workers:
-            if n := self.streams.lost(w, "its registration was deleted"):
-                log.warning("worker %x is gone with %d request(s) in flight", w, n)
 
     async def _flush_resyncs(self) -> None:
         assert self.ctx.nc is not None
@@ -541,8 +582,10 @@ class RouterService:
         with contextlib.suppress(Exception):
             self.router.on_load(ev.load_decoder.decode(msg.data))
 
-    async def generate(self, raw: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, raw: dict[str, Any]) -> AsyncIterator[requestplane.Handoff]:
+        """Choose a worker and hand the request off to it (its only item): the worker streams to the caller."""
         assert self.ctx.nc is not None
+        await self.listen_for_ends()
         req = GenerateRequest.model_validate(raw)
         t0 = time.perf_counter()
         if req.token_ids is not None:  # the frontend's way: tokenized once, upstream
@@ -552,48 +595,27 @@ class RouterService:
                 await asyncio.to_thread(self.tokenizer.loaded.wait, 120)
             token_ids = await asyncio.wait_for(asyncio.to_thread(self.tokenizer, req), TOKENIZE_TIMEOUT)
         max_tokens = req.sampling.get("max_tokens")
-        tried: set[int] = set()
-        while True:
-            t_route = time.perf_counter()
-            try:
-                decision = self.router.choose(token_ids, exclude=tried,
-                                              max_tokens=max_tokens if isinstance(max_tokens, int) else None)
-            except NoWorker as exc:
-                raise StreamError(str(exc), code=ErrorCode.NO_RESPONDERS) from None
-            now = time.perf_counter()
-            self.metrics.observe(decision.strategy, decision.process, decision.blocks,
-                                 decision.matches.get(decision.worker, 0), now - t_route, now - t0)
-            log.info("route %s: %s -> %s (%x), %d blocks, matched %s, load %s (decision %.0f us, with tokens %.0f us)",
-                     req.request_id, decision.strategy, decision.process, decision.worker, decision.blocks,
-                     decision.matched, decision.load, (now - t_route) * 1e6, (now - t0) * 1e6)
-            view = self.router.workers[decision.worker]
-            # Everything the caller sent (SamplingParams, output mode, priority) goes on; text becomes ids.
-            payload = req.model_copy(update={"prompt": None, "messages": None, "token_ids": token_ids.tolist()}
-                                     ).model_dump(exclude_none=True)
-            self.router.started(decision)
-            answered = False
-            failure: Annotated | None = None
-            try:
-                async for item in requestplane.stream(self.ctx.nc, view.reg.instance_subject, payload,
-                                                      self.idle_timeout, self.streams, decision.worker):
-                    if item.is_error():
-                        failure = item
-                        break
-                    answered = True
-                    chunk = dict(item.data or {})
-                    if "finish_reason" in chunk:
-                        chunk["routing"] = decision.as_dict()
-                    yield chunk
-            finally:
-                self.router.finished(decision)
-            if failure is None:
-                return
-            text = f"worker {decision.process}: {'; '.join(failure.comment)}"
-            tried.add(decision.worker)
-            last_try = len(tried) > self.max_retries or not [w for w in self.router.workers if w not in tried]
-            if last_try or not retryable(failure.code, tokens_sent=answered):
-                raise StreamError(text, code=failure.code or ErrorCode.WORKER_ERROR)
-            log.warning("%s (%s): routing %s elsewhere", text, failure.code, req.request_id)
+        t_route = time.perf_counter()
+        try:
+            decision = self.router.choose(token_ids, exclude=set(req.avoid or ()),
+                                          max_tokens=max_tokens if isinstance(max_tokens, int) else None)
+        except NoWorker as exc:
+            raise StreamError(str(exc) + (f" (passing over {len(req.avoid)} lost)" if req.avoid else ""),
+                              code=ErrorCode.NO_RESPONDERS) from None
+        now = time.perf_counter()
+        self.metrics.observe(decision.strategy, decision.process, decision.blocks,
+                             decision.matches.get(decision.worker, 0), now - t_route, now - t0)
+        log.info("route %s: %s -> %s (%x), %d blocks, matched %s, load %s (decision %.0f us, with tokens %.0f us)",
+                 req.request_id, decision.strategy, decision.process, decision.worker, decision.blocks,
+                 decision.matched, decision.load, (now - t_route) * 1e6, (now - t0) * 1e6)
+        view = self.router.workers[decision.worker]
+        # Everything the caller sent (SamplingParams, output mode, priority) goes on; text becomes ids.
+        payload = req.model_copy(update={"prompt": None, "messages": None, "token_ids": token_ids.tolist(),
+                                         "avoid": None}).model_dump(exclude_none=True)
+        payload[requestplane.ROUTED] = {"by": self.router.ends_to, "id": decision.id}
+        routing = decision.as_dict()
+        self.router.started(decision)
+        yield requestplane.Handoff(decision.worker, view.reg.instance_subject, payload, routing)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -617,13 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-component", default=KINDS["kv_worker"].component,
                    help="component the kv workers register")
     p.add_argument("--seed", type=int, default=None, help="seed of random choices (strategy random, ties)")
-    p.add_argument("--idle-timeout", type=float, default=requestplane.DEFAULT_IDLE_TIMEOUT,
-                   help="seconds of silence (no token, no keepalive) before a worker counts as lost")
     p.add_argument("--share-inflight", action=argparse.BooleanOptionalAction, default=True,
                    help="tell other routers of the same workers (replicas) the requests this one sends, and count "
                         "theirs (workers/kv_router/peers.py); off, they are seen only in the workers' load reports")
-    p.add_argument("--max-retries", type=int, default=MAX_RETRIES,
-                   help="other workers tried when the chosen one is lost before its first token")
     return p
 
 
@@ -642,7 +660,6 @@ async def serve(args: argparse.Namespace) -> int:
         serve_prometheus(args.metrics_port, "router", ctx.unhealthy)
         RouterMetrics.default().watch_index(router.indexed_blocks)
     service = RouterService(ctx, router, Tokenizer(args.model), args.worker_component,
-                            idle_timeout=args.idle_timeout, max_retries=args.max_retries,
                             share_inflight=args.share_inflight)
     await service.start()
     await ctx.serve(args.component, KINDS["router"].endpoint, service.generate, model=args.model,

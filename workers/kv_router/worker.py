@@ -7,7 +7,8 @@ worker turns on vLLM's KV event publisher (ZMQ on a free local port), relays Blo
 BlockRemoved / AllBlocksCleared to NATS tagged with its lease id and a batch sequence number, and
 publishes its load (running, waiting, KV usage, prefix-cache counters) about once a second. It
 keeps a mirror of its live blocks so that a router that starts late or misses a batch can ask for
-a snapshot (see workers/kv_router/events.py).
+a snapshot (see workers/kv_router/events.py). Requests come handed off by a router: the worker streams
+to the caller directly and reports each request's end to the router that sent it (requestplane).
 """
 
 from __future__ import annotations
@@ -175,11 +176,15 @@ class EventRelay:
         self._ctx.term()
 
 
-async def publish_load(nc: Any, namespace: str, worker_id: int, process: str, state: LoadState) -> None:
+async def publish_load(nc: Any, namespace: str, worker_id: int, process: str, state: LoadState,
+                       server: Any) -> None:
+    """About once a second: the engine's load, and the routers' requests being served here (so that a
+    router whose end report was lost stops counting one: workers.kv_router.router.LOST_END_AFTER)."""
     subject = ev.load_subject(namespace)
     while True:
         load = ev.Load(worker=worker_id, running=state.running, waiting=state.waiting, kv_usage=state.kv_usage,
-                       prefix_queries=state.prefix_queries, prefix_hits=state.prefix_hits, process=process)
+                       prefix_queries=state.prefix_queries, prefix_hits=state.prefix_hits, process=process,
+                       routed=server.routed_in_flight())
         with contextlib.suppress(Exception):
             await nc.publish(subject, msgspec.msgpack.encode(load))
         await asyncio.sleep(LOAD_INTERVAL)
@@ -214,16 +219,17 @@ async def serve(args: Any) -> int:
     instance_id = await ctx.registry.grant() if ctx.registry else 0
     relay.start(instance_id)
     await relay.listen_for_resync()
-    reg = await _serve_with_lease(ctx, instance_id, handler, registration_of(engine, engine_args))
+    reg, server = await _serve_with_lease(ctx, instance_id, handler, registration_of(engine, engine_args))
     log.info("kv worker %x serving %s, block size %d, KV events from zmq port %d",
              reg.instance, reg.instance_subject, block_size, port)
-    loader = asyncio.create_task(publish_load(ctx.nc, settings.namespace, instance_id, settings.process_name, load))
+    loader = asyncio.create_task(publish_load(ctx.nc, settings.namespace, instance_id, settings.process_name, load,
+                                              server))
     relay.tasks.append(loader)  # cancelled with the relay at shutdown
     return await ctx.run_until_stopped()
 
 
 async def _serve_with_lease(ctx: WorkerContext, lease_id: int, handler: EngineHandler,
-                            registration: dict[str, Any]) -> Any:
+                            registration: dict[str, Any]) -> tuple[Any, Any]:
     """WorkerContext.serve, but under a lease granted earlier (the relay needed the id first)."""
     from workers.runtime import requestplane
     from workers.runtime.registry import Registration
@@ -238,7 +244,7 @@ async def _serve_with_lease(ctx: WorkerContext, lease_id: int, handler: EngineHa
     await server.start()
     ctx.servers.append(server)
     await ctx.registry.register(reg)
-    return reg
+    return reg, server
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

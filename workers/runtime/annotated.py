@@ -1,7 +1,8 @@
 """The one message shape of the request plane: `Annotated {data, id, event, comment}`.
 
-Control events (`ack`, `keepalive`, `end`) never reach the caller of a stream: they exist so a
-client can tell a slow worker from a dead one.
+Control events (`ack`, `keepalive`, `end`, `handoff`) never reach the caller of a stream: the first
+three exist so a client can tell a slow worker from a dead one; `handoff` is a router's last word on a
+stream, saying which instance answers it from then on (requestplane.Handoff).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ EVENT_ERROR = "error"
 EVENT_ACK = "ack"
 EVENT_KEEPALIVE = "keepalive"
 EVENT_END = "end"
-CONTROL_EVENTS = frozenset({EVENT_ACK, EVENT_KEEPALIVE, EVENT_END})
+EVENT_HANDOFF = "handoff"
+CONTROL_EVENTS = frozenset({EVENT_ACK, EVENT_KEEPALIVE, EVENT_END, EVENT_HANDOFF})
 
 
 class ErrorCode(StrEnum):

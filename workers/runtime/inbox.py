@@ -46,6 +46,10 @@ class Replies:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def rearm(self) -> None:
+        """Another instance answers from now on (a handoff): forget that the previous one was lost."""
+        self._lost = None
+
     def _deliver(self, msg: Msg) -> None:
         self._queue.append(msg)
         if self._waiter is not None and not self._waiter.done():

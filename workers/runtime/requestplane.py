@@ -5,6 +5,14 @@ wildcard subscription per connection (inbox.py) and the worker publishes to it, 
 connection through one coalescing writer (sender.py). The worker acknowledges at once and sends a
 keepalive every KEEPALIVE_INTERVAL while it works; a client that hears nothing for `idle_timeout` seconds
 reports an error instead of hanging (the worker died, or nobody serves the subject).
+
+Handoff: a handler may end its stream by handing the request to another instance (the KV router does, so
+that tokens go from the worker to the caller without passing through it). Its last message (`handoff`)
+names the instance and its subject; the request goes there with the caller's reply inbox, and `stream`
+reads that instance's messages from then on (numbered from 0, cancelled on its subject, lost when it is).
+A forwarded request may carry `routed` ({"by": inbox, "id": n}): the serving EndpointServer publishes
+the id to that inbox when the request ends, however it ends, and lists the ids in flight
+(`routed_in_flight`), so the router that sent it knows its requests' ends without seeing their tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
@@ -28,6 +37,7 @@ from workers.runtime.annotated import (
     CONTROL_EVENTS,
     EVENT_ACK,
     EVENT_END,
+    EVENT_HANDOFF,
     Annotated,
     ErrorCode,
     StreamError,
@@ -45,6 +55,24 @@ DEFAULT_IDLE_TIMEOUT = 5.0
 EARLY_CANCEL_TTL = 60.0
 
 Handler = Callable[[dict[str, Any]], AsyncIterator[Any]]
+ROUTED = "routed"  # a forwarded request's {"by": inbox, "id": n}: where its end is reported (module docstring)
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A handler's last item when another instance is to answer the request (the module docstring):
+    `request` is published to `subject` (that of instance `instance`) with the caller's reply inbox, and
+    `routing` (why it went there) is attached to the stream's final chunk on the caller's side."""
+
+    instance: int
+    subject: str
+    request: dict[str, Any]
+    routing: dict[str, Any] | None = None
+
+    def message(self) -> bytes:
+        return Annotated(event=EVENT_HANDOFF, data={"instance": self.instance, "subject": self.subject,
+                                                    "routing": self.routing}).encode()
+
 
 # msgspec decodes a request (a 512-token prompt is 512 ints) several times faster than json.loads.
 _decode_request = msgspec.json.Decoder(dict[str, Any]).decode
@@ -173,6 +201,11 @@ class EndpointServer:
         self._subs: list[Any] = []
         self._sender = Sender(nc, KEEPALIVE_INTERVAL)
         self.accepting = False  # subscribed to its request subjects (not yet draining)
+        self._routed: dict[str, set[int]] = {}  # router's report inbox -> ids of its requests in flight here
+
+    def routed_in_flight(self) -> dict[str, list[int]]:
+        """Report inbox -> ids of the forwarded requests being served here (a router's check on lost ends)."""
+        return {by: sorted(ids) for by, ids in self._routed.items()}
 
     @property
     def in_flight(self) -> int:
@@ -256,9 +289,16 @@ class EndpointServer:
     async def _serve(self, msg: Msg) -> None:
         # This task only feeds the engine's deltas to the outbox; the sender encodes and publishes.
         out = self._sender.open(msg.reply)
+        routed: tuple[str, int] | None = None
         try:
             request = _decode_request(msg.data)
-            async for item in self._handler(request):
+            routed = self._routed_by(request.pop(ROUTED, None))
+            items = self._handler(request)
+            async for item in items:
+                if isinstance(item, Handoff):
+                    out.hand_off(item.message(), item.subject, _encode_request(item.request))
+                    await items.aclose()  # type: ignore[attr-defined]
+                    break
                 out.put(item)
         except asyncio.CancelledError:
             # Cancelled by its client (nobody listens any more) or by stop(): either way, say so.
@@ -273,6 +313,24 @@ class EndpointServer:
             out.put_raw(Annotated.error(f"{type(exc).__name__}: {exc}").encode())
         finally:
             out.end()
+            if routed is not None:
+                by, rid = routed
+                ids = self._routed.get(by)
+                if ids is not None:
+                    ids.discard(rid)
+                    if not ids:
+                        del self._routed[by]
+                with contextlib.suppress(Exception):
+                    await self._nc.publish(by, str(rid).encode())
+
+    def _routed_by(self, routed: Any) -> tuple[str, int] | None:
+        if not isinstance(routed, dict):
+            return None
+        by, rid = routed.get("by"), routed.get("id")
+        if not isinstance(by, str) or not isinstance(rid, int):
+            return None
+        self._routed.setdefault(by, set()).add(rid)
+        return by, rid
 
 async def stream(
     nc: NATS,
@@ -281,11 +339,16 @@ async def stream(
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     tracker: StreamTracker | None = None,
     instance: int | None = None,
+    on_handoff: Callable[[dict[str, Any]], None] | None = None,
 ) -> AsyncIterator[Annotated]:
     """Yield the worker's responses; end with an error Annotated instead of hanging.
 
     With a `tracker` and the `instance` that answers `subject`, the stream ends with `worker_lost` as
     soon as the tracker is told that instance is gone.
+
+    A handoff (module docstring) is followed: from then on the stream is the new instance's (its
+    numbering, its cancel subject, its loss in the tracker), `on_handoff` is told (instance, subject,
+    routing), and the handoff's `routing` is attached to the final chunk (the one with finish_reason).
 
     The stream ends after the worker's end marker, or after an error, whichever is first. A caller
     that stops iterating early (a client that disconnected, a request that was cancelled, a silent
@@ -301,6 +364,7 @@ async def stream(
         await nc.publish(subject, _encode_request(request), reply=replies.subject)
         acked = False
         expected = 0  # the next message's number (sender.SEQ_HEADER)
+        routing: Any = None
         while True:
             try:
                 msg = await replies.next(idle_timeout)
@@ -330,6 +394,22 @@ async def stream(
                 return
             expected += 1
             item = Annotated.decode(msg.data)
+            if item.event == EVENT_HANDOFF:
+                to = item.data if isinstance(item.data, dict) else {}
+                if not isinstance(to.get("subject"), str) or not isinstance(to.get("instance"), int):
+                    yield Annotated.error(f"{subject} handed the request off without saying to whom: {item.data!r}",
+                                          code=ErrorCode.WORKER_ERROR)
+                    finished = True
+                    return
+                if track is not None:
+                    track[0].discard(track[1], replies)
+                    track = (track[0], to["instance"])
+                    track[0].add(track[1], replies)
+                replies.rearm()  # a loss of the instance that handed off is not this stream's any more
+                subject, expected, acked, routing = to["subject"], 0, False, to.get("routing")
+                if on_handoff is not None:
+                    on_handoff(to)
+                continue
             if item.event == EVENT_ACK:
                 acked = True
             if item.event == EVENT_END:
@@ -339,6 +419,8 @@ async def stream(
                 continue
             if item.is_error():
                 finished = True  # the worker ended it
+            elif routing is not None and isinstance(item.data, dict) and "finish_reason" in item.data:
+                item.data["routing"] = routing
             yield item
             if item.is_error():
                 return

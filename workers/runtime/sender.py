@@ -12,7 +12,10 @@ no encoding); one writer task per connection then
   of the sending (text concatenated, token_ids extended): fewer, larger messages under load;
 * sends keepalives for every open stream from one timer, instead of a task per request.
 
-Order within a stream is kept: data, then an error or the end marker, exactly as put. Every message of a
+Order within a stream is kept: data, then an error or the end marker, exactly as put. A stream may instead
+end by handing off (`Outbox.hand_off`: a router's): its last message says who answers from now on, and the
+request is forwarded to that instance with the same reply inbox, from this connection and after that
+message, so the caller reads the handoff before anything the new instance sends. Every message of a
 stream carries its number (header `Seq`, from 0): core NATS drops what is published while the receiver's
 subscription is not there (a reconnect after a NATS restart), and a receiver that did not count would stream
 on with tokens missing and answer 200 (requestplane.stream turns a gap into `messages_lost`).
@@ -25,6 +28,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -66,6 +70,14 @@ def merge_into(acc: dict[str, Any], delta: dict[str, Any]) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class _Forward:
+    """A request published to another instance with this stream's reply inbox (the stream's end)."""
+
+    subject: str
+    payload: bytes
+
+
 class _Owned(dict[str, Any]):
     """A pending data item the outbox copied, so merging into it changes nobody else's dict."""
 
@@ -78,8 +90,9 @@ class Outbox:
     def __init__(self, sender: Sender, reply: str) -> None:
         self.reply = reply
         self._sender = sender
-        # Entries in order: a dict is a data item that later deltas may merge into; bytes are final.
-        self._pending: deque[dict[str, Any] | Any | bytes] = deque()
+        # Entries in order: a dict is a data item that later deltas may merge into; bytes are final; a
+        # _Forward is the request handed off, after the handoff message.
+        self._pending: deque[dict[str, Any] | Any | bytes | _Forward] = deque()
         self._queued = False
         self._started = False  # a data message has gone out (later ones are not first tokens)
         self._closed = False
@@ -112,16 +125,26 @@ class Outbox:
             self._closed = True
             self.put_raw(END)
 
+    def hand_off(self, message: bytes, subject: str, payload: bytes) -> None:
+        """End the stream with `message` (the handoff, numbered like the rest) instead of the end marker,
+        then publish `payload` to `subject` with this stream's reply inbox: the instance there answers the
+        caller from now on, numbering its own messages from 0."""
+        if not self._closed:
+            self._closed = True
+            self._pending.append(message)
+            self._pending.append(_Forward(subject, payload))
+            self._sender.ready(self)
+
     @property
     def first(self) -> bool:
         return not self._started
 
-    def take(self) -> list[bytes]:
+    def take(self) -> list[bytes | _Forward]:
         """Everything pending, encoded, in order (called by the writer only)."""
-        out = []
+        out: list[bytes | _Forward] = []
         while self._pending:
             entry = self._pending.popleft()
-            if isinstance(entry, bytes):
+            if isinstance(entry, bytes | _Forward):
                 out.append(entry)
             else:
                 out.append(Annotated(data=entry).encode())
@@ -181,6 +204,9 @@ class Sender:
         payloads = box.take()
         for payload in payloads:
             try:
+                if isinstance(payload, _Forward):
+                    await self._nc.publish(payload.subject, payload.payload, reply=box.reply)
+                    continue
                 await self._nc.publish(box.reply, payload, headers={SEQ_HEADER: str(box.seq)})
                 box.seq += 1
             except Exception as exc:  # connection closed or draining: this stream cannot be answered
