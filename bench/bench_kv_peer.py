@@ -17,6 +17,9 @@ and no idle engine of another side on the cores, see `idle_cpu` in the JSON):
   started by $DYNAMO_DIR/start_dynamo.py (the recipe of ../shared/peers/dynamo-cpu: its own venv, file
   discovery, TCP request plane, ZMQ KV events, workers pinned one per core, vLLM's counters on each
   worker's system port); `--dynamo-dir` or DYNAMO_DIR says where that recipe was set up;
+* ours-prefix-base (extra): ours-prefix started by the launcher of another checkout (`--base-tree DIR`, run
+  in that folder, so its processes run that code): a change measured against the code before it in the same
+  run, with the same engines and prompts;
 * ours-rr: the same deployment with strategy round_robin: the control of the "roomy cache" goal
   (prefix within 5% of round robin's TTFT); the round-robin sides run only `--rr-workloads` (roomy).
 
@@ -77,14 +80,15 @@ sys.path.insert(0, str(ROOT))
 from launcher import services as svc  # noqa: E402
 from launcher.cpu import choose_cpu_dtype, read_cpu_flags  # noqa: E402
 from launcher.proctree import stop_tree  # noqa: E402
-from tests.helpers import DEMO_MODEL, Deployment, Services, allow_vllm, up  # noqa: E402
+from tests.helpers import DEMO_MODEL, Deployment, Services, allow_vllm, up, write_topology  # noqa: E402
 
 SHIM = ROOT / "bench" / "vllm_serve_shim.py"
 SERVED = "bench-model"
 ROUTER_PIN = "vllm-router==0.1.17"
 SIDES = ("vllm-router", "ours-prefix", "ours-rr")
 REPLICATED = {"ours-prefix-2r": [], "ours-prefix-2r-alone": ["--no-share-inflight"]}  # side -> router args
-ALL_SIDES = (*SIDES, "vllm-router-rr", *REPLICATED, "dynamo")
+BASE = "ours-prefix-base"  # ours-prefix with the workers' code of another tree (--base-tree): a before/after A/B
+ALL_SIDES = (*SIDES, "vllm-router-rr", *REPLICATED, "dynamo", BASE)
 WORKLOADS = ("pressure", "multiturn", "roomy", "zipf", "chat")
 DEFAULT_WORKLOADS = ("pressure", "multiturn", "roomy")
 # vLLM 0.32's counters (vllm/v1/metrics/loggers.py), as prometheus_client exposes them (with _total).
@@ -383,7 +387,7 @@ def start_vllm_router(side: Side, args: argparse.Namespace, tmp: Path, policy: s
 
 
 def start_ours(side: Side, args: argparse.Namespace, tmp: Path, services: Services, strategy: str, name: str,
-               replicas: int = 1, router_args: list[str] | None = None) -> None:
+               replicas: int = 1, router_args: list[str] | None = None, code: Path | None = None) -> None:
     side.metrics_ports = [svc.free_port(), svc.free_port()]
     port = svc.free_port()
     topo = {"name": name, "backend": "subprocess", "model": str(args.model), "engine": engine_flags(args),
@@ -395,13 +399,20 @@ def start_ours(side: Side, args: argparse.Namespace, tmp: Path, services: Servic
     side.argv["topology"] = topo
     # Known before `up` returns, so an interrupted start-up still goes down (by name) in Side.stop.
     side.deployment = Deployment(name, name, tmp / f"{name}.yaml", services.env, services)
-    side.deployment = up(tmp, topo, services, timeout=900)
+    if code is None:
+        side.deployment = up(tmp, topo, services, timeout=900)
+    else:  # that checkout's launcher, run there: its processes run `python -m workers...` from its folder
+        path = write_topology(tmp / f"{name}.yaml", topo)
+        subprocess.run([sys.executable, "-m", "launcher.cli", "up", str(path)], cwd=code, check=True, timeout=900,
+                       env={**os.environ, **services.env, "PYTHONPATH": str(code)})
     side.url = f"http://127.0.0.1:{port}"
     wait_http(side.url + "/health", 120, [])
     state = json.loads((Path(services.env["LAUNCHER_HOME"]) / name / "state.json").read_text())
     side.engine_pids = [state["processes"][f"worker-{i}"]["pid"] for i in (0, 1)]
     side.cpu_pids = {role: [p["pid"] for n, p in state["processes"].items() if n.startswith(role) and p.get("pid")]
                      for role in ("router", "frontend")}
+    with contextlib.suppress(psutil.Error):  # the folder whose code its processes run (`python -m workers...`)
+        side.argv["code"] = psutil.Process(side.engine_pids[0]).cwd()
 
 
 def start_dynamo(side: Side, args: argparse.Namespace, tmp: Path, rep: int) -> None:
@@ -427,7 +438,7 @@ def start_side(name: str, args: argparse.Namespace, tmp: Path, services: Service
         else:
             start_ours(side, args, tmp, services, "round_robin" if name.endswith("-rr") else "prefix",
                        f"kvpeer-{name}-{rep}", replicas=2 if name in REPLICATED else 1,
-                       router_args=REPLICATED.get(name))
+                       router_args=REPLICATED.get(name), code=args.base_tree if name == BASE else None)
     except BaseException:
         side.stop()
         raise
@@ -483,6 +494,11 @@ def cpu_cell(m: dict[str, Any]) -> str:
     return "-" if r is None and f is None else f"{r or 0:.0f} / {f or 0:.0f}"
 
 
+def cpu_ratio(a: dict[str, Any], b: dict[str, Any], role: str) -> str:
+    key = f"{role}_cpu_ms_per_1k_tokens"
+    return ratio(a.get(key), b.get(key))
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else "-"
 
@@ -505,7 +521,8 @@ def markdown(summary: dict[str, dict[str, dict[str, Any]]], sides: list[str], me
             hr = f"{m['hit_rate']:.3f}" if m["hit_rate"] is not None else "-"
             lines.append(f"| {s} | {hr} | {m['ttft_p50_ms']:.0f} | {m['ttft_p90_ms']:.0f} | {m['wall_s']:.1f} | "
                          f"{m['preemptions']:.0f} | {m['failed']:.0f} | {m['split']} | {cpu_cell(m)} |")
-        pairs = [("ours-prefix", "vllm-router"), ("ours-prefix", "dynamo"), ("ours-prefix-2r", "dynamo"),
+        pairs = [("ours-prefix", BASE), ("ours-prefix", "vllm-router"), ("ours-prefix", "dynamo"),
+                 ("ours-prefix-2r", "dynamo"),
                  ("ours-prefix", "ours-rr"), ("vllm-router", "vllm-router-rr"),
                  ("ours-prefix-2r", "ours-prefix"), ("ours-prefix-2r", "ours-prefix-2r-alone")]
         for a, b in pairs:
@@ -514,7 +531,7 @@ def markdown(summary: dict[str, dict[str, dict[str, Any]]], sides: list[str], me
                 lines.append(f"| {a} / {b} | {ratio(ma['hit_rate'], mb['hit_rate'])} | "
                              f"{ratio(ma['ttft_p50_ms'], mb['ttft_p50_ms'])} | "
                              f"{ratio(ma['ttft_p90_ms'], mb['ttft_p90_ms'])} | {ratio(ma['wall_s'], mb['wall_s'])} "
-                             "| | | | |")
+                             f"| | | | {cpu_ratio(ma, mb, 'router')} / {cpu_ratio(ma, mb, 'frontend')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -554,6 +571,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--idle-probe", type=float, default=10.0, help="seconds of idle-CPU measurement per side, rep 0")
     p.add_argument("--dynamo-dir", type=Path, default=os.environ.get("DYNAMO_DIR"),
                    help="where ../shared/peers/dynamo-cpu's recipe was set up (its setup.sh made venv/ there)")
+    p.add_argument("--base-tree", type=Path, default=None,
+                   help=f"side {BASE}: a checkout whose launcher starts it (e.g. a worktree of main)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kv-peer-cpu",
                    help="writes OUT.json and OUT.md")
     return p.parse_args()
@@ -579,6 +598,9 @@ def main() -> None:
     if shutil.which("vllm-router") is None:
         print(f"vllm-router is not installed (not on PATH). Install it with:\n  pip install {ROUTER_PIN}\n"
               "(or `pip install -e '.[bench]'`)", file=sys.stderr)
+        sys.exit(2)
+    if BASE in args.sides and (args.base_tree is None or not (args.base_tree / "workers").is_dir()):
+        print(f"side {BASE} needs --base-tree DIR: a checkout with workers/ in it", file=sys.stderr)
         sys.exit(2)
     dynamo_ready = args.dynamo_dir and (Path(args.dynamo_dir) / "venv" / "bin" / "python").exists()
     if "dynamo" in args.sides and not dynamo_ready:

@@ -273,8 +273,8 @@ def test_chaos(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
         return any(o.ok and o.started >= back_at[kind] for o in list(load.outcomes))
 
     def running_on(name: str) -> float:
-        """Requests `name` serves now: an engine's own gauge on its metrics port; for the router (no
-        engine), the frontend's streams in flight, which all pass through it."""
+        """Requests `name` serves now: an engine's own gauge on its metrics port; for a router (no engine,
+        and out of the token path), the frontend's streams in flight: requests are arriving to be routed."""
         ports = next(p["ports"] for p in rd.plan()["processes"] if p["name"] == name)
         gauge = "vllm:num_requests_running" if "metrics" in ports else "vllm_launcher_frontend_inflight_requests"
         where = f"http://127.0.0.1:{ports['metrics']}" if "metrics" in ports else url
@@ -382,8 +382,8 @@ def test_chaos(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
     assert killed["failed"] == 0, killed  # migrated, not failed
     assert engine["last_failure_s"] <= 2.0, engine  # replaced; nothing fails after 2 s
     assert rolling["failed"] == 0, rolling
-    # router-1's streams go on through router-2; new requests go there (a lone router's death is
-    # tests/test_migration.py's: its streams wait for the restart).
+    # The streams router-1 handed off go on (their workers answer the frontend directly); requests it was
+    # routing when killed are sent again, to router-2, before their first token.
     assert router["failed"] == 0, router
     down = rows[-1]
     assert down["max_request_s"] <= DRAIN_TIMEOUT + 5, down  # every stream ended, none hung

@@ -135,7 +135,7 @@ async def killed_mid_stream(dispatcher: Dispatcher, catalog: Catalog, dying: Scr
 
 
 def test_a_stream_whose_only_instance_dies_waits_for_its_replacement(services) -> None:  # type: ignore[no-untyped-def]
-    """The lone way in (a router) dies mid-stream and the supervisor starts it again: the stream waits up to
+    """The lone way in (one monolith worker) dies mid-stream and the supervisor starts it again: the stream waits up to
     the request timeout for it and goes on there, instead of ending with an error the client cannot retry."""
     async def run() -> None:
         dying, replacement = ScriptedWorker(11, hang_after=3), ScriptedWorker(12)

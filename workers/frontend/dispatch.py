@@ -138,7 +138,7 @@ class Dispatcher:
                                                                              else None))
             if route is None or inst is None:
                 if generated and last is not None and not waited:
-                    # Mid-stream, and every instance is gone (a lone router being restarted): the client
+                    # Mid-stream, and every instance is gone (a lone monolith being restarted): the client
                     # cannot ask again without repeating what it has, so wait a request_timeout for one.
                     waited = True
                     if await self._instance_within(model, self.timeout):
