@@ -20,6 +20,8 @@ and no idle engine of another side on the cores, see `idle_cpu` in the JSON):
 * ours-prefix-base (extra): ours-prefix started by the launcher of another checkout (`--base-tree DIR`, run
   in that folder, so its processes run that code): a change measured against the code before it in the same
   run, with the same engines and prompts;
+* ours-prefix@NAME (extra, `--variant NAME=ARGS`): ours-prefix with ARGS given to its router (cost weights),
+  so that settings are compared side by side in one run;
 * ours-rr: the same deployment with strategy round_robin: the control of the "roomy cache" goal
   (prefix within 5% of round robin's TTFT); the round-robin sides run only `--rr-workloads` (roomy).
 
@@ -57,6 +59,7 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import statistics
@@ -436,9 +439,11 @@ def start_side(name: str, args: argparse.Namespace, tmp: Path, services: Service
         elif name.startswith("vllm-router"):
             start_vllm_router(side, args, tmp, "round_robin" if name.endswith("-rr") else "cache_aware")
         else:
+            variant = dict(args.variant).get(name)
             start_ours(side, args, tmp, services, "round_robin" if name.endswith("-rr") else "prefix",
-                       f"kvpeer-{name}-{rep}", replicas=2 if name in REPLICATED else 1,
-                       router_args=REPLICATED.get(name), code=args.base_tree if name == BASE else None)
+                       f"kvpeer-{name.replace('@', '-')}-{rep}", replicas=2 if name in REPLICATED else 1,
+                       router_args=variant if variant is not None else REPLICATED.get(name),
+                       code=args.base_tree if name == BASE else None)
     except BaseException:
         side.stop()
         raise
@@ -521,7 +526,8 @@ def markdown(summary: dict[str, dict[str, dict[str, Any]]], sides: list[str], me
             hr = f"{m['hit_rate']:.3f}" if m["hit_rate"] is not None else "-"
             lines.append(f"| {s} | {hr} | {m['ttft_p50_ms']:.0f} | {m['ttft_p90_ms']:.0f} | {m['wall_s']:.1f} | "
                          f"{m['preemptions']:.0f} | {m['failed']:.0f} | {m['split']} | {cpu_cell(m)} |")
-        pairs = [("ours-prefix", BASE), ("ours-prefix", "vllm-router"), ("ours-prefix", "dynamo"),
+        pairs = [*((v, "ours-prefix") for v in sides if "@" in v), ("ours-prefix", BASE),
+                 ("ours-prefix", "vllm-router"), ("ours-prefix", "dynamo"),
                  ("ours-prefix-2r", "dynamo"),
                  ("ours-prefix", "ours-rr"), ("vllm-router", "vllm-router-rr"),
                  ("ours-prefix-2r", "ours-prefix"), ("ours-prefix-2r", "ours-prefix-2r-alone")]
@@ -542,6 +548,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=DEMO_MODEL)
     p.add_argument("--sides", nargs="+", choices=ALL_SIDES, default=list(SIDES))
+    p.add_argument("--variant", action="append", default=[], type=variant_of, metavar="NAME=ARGS",
+                   help="an extra side ours-prefix@NAME whose router takes ARGS (e.g. lean='--load-weight 0.25'): "
+                        "router settings compared in one run; repeatable")
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(DEFAULT_WORKLOADS))
     p.add_argument("--rr-workloads", nargs="+", choices=WORKLOADS, default=["roomy"],
                    help="the workloads the round-robin controls (ours-rr, vllm-router-rr) run: by default only "
@@ -578,6 +587,13 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def variant_of(text: str) -> tuple[str, list[str]]:
+    name, sep, router_args = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"--variant takes NAME=ARGS (NAME a plain word), not {text!r}")
+    return f"ours-prefix@{name}", shlex.split(router_args)
+
+
 def make_workloads(args: argparse.Namespace, tokenizer: Any, seed: int) -> dict[str, Workload]:
     all_w = {
         "pressure": lambda: shared_prefix("pressure", seed, tokenizer, args.prefixes, args.prefix_tokens,
@@ -599,6 +615,7 @@ def main() -> None:
         print(f"vllm-router is not installed (not on PATH). Install it with:\n  pip install {ROUTER_PIN}\n"
               "(or `pip install -e '.[bench]'`)", file=sys.stderr)
         sys.exit(2)
+    args.sides += [name for name, _ in args.variant if name not in args.sides]
     if BASE in args.sides and (args.base_tree is None or not (args.base_tree / "workers").is_dir()):
         print(f"side {BASE} needs --base-tree DIR: a checkout with workers/ in it", file=sys.stderr)
         sys.exit(2)

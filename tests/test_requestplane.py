@@ -422,3 +422,42 @@ def test_a_handoff_that_names_nobody_is_an_error(services) -> None:  # type: ign
     items = asyncio.run(stream_from(services.nats, "th2.c.generate", answer, idle_timeout=2))
     assert len(items) == 1 and items[0].is_error() and items[0].code == ErrorCode.WORKER_ERROR
     assert "without saying to whom" in items[0].comment[0]
+
+
+def test_a_cancel_that_reaches_the_router_after_its_handoff_is_passed_on(services) -> None:  # type: ignore[no-untyped-def]
+    """The caller left before it read the handoff, so it cancelled on the router's subject: the router passes
+    the cancel on to the worker it handed the stream to, which stops instead of generating for nobody."""
+    aborted = asyncio.Event()
+
+    async def worker(req: dict[str, Any]) -> AsyncIterator[Any]:
+        try:
+            yield {"text": " Par", "token_ids": [1]}
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            aborted.set()
+            raise
+
+    async def router(req: dict[str, Any]) -> AsyncIterator[Any]:
+        yield requestplane.Handoff(0x78, "tc.backend.generate.78", req)
+
+    async def run() -> None:
+        nc_w, w_server = await _serve(services.nats, "tc.backend.generate.78", worker)
+        nc_r, r_server = await _serve(services.nats, "tc.preprocess.generate", router)
+        nc = await requestplane.connect(services.nats, "caller")
+        try:
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            await nc.publish("tc.preprocess.generate", b"{}", reply=inbox)
+            while Annotated.decode((await sub.next_msg(5)).data).event != "handoff":
+                pass
+            await nc.publish(requestplane.cancel_subject("tc.preprocess.generate"), inbox.encode())
+            await asyncio.wait_for(aborted.wait(), 5)  # not the 30 s it would generate for nobody
+            await until(lambda: w_server.in_flight == 0, 5, "the worker's stream to end")
+        finally:
+            await nc.close()
+            for server, conn in ((w_server, nc_w), (r_server, nc_r)):
+                await server.stop()
+                await conn.close()
+
+    asyncio.run(run())
+    assert aborted.is_set()

@@ -10,6 +10,8 @@ Handoff: a handler may end its stream by handing the request to another instance
 that tokens go from the worker to the caller without passing through it). Its last message (`handoff`)
 names the instance and its subject; the request goes there with the caller's reply inbox, and `stream`
 reads that instance's messages from then on (numbered from 0, cancelled on its subject, lost when it is).
+A caller that leaves before it read the handoff cancels on the first subject: that server passes the
+cancel on to where it handed the stream (for EARLY_CANCEL_TTL).
 A forwarded request may carry `routed` ({"by": inbox, "id": n}): the serving EndpointServer publishes
 the id to that inbox when the request ends, however it ends, and lists the ids in flight
 (`routed_in_flight`), so the router that sent it knows its requests' ends without seeing their tokens.
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -202,6 +205,9 @@ class EndpointServer:
         self._sender = Sender(nc, KEEPALIVE_INTERVAL)
         self.accepting = False  # subscribed to its request subjects (not yet draining)
         self._routed: dict[str, set[int]] = {}  # router's report inbox -> ids of its requests in flight here
+        # reply inbox -> (the subject it was handed off to, when): a cancel that reaches us after the handoff (the
+        # caller left before reading it) is passed on there, else that instance would generate for nobody.
+        self._handed: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def routed_in_flight(self) -> dict[str, list[int]]:
         """Report inbox -> ids of the forwarded requests being served here (a router's check on lost ends)."""
@@ -250,6 +256,12 @@ class EndpointServer:
             log.info("stream to %s cancelled by its client", reply)
             task.cancel()
             return
+        handed = self._handed.pop(reply, None)
+        if handed is not None:
+            log.info("stream to %s cancelled by its client after its handoff: passed on to %s", reply, handed[0])
+            with contextlib.suppress(Exception):
+                await self._nc.publish(cancel_subject(handed[0]), msg.data)
+            return
         now = asyncio.get_running_loop().time()
         # Every instance hears a cancel sent to the shared subject; only one ever sees the request.
         # Remember it briefly in case the request is still on its way here.
@@ -297,6 +309,7 @@ class EndpointServer:
             async for item in items:
                 if isinstance(item, Handoff):
                     out.hand_off(item.message(), item.subject, _encode_request(item.request))
+                    self._handed_off(msg.reply, item.subject)
                     await items.aclose()  # type: ignore[attr-defined]
                     break
                 out.put(item)
@@ -322,6 +335,13 @@ class EndpointServer:
                         del self._routed[by]
                 with contextlib.suppress(Exception):
                     await self._nc.publish(by, str(rid).encode())
+
+    def _handed_off(self, reply: str, subject: str) -> None:
+        now = asyncio.get_running_loop().time()
+        handed = self._handed
+        while handed and now - next(iter(handed.values()))[1] >= EARLY_CANCEL_TTL:  # oldest first
+            handed.popitem(last=False)
+        handed[reply] = (subject, now)
 
     def _routed_by(self, routed: Any) -> tuple[str, int] | None:
         if not isinstance(routed, dict):
