@@ -270,3 +270,17 @@ def test_choice_is_a_cheapest_worker(held: list[int], inflight: list[list[int]],
         costs[w] = cost(fp, state, router.weights)
     assert d.worker not in exclude
     assert costs[d.worker] == min(costs.values())
+
+
+def test_a_newcomer_pays_for_its_own_overflow_not_for_the_queue_already_there() -> None:
+    """Replayed from a zipf run at 8 in flight (router log): the request's 9-block document is running on
+    worker-0, which is over its 48 blocks by others' requests (56 active); worker-1 holds nothing of it.
+    At home it adds 2 blocks; elsewhere it recomputes 9 and evicts 11. Charged the whole excess of 10
+    blocks x 4, it was sent away; charged its own 2, it stays where its document is."""
+    fp = Footprint(prompt=9, total=11, block_size=64)
+    weights = CostWeights()
+    home = WorkerState(overlap=9, active=56, resident=56, capacity=48, requests=4)
+    away = WorkerState(overlap=0, active=42, resident=45, capacity=48, requests=3)
+    assert cost(fp, home, weights) < cost(fp, away, weights)
+    # the whole excess (the rule before) would have sent it away
+    assert cost(fp, home, weights) + weights.overflow * (56 + 2 - 48 - 2) > cost(fp, away, weights)

@@ -16,7 +16,7 @@ last block, expected decode), and a worker w:
          + evict_weight    x new x min(1, (resident + new) / capacity)^2   cached blocks pushed out
          + load_weight     x (active + new)                                 w's batch with the request
          + request_tokens / block_size x requests                          their share of w's compute
-         + overflow_weight x max(0, active + new - capacity)               blocks it cannot hold at once
+         + overflow_weight x min(new, max(0, active + new - capacity))     its blocks w cannot hold at once
 
 Lowest cost wins; ties go to the worker with fewer active blocks, then more free room, then at random.
 
@@ -44,7 +44,11 @@ Why each term:
   long cached prefix (1,000 tokens = 15 blocks of 64) outweighs several of them and stays home,
   a short one moves to an idle replica.
 - overflow: a worker cannot run more distinct context than it holds; the excess waits in its queue or
-  preempts a running request. Pressure on a hot prefix's home spreads its requests to replicas
+  preempts a running request. Only the request's own new blocks count (its marginal overflow): a worker
+  already over its capacity by others' requests charged each newcomer the whole excess, so a request whose
+  prefix is running there (1-2 new blocks) was sent to recompute and cache it elsewhere (zipf at 8 in flight:
+  matched 9 blocks at home, sent away, the other worker evicting for it); the queue it joins is the load
+  and request terms' to count. Pressure on a hot prefix's home spreads its requests to replicas
   through this, the load and the request terms.
 
 Compared with Dynamo's KV router (cost = overlap_weight x prefill blocks + active decode blocks,
@@ -109,7 +113,7 @@ def cost(fp: Footprint, w: WorkerState, weights: CostWeights) -> float:
     overlap = min(w.overlap, fp.prompt)
     new = fp.total - overlap
     evicted = new * min(1.0, (w.resident + new) / w.capacity) ** 2  # 0 when the capacity is unknown (inf)
-    overflow = max(0.0, w.active + new - w.capacity)
+    overflow = min(new, max(0.0, w.active + new - w.capacity))
     return (fp.prompt - overlap) + weights.evict * evicted + weights.load * (w.active + new) \
         + weights.request_tokens / fp.block_size * w.requests + weights.overflow * overflow
 
@@ -217,7 +221,7 @@ class WorkerTable:
         # cost(), in columns: prefill + evicted + load + overflow
         total = (fp.prompt + weights.load * fp.total) - (1.0 + weights.load) * overlap + weights.load * self.active
         total += weights.evict * new * np.minimum(1.0, (self.resident + new) / self.capacity) ** 2
-        total += weights.overflow * np.maximum(0.0, self.slack + new)
+        total += weights.overflow * np.minimum(new, np.maximum(0.0, self.slack + new))
         total += (weights.request_tokens / fp.block_size) * self.requests
         total[~self.live] = np.inf
         for w in exclude:
