@@ -40,9 +40,15 @@ Why each term:
 - requests: blocks measure memory, not compute. k requests decoding over one shared prefix pin few
   distinct blocks but still take k shares of every engine step, so a worker holding a short hot
   prefix looked idle while busy (measured: a 44/20 split of 64 requests over two workers when the
-  prefixes were ~200 tokens). Each request in flight costs `request_tokens` (128) of prefill: a
-  long cached prefix (1,000 tokens = 15 blocks of 64) outweighs several of them and stays home,
+  prefixes were ~200 tokens). Each request in flight costs `request_tokens` (16) of prefill: a
+  long cached prefix (1,000 tokens = 15 blocks of 64) outweighs many of them and stays home,
   a short one moves to an idle replica.
+- the weights (load 0.1, request_tokens 16) were measured, not derived: a newcomer behind k requests on
+  an engine waits for steps that batch it with their decodes, which costs it far less than prefilling
+  a block costs, so on CPU the earlier 0.5 and 128 sent a request away from its cached prefix for a
+  queue of 2-3 requests and lost hits (bench/results/kv-peer-weights-cpu.md, 8 in flight: pressure
+  hit 0.911 against 0.744, TTFT p50 232 ms against 608, equal to vllm-router; roomy hit 0.816, TTFT
+  within round robin's). On a GPU the balance of prefill and decode cost differs: measure again there.
 - overflow: a worker cannot run more distinct context than it holds; the excess waits in its queue or
   preempts a running request. Only the request's own new blocks count (its marginal overflow): a worker
   already over its capacity by others' requests charged each newcomer the whole excess, so a request whose
@@ -76,10 +82,10 @@ DECODE_TOKENS_ESTIMATE = 256  # a request's decode footprint is min(max_tokens, 
 
 @dataclass(frozen=True)
 class CostWeights:
-    load: float = 0.5
+    load: float = 0.1
     evict: float = 1.0
     overflow: float = 4.0
-    request_tokens: float = 128.0  # the compute a request in flight takes from a newcomer, in prompt tokens
+    request_tokens: float = 16.0  # the compute a request in flight takes from a newcomer, in prompt tokens
 
 
 @dataclass(frozen=True)
