@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.helpers import until
+from tests.helpers import chunks_via, served, until
 from workers.common.protocol import GenerateRequest
 from workers.frontend.catalog import Catalog
 from workers.frontend.dispatch import Dispatcher, StreamBroken
@@ -382,3 +382,24 @@ def test_tokenizing_a_prompt_does_not_hold_up_other_requests(services) -> None: 
             await fleet.close()
 
     assert asyncio.run(run()) == ["ids", "text"]
+
+
+def test_a_lone_worker_that_was_avoided_is_chosen_again(services) -> None:  # type: ignore[no-untyped-def]
+    """`avoid` is a preference: a stream whose lone worker lost messages (a NATS restart) goes on there, since
+    the worker is alive; passing over it would leave no worker at all."""
+    async def run() -> tuple[tuple[list[dict[str, Any]], Any], Fleet]:
+        fleet = Fleet(services.nats, "rt5")
+        await fleet.add("lone", 0x60, healthy)
+        service = await fleet.service()
+        subject = requestplane.endpoint_subject(fleet.ns, "preprocess", "generate")
+        async with served(service.ctx.nc, subject, service.generate):
+            caller = await requestplane.connect(fleet.nats, "frontend")
+            fleet.conns.append(caller)
+            request = GenerateRequest(token_ids=[1, 2, 3, 4], avoid=[0x60]).model_dump(exclude_none=True)
+            outcome = await chunks_via(caller, subject, request)
+        await fleet.close()
+        return outcome, fleet
+
+    (chunks, error), fleet = asyncio.run(run())
+    assert error is None, error
+    assert chunks[-1]["routing"]["process"] == "lone" and fleet.calls == Counter({"lone": 1})

@@ -10,7 +10,7 @@ subject with the caller's reply inbox (requestplane.Handoff): the worker streams
 through the router, and reports the request's end to the router's own inbox (for its accounting of
 requests in flight). The decision is logged, and the caller's stream attaches it to the final chunk
 as `routing`. A caller that sees the worker lost asks again with the worker in `avoid` (the frontend's
-retries and migrations), and the router passes over it.
+retries and migrations), and the router passes over it, unless that would leave no worker.
 
 Cost (strategy prefix): the KV blocks a request costs on each worker, capacity included; the
 formula and why each term is there are in workers/kv_router/cost.py. Lowest wins.
@@ -596,12 +596,18 @@ class RouterService:
             token_ids = await asyncio.wait_for(asyncio.to_thread(self.tokenizer, req), TOKENIZE_TIMEOUT)
         max_tokens = req.sampling.get("max_tokens")
         t_route = time.perf_counter()
+        limit = max_tokens if isinstance(max_tokens, int) else None
         try:
-            decision = self.router.choose(token_ids, exclude=set(req.avoid or ()),
-                                          max_tokens=max_tokens if isinstance(max_tokens, int) else None)
+            try:
+                decision = self.router.choose(token_ids, exclude=set(req.avoid or ()), max_tokens=limit)
+            except NoWorker:
+                if not req.avoid:
+                    raise
+                # Every worker was avoided: a preference, not a rule. A lone worker whose stream lost messages
+                # to a NATS restart is alive; a dead one is no candidate once its registration goes.
+                decision = self.router.choose(token_ids, max_tokens=limit)
         except NoWorker as exc:
-            raise StreamError(str(exc) + (f" (passing over {len(req.avoid)} lost)" if req.avoid else ""),
-                              code=ErrorCode.NO_RESPONDERS) from None
+            raise StreamError(str(exc), code=ErrorCode.NO_RESPONDERS) from None
         now = time.perf_counter()
         self.metrics.observe(decision.strategy, decision.process, decision.blocks,
                              decision.matches.get(decision.worker, 0), now - t_route, now - t0)
