@@ -432,7 +432,7 @@ def test_a_cancel_that_reaches_the_router_after_its_handoff_is_passed_on(service
     async def worker(req: dict[str, Any]) -> AsyncIterator[Any]:
         try:
             yield {"text": " Par", "token_ids": [1]}
-            await asyncio.sleep(30)
+            await asyncio.Event().wait()  # generates until cancelled
         except asyncio.CancelledError:
             aborted.set()
             raise
@@ -451,7 +451,7 @@ def test_a_cancel_that_reaches_the_router_after_its_handoff_is_passed_on(service
             while Annotated.decode((await sub.next_msg(5)).data).event != "handoff":
                 pass
             await nc.publish(requestplane.cancel_subject("tc.preprocess.generate"), inbox.encode())
-            await asyncio.wait_for(aborted.wait(), 5)  # not the 30 s it would generate for nobody
+            await asyncio.wait_for(aborted.wait(), 5)  # else it would generate for nobody
             await until(lambda: w_server.in_flight == 0, 5, "the worker's stream to end")
         finally:
             await nc.close()

@@ -176,12 +176,12 @@ class Dispatcher:
             if failure is None:
                 return
             if handed:  # the worker it went to failed, not the router that chose it
-                where = f"{where}, worker {(handed[-1].get('routing') or {}).get('process') or handed[-1]['instance']}"
-            error = api_error(failure, where)
-            if handed:
-                avoid.add(handed[-1]["instance"])
+                to = handed[-1]
+                where = f"{where}, worker {(to.get('routing') or {}).get('process') or to['instance']}"
+                avoid.add(to["instance"])
             else:
                 tried.add(inst.instance)
+            error = api_error(failure, where)
             if not instance_lost(failure.code):
                 raise StreamBroken(error) if generated else error
             if generated:

@@ -174,25 +174,20 @@ class KvRouter:
         if known_before_start or back:
             self.request_resync(w)
 
-    def on_registry(self, update: Update, known_before_start: bool = False) -> list[int]:
+    def on_registry(self, update: Update, known_before_start: bool = False) -> None:
         """One update of `Registry.follow` on the worker component. A Snapshot's `gone` keys take the
-        path a delete takes (index and in-flight bookkeeping forget them); its workers are added.
-        Returns the workers removed."""
-        removed: list[int] = []
+        path a delete takes (index and in-flight bookkeeping forget them); its workers are added."""
         match update:
             case Snapshot(registrations, gone):
-                removed = [instance_of_key(key) for key in gone]
-                for w in removed:
-                    self.remove_worker(w)
+                for key in gone:
+                    self.remove_worker(instance_of_key(key))
                 for reg in registrations.values():
                     if reg.endpoint == KINDS["kv_worker"].endpoint:
                         self.add_worker(reg, known_before_start)
             case Put(registration=reg) if reg.endpoint == KINDS["kv_worker"].endpoint:
                 self.add_worker(reg)
             case Delete(key):
-                removed = [instance_of_key(key)]
-                self.remove_worker(removed[0])
-        return removed
+                self.remove_worker(instance_of_key(key))
 
     def remove_worker(self, w: int) -> None:
         for d in [d for d in self.decisions.values() if d.worker == w]:
