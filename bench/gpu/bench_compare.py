@@ -11,7 +11,9 @@ Sides (same engine flags, same seeded token-id prompts, ignore_eos, fixed max_to
 * before: the same worker and client with the request plane of --before-plane (a requestplane.py
   source file: the plane before issue 13), served by plane_worker.py on the same NATS server;
 * frontend: our OpenAI frontend (a `frontends:` entry of the same deployment, or --frontend-url) in
-  front of the nats worker; the same HTTP client as `serve`.
+  front of the nats worker; the same HTTP client as `serve`; one HTTP process (`processes: 1`);
+* frontend-n: a second `frontends:` entry of the same deployment with `processes:
+  --frontend-processes` on its own port: N processes sharing one listening socket.
 
 Order: every engine starts once (one after another, so vLLM's memory profiling of one never sees
 another's start-up); then every side gets the same warm-up (one wave at each concurrency); then for
@@ -49,7 +51,7 @@ for p in (str(ROOT), str(ROOT / "bench"), str(HERE)):
 import loadgen  # noqa: E402
 from sse_client import HttpError, get_json, post_sse  # noqa: E402
 
-SIDES = ("inprocess", "nats", "before", "serve", "frontend")
+SIDES = ("inprocess", "nats", "before", "serve", "frontend", "frontend-n")
 BEFORE_SUBJECT = "benchbefore.vllm.generate"
 
 
@@ -82,10 +84,17 @@ class Deployment:
                 "services": {"etcd": self.etcd, "nats": self.nats, "managed": "never"},
                 "engine": json.loads(args.engine), "env": {"VLLM_USE_FLASHINFER_SAMPLER": "0", **_cpu_env()},
                 "workers": [worker]}
-        self.frontend_port = 0
+        self.frontend_port = self.frontend_n_port = 0
+        frontends: list[dict[str, Any]] = []
         if "frontend" in args.sides and not args.frontend_url:
             self.frontend_port = svc.free_port()
-            topo["frontends"] = [{"name": "frontend", "port": self.frontend_port, "ready_timeout": 300}]
+            frontends.append({"name": "frontend", "port": self.frontend_port, "processes": 1, "ready_timeout": 300})
+        if "frontend-n" in args.sides:
+            self.frontend_n_port = svc.free_port()
+            frontends.append({"name": "frontend-n", "port": self.frontend_n_port,
+                              "processes": args.frontend_processes, "ready_timeout": 300})
+        if frontends:
+            topo["frontends"] = frontends
         self.topology = work / "bench-compare.yaml"
         self.topology.write_text(json.dumps(topo))  # JSON is YAML
 
@@ -273,7 +282,7 @@ async def run(args: argparse.Namespace) -> None:
     t_start = time.monotonic()
     dep = serve = engine = nc = before = nc_before = None
     try:
-        if "nats" in sides or "frontend" in sides:
+        if "nats" in sides or "frontend" in sides or "frontend-n" in sides:
             try:
                 log("launcher up (worker + NATS)")
                 dep = Deployment(args, work)
@@ -320,6 +329,15 @@ async def run(args: argparse.Namespace) -> None:
                 log(f"frontend on {host}:{port}")
             except Exception as exc:
                 log(f"FAIL side frontend: {type(exc).__name__}: {exc}")
+        if "frontend-n" in sides:
+            try:
+                if dep is None or not dep.frontend_n_port:
+                    raise RuntimeError("no deployment to put a frontend in")
+                models = await get_json("127.0.0.1", dep.frontend_n_port, "/v1/models")
+                streams["frontend-n"] = http_side("127.0.0.1", dep.frontend_n_port, models["data"][0]["id"], counts)
+                log(f"frontend-n ({args.frontend_processes} processes) on 127.0.0.1:{dep.frontend_n_port}")
+            except Exception as exc:
+                log(f"FAIL side frontend-n: {type(exc).__name__}: {exc}")
         if "inprocess" in sides:
             log("in-process AsyncLLM starting")
             if args.gpus:
@@ -391,6 +409,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sides", nargs="+", default=["inprocess", "nats", "serve"], choices=SIDES)
     p.add_argument("--before-plane", default="", help="requestplane.py source of the 'before' side")
     p.add_argument("--frontend-url", default="", help="http://host:port of our OpenAI frontend (side frontend)")
+    p.add_argument("--frontend-processes", type=int, default=4, help="HTTP processes of the frontend-n side")
     p.add_argument("--loads", nargs="+", default=["waves", "sustained"], choices=list(loadgen.LOADS))
     p.add_argument("--concurrency", nargs="+", type=int, default=[16, 64, 256])
     p.add_argument("--reps", type=int, default=4)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install vLLM 0.26.0 + this project's dependencies on the GPU machine, offline, one carried bundle at a time.
+# Install vLLM 0.32.0 (with torch 2.13.0) + this project's dependencies on the GPU machine, offline, one carried bundle at a time.
 #
 #   bash bench/gpu/install.sh gpu-wheels/bundle-N [more bundle folders...]
 #
@@ -188,8 +188,8 @@ import importlib
 import sys
 
 bad = []
-for mod in ["torch", "transformers", "vllm", "vllm.v1.engine.async_llm", "xgrammar", "nats", "aetcd", "libtmux",
-            "yaml", "rich", "psutil", "pydantic", "msgspec", "zmq", "nixl._api",
+for mod in ["torch", "transformers", "vllm", "vllm.v1.engine.async_llm", "xgrammar", "nats", "aetcd",
+            "yaml", "rich", "psutil", "pydantic", "msgspec", "zmq",
             "uvicorn", "uvloop", "vllm.entrypoints.openai.api_server",
             "launcher.cli", "workers.engine", "workers.monolith.worker"]:
     try:
@@ -203,11 +203,10 @@ print(f"[install] python {sys.version.split()[0]}, torch {torch.__version__} (CU
       f"vllm {vllm.__version__}, GPUs visible: {torch.cuda.device_count()}")
 try:
     from vllm.distributed.nixl_utils import NixlWrapper
-    print(f"[install] NixlConnector agent: {'available' if NixlWrapper is not None else 'MISSING'}")
-    if NixlWrapper is None:
-        bad.append("nixl agent: vllm.distributed.nixl_utils.NixlWrapper is None")
+    # NIXL is not in wheels.txt now (1P1D on GPU needs nixl + nixl-cu13 added back): said, not failed.
+    print(f"[install] NixlConnector agent: {'available' if NixlWrapper is not None else 'not installed'}")
 except Exception as exc:  # noqa: BLE001
-    bad.append(f"nixl_utils: {exc}")
+    print(f"[install] NixlConnector agent: not importable ({exc})")
 for line in bad:
     print(f"[install] MISSING {line}")
 print("[install] PASS imports" if not bad else f"[install] FAIL imports ({len(bad)} problem(s))")

@@ -1,7 +1,7 @@
 """Download the GPU machine's wheels and pack them into carry bundles of at most ~60 MiB.
 
 Why: the GPU machine has no network and each command sent to it carries at most 64 MiB of
-ignored files, so the 290 MiB vLLM wheel travels in parts and the rest in a handful of folders.
+ignored files, so the wheels over the cap (torch, vLLM, triton, NCCL) travel in parts and the rest in folders.
 
     .venv/bin/python bench/gpu/make_bundles.py            # download what is missing, (re)pack
     .venv/bin/python bench/gpu/make_bundles.py --no-download
@@ -31,9 +31,10 @@ BUNDLES_TXT = HERE / "bundles.txt"
 STORE = ROOT / "gpu-wheels"
 MIB = 1024 * 1024
 # Newest first is not needed: pip accepts a wheel tagged with any of these platforms.
-PLATFORMS = ["manylinux_2_31_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux_2_12_x86_64", "manylinux2010_x86_64", "manylinux_2_5_x86_64", "manylinux1_x86_64",
-             "any"]
+PLATFORMS = ["manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_31_x86_64", "manylinux_2_28_x86_64",
+             "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_18_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64", "manylinux_2_12_x86_64", "manylinux2010_x86_64", "manylinux_2_5_x86_64",
+             "manylinux1_x86_64", "any"]
 
 
 @dataclass
