@@ -92,12 +92,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="engine flag stream-interval on both sides: tokens per streamed chunk (vLLM applies it in "
+                        "the API process: vllm serve's, our frontend's)")
     p.add_argument("--api-servers", type=int, default=1,
                    help="HTTP processes on each side: vllm serve --api-server-count N, frontend processes: N")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still takes both sides down (finally)
     served = "bench-model"
-    engine = {"max-model-len": 1024, "enforce-eager": True, "dtype": args.dtype, "served-model-name": served}
+    engine = {"max-model-len": 1024, "enforce-eager": True, "dtype": args.dtype, "served-model-name": served,
+              **({"stream-interval": args.stream_interval} if args.stream_interval > 1 else {})}
     tmp = Path(tempfile.mkdtemp(prefix="bench-frontend-"))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "LAUNCHER_HOME": str(tmp / "home")}
 
@@ -148,7 +152,8 @@ def main() -> None:
                        stdout=subprocess.DEVNULL)
         stop_tree(serve.pid, grace=10)
     print(f"\nmodel {Path(args.model).name} ({args.dtype}), random dataset {args.input_len} in / {args.output_len} "
-          f"out, ignore_eos, {args.reps} reps alternating, {args.api_servers} HTTP process(es) a side; a = vllm serve, "
+          f"out, ignore_eos, {args.reps} reps alternating, {args.api_servers} HTTP process(es) a side, stream-interval "
+          f"{args.stream_interval}; a = vllm serve, "
           "b = frontend -> NATS -> worker\n")
     print("| conc | a tok/s | b tok/s | tok/s b/a (median, range) | a TTFT p50 ms | b TTFT p50 ms "
           "| TTFT b/a (median, range) |")

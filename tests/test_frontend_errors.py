@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +48,12 @@ class StubDispatcher:
 class Harness:
     """One event loop and one vLLM app for the module (building it reads the model's config)."""
 
-    def __init__(self, model: Path) -> None:
+    def __init__(self, model: Path, config_extra: dict[str, Any] | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.dispatcher = StubDispatcher()
         self.catalog = catalog_of(reg(ENTRY, 1, max_len=64))
         route = self.catalog.serving()["smol"]
-        config = {"model": str(model), "served_model_name": ["smol"]}
+        config = {"model": str(model), "served_model_name": ["smol"], **(config_extra or {})}
         self.openai = self.loop.run_until_complete(
             build_openai_app(serve_args(str(model), []), route, config, self.dispatcher))  # type: ignore[arg-type]
 
@@ -71,10 +71,19 @@ class Harness:
 
         return self.loop.run_until_complete(run())
 
+    def close(self) -> None:
+        """Stop vLLM's output handler on this loop, then the loop: nothing left for the collector to finalize
+        later (an AsyncLLM left on an abandoned loop logs errors, and broke pytest's own imports at exit)."""
+        self.openai.state.engine_client.shutdown()
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.close()
+
 
 @pytest.fixture(scope="module")
-def harness(tiny_model: Path) -> Harness:
-    return Harness(tiny_model)
+def harness(tiny_model: Path) -> Iterator[Harness]:
+    h = Harness(tiny_model)
+    yield h
+    h.close()
 
 
 def completion(**fields: Any) -> dict[str, Any]:
@@ -183,3 +192,42 @@ def test_a_failure_after_the_first_token_ends_the_stream_with_an_error_event(har
     assert json.loads(events[0])["choices"][0]["text"] == "f"
     error = json.loads(events[-2])["error"]
     assert error["code"] == 500 and "engine failed" in error["message"]
+
+
+
+@pytest.fixture(scope="module")
+def batched(tiny_model: Path) -> Iterator[Harness]:
+    """The same app, built from a registration that carries `stream_interval` 4 (`engine: {stream-interval: 4}`)."""
+    h = Harness(tiny_model, {"stream_interval": 4})
+    yield h
+    h.close()
+
+
+def test_the_engine_stream_interval_batches_the_stream_as_vllm_serve_does(harness: Harness, batched: Harness) -> None:
+    """The stream_interval the workers registered is applied where `vllm serve` applies it (the API process's
+    output processor): a worker's 9 tokens, sent one per engine step, leave as the first token and then at
+    least 4 at a time (vLLM also merges what the client has not read yet), with the same text as unbatched."""
+    async def paced() -> AsyncIterator[dict[str, Any]]:  # one token per engine step of ~20 ms
+        async for chunk in tokens(*range(72, 81)):
+            await asyncio.sleep(0.02)
+            yield chunk
+
+    def stream(h: Harness) -> list[str]:
+        r = h.call("POST", "/v1/completions", script=paced, json=completion(max_tokens=9, stream=True))
+        assert r.status_code == 200, r.text
+        return [json.loads(line[6:])["choices"][0]["text"] for line in r.text.splitlines()
+                if line.startswith("data: {")]
+
+    every, grouped = stream(harness), stream(batched)
+    assert "".join(grouped) == "".join(every) and len("".join(every)) == 9
+    assert len(grouped) <= 3 and all(len(t) >= 4 for t in grouped[1:-1]), grouped  # 1 | 2-5 | 6-9
+    assert len(every) > len(grouped), (every, grouped)  # unbatched, the steps show (9 chunks unless merged)
+
+
+def test_a_worker_registers_the_stream_interval_it_was_given(tiny_model: Path) -> None:
+    """The other half of the path: `--stream-interval` given to a worker goes into the model configuration it
+    registers, which frontends build vLLM's layer from (else the flag would be accepted and ignored)."""
+    from workers.engine import engine_args_from, make_parser, model_config_of
+
+    args = make_parser("worker").parse_args(["--model", str(tiny_model), "--stream-interval", "4"])
+    assert model_config_of(engine_args_from(args))["stream_interval"] == 4

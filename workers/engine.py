@@ -78,13 +78,15 @@ def registration_of(engine: Any, engine_args: Any) -> dict[str, Any]:
     }
 
 
-# The engine arguments that shape vLLM's ModelConfig as the OpenAI layer sees it (tokenizer, context,
-# generation defaults, logprob limits). A frontend builds its renderer from these, so what it validates
-# and renders is what this worker's engine would (the max_model_len it registers is the resolved one).
+# The engine arguments that shape vLLM's OpenAI layer as `vllm serve` builds it (tokenizer, context,
+# generation defaults, logprob limits, and `stream_interval`: tokens per streamed chunk, which vLLM applies
+# in the API process's output processor, the frontend's here, not in the engine). A frontend builds its
+# renderer and output processor from these, so what it validates, renders and streams is what this worker's
+# engine would under `vllm serve` (the max_model_len it registers is the resolved one).
 MODEL_CONFIG_FIELDS = ("model", "tokenizer", "tokenizer_mode", "trust_remote_code", "revision", "tokenizer_revision",
                        "hf_config_path", "hf_overrides", "served_model_name", "generation_config",
                        "override_generation_config", "max_logprobs", "logprobs_mode", "skip_tokenizer_init",
-                       "enable_prompt_embeds", "config_format", "load_format", "seed")
+                       "enable_prompt_embeds", "config_format", "load_format", "seed", "stream_interval")
 
 
 def model_config_of(engine_args: Any) -> dict[str, Any]:
