@@ -1,31 +1,25 @@
-"""N frontend processes on one port, as `vllm serve --api-server-count N` runs them, but with SO_REUSEPORT.
+"""N frontend processes on one port, as `vllm serve --api-server-count N` runs them.
 
-The first process (the one the supervisor starts) claims the port and starts N-1 children of the same
-module (`--join-port`). Each process binds its own listening socket on the port with SO_REUSEPORT, and
-the kernel spreads new connections over the sockets by a hash of their addresses.
+The first process (the one the supervisor starts) binds the listening socket and starts N-1 children of the
+same module that inherit it (`--listen-fd`). Every process accepts on that one socket; the kernel wakes the
+processes waiting on it and the first to run accepts what is queued (a process busy on its event loop accepts
+less, so steady load spreads; a burst less so, see below). Why one inherited socket, not SO_REUSEPORT: a port
+bound with SO_REUSEPORT can be bound again by any process of the same user, so a second deployment given the
+same port by mistake would silently take part of this one's traffic; an inherited socket makes that mistake an
+EADDRINUSE, as it is with one process. And a process that dies takes the connections queued on its own
+SO_REUSEPORT socket with it (reset), where on one shared socket another process accepts them: SO_REUSEPORT was
+tried (with a plain bind first, to keep the EADDRINUSE), and `test_frontend_e2e`'s kill -9 of a child then saw
+a request fail. The price of the shared socket is measured in `bench/results/frontend-spread-cpu.md`: the
+process that wakes first accepts everything queued, so a burst of 64 over 4 processes peaked at 1.75x the even
+share on one process (1.25x with SO_REUSEPORT) and 9 bursts of 20 left a process idle.
 
-Why SO_REUSEPORT, not one inherited socket (`vllm serve`'s way, and ours before): on one shared socket
-every process is woken for a new connection and the first to run accepts everything queued, so a burst
-is served by fewer processes than there are. `bench/results/frontend-spread-cpu.md` (4 processes, 2-core
-machine): with one shared socket, the busiest process held 1.75x its even share of a burst of 64 and
-2.38x of a burst of 16 (e.g. [38, 17, 9, 0], [15, 1, 0, 0]), and 9 bursts of 20 left a process idle;
-with SO_REUSEPORT, 1.25x and 1.5x, and none idle. The kernel's hash is not a perfect spread either.
-
-SO_REUSEPORT lets any process of the same user bind the port too, so a second deployment given this port
-by mistake would silently take part of the traffic. The first process therefore claims the port with a
-plain bind first (no SO_REUSEPORT), which fails with EADDRINUSE against any socket on the port, ours
-included: the second deployment's frontend fails to start, as with one process. A child binds its socket
-only once it can serve, so no connection waits in the queue of a process still building vLLM's layer.
-What is lost: connections queued (not yet accepted) on a process that dies are reset rather than taken
-by another (Linux's `net.ipv4.tcp_migrate_req=1` moves them instead).
-
-Each child builds its own vLLM OpenAI layer, NATS connection and view of etcd; it says it serves on a
-pipe (`--ready-fd`), and the parent registers the frontend in etcd only when it and every child serve.
-The parent forwards SIGTERM/SIGINT to the children (the supervisor signals the process it started, not
-its children), waits for them to drain, restarts a child that dies while the group serves, and exits if
-children keep dying before they serve (a setup error: the supervisor's restart policy takes over).
-Metrics: prometheus_client's multiprocess mode over a folder the parent makes and removes, so `/metrics`
-from any process counts the whole group.
+Each child builds its own vLLM OpenAI layer, NATS connection and view of etcd, and only starts accepting
+once it can serve; it says so on a pipe (`--ready-fd`), and the parent registers the frontend in etcd only
+when it and every child serve. The parent forwards SIGTERM/SIGINT to the children (the supervisor signals
+the process it started, not its children), waits for them to drain, restarts a child that dies while the
+group serves, and exits if children keep dying before they serve (a setup error: the supervisor's restart
+policy takes over). Metrics: prometheus_client's multiprocess mode over a folder the parent makes and
+removes, so `/metrics` from any process counts the whole group.
 """
 
 from __future__ import annotations
@@ -50,17 +44,12 @@ QUICK_DEATHS = 3  # children dying in a row before they serve: the group gives u
 RESPAWN_DELAY = 1.0
 
 
-def listening_socket(host: str, port: int, *, shared: bool = False) -> socket.socket:
-    """Bound and listening as uvicorn's own would be (SO_REUSEADDR, backlog 2048); shared: with
-    SO_REUSEPORT, one of the group's sockets on the port."""
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bound and listening as uvicorn's own would be (SO_REUSEADDR, backlog 2048), inheritable by children."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=2048, reuse_port=shared)
-
-
-def claim_port(host: str, port: int) -> socket.socket:
-    """The group's first socket, after a plain bind proved nothing else holds the port (EADDRINUSE)."""
-    listening_socket(host, port).close()
-    return listening_socket(host, port, shared=True)
+    sock = socket.create_server((host, port), family=family, backlog=2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 @dataclass
@@ -85,8 +74,8 @@ class ServerGroup:
 
     @classmethod
     def open(cls, count: int, argv: list[str], host: str, port: int) -> ServerGroup:
-        """Claim the port and switch this process's metrics to the group's folder (before any metric exists)."""
-        sock = claim_port(host, port)
+        """Bind the port and switch this process's metrics to the group's folder (before any metric exists)."""
+        sock = listening_socket(host, port)
         folder = tempfile.mkdtemp(prefix="frontend-metrics-")
         metrics.use_multiprocess(folder)
         return cls(count, argv, sock, folder, [Child(k) for k in range(1, count)])
@@ -97,9 +86,10 @@ class ServerGroup:
     async def _spawn(self, child: Child) -> int:
         """Start one child; returns the read end of its ready pipe."""
         r, w = os.pipe()
-        argv = [sys.executable, "-m", MODULE, *self.argv, "--processes", "1", "--join-port", "--ready-fd", str(w)]
+        argv = [sys.executable, "-m", MODULE, *self.argv, "--processes", "1",
+                "--listen-fd", str(self.sock.fileno()), "--ready-fd", str(w)]
         try:
-            child.proc = await asyncio.create_subprocess_exec(*argv, pass_fds=(w,),
+            child.proc = await asyncio.create_subprocess_exec(*argv, pass_fds=(self.sock.fileno(), w),
                                                               env={**os.environ, metrics.MULTIPROC_ENV:
                                                                    self.metrics_dir})
         finally:

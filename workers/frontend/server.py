@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 from types import FrameType
 
@@ -30,7 +31,7 @@ from workers.frontend.app import FrontendApp, Observer, Settings
 from workers.frontend.catalog import Catalog, follow
 from workers.frontend.dispatch import Dispatcher
 from workers.frontend.openai_layer import build_openai_app, model_config_of, serve_args
-from workers.frontend.processes import ServerGroup, exit_with_parent, listening_socket, tell_parent
+from workers.frontend.processes import ServerGroup, exit_with_parent, tell_parent
 from workers.kinds import KINDS
 from workers.runtime import exitcodes
 from workers.runtime.registry import Registration
@@ -59,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=1,
                    help="HTTP server processes sharing the port, as `vllm serve --api-server-count` "
                         "(workers.frontend.processes)")
-    # A child of a --processes group: it binds the port with SO_REUSEPORT, and says "serving" on a pipe.
-    p.add_argument("--join-port", action="store_true", help=argparse.SUPPRESS)
+    # A child of a --processes group: the listening socket it inherits, and the pipe it says "serving" on.
+    p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("vllm serve", "`vllm serve`'s own server flags, passed on to vLLM's parser (which checks "
                              "their values when the frontend starts) and used where `vllm serve` uses them")
@@ -128,7 +129,7 @@ class _Server(uvicorn.Server):
 async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     key = api_key(args)  # before connecting: a missing key is a configuration error, said at once
     vllm_args = serve_args(args.model or "model", vllm_flags_of(args))  # vLLM's parser: a bad flag is said at once
-    child = args.join_port
+    child = args.listen_fd is not None
     group = ServerGroup.open(args.processes, argv, args.host, args.port) if args.processes > 1 and not child else None
     settings = RuntimeSettings.from_env()
     ctx = WorkerContext(settings)
@@ -145,7 +146,7 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
                             timeout_graceful_shutdown=grace, lifespan="off", interface="asgi3")
     server = _Server(config)
     server.group = group
-    sockets = [group.sock] if group else None
+    sockets = [group.sock] if group else [socket.socket(fileno=args.listen_fd)] if child else None
     url = f"http://{args.host}:{args.port}"
     building = asyncio.create_task(_build_when_known(app, catalog, dispatcher, vllm_args, server))
     tasks = [follower, building]
@@ -162,8 +163,6 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
             built = asyncio.create_task(app.built.wait())
             await asyncio.wait([built, building], return_when=asyncio.FIRST_COMPLETED)
             built.cancel()
-        if child and app.built.is_set():  # its socket only now: no connection waits on a process still building
-            sockets = [listening_socket(args.host, args.port, shared=True)]
         if not child or app.built.is_set():
             await server.serve(sockets=sockets)  # returns on SIGTERM/SIGINT (uvicorn's handlers), after draining
     finally:
