@@ -7,6 +7,7 @@ or adopted from another deployment) in its services.json and as a user in launch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -89,9 +90,19 @@ def port_open(endpoint: str, timeout: float = 1.0) -> bool:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: each stays bound until all are chosen (free_port() twice in a row can return
+    the same port, which a test's etcd and nats-server then both tried to listen on)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(n):
+            s = held.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            ports.append(int(s.getsockname()[1]))
+        return ports
 
 
 def find_binary(name: str) -> str:

@@ -862,7 +862,7 @@ def test_the_exported_etcd_and_nats_run_secured(tmp_path: Path, monkeypatch: pyt
     cli(["export", "kubernetes", str(path), "-o", str(folder)])
     docs = docs_of(folder)
     mount = "/etc/vllm-launcher/tls"
-    client, peer, metrics, nats_port, monitor = (services.free_port() for _ in range(5))
+    client, peer, metrics, nats_port, monitor = services.free_ports(5)
 
     etcd_dir = _project(folder, "tls-server", tmp_path / "mounts" / "etcd")
     moves = {mount: str(etcd_dir), "0.0.0.0:2379": f"127.0.0.1:{client}", "etcd:2379": f"127.0.0.1:{client}",

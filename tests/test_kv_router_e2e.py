@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from launcher.services import free_port
+from launcher.services import free_ports
 from tests.helpers import CPU_ENGINE, CPU_ENV, Deployment, Services, metric, raw_chunks, up, wait_until, worker
 from workers.common.protocol import GenerateRequest
 from workers.kinds import KINDS
@@ -29,7 +29,7 @@ BLOCK = 32
 ROUTER, KV_WORKER = KINDS["router"], KINDS["kv_worker"]
 COMPONENTS = {"prefix": ROUTER.component, "round_robin": f"{ROUTER.component}_rr",
               "random": f"{ROUTER.component}_random"}
-METRICS = {s: free_port() for s in COMPONENTS}  # each router's Prometheus port
+METRICS = dict(zip(COMPONENTS, free_ports(len(COMPONENTS)), strict=True))  # each router's Prometheus port
 
 
 def topology(model: Path) -> dict[str, Any]:
