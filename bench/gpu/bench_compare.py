@@ -71,8 +71,9 @@ class Deployment:
         from launcher import services as svc
 
         self.work = work
-        self.etcd = f"http://127.0.0.1:{svc.free_port()}"
-        self.nats = f"nats://127.0.0.1:{svc.free_port()}"
+        etcd_port, nats_port, front_port, front_n_port = svc.free_ports(4)  # distinct: drawn while all are held
+        self.etcd = f"http://127.0.0.1:{etcd_port}"
+        self.nats = f"nats://127.0.0.1:{nats_port}"
         self.started = [svc.start_etcd(self.etcd, work), svc.start_nats(self.nats, work)]
         self.env = {**os.environ, "ETCD_ENDPOINTS": self.etcd, "NATS_SERVER": self.nats,
                     "LAUNCHER_HOME": str(work / "home"), "PYTHONPATH": _pythonpath()}
@@ -87,10 +88,10 @@ class Deployment:
         self.frontend_port = self.frontend_n_port = 0
         frontends: list[dict[str, Any]] = []
         if "frontend" in args.sides and not args.frontend_url:
-            self.frontend_port = svc.free_port()
+            self.frontend_port = front_port
             frontends.append({"name": "frontend", "port": self.frontend_port, "processes": 1, "ready_timeout": 300})
         if "frontend-n" in args.sides:
-            self.frontend_n_port = svc.free_port()
+            self.frontend_n_port = front_n_port
             frontends.append({"name": "frontend-n", "port": self.frontend_n_port,
                               "processes": args.frontend_processes, "ready_timeout": 300})
         if frontends:
@@ -315,29 +316,22 @@ async def run(args: argparse.Namespace) -> None:
                 streams["serve"] = http_side("127.0.0.1", serve.port, serve.model, counts)
             except Exception as exc:
                 log(f"FAIL side serve: {type(exc).__name__}: {exc}")
-        if "frontend" in sides:
+        for side in ("frontend", "frontend-n"):
+            if side not in sides:
+                continue
             try:
-                if args.frontend_url:
+                if side == "frontend" and args.frontend_url:
                     host, _, port_text = args.frontend_url.removeprefix("http://").partition(":")
                     port = int(port_text)
-                elif dep is not None and dep.frontend_port:
-                    host, port = "127.0.0.1", dep.frontend_port
+                elif dep is not None and (port := dep.frontend_port if side == "frontend" else dep.frontend_n_port):
+                    host = "127.0.0.1"
                 else:
                     raise RuntimeError("no deployment to put a frontend in")
                 models = await get_json(host, port, "/v1/models")
-                streams["frontend"] = http_side(host, port, models["data"][0]["id"], counts)
-                log(f"frontend on {host}:{port}")
+                streams[side] = http_side(host, port, models["data"][0]["id"], counts)
+                log(f"{side} on {host}:{port}")
             except Exception as exc:
-                log(f"FAIL side frontend: {type(exc).__name__}: {exc}")
-        if "frontend-n" in sides:
-            try:
-                if dep is None or not dep.frontend_n_port:
-                    raise RuntimeError("no deployment to put a frontend in")
-                models = await get_json("127.0.0.1", dep.frontend_n_port, "/v1/models")
-                streams["frontend-n"] = http_side("127.0.0.1", dep.frontend_n_port, models["data"][0]["id"], counts)
-                log(f"frontend-n ({args.frontend_processes} processes) on 127.0.0.1:{dep.frontend_n_port}")
-            except Exception as exc:
-                log(f"FAIL side frontend-n: {type(exc).__name__}: {exc}")
+                log(f"FAIL side {side}: {type(exc).__name__}: {exc}")
         if "inprocess" in sides:
             log("in-process AsyncLLM starting")
             if args.gpus:
