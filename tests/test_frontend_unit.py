@@ -117,3 +117,21 @@ def test_a_dead_instance_is_retried_then_503(services) -> None:  # type: ignore[
 
     error = asyncio.run(run())
     assert error is not None and (error.status, error.headers()) == (503, {"Retry-After": "5"})
+
+
+@pytest.mark.parametrize("max_tokens", [16, 17, 1])
+def test_the_request_plane_payload_states_max_tokens_even_at_vllms_default(max_tokens: int) -> None:
+    """vLLM's SamplingParams omits fields at their default, and max_tokens' default is 16. The router prices a
+    request's decode from the payload's max_tokens (256 tokens when absent), so a request for 16 tokens was
+    priced as 256: 4 blocks of 64 too many, enough to send it away from its cached prefix under load."""
+    from vllm import SamplingParams
+    from vllm.v1.engine import EngineCoreRequest
+
+    from workers.common.protocol import GenerateRequest
+    from workers.frontend.remote_engine import payload_of
+
+    request = EngineCoreRequest(request_id="r", prompt_token_ids=[1, 2, 3], mm_features=None,
+                                sampling_params=SamplingParams(max_tokens=max_tokens), pooling_params=None,
+                                arrival_time=0.0, lora_request=None, cache_salt=None, data_parallel_rank=None)
+    sent = GenerateRequest.model_validate(payload_of(request))
+    assert sent.sampling.get("max_tokens") == max_tokens

@@ -204,6 +204,10 @@ def payload_of(request: Any) -> dict[str, Any]:
     """An EngineCoreRequest as the `generate` endpoint's request (workers.common.protocol)."""
     params = request.sampling_params
     sampling = msgspec.to_builtins(params)
+    # SamplingParams omits fields at their default, and max_tokens' default (16) is a common value: a router
+    # reading the payload took an absent max_tokens for "unknown" and priced 256 decode tokens instead of 16.
+    if params.max_tokens is not None:
+        sampling["max_tokens"] = params.max_tokens
     payload: dict[str, Any] = {"request_id": request.request_id, "token_ids": list(request.prompt_token_ids),
                                "sampling": sampling, "output": "tokens"}
     if request.priority:
