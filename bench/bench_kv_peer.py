@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -69,7 +70,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,8 @@ class Result:
     ttft: float | None
     error: str | None = None
     chunks: int = 0  # SSE chunks with text: about the output tokens (ignore_eos honoured on both sides?)
+    label: str = ""  # which request: "chat 3 turn 0", "req 17"
+    sent: float = 0.0  # seconds from the workload's start
 
 
 async def one(client: httpx.AsyncClient, url: str, prompt: str | list[dict[str, str]], max_tokens: int,
@@ -235,16 +238,21 @@ async def drive(url: str, work: Workload, max_tokens: int, in_flight: int) -> tu
 
         async def lane() -> None:
             for turns in jobs:
-                for prompt in turns:
-                    results.append(await one(client, url, prompt, max_tokens))
+                for turn, prompt in enumerate(turns):
+                    label, sent = f"req {next(numbers)} turn {turn}", time.perf_counter() - t0
+                    results.append(replace(await one(client, url, prompt, max_tokens), label=label, sent=sent))
             for system, users in chats:
+                chat = next(numbers)
                 messages = [{"role": "system", "content": system}]
-                for user in users:
+                for turn, user in enumerate(users):
                     messages.append({"role": "user", "content": user})
                     answer: list[str] = []
-                    results.append(await one(client, url, list(messages), max_tokens, answer))
+                    label, sent = f"chat {chat} turn {turn}", time.perf_counter() - t0
+                    results.append(replace(await one(client, url, list(messages), max_tokens, answer), label=label,
+                                           sent=sent))
                     messages.append({"role": "assistant", "content": "".join(answer)})
 
+        numbers = itertools.count()
         t0 = time.perf_counter()
         await asyncio.gather(*(lane() for _ in range(in_flight)))
         return results, time.perf_counter() - t0
@@ -300,6 +308,8 @@ def run_workload(side: Side, work: Workload, args: argparse.Namespace) -> dict[s
         "preemptions": sum(d[PREEMPT] for d in delta.values()),
         "ttft_p50_ms": 1000 * (percentile(ttfts, 0.5) or 0), "ttft_p90_ms": 1000 * (percentile(ttfts, 0.9) or 0),
         "wall_s": wall, "requests": len(results), "failed": sum(r.error is not None for r in results),
+        "per_request": [{"label": r.label, "sent_ms": round(1000 * r.sent, 1),
+                         "ttft_ms": None if r.ttft is None else round(1000 * r.ttft, 1)} for r in results],
         "split": [int(delta[p][SUCCESS]) for p in side.metrics_ports],
         "text_chunks_per_request": statistics.median(r.chunks for r in results) if results else None,
         "errors": sorted({r.error for r in results if r.error})[:5],
