@@ -161,9 +161,9 @@ async def _two_replicas(nats: str) -> None:
         ctx.nc = await requestplane.connect(nats, f"router-{k + 1}")
         conns.append(ctx.nc)
         service = RouterService(ctx, router(k, ns), IdsOnly(), "backend")  # type: ignore[arg-type]
-        await service.share()
         services.append(service)
     a, b = services
+    await a.share()  # b shares only once a's request is in flight: a, alone until then, published no start
     caller = await requestplane.connect(nats, "frontend")
     conns.append(caller)
 
@@ -178,6 +178,8 @@ async def _two_replicas(nats: str) -> None:
 
     try:
         first = asyncio.create_task(ask(a, [*PREFIX, 1]))
+        await until(lambda: a.router.decisions, 5, "router-1's decision")
+        await b.share()  # a hears b's Live list within a second, and tells it of the request in flight
         await until(lambda: sum(v.peer_requests for v in b.router.workers.values()) == 1, 5,
                     "router-2 to hear router-1's request")
         home = next(w for w, v in b.router.workers.items() if v.peer_requests == 1)
@@ -200,4 +202,32 @@ async def _two_replicas(nats: str) -> None:
 
 
 def test_two_router_services_share_requests_over_nats(services) -> None:  # type: ignore[no-untyped-def]
+    """Two routers on a real nats-server: one routes alone, then hears a second one start and tells it of its
+    request in flight; the second sends its own request on the same prefix where the first one's runs."""
     asyncio.run(_two_replicas(services.nats))
+
+
+def test_a_lone_router_publishes_only_its_live_list() -> None:
+    """With no peer heard, starts and finishes are not published (nobody reads them); the Live list still is,
+    so that peers find each other. Once a peer is heard they are."""
+    async def run() -> list[peers.Routed]:
+        sent: list[peers.Routed] = []
+        heard = False
+
+        async def publish(subject: str, data: bytes) -> None:
+            sent.append(peers.decoder.decode(data))
+
+        feed = peers.PeerFeed(publish, "ns", 1, lambda: [7], peers_heard=lambda: heard)
+        feed.start()
+        feed.started(7, 1, [1, 2], 1)
+        feed.finished(7)
+        await until(lambda: sent, 3, "the Live list")
+        heard = True
+        feed.started(8, 1, [1, 2], 1)
+        await until(lambda: any(isinstance(i, peers.Started) for m in sent for i in m.items), 3, "the start")
+        feed.stop()
+        return sent
+
+    items = [i for m in asyncio.run(run()) for i in m.items]
+    assert isinstance(items[0], peers.Live)
+    assert [i.id for i in items if isinstance(i, (peers.Started, peers.Finished))] == [8]

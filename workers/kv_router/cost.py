@@ -49,6 +49,11 @@ Why each term:
   queue of 2-3 requests and lost hits (bench/results/kv-peer-weights-cpu.md, 8 in flight: pressure
   hit 0.911 against 0.744, TTFT p50 232 ms against 608, equal to vllm-router; roomy hit 0.816, TTFT
   within round robin's). On a GPU the balance of prefill and decode cost differs: measure again there.
+  Those runs (16 output tokens) priced every request's decode at 256 tokens: vLLM's SamplingParams omits
+  max_tokens at its default, 16, and the frontend sent it only when it differed (fixed in 8c5a018).
+  Re-run with the right footprint (kv-peer-cpu.md, kv-peer-zipf-chat-cpu.md): pressure hit 0.911, 1.04 of
+  vllm-router's; zipf at 8 in flight 0.666, 1.06 of vllm-router's and 1.24 of Dynamo's (it was 0.81 of
+  vllm-router's with the wrong footprint, whose overflow term sent requests away from their cached prefix).
 - overflow: a worker cannot run more distinct context than it holds; the excess waits in its queue or
   preempts a running request. Only the request's own new blocks count (its marginal overflow): a worker
   already over its capacity by others' requests charged each newcomer the whole excess, so a request whose
@@ -77,7 +82,8 @@ import numpy as np
 
 from workers.kv_router.indexer import WorkerSlots, leading_matches
 
-DECODE_TOKENS_ESTIMATE = 256  # a request's decode footprint is min(max_tokens, this): most stop early
+DECODE_TOKENS_ESTIMATE = 256  # a request's decode footprint is min(max_tokens, this): most stop early; this
+# when the request states no max_tokens (the frontend always states it: workers/frontend/remote_engine.py)
 
 
 @dataclass(frozen=True)

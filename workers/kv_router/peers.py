@@ -19,6 +19,11 @@ through the workers' load reports, as without the feed.
 
 Messages are batched: whatever accumulated while the previous message was being written goes in the
 next one, so a burst of decisions costs a few messages, not one each.
+
+A router that has heard no peer publishes only its Live list (so that peers find each other), not its
+starts and finishes: nobody would read them, and a lone router paid a publish and the echo of it, twice a
+request. When it hears a new peer, it publishes a `Started` for each request it has in flight, so the
+newcomer counts them as if it had heard them start.
 """
 
 from __future__ import annotations
@@ -89,10 +94,12 @@ class PeerTable:
         self.requests: dict[int, dict[int, Started]] = {}
         self.heard: dict[int, float] = {}
 
-    def apply(self, msg: Routed, now: float) -> None:
+    def apply(self, msg: Routed, now: float) -> bool:
+        """Apply a peer's message; True when that peer was not heard before (or had been forgotten)."""
         if msg.router == self.own_id:
-            return
-        if msg.router not in self.heard:
+            return False
+        new = msg.router not in self.heard
+        if new:
             log.info("router peer %x heard", msg.router)
         self.heard[msg.router] = now
         mine = self.requests.setdefault(msg.router, {})
@@ -106,6 +113,7 @@ class PeerTable:
                 live = set(item.ids)
                 for rid in [r for r in mine if r not in live]:
                     self._end(mine.pop(rid))
+        return new
 
     def expire(self, now: float, after: float = PEER_SILENT_AFTER) -> list[int]:
         """Forget routers not heard from for `after` seconds, with their requests; returns them."""
@@ -135,22 +143,25 @@ class PeerFeed:
     """Our side: queue what we start and finish, publish it in batches, and the Live list every second."""
 
     def __init__(self, publish: Callable[[str, bytes], Any], namespace: str, own_id: int,
-                 live_ids: Callable[[], list[int]]) -> None:
+                 live_ids: Callable[[], list[int]], peers_heard: Callable[[], bool] = lambda: True) -> None:
         self.publish = publish  # an async NATS publish(subject, payload)
         self.subject = routed_subject(namespace)
         self.own_id = own_id
         self.live_ids = live_ids
+        self.peers_heard = peers_heard  # whether any peer is listening (else starts and finishes are not sent)
         self.pending: list[Item] = []
         self.wake = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
 
     def started(self, rid: int, worker: int, hashes: Sequence[int], private: int) -> None:
-        self.pending.append(Started(rid, worker, list(hashes), private))
-        self.wake.set()
+        if self.peers_heard():
+            self.pending.append(Started(rid, worker, list(hashes), private))
+            self.wake.set()
 
     def finished(self, rid: int) -> None:
-        self.pending.append(Finished(rid))
-        self.wake.set()
+        if self.peers_heard():  # a peer that never heard the start ignores it
+            self.pending.append(Finished(rid))
+            self.wake.set()
 
     def start(self) -> None:
         self.tasks = [asyncio.create_task(self._send_loop(), name="peer-feed"),

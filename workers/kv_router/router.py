@@ -363,6 +363,12 @@ class KvRouter:
             if self.feed is not None:
                 self.feed.started(d.id, d.worker, d.hashes, private)
 
+    def announce_inflight(self) -> None:
+        """Tell the peers (again) of every request of ours in flight: a new peer heard none of them start."""
+        if self.feed is not None:
+            for d in self.decisions.values():
+                self.feed.started(d.id, d.worker, d.hashes, self._private_blocks(d))
+
     def finished(self, d: Decision) -> None:
         if self.decisions.pop(d.id, None) is not None and self.feed is not None:
             self.feed.finished(d.id)
@@ -524,7 +530,8 @@ class RouterService:
         await self.ctx.nc.subscribe(peers.routed_subject(self.ns), cb=self._on_routed)
         await self.ctx.nc.flush()  # subscribed at the server before this router serves
         self.feed = self.router.feed = PeerFeed(self.ctx.nc.publish, self.ns, self.router.peers.own_id,
-                                                lambda: list(self.router.decisions))
+                                                lambda: list(self.router.decisions),
+                                                peers_heard=lambda: bool(self.router.peers.heard))
         self.feed.start()
         self.tasks.append(asyncio.create_task(self._expire_peers()))
 
@@ -547,9 +554,12 @@ class RouterService:
 
     async def _on_routed(self, msg: Any) -> None:
         try:
-            self.router.peers.apply(peers.decoder.decode(msg.data), time.monotonic())
+            new_peer = self.router.peers.apply(peers.decoder.decode(msg.data), time.monotonic())
         except Exception as exc:
             log.warning("undecodable message of another router: %s", exc)
+            return
+        if new_peer:  # it heard none of our starts (we published none, or it was not there): tell it now
+            self.router.announce_inflight()
 
     async def _expire_peers(self) -> None:
         while True:
