@@ -82,8 +82,9 @@ import numpy as np
 
 from workers.kv_router.indexer import WorkerSlots, leading_matches
 
-DECODE_TOKENS_ESTIMATE = 256  # a request's decode footprint is min(max_tokens, this): most stop early; this
-# when the request states no max_tokens (the frontend always states it: workers/frontend/remote_engine.py)
+# A request's decode footprint is min(max_tokens, this): most stop early. Also what a request that states no
+# max_tokens is priced at (the frontend always states it: workers/frontend/remote_engine.py payload_of).
+DECODE_TOKENS_ESTIMATE = 256
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ class PeerFeed:
     """Our side: queue what we start and finish, publish it in batches, and the Live list every second."""
 
     def __init__(self, publish: Callable[[str, bytes], Any], namespace: str, own_id: int,
-                 live_ids: Callable[[], list[int]], peers_heard: Callable[[], bool] = lambda: True) -> None:
+                 live_ids: Callable[[], list[int]], peers_heard: Callable[[], bool]) -> None:
         self.publish = publish  # an async NATS publish(subject, payload)
         self.subject = routed_subject(namespace)
         self.own_id = own_id
