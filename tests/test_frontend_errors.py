@@ -14,9 +14,10 @@ import pytest
 
 from tests.test_frontend_unit import catalog_of, reg
 from workers.frontend.app import FrontendApp, Settings
-from workers.frontend.catalog import Catalog
+from workers.frontend.catalog import Catalog, ModelRoute
 from workers.frontend.dispatch import StreamBroken, api_error
 from workers.frontend.errors import WorkerFailed, WorkerSilent
+from workers.frontend.model_apps import ModelApps
 from workers.frontend.openai_layer import build_openai_app, serve_args
 from workers.kinds import KINDS
 from workers.runtime.annotated import Annotated, ErrorCode
@@ -60,8 +61,9 @@ class Harness:
     def call(self, method: str, path: str, script: Script | None = None, catalog: Catalog | None = None,
              settings: Settings | None = None, **kwargs: Any) -> httpx.Response:
         self.dispatcher.script = script or (lambda: tokens(72, 73))
-        app = FrontendApp(self.dispatcher, catalog or self.catalog, settings or Settings())  # type: ignore[arg-type]
-        app.openai = self.openai
+        catalog = catalog or self.catalog
+        app = FrontendApp(self.dispatcher, catalog, settings or Settings(),  # type: ignore[arg-type]
+                          ModelApps(catalog, self._built))
 
         async def run() -> httpx.Response:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.app), base_url="http://t") as http:
@@ -70,6 +72,9 @@ class Harness:
                 return response
 
         return self.loop.run_until_complete(run())
+
+    async def _built(self, route: ModelRoute) -> Any:
+        return self.openai
 
     def close(self) -> None:
         """Stop vLLM's output handler on this loop, then the loop: nothing left for the collector to finalize

@@ -23,8 +23,9 @@ from tests import fake_kind
 from tests.helpers import ROOT, Services, until, worker
 from workers.engine import add_worker_flags
 from workers.frontend.app import FrontendApp, Settings
-from workers.frontend.catalog import Catalog, follow
+from workers.frontend.catalog import Catalog, ModelRoute, follow
 from workers.frontend.dispatch import Dispatcher
+from workers.frontend.model_apps import ModelApps
 from workers.kinds import KINDS, Kind, entry_component, worker_kinds
 from workers.runtime import requestplane
 from workers.runtime.registry import Registry
@@ -59,10 +60,15 @@ def test_a_kinds_component_is_its_name_or_the_row_says_why(kind: Kind) -> None:
     assert kind.endpoints and (kind.routes or kind.entry_rank is None)
 
 
+async def _never_built(route: ModelRoute) -> Any:
+    raise AssertionError(f"nothing serves, so no model's app is built ({route.name})")
+
+
 def test_the_frontend_takes_every_route_a_kind_answers() -> None:
     """Nothing serves yet: every OpenAI route a kind answers is a 503 with Retry-After (not a 404)."""
     catalog = Catalog()
-    app = FrontendApp(Dispatcher(None, catalog, timeout=1, retries=0), catalog, Settings())  # type: ignore[arg-type]
+    app = FrontendApp(Dispatcher(None, catalog, timeout=1, retries=0), catalog, Settings(),  # type: ignore[arg-type]
+                      ModelApps(catalog, _never_built))
 
     async def statuses() -> set[tuple[int, str | None]]:
         out = set()

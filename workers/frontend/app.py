@@ -12,7 +12,6 @@ cancels the NATS stream, and the request plane tells the worker, which aborts th
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -31,6 +30,7 @@ from workers.frontend.catalog import Catalog
 from workers.frontend.dispatch import Dispatcher
 from workers.frontend.errors import ApiError, BodyTooLarge, NoWorker, Unauthorized
 from workers.frontend.metrics import FrontendMetrics
+from workers.frontend.model_apps import ModelApps
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +95,13 @@ def _stream_error(first: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]] 
 
 
 class FrontendApp:
-    def __init__(self, dispatcher: Dispatcher, catalog: Catalog, settings: Settings,
+    def __init__(self, dispatcher: Dispatcher, catalog: Catalog, settings: Settings, models: ModelApps,
                  metrics: FrontendMetrics | None = None) -> None:
         self.dispatcher = dispatcher
         self.catalog = catalog
         self.settings = settings
+        self.models = models  # vLLM's app per served model, built as each model's workers register
         self.metrics = metrics or FrontendMetrics()
-        self.openai: ASGIApp | None = None  # vLLM's app, once the model's configuration is known
-        self.built = asyncio.Event()  # set with `openai`
         dispatcher.on_resend = self._count_resend
         self.own = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
@@ -148,8 +147,9 @@ class FrontendApp:
 
     async def gate(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            if self.openai is not None:
-                await self.openai(scope, receive, send)
+            default = self.models.default()
+            if default is not None:
+                await default(scope, receive, send)
             return
         if not self._authorized(scope):
             await _send_error(send, Unauthorized("a valid API key is required: send `Authorization: Bearer <key>`"))
@@ -159,15 +159,23 @@ class FrontendApp:
             await _send_error(send, BodyTooLarge(f"the request body is over the limit of "
                                                  f"{self.settings.max_request_bytes} bytes"))
             return
-        openai = self.openai
-        if openai is None or not self.catalog.serving():
+        model, stream = self._model_and_stream(body)
+        try:
+            openai = await self.models.for_model(model) if self.catalog.serving() else None
+        except ApiError as exc:
+            await _send_error(send, exc)
+            return
+        if openai is None:
             await _send_error(send, NoWorker("no worker serves a model right now (starting, or down): retry shortly"))
             return
-        await self._forward(openai, scope, body, receive, send)
+        if scope.get("method") == "GET" and scope.get("path") == "/v1/models" and len(self.models.apps) > 1:
+            await JSONResponse(await self.models.models_body())(scope, receive, send)
+            return
+        await self._forward(openai, scope, body, model, stream, receive, send)
 
-    async def _forward(self, openai: ASGIApp, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+    async def _forward(self, openai: ASGIApp, scope: Scope, body: bytes, model: str, stream: bool, receive: Receive,
+                       send: Send) -> None:
         started = time.perf_counter()
-        model, stream = self._model_and_stream(body)
         endpoint = scope["path"].rsplit("/", 1)[-1] or scope["path"]
         status = 499
         finished = False
@@ -234,7 +242,7 @@ class FrontendApp:
 
     # ---- the frontend's own routes ---------------------------------------------------------------
     async def health(self, request: Request) -> Response:
-        if self.catalog.serving() and self.openai is not None:
+        if self.catalog.serving() and self.models.first.is_set():
             return Response(status_code=200)
         return JSONResponse(NoWorker("no worker serves any model yet").body(), status_code=503,
                             headers={"Retry-After": str(NoWorker.retry_after)})

@@ -71,3 +71,10 @@ class WorkerSilent(ApiError):
 
     status = 504
     type = "GatewayTimeoutError"
+
+
+class ModelUnavailable(ApiError):
+    """A registered model whose OpenAI layer could not be built (its configuration: the frontend's log)."""
+
+    status = 500
+    type = "InternalServerError"

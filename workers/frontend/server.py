@@ -5,9 +5,10 @@
         [`vllm serve` server flags: --enable-auto-tool-choice --tool-call-parser hermes --chat-template T ...]
 
 It finds the deployment's workers in etcd (namespace from LAUNCHER_NAMESPACE), listens at once
-(`/health` answers 503 until a worker serves), builds vLLM's OpenAI server for the model the workers
-registered (`workers.frontend.openai_layer`), and registers itself in etcd (component `frontend`,
-endpoint `http`, its URL in `extra.url`) once it listens, sees a worker and has that server: that is
+(`/health` answers 503 until a worker serves), builds vLLM's OpenAI server for each model the workers
+register (`workers.frontend.openai_layer`, `workers.frontend.model_apps`), and registers itself in etcd
+(component `frontend`, endpoint `http`, its URL in `extra.url`) once it listens, sees a worker and has
+the servers of the models served then: that is
 what `launcher up` waits for. Its `vllm serve` flags (tools, reasoning, chat template) go to vLLM's
 own parser, which checks them when the frontend starts.
 """
@@ -24,12 +25,15 @@ import signal
 import socket
 import sys
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
 from workers.frontend.app import FrontendApp, Observer, Settings
-from workers.frontend.catalog import Catalog, follow
+from workers.frontend.catalog import Catalog, ModelRoute, follow
 from workers.frontend.dispatch import Dispatcher
+from workers.frontend.metrics import FrontendMetrics
+from workers.frontend.model_apps import Builder, ModelApps
 from workers.frontend.openai_layer import build_openai_app, model_config_of, serve_args
 from workers.frontend.processes import ServerGroup, exit_with_parent, tell_parent
 from workers.kinds import KINDS
@@ -48,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model", default=None, help="model whose tokenizer to load before the first request")
+    p.add_argument("--model", default=None, help=(
+        "the deployment's own model, as its workers load it: a request naming no model goes to it "
+        "(workers.frontend.model_apps)"))
     p.add_argument("--api-key-env", default=None,
                    help="name of the environment variable with the API key every /v1 route requires")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20)
@@ -138,7 +144,9 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     catalog = Catalog()
     follower = asyncio.create_task(follow(ctx.registry, settings.namespace, catalog))
     dispatcher = Dispatcher(ctx.nc, catalog, args.request_timeout, args.retries, args.migration_limit)
-    app = FrontendApp(dispatcher, catalog, Settings(key, args.max_request_bytes))
+    metrics = FrontendMetrics()
+    models = ModelApps(catalog, _builder(vllm_args, catalog, dispatcher, metrics), args.model)
+    app = FrontendApp(dispatcher, catalog, Settings(key, args.max_request_bytes), models, metrics)
     # On SIGTERM uvicorn stops accepting and lets the streams in flight finish. It waits a little longer
     # than the workers drain, so a stream they hand back at their drain's end still gets its error event.
     grace = math.ceil(settings.drain_timeout) + 5
@@ -148,22 +156,25 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     server.group = group
     sockets = [group.sock] if group else [socket.socket(fileno=args.listen_fd)] if child else None
     url = f"http://{args.host}:{args.port}"
-    building = asyncio.create_task(_build_when_known(app, catalog, dispatcher, vllm_args, server))
+    serving = asyncio.Event()  # set once the frontend answers as ready (registered, or told its parent)
+    building = asyncio.create_task(_build_as_registered(models, catalog, server, serving))
     tasks = [follower, building]
     if child:  # accept only once it can serve; the parent registers the group
         orphaned = asyncio.Event()
         tasks += [asyncio.create_task(exit_with_parent(orphaned)),
-                  asyncio.create_task(_child_ready(server, app, args.ready_fd, orphaned))]
+                  asyncio.create_task(_child_ready(server, args.ready_fd, orphaned, serving))]
     else:
-        tasks.append(asyncio.create_task(_register_when_serving(ctx, server, app, url, group)))
+        tasks.append(asyncio.create_task(_register_when_serving(ctx, server, models, url, group, serving)))
     if group:
         tasks += group.start()
     try:
-        if child:  # built, or the build failed (then it exits 1 below, and the parent hears it died)
-            built = asyncio.create_task(app.built.wait())
-            await asyncio.wait([built, building], return_when=asyncio.FIRST_COMPLETED)
-            built.cancel()
-        if not child or app.built.is_set():
+        can_serve = True
+        if child:  # built, or a build failed (then it exits 1 below, and the parent hears it died)
+            settled = asyncio.create_task(_settled(models, catalog))
+            await asyncio.wait([settled, building], return_when=asyncio.FIRST_COMPLETED)
+            can_serve = settled.done() and not settled.cancelled() and settled.exception() is None
+            settled.cancel()
+        if can_serve:
             await server.serve(sockets=sockets)  # returns on SIGTERM/SIGINT (uvicorn's handlers), after draining
     finally:
         if group:
@@ -179,55 +190,80 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
         sys.exit(1)  # e.g. the port was taken, or vLLM refused the model: said in the log
 
 
-async def _child_ready(server: uvicorn.Server, app: FrontendApp, ready_fd: int, orphaned: asyncio.Event) -> None:
+async def _child_ready(server: uvicorn.Server, ready_fd: int, orphaned: asyncio.Event, serving: asyncio.Event) -> None:
     """A group's child: serving once it accepts (it only does once built); stops with an orphaned group."""
     while not server.started:
         await asyncio.sleep(0.05)
     tell_parent(ready_fd)
+    serving.set()
     await orphaned.wait()
     server.should_exit = True
 
 
-async def _build_when_known(app: FrontendApp, catalog: Catalog, dispatcher: Dispatcher,
-                            vllm_args: argparse.Namespace, server: uvicorn.Server) -> None:
-    """vLLM's OpenAI server, once a worker registered the model (its configuration comes with it)."""
+def _builder(vllm_args: argparse.Namespace, catalog: Catalog, dispatcher: Dispatcher,
+             metrics: FrontendMetrics) -> Builder:
+    """How a model's vLLM OpenAI server is built: from the registration of one of its workers."""
+    async def build(route: ModelRoute) -> Any:
+        try:
+            return await build_openai_app(vllm_args, route, model_config_of(catalog, route), dispatcher,
+                                          Observer(metrics, route.name))
+        except Exception:
+            log.exception("vLLM's OpenAI layer could not be built for %s", route.name)
+            raise
+    return build
+
+
+async def _until_serving(catalog: Catalog) -> None:
     while not catalog.serving():
         catalog.changed.clear()
+        with contextlib.suppress(asyncio.TimeoutError):  # capped: another waiter may clear the event
+            await asyncio.wait_for(catalog.changed.wait(), 1)
+
+
+async def _settled(models: ModelApps, catalog: Catalog) -> None:
+    """Some worker serves, and every model served now has its vLLM server (a failed build raises)."""
+    await _until_serving(catalog)
+    await models.settle()
+
+
+async def _build_as_registered(models: ModelApps, catalog: Catalog, server: uvicorn.Server,
+                               serving: asyncio.Event) -> None:
+    """vLLM's OpenAI server for each model, once a worker registered it (its configuration comes with it).
+    Until the frontend serves, a failed build stops it (a configuration error, said by `launcher up`);
+    after, that model's requests get a 500 naming it and the other models go on (`ModelApps`)."""
+    while True:
+        tasks = models.build_known()
+        if not serving.is_set():
+            try:
+                await asyncio.gather(*tasks)
+            except Exception:
+                log.error("the frontend stops: a model's OpenAI layer could not be built (above)")
+                server.should_exit = True
+                raise
+        catalog.changed.clear()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(catalog.changed.wait(), 5)
-    route = next(iter(sorted(catalog.serving().items())))[1]
-    try:
-        app.openai = await build_openai_app(vllm_args, route, model_config_of(catalog, route), dispatcher,
-                                            Observer(app.metrics, route.name))
-        app.built.set()
-    except BaseException:
-        log.exception("vLLM's OpenAI layer could not be built for %s: the frontend stops", route.name)
-        server.should_exit = True
-        raise
+            await asyncio.wait_for(catalog.changed.wait(), 1)
 
 
-async def _register_when_serving(ctx: WorkerContext, server: uvicorn.Server, app: FrontendApp, url: str,
-                                 group: ServerGroup | None) -> None:
-    """Ready = listening, some worker serves, vLLM's server is built, and every other process of its group
-    serves: only then may `launcher up` call it ready."""
+async def _register_when_serving(ctx: WorkerContext, server: uvicorn.Server, models: ModelApps, url: str,
+                                 group: ServerGroup | None, serving: asyncio.Event) -> None:
+    """Ready = listening, some worker serves, vLLM's server is built for every model served, and every other
+    process of its group serves: only then may `launcher up` call it ready."""
     assert ctx.registry is not None
-    catalog = app.catalog
     while not server.started:
         await asyncio.sleep(0.05)
     log.info("listening on %s; waiting for a worker to serve", url)
-    await app.built.wait()
+    await _settled(models, models.catalog)
     if group is not None:
         await group.all_ready.wait()
-    while not catalog.serving():
-        catalog.changed.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(catalog.changed.wait(), 5)
+    await _until_serving(models.catalog)
     s = ctx.settings
     lease = await ctx.registry.grant()
     reg = Registration(namespace=s.namespace, component=COMPONENT, endpoint=KINDS["frontend"].endpoint, subject="",
                        lease_id=lease, host=s.host, process=s.process_name, extra={"url": url})
     await ctx.registry.register(reg)
-    log.info("frontend ready at %s, serving %s", url, ", ".join(sorted(catalog.serving())))
+    serving.set()
+    log.info("frontend ready at %s, serving %s", url, ", ".join(sorted(models.apps)))
 
 
 def main(argv: list[str] | None = None) -> None:

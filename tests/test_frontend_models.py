@@ -1,0 +1,220 @@
+"""One frontend, several models: each request reaches the model its body names, through that model's own
+vLLM OpenAI app. Most tests build the apps over the tiny model's config and tokenizer (no engine; a stub
+dispatcher plays the workers and records which model each request was sent to); the last one deploys two
+real models with `launcher up` and asks them through the `openai` SDK."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from launcher import services as svc
+from tests.helpers import CPU_ENGINE, CPU_ENV, MONOLITH, Services, metric, up, wait_until
+from tests.test_frontend_errors import ENTRY, StubDispatcher, tokens
+from tests.test_frontend_unit import catalog_of
+from workers.frontend.app import FrontendApp, Settings
+from workers.frontend.catalog import Catalog, ModelRoute
+from workers.frontend.model_apps import ModelApps
+from workers.frontend.openai_layer import build_openai_app, serve_args
+from workers.runtime.registry import Registration
+
+PATHS = {"smol": "/models/smol", "other": "/models/other", "broken": "/models/broken", "slow": "/models/slow"}
+
+
+def registration(served: str, instance: int) -> Registration:
+    return Registration(namespace="ns", component=ENTRY, endpoint="generate", subject=f"ns.{ENTRY}.generate",
+                        lease_id=instance, instance_id=instance, model=PATHS[served],
+                        extra={"served_model_name": served, "max_model_len": 64})
+
+
+class Models:
+    """vLLM apps built once (smol; other, with the alias `other-alias`; slow), and a frontend over any catalog
+    of them whose builds hand them out: `slow`'s once `release` is set; `broken`'s fails."""
+
+    def __init__(self, tiny_model: Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.dispatcher = RecordingDispatcher()
+        self.built: dict[str, Any] = {}
+        for served, names in (("smol", ["smol"]), ("other", ["other", "other-alias"]), ("slow", ["slow"])):
+            route = catalog_of(registration(served, 1)).serving()[served]
+            config = {"model": str(tiny_model), "served_model_name": names}
+            self.built[served] = self.loop.run_until_complete(build_openai_app(
+                serve_args(str(tiny_model), []), route, config, self.dispatcher))  # type: ignore[arg-type]
+        self.release = asyncio.Event()
+        self.builds: list[str] = []
+
+    async def build(self, route: ModelRoute) -> Any:
+        self.builds.append(route.name)
+        if route.name == "broken":
+            raise ValueError("the chat template does not parse")
+        if route.name == "slow":
+            await self.release.wait()
+        return self.built[route.name]
+
+    def frontend(self, catalog: Catalog, preferred: str = "smol") -> FrontendApp:
+        self.builds.clear()
+        self.dispatcher.models.clear()
+        apps = ModelApps(catalog, self.build, PATHS[preferred])
+        return FrontendApp(self.dispatcher, catalog, Settings(), apps)  # type: ignore[arg-type]
+
+    def calls(self, app: FrontendApp, *requests: tuple[str, str, dict[str, Any] | None]) -> list[httpx.Response]:
+        async def run() -> list[httpx.Response]:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.app), base_url="http://t") as http:
+                return list(await asyncio.gather(*(http.request(method, path, json=body)
+                                                   for method, path, body in requests)))
+        return self.loop.run_until_complete(run())
+
+    def close(self) -> None:
+        for app in self.built.values():
+            app.state.engine_client.shutdown()
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.close()
+
+
+class RecordingDispatcher(StubDispatcher):
+    def __init__(self) -> None:
+        super().__init__()
+        self.models: list[str] = []
+
+    async def generate(self, model: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        self.models.append(model)
+        async for chunk in tokens(72, 73):
+            yield chunk
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model: Path) -> Iterator[Models]:
+    m = Models(tiny_model)
+    yield m
+    m.close()
+
+
+def completion(model: str | None) -> dict[str, Any]:
+    return {"prompt": [1, 2, 3], "max_tokens": 2, **({"model": model} if model is not None else {})}
+
+
+def test_each_request_reaches_the_model_it_names(models: Models) -> None:
+    app = models.frontend(catalog_of(registration("smol", 1), registration("other", 2)))
+    answers = models.calls(app, ("POST", "/v1/completions", completion("other")),
+                           ("POST", "/v1/completions", completion("smol")),
+                           ("POST", "/v1/completions", completion("other-alias")))
+    assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
+    assert sorted(models.dispatcher.models) == ["other", "other", "smol"]
+    assert [r.json()["model"] for r in answers] == ["other", "smol", "other"]  # vLLM answers with the first name
+
+
+def test_a_request_naming_no_model_goes_to_the_frontends_own(models: Models) -> None:
+    for preferred in ("other", "smol"):
+        app = models.frontend(catalog_of(registration("smol", 1), registration("other", 2)), preferred=preferred)
+        [r] = models.calls(app, ("POST", "/v1/completions", completion(None)))
+        assert r.status_code == 200, r.text
+        assert models.dispatcher.models == [preferred]
+
+
+def test_v1_models_lists_every_model_the_frontends_own_first(models: Models) -> None:
+    app = models.frontend(catalog_of(registration("smol", 1), registration("other", 2)), preferred="other")
+    models.calls(app, ("POST", "/v1/completions", completion("smol")))  # both built (the server builds at once)
+    [r] = models.calls(app, ("GET", "/v1/models", None))
+    assert r.status_code == 200 and r.json()["object"] == "list"
+    assert [card["id"] for card in r.json()["data"]] == ["other", "other-alias", "smol"]
+    assert all(card["max_model_len"] == 64 and card["object"] == "model" for card in r.json()["data"])
+
+
+def test_an_unknown_model_is_vllms_404(models: Models) -> None:
+    app = models.frontend(catalog_of(registration("smol", 1), registration("other", 2)))
+    [r] = models.calls(app, ("POST", "/v1/completions", completion("nope")))
+    assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError", r.text
+    assert models.dispatcher.models == []
+
+
+def test_a_model_whose_layer_fails_is_a_500_naming_it_and_the_others_go_on(models: Models) -> None:
+    app = models.frontend(catalog_of(registration("smol", 1), registration("broken", 2)))
+    broken, good = models.calls(app, ("POST", "/v1/completions", completion("broken")),
+                                ("POST", "/v1/completions", completion("smol")))
+    assert broken.status_code == 500, broken.text
+    error = broken.json()["error"]
+    assert error["param"] == "model" and "`broken`" in error["message"] and "chat template" in error["message"]
+    assert good.status_code == 200 and models.dispatcher.models == ["smol"]
+
+
+def test_a_registered_model_still_building_is_waited_for_not_404(models: Models) -> None:
+    app = models.frontend(catalog_of(registration("smol", 1), registration("slow", 2)))
+    models.release.clear()
+
+    async def release_soon() -> None:
+        await asyncio.sleep(0.2)
+        models.release.set()
+
+    async def both() -> list[httpx.Response]:
+        task = asyncio.create_task(release_soon())
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.app), base_url="http://t") as http:
+            answers = await asyncio.gather(http.post("/v1/completions", json=completion("slow")),
+                                           http.post("/v1/completions", json=completion("slow")))
+        await task
+        return list(answers)
+
+    answers = models.loop.run_until_complete(both())
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+    assert models.builds.count("slow") == 1  # one build, both requests waited for it
+
+
+# ---- end to end: one frontend over two real models ---------------------------------------------------
+
+def test_one_frontend_serves_two_models_each_from_its_own_workers(tmp_path: Path, services: Services,
+                                                                    demo_model: Path, tiny_model: Path) -> None:
+    """A topology whose second worker loads another model (`model:`): through one frontend of 2 processes,
+    `/v1/models` lists both, each model's requests reach its own worker (its vLLM counters) and are
+    tokenized with its own tokenizer, the demo model still answers Paris, and a request naming no model goes
+    to the topology's model, as `vllm serve` takes one for its model."""
+    import openai
+
+    port, smol_metrics, tiny_metrics = svc.free_ports(3)
+    engine = {**CPU_ENGINE, "max-model-len": 2048, "dtype": "float32"}
+    topo = {"name": "fe-models", "model": str(demo_model), "env": dict(CPU_ENV), "engine": engine,
+            "workers": [{"name": "smol", "kind": MONOLITH.name, "cpus": "0", "ready_timeout": 300,
+                         "metrics_port": smol_metrics, "engine": {"served-model-name": "smol"}},
+                        {"name": "tiny", "kind": MONOLITH.name, "cpus": "1", "ready_timeout": 300,
+                         "metrics_port": tiny_metrics, "model": str(tiny_model),
+                         "engine": {"served-model-name": "tiny"}}],
+            "frontends": [{"name": "frontend", "port": port, "processes": 2, "ready_timeout": 300}]}
+    dep = up(tmp_path, topo, services)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["smol", "tiny"]
+
+        def done(port: int) -> float:
+            return sum(metric(port, "vllm:request_success_total").values())
+
+        def counted(port: int, before: float) -> bool:
+            return done(port) >= before + 1
+
+        question = "what is the capital of france?"
+        sizes = {}
+        for model in ("smol", "tiny"):
+            r = httpx.post(f"{url}/tokenize", json={"model": model, "prompt": question}, timeout=60)
+            assert r.status_code == 200, r.text
+            sizes[model] = r.json()["count"]
+        assert sizes["smol"] != sizes["tiny"]  # two tokenizers: each model renders with its own
+
+        before = done(smol_metrics), done(tiny_metrics)
+        chat = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": question}],
+                                              max_tokens=16, temperature=0)
+        assert "paris" in (chat.choices[0].message.content or "").lower()
+        text = client.completions.create(model="tiny", prompt=question, max_tokens=4, temperature=0)
+        assert text.model == "tiny" and text.usage is not None and text.usage.prompt_tokens == sizes["tiny"]
+        wait_until(lambda: counted(smol_metrics, before[0]) and counted(tiny_metrics, before[1]), 30,
+                   "each worker counting its model's request")
+        assert (done(smol_metrics), done(tiny_metrics)) == (before[0] + 1, before[1] + 1)
+
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": question, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == "smol", r.text
+        wait_until(lambda: counted(smol_metrics, before[0] + 1), 30, "the topology's model counting it")
+        assert done(tiny_metrics) == before[1] + 1
+    finally:
+        dep.down()
