@@ -28,6 +28,7 @@ from launcher.cpu import choose_cpu_dtype, read_cpu_flags
 from launcher.credentials import Credentials
 from launcher.topology import DRAIN_MARGIN, Frontend, KvTransfer, ProcessCommon, Restart, Router, Topology, Worker
 from launcher.yamlpos import LoadedYaml, PathKey
+from workers.frontend.processes import AUTO_CORES_PER_PROCESS, AUTO_MAX
 from workers.kinds import KINDS
 from workers.runtime.tls import TlsFiles
 
@@ -493,8 +494,7 @@ def _frontend_process(topo: Topology, index: int, f: Frontend, endpoints: Endpoi
              "model": _launcher("model", topo.model, ("model",))}
     for name in ("max_request_bytes", "request_timeout", "retries", "migration_limit"):
         flags[name.replace("_", "-")] = _launcher(name.replace("_", "-"), getattr(f, name), (*path, name))
-    processes, why = frontend_processes(f.processes)
-    flags["processes"] = _launcher("processes", processes, (*path, "processes"))
+    flags["processes"] = _launcher("processes", f.processes, (*path, "processes"))
     if f.api_key_env:  # the name of the variable, never the key
         flags["api-key-env"] = _launcher("api-key-env", f.api_key_env, (*path, "api_key_env"))
     args, problems = _args_settings(f, "frontends", index, "frontend", table)
@@ -510,20 +510,14 @@ def _frontend_process(topo: Topology, index: int, f: Frontend, endpoints: Endpoi
                            model=topo.model, flags=flags, env=env, tier=kind.tier, gates=kind.gates, **common,
                            ports={"http": f.port}, port_paths={"http": (*path, "port")},
                            url=f"http://{f'[{shown}]' if ':' in shown else shown}:{f.port}",
-                           notes=[why] if why else [])
+                           notes=[AUTO_NOTE] if f.processes == "auto" else [])
     return proc, problems
 
 
-def frontend_processes(given: int | str, cores: int | None = None) -> tuple[int, str]:
-    """How many HTTP processes a frontend runs, and, for `auto`, why (plan shows it).
-
-    One per 8 cores, 1 to 8: each process is one Python event loop (HTTP, vLLM's render and derender),
-    and the engines, the router and NATS need the other cores."""
-    if isinstance(given, int):
-        return given, ""
-    cores = cores or os.cpu_count() or 1
-    n = max(1, min(8, cores // 8))
-    return n, f"processes auto: {n} ({cores} cores on the host that planned it: one per 8, 1 to 8)"
+# `processes: auto` is resolved by the frontend itself, on the host (or in the container) it runs on: the host
+# that plans may be another one (multi-node, `export kubernetes`), with other cores.
+AUTO_NOTE = (f"processes auto: one per {AUTO_CORES_PER_PROCESS} of the cores the frontend's own host gives it, "
+             f"1 to {AUTO_MAX} (its log says how many)")
 
 
 def resolve(topo: Topology, *, endpoints: Endpoints | None = None, kv_dir: Path | None = None,

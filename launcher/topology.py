@@ -231,7 +231,7 @@ class Frontend(ProcessCommon):
         "(0: such a stream ends with an error)"))
     processes: int | Literal["auto"] = Field("auto", description=(
         "HTTP server processes sharing the port, as `vllm serve --api-server-count` (1 to 64); auto: one per "
-        "8 cores of the host that plans it, 1 to 8"))
+        "8 of the cores the frontend may use on the host it runs on (affinity, container quota), 1 to 8"))
 
     @field_validator("processes")
     @classmethod

@@ -7,6 +7,7 @@ off behind a router, a flag the launcher sets itself) are files in tests/bad_top
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -228,12 +229,29 @@ def test_validate_and_up_refuse_an_endpoint_override_alike(tmp_path: Path, monke
     assert not (tmp_path / "home").exists() or not any((tmp_path / "home").rglob("services.json"))
 
 
-def test_frontend_processes_follow_the_host_cores_unless_given() -> None:
-    from launcher.resolve import frontend_processes
+def test_frontend_processes_auto_follows_the_cores_of_the_host_it_runs_on(tmp_path: Path) -> None:
+    """`auto` reaches the frontend as `auto` (the planning host may not be the one it runs on: multi-node,
+    `export kubernetes`), and the frontend counts the cores it may use there: affinity, and a container's
+    CPU quota."""
+    from workers.frontend import processes
+    from workers.frontend.server import parse_args
 
-    assert [frontend_processes("auto", cores)[0] for cores in (1, 2, 15, 16, 64, 128, 512)] == [1, 1, 1, 2, 8, 8, 8]
-    assert "processes auto: 2 (16 cores" in frontend_processes("auto", 16)[1]
-    assert frontend_processes(3, 2) == (3, ""), "a number given is kept, whatever the host"
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\nmodel: m\nworkers: [{name: w}]\nfrontends: [{name: web}]\n")
+    topo, _ = load_topology(path)
+    web = next(p for p in plan.build_plan(topo) if p.name == "web")
+    assert web.argv[web.argv.index("--processes") + 1] == "auto"
+    assert [processes.auto_processes(cores) for cores in (1, 2, 15, 16, 64, 128, 512)] == [1, 1, 1, 2, 8, 8, 8]
+    args = parse_args(["--port", "1", "--processes", "auto"])
+    cores = processes.usable_cores()
+    assert args.processes == processes.auto_processes(cores) and f"({cores} cores here" in args.processes_why
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # a container limited to 1.5 CPUs
+    assert processes.usable_cores(quota) == min(2, len(os.sched_getaffinity(0)))
+    quota.write_text("max 100000\n")
+    assert processes.usable_cores(quota) == len(os.sched_getaffinity(0))
+    assert parse_args(["--port", "1", "--processes", "3"]).processes == 3, "a number given is kept, whatever the host"
 
 
 def test_a_frontends_processes_reach_its_argv(tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     # The frontend starts first, so /health answers (503) while workers load, and gates nothing.
     Kind("frontend", "workers.frontend.server", 0, "frontend", ("http",), engine=False, entry_rank=None,
          flags={"host": "str", "port": "int", "model": "str", "api-key-env": "str", "max-request-bytes": "int",
-                "request-timeout": "float", "retries": "int", "migration-limit": "int", "processes": "int",
+                "request-timeout": "float", "retries": "int", "migration-limit": "int", "processes": "int_or_auto",
                 **dict.fromkeys(("enable-auto-tool-choice", "exclude-tools-when-tool-choice-none",
                                  "trust-request-chat-template", "enable-prompt-tokens-details",
                                  "enable-force-include-usage", "return-tokens-as-token-ids", "enable-log-requests",

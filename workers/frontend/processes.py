@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -34,6 +35,7 @@ import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from workers.frontend import metrics
 
@@ -42,6 +44,38 @@ log = logging.getLogger(__name__)
 MODULE = "workers.frontend.server"
 QUICK_DEATHS = 3  # children dying in a row before they serve: the group gives up
 RESPAWN_DELAY = 1.0
+
+
+AUTO_CORES_PER_PROCESS = 8
+AUTO_MAX = 8
+
+
+def auto_processes(cores: int) -> int:
+    """`processes: auto`: one per 8 cores, 1 to 8. Each process is one Python event loop (HTTP, vLLM's render
+    and derender), and the engines, the router and NATS need the other cores; on a 16-core H100 host, 8
+    processes did worse than 4 (bench/gpu/results/ISSUE19.md)."""
+    return max(1, min(AUTO_MAX, cores // AUTO_CORES_PER_PROCESS))
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The cores this process may run on: its CPU affinity, capped by its cgroup's CPU quota (a container's
+    CPU limit, cgroup v2 `cpu.max`), so `auto` follows the host or pod the frontend runs in."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def int_or_auto(value: str) -> int | str:
+    """`--processes N` or `--processes auto` (resolved where the frontend runs: `auto_processes`)."""
+    return value if value == "auto" else int(value)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -35,7 +35,14 @@ from workers.frontend.dispatch import Dispatcher
 from workers.frontend.metrics import FrontendMetrics
 from workers.frontend.model_apps import Builder, ModelApps
 from workers.frontend.openai_layer import build_openai_app, model_config_of, serve_args
-from workers.frontend.processes import ServerGroup, exit_with_parent, tell_parent
+from workers.frontend.processes import (
+    ServerGroup,
+    auto_processes,
+    exit_with_parent,
+    int_or_auto,
+    tell_parent,
+    usable_cores,
+)
 from workers.kinds import KINDS
 from workers.runtime import exitcodes
 from workers.runtime.registry import Registration
@@ -63,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=2, help="tries on other instances before the first token")
     p.add_argument("--migration-limit", type=int, default=3,
                    help="times a stream whose instance is lost mid-stream is continued on another (0: never)")
-    p.add_argument("--processes", type=int, default=1,
+    p.add_argument("--processes", type=int_or_auto, default=1,
                    help="HTTP server processes sharing the port, as `vllm serve --api-server-count` "
-                        "(workers.frontend.processes)")
+                        "(workers.frontend.processes); auto: one per 8 of the cores this host (or container) "
+                        "gives the frontend, 1 to 8")
     # A child of a --processes group: the listening socket it inherits, and the pipe it says "serving" on.
     p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -102,8 +110,12 @@ def vllm_flags_of(args: argparse.Namespace) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.processes == "auto":
+        cores = usable_cores()
+        args.processes = auto_processes(cores)
+        args.processes_why = f"processes auto: {args.processes} ({cores} cores here: one per 8, 1 to 8)"
     if not 1 <= args.processes <= 64:
-        parser.error(f"--processes {args.processes}: give 1 to 64")
+        parser.error(f"--processes {args.processes}: give 1 to 64, or auto")
     return args
 
 
@@ -136,6 +148,8 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     key = api_key(args)  # before connecting: a missing key is a configuration error, said at once
     vllm_args = serve_args(args.model or "model", vllm_flags_of(args))  # vLLM's parser: a bad flag is said at once
     child = args.listen_fd is not None
+    if not child and getattr(args, "processes_why", None):
+        log.info("%s", args.processes_why)
     group = ServerGroup.open(args.processes, argv, args.host, args.port) if args.processes > 1 and not child else None
     settings = RuntimeSettings.from_env()
     ctx = WorkerContext(settings)
