@@ -71,7 +71,8 @@ class Deployment:
         from launcher import services as svc
 
         self.work = work
-        etcd_port, nats_port, front_port, front_n_port = svc.free_ports(4)  # distinct: drawn while all are held
+        # distinct: drawn while all are held; the worker's metrics port too (the default 9400 may be taken)
+        etcd_port, nats_port, front_port, front_n_port, metrics_port = svc.free_ports(5)
         self.etcd = f"http://127.0.0.1:{etcd_port}"
         self.nats = f"nats://127.0.0.1:{nats_port}"
         self.started = [svc.start_etcd(self.etcd, work), svc.start_nats(self.nats, work)]
@@ -84,7 +85,7 @@ class Deployment:
         topo = {"name": self.name, "backend": "subprocess", "model": str(Path(args.model).resolve()),
                 "services": {"etcd": self.etcd, "nats": self.nats, "managed": "never"},
                 "engine": json.loads(args.engine), "env": {"VLLM_USE_FLASHINFER_SAMPLER": "0", **_cpu_env()},
-                "workers": [worker]}
+                "workers": [worker], "metrics_port_base": metrics_port}
         self.frontend_port = self.frontend_n_port = 0
         frontends: list[dict[str, Any]] = []
         if "frontend" in args.sides and not args.frontend_url:
@@ -279,7 +280,9 @@ async def run(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-compare-"))
     sides = [s for s in args.sides if s != "before" or args.before_plane]
     streams: dict[str, loadgen.Stream] = {}
+    specs: dict[str, dict[str, Any]] = {}  # what a client process needs to open the side itself
     counts: dict[str, int] = {}
+    shards = None
     t_start = time.monotonic()
     dep = serve = engine = nc = before = nc_before = None
     try:
@@ -290,8 +293,10 @@ async def run(args: argparse.Namespace) -> None:
                 dep.up()
                 log("worker ready")
                 nc = await requestplane.connect(dep.nats, "bench-compare")
-                streams["nats"] = nats_side(nc, requestplane.endpoint_subject(dep.name, "vllm", "generate"),
-                                            args.idle_timeout)
+                subject = requestplane.endpoint_subject(dep.name, "vllm", "generate")
+                streams["nats"] = nats_side(nc, subject, args.idle_timeout)
+                specs["nats"] = {"kind": "nats", "url": dep.nats, "subject": subject,
+                                 "idle_timeout": args.idle_timeout}
             except Exception as exc:  # a side that cannot start is reported, the others still run
                 log(f"FAIL side nats: {type(exc).__name__}: {exc}")
         if "before" in sides and dep is not None:
@@ -314,6 +319,7 @@ async def run(args: argparse.Namespace) -> None:
                 await serve.wait_ready()
                 log(f"vllm serve ready on port {serve.port}, model {serve.model}")
                 streams["serve"] = http_side("127.0.0.1", serve.port, serve.model, counts)
+                specs["serve"] = {"kind": "http", "host": "127.0.0.1", "port": serve.port, "model": serve.model}
             except Exception as exc:
                 log(f"FAIL side serve: {type(exc).__name__}: {exc}")
         for side in ("frontend", "frontend-n"):
@@ -329,6 +335,7 @@ async def run(args: argparse.Namespace) -> None:
                     raise RuntimeError("no deployment to put a frontend in")
                 models = await get_json(host, port, "/v1/models")
                 streams[side] = http_side(host, port, models["data"][0]["id"], counts)
+                specs[side] = {"kind": "http", "host": host, "port": port, "model": models["data"][0]["id"]}
                 log(f"{side} on {host}:{port}")
             except Exception as exc:
                 log(f"FAIL side {side}: {type(exc).__name__}: {exc}")
@@ -347,6 +354,21 @@ async def run(args: argparse.Namespace) -> None:
 
             streams["inprocess"] = inproc_stream
         sides = [s for s in sides if s in streams]
+        if args.client_processes > 1:
+            from client_shards import ClientShards
+
+            shards = await ClientShards(args.client_processes).start()
+            log(f"client: {args.client_processes} processes for sides {[s for s in sides if s in specs]}; "
+                f"in this process: {[s for s in sides if s not in specs]}")
+
+        async def measure(side: str, load: str, reqs: list[dict[str, Any]], conc: int
+                          ) -> tuple[list[loadgen.Sample], float, float]:
+            """The load on one side: (samples, wall s, client_busy: the client's CPU time over its wall)."""
+            if shards is not None and side in specs:
+                return await shards.run(specs[side], load, reqs, conc, counts)
+            cpu0 = time.process_time()
+            samples, wall = await loadgen.LOADS[load](streams[side], reqs, conc)
+            return samples, wall, (time.process_time() - cpu0) / max(wall, 1e-9)
         (out / "sides.json").write_text(json.dumps({"sides": sides, "serve_argv": serve.argv if serve else None,
                                                     "topology": dep.topology.read_text() if dep else None}))
         log(f"engines up after {time.monotonic() - t_start:.0f} s; warm-up")
@@ -354,7 +376,7 @@ async def run(args: argparse.Namespace) -> None:
             for conc in args.concurrency:
                 reqs = loadgen.make_requests(conc, args.prompt_len, args.max_tokens, args.vocab,
                                              seed=10_000 + conc, tag=f"warm-{side}")
-                await loadgen.waves(streams[side], reqs, conc)
+                await measure(side, "waves", reqs, conc)
         log(f"warm-up done after {time.monotonic() - t_start:.0f} s")
         k = 0
         for rep in range(args.reps):
@@ -370,18 +392,22 @@ async def run(args: argparse.Namespace) -> None:
                     order = sides[k % len(sides):] + sides[:k % len(sides)]
                     k += 1
                     for side in order:
-                        samples, wall = await loadgen.LOADS[load](streams[side], reqs, conc)
+                        samples, wall, busy = await measure(side, load, reqs, conc)
                         row = {"side": side, "load": load, "concurrency": conc, "rep": rep,
-                               **loadgen.figures(samples, wall)}
+                               **loadgen.figures(samples, wall), "client_busy": round(busy, 3),
+                               "client_processes": args.client_processes if side in specs else 1}
                         with rows_file.open("a") as f:
                             f.write(json.dumps(row) + "\n")
                         log(json.dumps(row))
     finally:
         rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
         text = loadgen.report(rows, sides, "inprocess" if "inprocess" in sides else sides[0])
+        text += "\n\n" + client_busy_table(rows, sides)
         text += f"\n\ncounts: {counts}\nwall: {time.monotonic() - t_start:.0f} s\n"
         (out / "report.txt").write_text(text)
         print(text, flush=True)
+        if shards is not None:
+            shards.close()
         for conn in (nc, nc_before):
             if conn is not None:
                 await conn.close()
@@ -393,6 +419,22 @@ async def run(args: argparse.Namespace) -> None:
             serve.close(out)
         if dep is not None:
             dep.close(out)
+
+
+def client_busy_table(rows: list[dict[str, Any]], sides: list[str]) -> str:
+    """How busy the client was per side and point: the busiest client process's CPU time over its wall time,
+    mean over repetitions (near 1.0: the client, not the side, set the pace)."""
+    points = sorted({(r["load"], r["concurrency"]) for r in rows})
+    lines = ["client_busy (CPU s per wall s of the busiest client process; mean over reps)",
+             "load        conc  " + "  ".join(f"{s:>10}" for s in sides)]
+    for load, conc in points:
+        cells = []
+        for side in sides:
+            xs = [r["client_busy"] for r in rows if (r["load"], r["concurrency"], r["side"]) == (load, conc, side)
+                  and r.get("client_busy") is not None]
+            cells.append(f"{sum(xs) / len(xs):>10.2f}" if xs else f"{'-':>10}")
+        lines.append(f"{load:<10} {conc:>5}  " + "  ".join(cells))
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -414,8 +456,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=400, help="token ids are drawn below this")
     p.add_argument("--idle-timeout", type=float, default=60.0)
     p.add_argument("--budget-s", type=float, default=1e9, help="start no repetition after this many seconds")
+    p.add_argument("--client-processes", type=int, default=1, help=(
+        "client processes for the nats and HTTP sides (bench/gpu/client_shards.py): each point's requests "
+        "dealt over them, C/K in flight each; inprocess and before stay in this process"))
     p.add_argument("--out", type=Path, required=True)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.client_processes < 1 or any(c % args.client_processes for c in args.concurrency):
+        p.error(f"--client-processes {args.client_processes}: give 1 or more, dividing every --concurrency")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
