@@ -296,6 +296,40 @@ def rule_kv_router(resolved: Resolved) -> list[Problem]:
     return problems
 
 
+def rule_models(topo: Topology) -> list[Problem]:
+    """Several models (a worker's or router's `model:`): each model's way in is whole on its own. Decode
+    workers take KV only from prefill workers of their model, and a router routes only to kv_workers of
+    its model (`PrefillPool`, `KvRouter` leave another model's aside), so a side missing for one model
+    would leave its requests nowhere to go, or a router with nothing to route to. With one model the
+    rules above say it."""
+    models = {w.model or topo.model for w in topo.workers} | {r.model or topo.model for r in topo.routers}
+    if len(models) < 2:
+        return []
+    problems: list[Problem] = []
+    routed = {r.model or topo.model for r in topo.routers}
+    for model in sorted(models):
+        kinds = {w.kind for w in topo.workers if (w.model or topo.model) == model}
+        first = {w.kind: i for i, w in reversed(list(_workers(topo))) if (w.model or topo.model) == model}
+        for have, need in (("prefill", "decode"), ("decode", "prefill")):
+            if have in kinds and need not in kinds:
+                problems.append(Problem(("workers", first[have], "kind"),
+                                        f"model {model} has a {have} worker but no {need} worker of its own "
+                                        f"(a {have} worker pairs only with workers of its model): add one "
+                                        f"(kind: {need}, model: {model})"))
+        if "kv_worker" in kinds and model not in routed:
+            problems.append(Problem(("workers", first["kv_worker"], "kind"),
+                                    f"model {model} has kv_worker processes but no router of its own (a router "
+                                    f"routes only to workers of its model): add one under routers: with "
+                                    f"model: {model}"))
+    for i, r in enumerate(topo.routers):
+        model = r.model or topo.model
+        if not any(w.kind == "kv_worker" and (w.model or topo.model) == model for w in topo.workers):
+            problems.append(Problem(("routers", i, "model" if r.model else "name"),
+                                    f"router '{r.name}' serves {model}, and no kv_worker loads it: give it the "
+                                    "model of the kv_workers it should route to (model:)"))
+    return problems
+
+
 def deployment_hosts(topo: Topology) -> set[str]:
     return {p.host for _, procs in topo.sections() for p in procs if p.host is not None}
 
@@ -427,6 +461,7 @@ RULES: list[Callable[[Resolved], list[Problem]]] = [
     lambda resolved: rule_roles(resolved.topology),
     rule_disaggregation,
     rule_kv_router,
+    lambda resolved: rule_models(resolved.topology),
     lambda resolved: rule_multinode(resolved.topology),
     rule_env_endpoints,
 ]

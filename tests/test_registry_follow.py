@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -202,3 +203,37 @@ def test_a_relist_purges_the_vanished_worker_from_the_router() -> None:
     router.on_registry(Snapshot({c.key: c}, gone=frozenset({a.key, b.key})))
     assert set(router.workers) == {0xc} and router.gone == {0xa, 0xb}
     assert decision.worker not in router.inflight.workers() and not router.awaiting_snapshot
+
+
+def test_a_router_and_a_decode_worker_leave_another_models_workers_aside() -> None:
+    """Two models under one component (a worker's `model:`): a router routes only to kv_workers of its own
+    model and drops the others' KV events, and a decode worker's prefill pool holds only its model's prefill
+    workers; either would otherwise hand one model's tokens or KV to another model's engine."""
+    import numpy as np
+
+    from workers.kv_router import events as ev
+
+    def of(model: str, instance: int, component: str = "backend") -> Registration:
+        return dataclasses.replace(registration("ns", component, instance), model=model)
+
+    mine, other = of("/m/a", 0xa), of("/m/b", 0xb)
+    router = KvRouter("prefix", 2, model="/m/a")
+    other_tokens = np.array([1, 2, 3, 4], dtype="<i4").tobytes()  # its events came before its registration
+    router.on_batch(ev.EventBatch(worker=0xb, seq=0, block_size=2, events=[ev.Stored([11, 12], None, other_tokens)]))
+    router.on_registry(Snapshot({mine.key: mine, other.key: other}))
+    assert set(router.workers) == {0xa}
+    assert router.index is not None and router.index.block_count(0xb) == 0
+    router.on_batch(ev.EventBatch(worker=0xb, seq=1, block_size=2, events=[ev.Stored([13], None, other_tokens[:8])]))
+    assert router.index.block_count(0xb) == 0
+    assert {router.choose([1, 2, 3, 4]).worker for _ in range(8)} == {0xa}
+    anyone = KvRouter("prefix", 2)  # no model given: every worker, as before
+    anyone.on_registry(Snapshot({mine.key: mine, other.key: other}))
+    assert set(anyone.workers) == {0xa, 0xb}
+
+    pool = PrefillPool("/m/a")
+    pa, pb = of("/m/a", 0xc, "prefill"), of("/m/b", 0xd, "prefill")
+    pool.apply(Snapshot({pa.key: pa, pb.key: pb}))
+    pool.apply(Put(pb.key, pb))
+    assert [i.registration.instance for i in pool.instances.values()] == [0xc]
+    picked = pool.pick()
+    assert picked is not None and picked.registration.instance == 0xc

@@ -101,3 +101,35 @@ frontends:
   - {name: web}
 """)
     assert any("frontend needs something to call" in p for p in problems), problems
+
+
+def test_each_model_of_several_needs_its_own_way_in(tmp_path: Path) -> None:
+    """A worker's `model:` makes a second model: its decode needs a prefill of its model, its kv_workers a
+    router of its model, and a router needs kv_workers of its model (each pairs only within its model)."""
+    out = check(tmp_path, """\
+name: t
+model: a
+workers:
+  - {name: p, kind: prefill, gpus: [0], kv_transfer: {kv_connector: NixlConnector, kv_role: kv_producer}}
+  - {name: d, kind: decode, gpus: [1], kv_transfer: {kv_connector: NixlConnector, kv_role: kv_consumer}}
+  - {name: d2, kind: decode, gpus: [2], model: b, kv_transfer: {kv_connector: NixlConnector, kv_role: kv_consumer}}
+  - {name: k, kind: kv_worker, gpus: [3], model: c}
+routers:
+  - {name: r, model: a}
+""")
+    assert any(":6:" in o and "model b has a decode worker but no prefill worker" in o for o in out), out
+    assert any(":7:" in o and "model c has kv_worker processes but no router of its own" in o for o in out), out
+    assert any(":9:" in o and "router 'r' serves a, and no kv_worker loads it" in o for o in out), out
+    fixed = check(tmp_path, """\
+name: t
+model: a
+workers:
+  - {name: p, kind: prefill, gpus: [0], kv_transfer: {kv_connector: NixlConnector, kv_role: kv_producer}}
+  - {name: d, kind: decode, gpus: [1], kv_transfer: {kv_connector: NixlConnector, kv_role: kv_consumer}}
+  - {name: p2, kind: prefill, gpus: [2], model: b, kv_transfer: {kv_connector: NixlConnector, kv_role: kv_producer}}
+  - {name: d2, kind: decode, gpus: [3], model: b, kv_transfer: {kv_connector: NixlConnector, kv_role: kv_consumer}}
+  - {name: k, kind: kv_worker, gpus: [4], model: c}
+routers:
+  - {name: r, model: c}
+""")
+    assert fixed == [], fixed

@@ -166,7 +166,7 @@ async def serve(args: argparse.Namespace) -> int:
     engine_args = engine_args_from(args)
     if engine_args.kv_transfer_config is None:
         raise SystemExit("a decode worker needs --kv-transfer-config (kv_connector, kv_role kv_consumer)")
-    pool = PrefillPool()
+    pool = PrefillPool(engine_args.model)
     engine = build_engine(engine_args, args.metrics_port, health=ctx.unhealthy)
     ctx.on_shutdown.append(engine.shutdown)
     ctx.watch_engine(engine)

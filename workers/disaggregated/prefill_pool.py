@@ -5,6 +5,8 @@ addressed by its per-instance NATS subject. The pick is the instance with the fe
 decode worker has outstanding there (ties: fewest sent so far, so an idle pool still spreads the
 load). An instance that failed a request is set aside until it registers again: a dead prefill
 worker's key lingers until its lease is revoked or expires, and one timeout per request is enough.
+Only instances of the decode worker's own model count: a deployment serving several models may run
+prefill workers of another model under the same component, and their KV would be another model's.
 """
 
 from __future__ import annotations
@@ -43,11 +45,18 @@ class PrefillInstance:
 class PrefillPool:
     """Pure bookkeeping (unit-testable); `follow` keeps it in step with etcd."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: str | None = None) -> None:
+        self.model = model  # the decode worker's: prefill instances of another model are not ours
         self.instances: dict[str, PrefillInstance] = {}
         self.streams = StreamTracker()  # prefills in flight by instance: a deleted one's end at once
+        self.foreign: set[str] = set()  # keys of another model's instances (said once each)
 
     def put(self, key: str, reg: Registration) -> None:
+        if self.model is not None and reg.model and reg.model != self.model:
+            if key not in self.foreign:
+                self.foreign.add(key)
+                log.info("prefill instance %s serves %s, not %s: not used", reg.process or key, reg.model, self.model)
+            return
         old = self.instances.get(key)
         if old is None or old.failed:
             log.info("prefill instance %s on %s", reg.process or key, reg.instance_subject)
@@ -57,6 +66,7 @@ class PrefillPool:
         self.instances[key] = inst
 
     def delete(self, key: str) -> None:
+        self.foreign.discard(key)
         inst = self.instances.pop(key, None)
         if inst is not None:
             log.info("prefill instance %s is gone", key)

@@ -124,7 +124,8 @@ class KvRouter:
     """Index + worker set + strategy; the NATS/etcd plumbing around it is in `serve`."""
 
     def __init__(self, strategy: str, block_size: int | None, load_weight: float = 0.5,
-                 rng: random.Random | None = None, weights: CostWeights | None = None) -> None:
+                 rng: random.Random | None = None, weights: CostWeights | None = None,
+                 model: str | None = None) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown routing strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
         self.strategy = strategy
@@ -136,6 +137,10 @@ class KvRouter:
         self.last_seq: dict[int, int] = {}
         self.awaiting_snapshot: dict[int, float] = {}  # worker -> when we asked
         self.gone: set[int] = set()
+        # A deployment may serve several models with kv_workers under one component: this router's are the
+        # workers of its own --model; another model's are never candidates, and their KV events are dropped.
+        self.model = model
+        self.foreign: set[int] = set()
         self._rr = 0
         self.inflight = InflightBlocks()
         self.table = WorkerTable()
@@ -155,6 +160,13 @@ class KvRouter:
         return self.index
 
     def add_worker(self, reg: Registration, known_before_start: bool = False) -> None:
+        if self.model is not None and reg.model and reg.model != self.model:
+            if reg.instance not in self.foreign:
+                self.foreign.add(reg.instance)
+                log.info("worker %s serves %s, not %s: not routing to it", reg.process, reg.model, self.model)
+                if self.index is not None:
+                    self.index.remove_worker(reg.instance)  # events that came before its registration
+            return
         if reg.block_size:
             self._ensure_index(reg.block_size)
         if self.block_size and reg.block_size and reg.block_size != self.block_size:
@@ -190,6 +202,7 @@ class KvRouter:
                 self.remove_worker(instance_of_key(key))
 
     def remove_worker(self, w: int) -> None:
+        self.foreign.discard(w)
         for d in [d for d in self.decisions.values() if d.worker == w]:
             self.finished(d)  # its requests are over here (a frontend continues them elsewhere)
         view = self.workers.pop(w, None)
@@ -220,7 +233,7 @@ class KvRouter:
     # ---- events -----------------------------------------------------------------------------
     def on_batch(self, batch: ev.EventBatch) -> None:
         w = batch.worker
-        if w in self.gone:
+        if w in self.gone or w in self.foreign:
             return
         index = self._ensure_index(batch.block_size)
         if batch.block_size != index.block_size:
@@ -670,7 +683,8 @@ async def serve(args: argparse.Namespace) -> int:
     await ctx.connect()
     weights = CostWeights(load=args.load_weight, evict=args.evict_weight, overflow=args.overflow_weight,
                           request_tokens=args.request_tokens)
-    router = KvRouter(args.routing_strategy, args.block_size, rng=random.Random(args.seed), weights=weights)
+    router = KvRouter(args.routing_strategy, args.block_size, rng=random.Random(args.seed), weights=weights,
+                      model=args.model)
     if args.metrics_port is not None:
         serve_prometheus(args.metrics_port, "router", ctx.unhealthy)
         RouterMetrics.default().watch_index(router.indexed_blocks)
