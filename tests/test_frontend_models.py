@@ -116,6 +116,18 @@ def test_a_request_naming_no_model_goes_to_the_frontends_own(models: Models) -> 
         assert models.dispatcher.models == [preferred]
 
 
+def test_while_the_deployments_model_is_down_a_request_naming_none_is_503_not_another_models(
+        models: Models) -> None:
+    app = models.frontend(catalog_of(registration("other", 2)), preferred="smol")  # smol's workers are down
+    unnamed, named, unknown, listing = models.calls(
+        app, ("POST", "/v1/completions", completion(None)), ("POST", "/v1/completions", completion("other")),
+        ("POST", "/v1/completions", completion("nope")), ("GET", "/v1/models", None))
+    assert unnamed.status_code == 503 and unnamed.headers["retry-after"], unnamed.text
+    assert named.status_code == 200 and unknown.status_code == 404, (named.text, unknown.text)
+    assert [card["id"] for card in listing.json()["data"]] == ["other", "other-alias"]
+    assert models.dispatcher.models == ["other"]
+
+
 def test_v1_models_lists_every_model_the_frontends_own_first(models: Models) -> None:
     app = models.frontend(catalog_of(registration("smol", 1), registration("other", 2)), preferred="other")
     models.calls(app, ("POST", "/v1/completions", completion("smol")))  # both built (the server builds at once)

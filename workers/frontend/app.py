@@ -147,9 +147,9 @@ class FrontendApp:
 
     async def gate(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            default = self.models.default()
-            if default is not None:
-                await default(scope, receive, send)
+            any_app = self.models.any_app()
+            if any_app is not None:
+                await any_app(scope, receive, send)
             return
         if not self._authorized(scope):
             await _send_error(send, Unauthorized("a valid API key is required: send `Authorization: Bearer <key>`"))
@@ -161,14 +161,19 @@ class FrontendApp:
             return
         model, stream = self._model_and_stream(body)
         try:
-            openai = await self.models.for_model(model) if self.catalog.serving() else None
+            if not self.catalog.serving():
+                openai = None
+            elif scope.get("method") == "POST":  # the model it names, or the deployment's own
+                openai = await self.models.for_model(model)
+            else:
+                openai = await self.models.any_built()
         except ApiError as exc:
             await _send_error(send, exc)
             return
         if openai is None:
             await _send_error(send, NoWorker("no worker serves a model right now (starting, or down): retry shortly"))
             return
-        if scope.get("method") == "GET" and scope.get("path") == "/v1/models" and len(self.models.apps) > 1:
+        if scope.get("method") == "GET" and scope.get("path") == "/v1/models":  # every model's cards, vLLM's own
             await JSONResponse(await self.models.models_body())(scope, receive, send)
             return
         await self._forward(openai, scope, body, model, stream, receive, send)

@@ -4,10 +4,11 @@
 topology's). Each model gets its own vLLM OpenAI app (its tokenizer, chat template, generation defaults
 and context come from its workers' registration), built once its first worker registers, and a request
 goes to the app of the model its body names (any of the model's served names). A request that names no
-model, or a GET (`/version`, `/v1/models`), goes to the default app: the frontend's own `--model` (the
-topology's), else the first built by name, as `vllm serve` takes a request without `model` for its
-model. A request naming a model nobody serves gets vLLM's own 404 from the default app. `/v1/models`
-lists every built model's cards (`models_body`), the default's first.
+model goes to the default app, the frontend's own `--model` (the topology's), as `vllm serve` takes a
+request without `model` for its model; while that model is not served it gets a 503, never another
+model's answer in its place. A request naming a model nobody serves gets vLLM's own 404. A GET
+(`/version`) goes to any app, and `/v1/models` lists every built model's cards (`models_body`), the
+default's first.
 
 A model whose app is being built when a request for it comes waits for that build (seconds: the
 tokenizer), rather than getting a 404 for a model that is registered. A build that fails is logged and
@@ -83,13 +84,30 @@ class ModelApps:
 
     # ---- choosing -------------------------------------------------------------------------------
     def default_name(self) -> str | None:
-        """The frontend's own model if its app is built, else the first built by name."""
-        preferred = [name for name, path in self._paths.items() if path == self.preferred_path]
-        return min(preferred or self.apps, default=None)
+        """The frontend's own model (`--model`), once built; without one, the first built by name. Never
+        another model in its place: a request naming no model is for the deployment's model, and while that
+        one is not served it gets a 503, not another model's answer."""
+        if self.preferred_path is None:
+            return min(self.apps, default=None)
+        return min((name for name, path in self._paths.items() if path == self.preferred_path), default=None)
 
     def default(self) -> Any | None:
         name = self.default_name()
         return self.apps[name] if name is not None else None
+
+    def any_app(self) -> Any | None:
+        """For what names no model and is the same for every model (`GET /version`, `/ping`)."""
+        return self.default() or (self.apps[min(self.apps)] if self.apps else None)
+
+    async def any_built(self) -> Any | None:
+        await self._built_all()
+        return self.any_app()
+
+    async def _built_all(self) -> None:
+        """Every model served now built or failed (a failure is each model's own 500, not raised here)."""
+        if any(not task.done() for task in self.build_known()):
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.settle())
 
     async def for_model(self, model: str) -> Any | None:
         """The app for a request naming `model` ("" when it names none); None while nothing is built."""
@@ -104,14 +122,12 @@ class ModelApps:
                 return await asyncio.shield(self.ensure(route))
             except Exception:
                 raise self._unavailable(model) from None
-        if any(not task.done() for task in self.build_known()):  # an alias, or no model: once all are built
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.settle())
-            if model in self._names:
-                return self.apps[self._names[model]]
+        await self._built_all()  # an alias, or no model: once every served model is built
+        if model in self._names:
+            return self.apps[self._names[model]]
         if not self.apps and self.failed:
             raise self._unavailable(min(self.failed))
-        return self.default()
+        return self.default() if not model else self.default() or self.any_app()  # unknown: vLLM's 404
 
     def _unavailable(self, model: str) -> ModelUnavailable:
         return ModelUnavailable(f"the model `{model}` is registered, but vLLM's OpenAI layer could not be built for "
@@ -119,6 +135,7 @@ class ModelApps:
 
     async def models_body(self) -> dict[str, Any]:
         """`/v1/models` over every built model: vLLM's own cards from each app, the default's first."""
+        await self._built_all()
         first = self.default_name()
         order = sorted(self.apps, key=lambda name: (name != first, name))
         cards: list[Any] = []
