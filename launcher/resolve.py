@@ -459,7 +459,8 @@ def _router_processes(topo: Topology, index: int, r: Router, engines: list[Engin
     model = r.model or topo.model
     flags = {"model": _launcher("model", model, (*path, "model") if r.model else ("model",)),
              "routing-strategy": _launcher("routing-strategy", r.strategy, (*path, "strategy"))}
-    block = next((e.block_size for e, w in zip(engines, topo.workers, strict=True) if w.kind == "kv_worker"), None)
+    block = next((e.block_size for e, w in zip(engines, topo.workers, strict=True)
+                  if w.kind == "kv_worker" and (w.model or topo.model) == model), None)  # its own model's workers
     if block is not None:
         flags["block-size"] = _launcher("block-size", block, (*path, "name"))
     args, problems = _args_settings(r, "routers", index, "router", table)

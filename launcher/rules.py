@@ -278,8 +278,9 @@ def rule_kv_router(resolved: Resolved) -> list[Problem]:
     if kv_workers and not topo.routers:
         problems.append(Problem(("workers", kv_workers[0][0], "kind"),
                                 "kv_worker processes are served through a router: add one under routers:"))
-    block_sizes: dict[int, str] = {}
+    block_sizes_of: dict[str, dict[int, str]] = {}  # per model: each model's kv_workers have their own router
     for i, w in kv_workers:
+        block_sizes = block_sizes_of.setdefault(w.model or topo.model, {})
         engine = resolved.engines[i]
         if engine.prefix_caching is False:
             off = engine.flags["enable-prefix-caching"]
@@ -296,16 +297,33 @@ def rule_kv_router(resolved: Resolved) -> list[Problem]:
     return problems
 
 
-def rule_models(topo: Topology) -> list[Problem]:
+def rule_models(resolved: Resolved) -> list[Problem]:
     """Several models (a worker's or router's `model:`): each model's way in is whole on its own. Decode
     workers take KV only from prefill workers of their model, and a router routes only to kv_workers of
     its model (`PrefillPool`, `KvRouter` leave another model's aside), so a side missing for one model
     would leave its requests nowhere to go, or a router with nothing to route to. With one model the
     rules above say it."""
+    topo = resolved.topology
+    problems: list[Problem] = []
+    if topo.frontends and all((w.model or topo.model) != topo.model for w in topo.workers):
+        problems.append(Problem(("model",), f"no worker loads the topology's model {topo.model}, which a frontend "
+                                "sends every request naming no model to: make it the model of one of the workers "
+                                "(give that worker no model:)"))
     models = {w.model or topo.model for w in topo.workers} | {r.model or topo.model for r in topo.routers}
     if len(models) < 2:
-        return []
-    problems: list[Problem] = []
+        return problems
+    owner: dict[str, tuple[str, str]] = {}  # served name -> (model, worker)
+    for i, w in _workers(topo):
+        model = w.model or topo.model
+        given = resolved.engines[i].value("served-model-name")
+        names = given if isinstance(given, list) else [given] if given else [model]
+        for name in (str(n) for n in names):
+            other = owner.setdefault(name, (model, w.name))
+            if other[0] != model:
+                problems.append(Problem(resolved.engines[i].blame("served-model-name", ("workers", i, "engine")),
+                                        f"'{w.name}' serves {model} as {name}, the name '{other[1]}' serves "
+                                        f"{other[0]} by: a request for {name} would reach either; give each model "
+                                        "its own served-model-name"))
     routed = {r.model or topo.model for r in topo.routers}
     for model in sorted(models):
         kinds = {w.kind for w in topo.workers if (w.model or topo.model) == model}
@@ -461,7 +479,7 @@ RULES: list[Callable[[Resolved], list[Problem]]] = [
     lambda resolved: rule_roles(resolved.topology),
     rule_disaggregation,
     rule_kv_router,
-    lambda resolved: rule_models(resolved.topology),
+    rule_models,
     lambda resolved: rule_multinode(resolved.topology),
     rule_env_endpoints,
 ]

@@ -10,6 +10,7 @@ and bounded here, so the rules and the plan only ever see validated, typed value
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -276,9 +277,15 @@ _BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_e
 
 
 def _loc_text(loc: tuple[str | int, ...]) -> str:
+    """`workers[0].engine`; a key that is blank or not a plain word is quoted (`workers[0].' '`), so the
+    location never reads as empty."""
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        text = str(part) if re.fullmatch(r"[A-Za-z0-9_.-]+", str(part)) else repr(str(part))
+        out += f".{text}" if out else text
     return out or "(top level)"
 
 

@@ -6,6 +6,7 @@ real models with `launcher up` and asks them through the `openai` SDK."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from tests.test_frontend_errors import ENTRY, StubDispatcher, tokens
 from tests.test_frontend_unit import catalog_of
 from workers.frontend.app import FrontendApp, Settings
 from workers.frontend.catalog import Catalog, ModelRoute
+from workers.frontend.errors import ModelUnavailable
 from workers.frontend.model_apps import ModelApps
 from workers.frontend.openai_layer import build_openai_app, serve_args
 from workers.runtime.registry import Registration
@@ -47,9 +49,11 @@ class Models:
                 serve_args(str(tiny_model), []), route, config, self.dispatcher))  # type: ignore[arg-type]
         self.release = asyncio.Event()
         self.builds: list[str] = []
+        self.paths: list[str] = []
 
     async def build(self, route: ModelRoute) -> Any:
         self.builds.append(route.name)
+        self.paths.append(route.path)
         if route.name == "broken":
             raise ValueError("the chat template does not parse")
         if route.name == "slow":
@@ -58,6 +62,7 @@ class Models:
 
     def frontend(self, catalog: Catalog, preferred: str = "smol") -> FrontendApp:
         self.builds.clear()
+        self.paths.clear()
         self.dispatcher.models.clear()
         apps = ModelApps(catalog, self.build, PATHS[preferred])
         return FrontendApp(self.dispatcher, catalog, Settings(), apps)  # type: ignore[arg-type]
@@ -130,7 +135,7 @@ def test_while_the_deployments_model_is_down_a_request_naming_none_is_503_not_an
 
 def test_v1_models_lists_every_model_the_frontends_own_first(models: Models) -> None:
     app = models.frontend(catalog_of(registration("smol", 1), registration("other", 2)), preferred="other")
-    models.calls(app, ("POST", "/v1/completions", completion("smol")))  # both built (the server builds at once)
+    models.loop.run_until_complete(app.models.settle())  # as the server does: every served model built at once
     [r] = models.calls(app, ("GET", "/v1/models", None))
     assert r.status_code == 200 and r.json()["object"] == "list"
     assert [card["id"] for card in r.json()["data"]] == ["other", "other-alias", "smol"]
@@ -230,3 +235,40 @@ def test_one_frontend_serves_two_models_each_from_its_own_workers(tmp_path: Path
         assert done(tiny_metrics) == before[1] + 1
     finally:
         dep.down()
+
+
+def test_a_model_registered_again_differently_gets_a_new_app_never_the_old(models: Models) -> None:
+    """The same served name, workers restarted with another model: its requests are rendered by an app built
+    for the new registration (the old tokenizer would render the new model's prompts)."""
+    catalog = catalog_of(registration("smol", 1))
+    app = models.frontend(catalog)
+    [first] = models.calls(app, ("POST", "/v1/completions", completion("smol")))
+    moved = dataclasses.replace(registration("smol", 1), model="/models/smol-v2")
+    catalog.put(moved.key, moved)
+    [second] = models.calls(app, ("POST", "/v1/completions", completion("smol")))
+    assert first.status_code == second.status_code == 200, (first.text, second.text)
+    assert models.paths == ["/models/smol", "/models/smol-v2"]
+
+
+def test_only_the_deployments_own_model_failing_stops_the_start(models: Models) -> None:
+    catalog = catalog_of(registration("smol", 1), registration("broken", 2))
+    models.loop.run_until_complete(models.frontend(catalog, preferred="smol").models.settle())  # broken: its 500
+    with pytest.raises(ModelUnavailable, match="`broken`"):
+        models.loop.run_until_complete(models.frontend(catalog, preferred="broken").models.settle())
+
+
+def test_a_failed_model_is_built_again_when_its_workers_come_back(models: Models) -> None:
+    broken = registration("broken", 2)
+    catalog = catalog_of(registration("smol", 1), broken)
+    app = models.frontend(catalog)
+    [r] = models.calls(app, ("POST", "/v1/completions", completion("broken")))
+    assert r.status_code == 500
+    catalog.delete(broken.key)
+
+    async def relist() -> None:  # what the server's loop does on the catalog's change
+        app.models.build_known()
+
+    models.loop.run_until_complete(relist())
+    catalog.put(broken.key, broken)
+    [r] = models.calls(app, ("POST", "/v1/completions", completion("broken")))
+    assert r.status_code == 500 and models.builds.count("broken") == 2  # tried again, not the old failure

@@ -226,6 +226,9 @@ def test_a_router_and_a_decode_worker_leave_another_models_workers_aside() -> No
     router.on_batch(ev.EventBatch(worker=0xb, seq=1, block_size=2, events=[ev.Stored([13], None, other_tokens[:8])]))
     assert router.index.block_count(0xb) == 0
     assert {router.choose([1, 2, 3, 4]).worker for _ in range(8)} == {0xa}
+    fresh = KvRouter("prefix", None, model="/m/a")  # block size not known yet: an unknown worker's events
+    fresh.on_batch(ev.EventBatch(worker=0xb, seq=0, block_size=2, events=[ev.Stored([11, 12], None, other_tokens)]))
+    assert fresh.index is None and fresh.block_size is None  # do not set it (it may be another model's)
     anyone = KvRouter("prefix", 2)  # no model given: every worker, as before
     anyone.on_registry(Snapshot({mine.key: mine, other.key: other}))
     assert set(anyone.workers) == {0xa, 0xb}

@@ -246,11 +246,19 @@ def test_frontend_processes_auto_follows_the_cores_of_the_host_it_runs_on(tmp_pa
     cores = processes.usable_cores()
     assert args.processes == processes.auto_processes(cores) and f"({cores} cores here" in args.processes_why
     assert 1 <= cores <= len(os.sched_getaffinity(0))
-    quota = tmp_path / "cpu.max"
-    quota.write_text("150000 100000\n")  # a container limited to 1.5 CPUs
-    assert processes.usable_cores(quota) == min(2, len(os.sched_getaffinity(0)))
-    quota.write_text("max 100000\n")
-    assert processes.usable_cores(quota) == len(os.sched_getaffinity(0))
+    root, mine = tmp_path / "cgroup", tmp_path / "self-cgroup"
+    (root / "pods" / "web").mkdir(parents=True)
+    mine.write_text("0::/pods/web\n")
+    affinity = len(os.sched_getaffinity(0))
+    assert processes.usable_cores(root, mine) == affinity  # no cpu.max anywhere
+    (root / "pods" / "cpu.max").write_text("150000 100000\n")  # the pod's parent cgroup: 1.5 CPUs
+    (root / "pods" / "web" / "cpu.max").write_text("max 100000\n")
+    assert processes.usable_cores(root, mine) == min(2, affinity)
+    (root / "pods" / "web" / "cpu.max").write_text("100000 100000\n")  # its own: 1 CPU
+    assert processes.usable_cores(root, mine) == 1
+    (root / "pods" / "cpu.max").write_text("max 0\n")
+    (root / "pods" / "web" / "cpu.max").write_text("5 0\n")  # nonsense: ignored
+    assert processes.usable_cores(root, mine) == affinity
     assert parse_args(["--port", "1", "--processes", "3"]).processes == 3, "a number given is kept, whatever the host"
 
 

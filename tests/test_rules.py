@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher import rules
+from launcher import plan, rules
 from launcher.topology import load_topology
 
 
@@ -133,3 +133,41 @@ routers:
   - {name: r, model: c}
 """)
     assert fixed == [], fixed
+
+
+def test_two_models_may_not_share_a_served_name_and_the_topologys_model_must_be_loaded(tmp_path: Path) -> None:
+    out = check(tmp_path, """\
+name: t
+model: a
+workers:
+  - {name: one, gpus: [0], engine: {served-model-name: chat}}
+  - {name: two, gpus: [1], model: b, engine: {served-model-name: chat}}
+frontends: [{name: f}]
+""")
+    assert len(out) == 1 and ":5:" in out[0] and "the name 'one' serves a by" in out[0], out
+    out = check(tmp_path, """\
+name: t
+model: a
+workers:
+  - {name: one, gpus: [0], model: b}
+frontends: [{name: f}]
+""")
+    assert len(out) == 1 and ":2:" in out[0] and "no worker loads the topology's model a" in out[0], out
+
+
+def test_each_models_kv_workers_and_router_have_their_own_block_size(tmp_path: Path) -> None:
+    text = """\
+name: t
+model: a
+workers:
+  - {name: ka, kind: kv_worker, gpus: [0], engine: {block-size: 16}}
+  - {name: kb, kind: kv_worker, gpus: [1], model: b, engine: {block-size: 32}}
+routers:
+  - {name: ra}
+  - {name: rb, model: b}
+"""
+    assert check(tmp_path, text) == []
+    path = tmp_path / "t.yaml"
+    topo, _ = load_topology(path)
+    argv = {p.name: p.argv for p in plan.build_plan(topo)}
+    assert [argv[r][argv[r].index("--block-size") + 1] for r in ("ra", "rb")] == ["16", "32"]

@@ -6,7 +6,8 @@ the nats side's client reads lighter messages. A side limited by the client woul
 With `--client-processes K`, each point's requests are dealt round-robin to K processes (spawned once),
 each running the same load shape with C/K in flight on its own connections (its own NATS connection for
 the nats side), started together; their samples are pooled and the wall time runs from the first start to
-the last end (CLOCK_MONOTONIC is one clock for every process of the host). Each process also reports the
+the last end (CLOCK_MONOTONIC is one clock for every process of the host). A wave of C is then K waves of
+C/K started together by K processes, not one synchronized wave. Each process also reports the
 CPU time it spent, so every row says how busy the client was (`client_busy`: the busiest process's CPU
 time over its wall time; near 1.0 means the client, not the side, set the pace).
 

@@ -57,20 +57,36 @@ def auto_processes(cores: int) -> int:
     return max(1, min(AUTO_MAX, cores // AUTO_CORES_PER_PROCESS))
 
 
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+SELF_CGROUP = Path("/proc/self/cgroup")
 
 
-def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
-    """The cores this process may run on: its CPU affinity, capped by its cgroup's CPU quota (a container's
-    CPU limit, cgroup v2 `cpu.max`), so `auto` follows the host or pod the frontend runs in."""
-    cores = len(os.sched_getaffinity(0))
+def _quota_cores(cpu_max: Path) -> int | None:
+    """cgroup v2 `cpu.max` ("150000 100000": 1.5 CPUs, counted as 2; "max ...": none)."""
     try:
         quota, period = cpu_max.read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+        return None if quota == "max" or int(period) <= 0 else max(1, math.ceil(int(quota) / int(period)))
     except (OSError, ValueError):
-        pass
-    return cores
+        return None
+
+
+def usable_cores(cgroup_root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> int:
+    """The cores this process may run on: its CPU affinity, capped by the CPU quota of its cgroup v2 and of
+    every cgroup above it (a container's CPU limit, systemd's CPUQuota), so `auto` follows the host or pod
+    the frontend runs in. Without cgroup v2 (v1, or unreadable), the affinity alone."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        own = next(line[3:].strip() for line in self_cgroup.read_text().splitlines() if line.startswith("0::"))
+    except (OSError, StopIteration):
+        own = "/"
+    folder = cgroup_root / own.lstrip("/")
+    while True:
+        quota = _quota_cores(folder / "cpu.max")
+        if quota is not None:
+            cores = min(cores, quota)
+        if folder == cgroup_root or cgroup_root not in folder.parents:
+            return cores
+        folder = folder.parent
 
 
 def int_or_auto(value: str) -> int | str:

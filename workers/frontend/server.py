@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -32,8 +33,9 @@ import uvicorn
 from workers.frontend.app import FrontendApp, Observer, Settings
 from workers.frontend.catalog import Catalog, ModelRoute, follow
 from workers.frontend.dispatch import Dispatcher
+from workers.frontend.errors import ApiError
 from workers.frontend.metrics import FrontendMetrics
-from workers.frontend.model_apps import Builder, ModelApps
+from workers.frontend.model_apps import Builder, ModelApps, Signature
 from workers.frontend.openai_layer import build_openai_app, model_config_of, serve_args
 from workers.frontend.processes import (
     ServerGroup,
@@ -159,7 +161,7 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     follower = asyncio.create_task(follow(ctx.registry, settings.namespace, catalog))
     dispatcher = Dispatcher(ctx.nc, catalog, args.request_timeout, args.retries, args.migration_limit)
     metrics = FrontendMetrics()
-    models = ModelApps(catalog, _builder(vllm_args, catalog, dispatcher, metrics), args.model)
+    models = ModelApps(catalog, _builder(vllm_args, catalog, dispatcher, metrics), args.model, _signature(catalog))
     app = FrontendApp(dispatcher, catalog, Settings(key, args.max_request_bytes), models, metrics)
     # On SIGTERM uvicorn stops accepting and lets the streams in flight finish. It waits a little longer
     # than the workers drain, so a stream they hand back at their drain's end still gets its error event.
@@ -170,24 +172,31 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     server.group = group
     sockets = [group.sock] if group else [socket.socket(fileno=args.listen_fd)] if child else None
     url = f"http://{args.host}:{args.port}"
-    serving = asyncio.Event()  # set once the frontend answers as ready (registered, or told its parent)
-    building = asyncio.create_task(_build_as_registered(models, catalog, server, serving))
+    refused = asyncio.Event()  # the frontend's own model's layer could not be built: it stops, exit 1
+    building = asyncio.create_task(_build_as_registered(models, catalog))
     tasks = [follower, building]
     if child:  # accept only once it can serve; the parent registers the group
         orphaned = asyncio.Event()
         tasks += [asyncio.create_task(exit_with_parent(orphaned)),
-                  asyncio.create_task(_child_ready(server, args.ready_fd, orphaned, serving))]
+                  asyncio.create_task(_child_ready(server, args.ready_fd, orphaned))]
     else:
-        tasks.append(asyncio.create_task(_register_when_serving(ctx, server, models, url, group, serving)))
+        tasks.append(asyncio.create_task(_register_when_serving(ctx, server, models, url, group, refused)))
     if group:
         tasks += group.start()
     try:
         can_serve = True
-        if child:  # built, or a build failed (then it exits 1 below, and the parent hears it died)
+        if child:  # settled; or its own model's layer failed (it exits 1 below: the parent hears it), or orphaned
             settled = asyncio.create_task(_settled(models, catalog))
-            await asyncio.wait([settled, building], return_when=asyncio.FIRST_COMPLETED)
-            can_serve = settled.done() and not settled.cancelled() and settled.exception() is None
-            settled.cancel()
+            gone = asyncio.create_task(orphaned.wait())
+            await asyncio.wait([settled, gone], return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if not settled.done():
+                settled.cancel()
+                can_serve = False
+            elif settled.exception() is not None:
+                log.error("this frontend process stops: %s", settled.exception())
+                refused.set()
+                can_serve = False
         if can_serve:
             await server.serve(sockets=sockets)  # returns on SIGTERM/SIGINT (uvicorn's handlers), after draining
     finally:
@@ -199,17 +208,15 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
         await ctx.close()
         if group:
             group.close()
-    if not server.started or (building.done() and not building.cancelled() and building.exception()) or (
-            group and group.failed):
+    if not server.started or refused.is_set() or (group and group.failed):
         sys.exit(1)  # e.g. the port was taken, or vLLM refused the model: said in the log
 
 
-async def _child_ready(server: uvicorn.Server, ready_fd: int, orphaned: asyncio.Event, serving: asyncio.Event) -> None:
+async def _child_ready(server: uvicorn.Server, ready_fd: int, orphaned: asyncio.Event) -> None:
     """A group's child: serving once it accepts (it only does once built); stops with an orphaned group."""
     while not server.started:
         await asyncio.sleep(0.05)
     tell_parent(ready_fd)
-    serving.set()
     await orphaned.wait()
     server.should_exit = True
 
@@ -227,6 +234,15 @@ def _builder(vllm_args: argparse.Namespace, catalog: Catalog, dispatcher: Dispat
     return build
 
 
+def _signature(catalog: Catalog) -> Signature:
+    """What a model's app is built from: the model its workers loaded, its context, its registered model
+    configuration (a change of any of them under the same served name means a new app)."""
+    def signature(route: ModelRoute) -> Any:
+        return route.path, route.max_model_len, json.dumps(model_config_of(catalog, route), sort_keys=True,
+                                                           default=str)
+    return signature
+
+
 async def _until_serving(catalog: Catalog) -> None:
     while not catalog.serving():
         catalog.changed.clear()
@@ -235,39 +251,39 @@ async def _until_serving(catalog: Catalog) -> None:
 
 
 async def _settled(models: ModelApps, catalog: Catalog) -> None:
-    """Some worker serves, and every model served now has its vLLM server (a failed build raises)."""
+    """Some worker serves, and every model served now has its vLLM server or failed to (its own 500); the
+    failure of the frontend's own model raises (`ModelApps.settle`)."""
     await _until_serving(catalog)
     await models.settle()
 
 
-async def _build_as_registered(models: ModelApps, catalog: Catalog, server: uvicorn.Server,
-                               serving: asyncio.Event) -> None:
-    """vLLM's OpenAI server for each model, once a worker registered it (its configuration comes with it).
-    Until the frontend serves, a failed build stops it (a configuration error, said by `launcher up`);
-    after, that model's requests get a 500 naming it and the other models go on (`ModelApps`)."""
+async def _build_as_registered(models: ModelApps, catalog: Catalog) -> None:
+    """vLLM's OpenAI server for each model, once a worker registered it (its configuration comes with it),
+    and again when that registration changes."""
     while True:
-        tasks = models.build_known()
-        if not serving.is_set():
-            try:
-                await asyncio.gather(*tasks)
-            except Exception:
-                log.error("the frontend stops: a model's OpenAI layer could not be built (above)")
-                server.should_exit = True
-                raise
+        models.build_known()
         catalog.changed.clear()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(catalog.changed.wait(), 1)
 
 
 async def _register_when_serving(ctx: WorkerContext, server: uvicorn.Server, models: ModelApps, url: str,
-                                 group: ServerGroup | None, serving: asyncio.Event) -> None:
-    """Ready = listening, some worker serves, vLLM's server is built for every model served, and every other
-    process of its group serves: only then may `launcher up` call it ready."""
+                                 group: ServerGroup | None, refused: asyncio.Event) -> None:
+    """Ready = listening, some worker serves, vLLM's server is built for every model served (a model that
+    registers later is built then), and every other process of its group serves: only then may `launcher
+    up` call it ready. If the frontend's own model cannot be built, it stops (`refused`): a configuration
+    error that `launcher up` reports."""
     assert ctx.registry is not None
     while not server.started:
         await asyncio.sleep(0.05)
     log.info("listening on %s; waiting for a worker to serve", url)
-    await _settled(models, models.catalog)
+    try:
+        await _settled(models, models.catalog)
+    except ApiError as exc:
+        log.error("the frontend stops: %s", exc.message)
+        refused.set()
+        server.should_exit = True
+        return
     if group is not None:
         await group.all_ready.wait()
     await _until_serving(models.catalog)
@@ -276,7 +292,6 @@ async def _register_when_serving(ctx: WorkerContext, server: uvicorn.Server, mod
     reg = Registration(namespace=s.namespace, component=COMPONENT, endpoint=KINDS["frontend"].endpoint, subject="",
                        lease_id=lease, host=s.host, process=s.process_name, extra={"url": url})
     await ctx.registry.register(reg)
-    serving.set()
     log.info("frontend ready at %s, serving %s", url, ", ".join(sorted(models.apps)))
 
 

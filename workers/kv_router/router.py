@@ -235,6 +235,8 @@ class KvRouter:
         w = batch.worker
         if w in self.gone or w in self.foreign:
             return
+        if self.index is None and self.model is not None and w not in self.workers:
+            return  # perhaps another model's worker: its block size is not ours to learn (a gap asks a resync)
         index = self._ensure_index(batch.block_size)
         if batch.block_size != index.block_size:
             log.error("worker %x sends block size %d, router uses %d: events ignored", w, batch.block_size,
