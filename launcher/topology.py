@@ -277,14 +277,14 @@ _BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_e
 
 
 def _loc_text(loc: tuple[str | int, ...]) -> str:
-    """`workers[0].engine`; a key that is blank or not a plain word is quoted (`workers[0].' '`), so the
-    location never reads as empty."""
+    """`workers[0].engine`; a blank key, or one with control characters, is quoted (`workers[0].' '`), so
+    the location never reads as empty."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
             continue
-        text = str(part) if re.fullmatch(r"[A-Za-z0-9_.-]+", str(part)) else repr(str(part))
+        text = repr(str(part)) if not str(part).strip() or re.search(r"[\x00-\x1f\x7f]", str(part)) else str(part)
         out += f".{text}" if out else text
     return out or "(top level)"
 

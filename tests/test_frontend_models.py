@@ -272,3 +272,44 @@ def test_a_failed_model_is_built_again_when_its_workers_come_back(models: Models
     catalog.put(broken.key, broken)
     [r] = models.calls(app, ("POST", "/v1/completions", completion("broken")))
     assert r.status_code == 500 and models.builds.count("broken") == 2  # tried again, not the old failure
+
+
+def test_a_renamed_model_takes_its_requests_and_the_default_with_it(models: Models) -> None:
+    """The topology's model served again under another name (same weights): a request naming no model goes
+    to the name it is served by now, not to the old one (whose requests nobody answers any more)."""
+    old = registration("smol", 1)
+    catalog = catalog_of(old)
+    app = models.frontend(catalog)
+    [r] = models.calls(app, ("POST", "/v1/completions", completion(None)))
+    assert r.status_code == 200 and models.dispatcher.models == ["smol"]
+    catalog.delete(old.key)
+    renamed = dataclasses.replace(registration("other", 2), model=PATHS["smol"])  # other's app: served "other"
+    catalog.put(renamed.key, renamed)
+    [r] = models.calls(app, ("POST", "/v1/completions", completion(None)))
+    assert r.status_code == 200 and models.dispatcher.models == ["smol", "other"], r.text
+
+
+def test_a_model_that_changes_and_leaves_while_requests_wait_ends_in_503s_not_a_build_loop(models: Models) -> None:
+    first = registration("slow", 1)
+    catalog = catalog_of(first)
+    app = models.frontend(catalog)
+    models.release.clear()
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.app), base_url="http://t") as http:
+            a = asyncio.create_task(http.post("/v1/completions", json=completion("slow")))
+            await asyncio.sleep(0.1)
+            moved = dataclasses.replace(first, model="/models/slow-v2")
+            catalog.put(moved.key, moved)
+            b = asyncio.create_task(http.post("/v1/completions", json=completion("slow")))
+            await asyncio.sleep(0.1)
+            catalog.delete(moved.key)
+            models.release.set()
+            return list(await asyncio.wait_for(asyncio.gather(a, b), 10))
+
+    answers = models.loop.run_until_complete(scenario())
+    # The first waited on a build its model's new registration replaced, then the model left: a 503. The
+    # second got the app of the registration it waited for (the real dispatcher then says 503: no worker; the
+    # stub answers). Both ended, after two builds: no loop of builds.
+    assert [r.status_code for r in answers] == [503, 200], [r.text for r in answers]
+    assert models.builds.count("slow") == 2

@@ -40,6 +40,11 @@ Signature = Callable[[ModelRoute], Any]  # what an app is built from: a change m
 ALIAS_WAIT = 30.0
 
 
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def route_signature(route: ModelRoute) -> Any:
     return (route.path, route.max_model_len)
 
@@ -60,6 +65,7 @@ class ModelApps:
         self.preferred_path = preferred_path  # the frontend's --model: its app is the default one
         self.apps: dict[str, Any] = {}  # served name (first one) -> app
         self._names: dict[str, str] = {}  # every served name -> first served name
+        self._served: dict[str, list[str]] = {}  # first served name -> every name its app answers to
         self._paths: dict[str, str] = {}  # first served name -> the model its workers loaded
         self._built_from: dict[str, Any] = {}  # first served name -> the signature its app was built for
         self.failed: dict[str, str] = {}  # served name -> why its build failed
@@ -78,6 +84,7 @@ class ModelApps:
         if task is None:
             self._built_from[route.name] = signature
             task = self._tasks[route.name] = asyncio.create_task(self._run(route))
+            task.add_done_callback(_retrieved)  # a failure nobody awaits is in `failed`, not an asyncio warning
         return task
 
     def _forget(self, name: str) -> None:
@@ -86,6 +93,7 @@ class ModelApps:
         self.failed.pop(name, None)
         self.apps.pop(name, None)
         self._paths.pop(name, None)
+        self._served.pop(name, None)
         for alias in [a for a, owner in self._names.items() if owner == name]:
             del self._names[alias]
 
@@ -100,12 +108,15 @@ class ModelApps:
             return app  # built for what was registered before: a newer build replaces it
         self.apps[route.name] = app
         self._paths[route.name] = route.path
+        self._served[route.name] = served_names(app, route.name)
         self._names[route.name] = route.name  # a model's own name wins over another model's alias
-        for name in served_names(app, route.name):
+        for name in self._served[route.name]:
             owner = self._names.setdefault(name, route.name)
-            if owner != route.name:
+            if owner != route.name and owner in self.catalog.serving():
                 log.warning("the name %s is served by %s and %s: requests for it go to %s", name, owner,
                             route.name, owner)
+            elif owner != route.name:  # its old owner is served no more (renamed): the name is this model's now
+                self._names[name] = route.name
         self.first.set()
         return app
 
@@ -120,8 +131,8 @@ class ModelApps:
     async def settle(self) -> None:
         """Wait for the builds of every model served now. A failure is that model's own (its 500), except the
         frontend's own model's, which raises: the deployment's model cannot be served."""
-        tasks = self.build_known()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        while pending := [t for t in self.build_known() if not t.done()]:  # (a build replaced meanwhile: its new one)
+            await asyncio.wait(pending)
         preferred = self.preferred_name()
         if preferred is not None and preferred in self.failed:
             raise self._unavailable(preferred)
@@ -129,7 +140,7 @@ class ModelApps:
     async def _wait_builds(self, timeout: float) -> None:
         pending = [t for t in self.build_known() if not t.done()]
         if pending:
-            await asyncio.wait([asyncio.shield(t) for t in pending], timeout=timeout)
+            await asyncio.wait(pending, timeout=timeout)  # (asyncio.wait cancels nothing on its timeout)
 
     # ---- choosing -------------------------------------------------------------------------------
     def preferred_name(self) -> str | None:
@@ -140,11 +151,14 @@ class ModelApps:
         return next((name for name, route in serving if route.path == self.preferred_path), None)
 
     def default_name(self) -> str | None:
-        """The frontend's own model (`--model`), once built; without one, the first built by name. Never
-        another model in its place: a request naming no model is for the deployment's model."""
+        """The frontend's own model (`--model`), once built, under the name it is served by now (else the
+        last it was); without `--model`, the first built by name. Never another model in its place: a
+        request naming no model is for the deployment's model."""
+        serving = self.catalog.serving()
         if self.preferred_path is None:
-            return min(self.apps, default=None)
-        return min((name for name, path in self._paths.items() if path == self.preferred_path), default=None)
+            return min((n for n in self.apps if n in serving), default=min(self.apps, default=None))
+        mine = [name for name, path in self._paths.items() if path == self.preferred_path]
+        return min((n for n in mine if n in serving), default=min(mine, default=None))
 
     def default(self) -> Any | None:
         name = self.default_name()
@@ -159,8 +173,9 @@ class ModelApps:
             await self._wait_builds(ALIAS_WAIT)
         return self.any_app()
 
-    async def _built(self, route: ModelRoute) -> Any:
-        """`route`'s app as registered now (a build that a newer registration replaced is waited past)."""
+    async def _built(self, route: ModelRoute) -> Any | None:
+        """`route`'s app as registered now (a build that a newer registration replaced is waited past);
+        None once the model is served no more (the gate's 503)."""
         while True:
             task = self.ensure(route)
             try:
@@ -171,27 +186,39 @@ class ModelApps:
                 app = None
             if self._tasks.get(route.name) is task:
                 return app
-            route = self.catalog.serving().get(route.name) or route
+            current = self.catalog.serving().get(route.name)
+            if current is None:
+                return None
+            route = current
+
+    def _current(self, name: str) -> Any | None:
+        """The app built for `name`'s registration as it is now; None when it must be built (again)."""
+        route = self.catalog.serving().get(name)
+        if name in self.apps and (route is None or self._built_from.get(name) == self._signature(route)):
+            return self.apps[name]  # (no route: its workers are gone; the dispatcher says 503)
+        return None
 
     async def for_model(self, model: str) -> Any | None:
         """The app for a request naming `model` ("" when it names none); None while nothing can answer."""
         serving = self.catalog.serving()
+        if not model:  # the deployment's own model, or a 503 (None)
+            preferred = self.preferred_name()
+            if preferred is None:
+                return self.default()
+            if preferred in self.failed:
+                raise self._unavailable(preferred)
+            return self._current(preferred) or await self._built(serving[preferred])
         name = self._names.get(model)
         if name is not None:
-            route = serving.get(name)
-            if route is None or self._built_from.get(name) == self._signature(route):
-                return self.apps[name]  # (no route: its workers are gone; the dispatcher says 503)
-            return await self._built(route)  # registered again otherwise: never the old app
+            app = self._current(name)
+            if app is not None:
+                return app
+            return await self._built(serving[name])  # registered again otherwise: never the old app
         if model in self.failed:
             raise self._unavailable(model)
         route = serving.get(model)
-        if model and route is not None:  # registered, its app not built yet: wait for it
+        if route is not None:  # registered, its app not built yet: wait for it
             return await self._built(route)
-        if not model:  # the deployment's own model, or a 503 (None)
-            preferred = self.preferred_name()
-            if preferred is not None and preferred not in self.apps:
-                return await self._built(serving[preferred])
-            return self.default()
         await self._wait_builds(ALIAS_WAIT)  # an unknown name: perhaps an alias of a model being built
         if model in self._names:
             return self.apps[self._names[model]]

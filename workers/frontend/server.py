@@ -251,9 +251,13 @@ async def _until_serving(catalog: Catalog) -> None:
 
 
 async def _settled(models: ModelApps, catalog: Catalog) -> None:
-    """Some worker serves, and every model served now has its vLLM server or failed to (its own 500); the
-    failure of the frontend's own model raises (`ModelApps.settle`)."""
-    await _until_serving(catalog)
+    """The frontend's own model (`--model`; without it, any) is served, and every model served now has its
+    vLLM server or failed to (its own 500); the failure of the frontend's own model raises
+    (`ModelApps.settle`)."""
+    while not catalog.serving() or (models.preferred_path is not None and models.preferred_name() is None):
+        catalog.changed.clear()
+        with contextlib.suppress(asyncio.TimeoutError):  # capped: another waiter may clear the event
+            await asyncio.wait_for(catalog.changed.wait(), 1)
     await models.settle()
 
 
