@@ -420,7 +420,7 @@ def _worker_processes(topo: Topology, index: int, config: EngineConfig, args: di
     for k in range(w.replicas):
         name = replica_name(w, k)
         port = ports[(index, k)]
-        flags = {"model": _launcher("model", w.model or topo.model, (*path, "model") if w.model else ("model",)),
+        flags = {"model": _launcher("model", topo.model_of(w), (*path, "model") if w.model else ("model",)),
                  **engine,
                  "metrics-port": _launcher("metrics-port", port, (*path, "metrics_port"))}
         kt = None
@@ -446,7 +446,7 @@ def _worker_processes(topo: Topology, index: int, config: EngineConfig, args: di
         port_path = (*path, "metrics_port") if w.metrics_port is not None else (*path, "name")
         out.append(ResolvedProcess(
             name=name, kind=w.kind, section="workers", index=index, module=kind.module,
-            model=w.model or topo.model, flags=flags, env=env, tier=kind.tier, gates=kind.gates, **_common(w),
+            model=topo.model_of(w), flags=flags, env=env, tier=kind.tier, gates=kind.gates, **_common(w),
             replica=k, replica_of=w.name if w.replicas > 1 else None, engine=config, kv_transfer=kt,
             gpus=gpus, cpus=w.cpus, ports={"metrics": port}, port_paths={"metrics": port_path}, notes=list(notes)))
     return out
@@ -456,11 +456,11 @@ def _router_processes(topo: Topology, index: int, r: Router, engines: list[Engin
                       table: engine_flags.FlagTable | None) -> tuple[list[ResolvedProcess], list[Problem]]:
     """One process per replica; they differ only in name (and a metrics port given in args:, + k)."""
     path: PathKey = ("routers", index)
-    model = r.model or topo.model
+    model = topo.model_of(r)
     flags = {"model": _launcher("model", model, (*path, "model") if r.model else ("model",)),
              "routing-strategy": _launcher("routing-strategy", r.strategy, (*path, "strategy"))}
     block = next((e.block_size for e, w in zip(engines, topo.workers, strict=True)
-                  if w.kind == "kv_worker" and (w.model or topo.model) == model), None)  # its own model's workers
+                  if w.kind == "kv_worker" and topo.model_of(w) == model), None)  # its own model's workers
     if block is not None:
         flags["block-size"] = _launcher("block-size", block, (*path, "name"))
     args, problems = _args_settings(r, "routers", index, "router", table)

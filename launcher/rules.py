@@ -280,7 +280,7 @@ def rule_kv_router(resolved: Resolved) -> list[Problem]:
                                 "kv_worker processes are served through a router: add one under routers:"))
     block_sizes_of: dict[str, dict[int, str]] = {}  # per model: each model's kv_workers have their own router
     for i, w in kv_workers:
-        block_sizes = block_sizes_of.setdefault(w.model or topo.model, {})
+        block_sizes = block_sizes_of.setdefault(topo.model_of(w), {})
         engine = resolved.engines[i]
         if engine.prefix_caching is False:
             off = engine.flags["enable-prefix-caching"]
@@ -305,16 +305,16 @@ def rule_models(resolved: Resolved) -> list[Problem]:
     rules above say it."""
     topo = resolved.topology
     problems: list[Problem] = []
-    if topo.frontends and all((w.model or topo.model) != topo.model for w in topo.workers):
+    if topo.frontends and all(topo.model_of(w) != topo.model for w in topo.workers):
         problems.append(Problem(("model",), f"no worker loads the topology's model {topo.model}, which a frontend "
                                 "sends every request naming no model to: make it the model of one of the workers "
                                 "(give that worker no model:)"))
-    models = {w.model or topo.model for w in topo.workers} | {r.model or topo.model for r in topo.routers}
+    models = {topo.model_of(w) for w in topo.workers} | {topo.model_of(r) for r in topo.routers}
     if len(models) < 2:
         return problems
     owner: dict[str, tuple[str, str]] = {}  # served name -> (model, worker)
     for i, w in _workers(topo):
-        model = w.model or topo.model
+        model = topo.model_of(w)
         given = resolved.engines[i].value("served-model-name")
         names = given if isinstance(given, list) else [given] if given else [model]
         for name in (str(n) for n in names):
@@ -324,10 +324,10 @@ def rule_models(resolved: Resolved) -> list[Problem]:
                                         f"'{w.name}' serves {model} as {name}, the name '{other[1]}' serves "
                                         f"{other[0]} by: a request for {name} would reach either; give each model "
                                         "its own served-model-name"))
-    routed = {r.model or topo.model for r in topo.routers}
+    routed = {topo.model_of(r) for r in topo.routers}
     for model in sorted(models):
-        kinds = {w.kind for w in topo.workers if (w.model or topo.model) == model}
-        first = {w.kind: i for i, w in reversed(list(_workers(topo))) if (w.model or topo.model) == model}
+        kinds = {w.kind for w in topo.workers if topo.model_of(w) == model}
+        first = {w.kind: i for i, w in reversed(list(_workers(topo))) if topo.model_of(w) == model}
         for have, need in (("prefill", "decode"), ("decode", "prefill")):
             if have in kinds and need not in kinds:
                 problems.append(Problem(("workers", first[have], "kind"),
@@ -340,8 +340,8 @@ def rule_models(resolved: Resolved) -> list[Problem]:
                                     f"routes only to workers of its model): add one under routers: with "
                                     f"model: {model}"))
     for i, r in enumerate(topo.routers):
-        model = r.model or topo.model
-        if not any(w.kind == "kv_worker" and (w.model or topo.model) == model for w in topo.workers):
+        model = topo.model_of(r)
+        if not any(w.kind == "kv_worker" and topo.model_of(w) == model for w in topo.workers):
             problems.append(Problem(("routers", i, "model" if r.model else "name"),
                                     f"router '{r.name}' serves {model}, and no kv_worker loads it: give it the "
                                     "model of the kv_workers it should route to (model:)"))

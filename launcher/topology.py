@@ -256,6 +256,10 @@ class Topology(Strict):
     metrics_port_base: int = Field(9400, ge=1024, le=65000, description=(
         "first Prometheus port given to engine workers that name none (one port per worker and replica)"))
 
+    def model_of(self, process: Worker | Router) -> str:
+        """The model a worker loads or a router routes for: its own `model:`, else the topology's."""
+        return process.model or self.model
+
     @property
     def effective_namespace(self) -> str:
         return self.namespace or self.name

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from launcher import services as svc
-from tests.helpers import CPU_ENGINE, CPU_ENV, MONOLITH, Services, metric, up, wait_until
+from tests.helpers import CPU_ENGINE, CPU_ENV, MONOLITH, Services, metric, until, up, wait_until
 from tests.test_frontend_errors import ENTRY, StubDispatcher, tokens
 from tests.test_frontend_unit import catalog_of
 from workers.frontend.app import FrontendApp, Settings
@@ -163,13 +163,20 @@ def test_a_registered_model_still_building_is_waited_for_not_404(models: Models)
     app = models.frontend(catalog_of(registration("smol", 1), registration("slow", 2)))
     models.release.clear()
 
-    async def release_soon() -> None:
-        await asyncio.sleep(0.2)
+    entered = 0
+
+    async def counted(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal entered
+        entered += 1
+        await app.app(scope, receive, send)
+
+    async def release_once_both_came() -> None:
+        await until(lambda: entered == 2 and "slow" in models.builds, what="both requests in, the build started")
         models.release.set()
 
     async def both() -> list[httpx.Response]:
-        task = asyncio.create_task(release_soon())
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.app), base_url="http://t") as http:
+        task = asyncio.create_task(release_once_both_came())
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=counted), base_url="http://t") as http:
             answers = await asyncio.gather(http.post("/v1/completions", json=completion("slow")),
                                            http.post("/v1/completions", json=completion("slow")))
         await task
@@ -298,11 +305,11 @@ def test_a_model_that_changes_and_leaves_while_requests_wait_ends_in_503s_not_a_
     async def scenario() -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.app), base_url="http://t") as http:
             a = asyncio.create_task(http.post("/v1/completions", json=completion("slow")))
-            await asyncio.sleep(0.1)
+            await until(lambda: models.builds == ["slow"], what="the first request waiting on its build")
             moved = dataclasses.replace(first, model="/models/slow-v2")
             catalog.put(moved.key, moved)
             b = asyncio.create_task(http.post("/v1/completions", json=completion("slow")))
-            await asyncio.sleep(0.1)
+            await until(lambda: models.builds == ["slow", "slow"], what="the second on the new registration's")
             catalog.delete(moved.key)
             models.release.set()
             return list(await asyncio.wait_for(asyncio.gather(a, b), 10))

@@ -9,6 +9,7 @@ worker that is down simply is not listed, so `/v1/models` never fails because on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -60,6 +61,12 @@ class Catalog:
         self.by_key = dict(regs)
         self._routes = None
         self.changed.set()
+
+    async def next_change(self, cap: float) -> None:
+        """Until the catalog changes or `cap` seconds pass (capped: another waiter may clear the event)."""
+        self.changed.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.changed.wait(), cap)
 
     def routes(self) -> dict[str, ModelRoute]:
         """Served name -> route, for every model some engine worker serves."""

@@ -14,8 +14,6 @@ here directly. When that worker is lost, the router is not at fault: the request
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -117,9 +115,7 @@ class Dispatcher:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            self.catalog.changed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):  # capped: another waiter may clear the event
-                await asyncio.wait_for(self.catalog.changed.wait(), min(left, 0.5))
+            await self.catalog.next_change(min(left, 0.5))
 
     async def generate(self, model: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The worker's chunks (text, token_ids, and the final one's counts); raises ApiError before the

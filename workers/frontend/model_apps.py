@@ -71,12 +71,21 @@ class ModelApps:
         self.failed: dict[str, str] = {}  # served name -> why its build failed
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self.first = asyncio.Event()  # some model's app is built: the frontend can answer
+        # served name -> (route, its signature): the catalog makes new route objects only when it changes,
+        # so a request pays for the signature once per change, not once per request.
+        self._signatures: dict[str, tuple[ModelRoute, Any]] = {}
+
+    def _signature_of(self, route: ModelRoute) -> Any:
+        cached = self._signatures.get(route.name)
+        if cached is None or cached[0] is not route:
+            cached = self._signatures[route.name] = (route, self._signature(route))
+        return cached[1]
 
     # ---- building -------------------------------------------------------------------------------
     def ensure(self, route: ModelRoute) -> asyncio.Task[Any]:
         """The build of `route`'s app as registered now: started on first call, the same task after; a new
         one when what the workers registered changed (the old app is dropped first)."""
-        signature = self._signature(route)
+        signature = self._signature_of(route)
         if route.name in self._tasks and self._built_from.get(route.name) != signature:
             log.info("model %s changed (%s): its OpenAI layer is built again", route.name, route.path)
             self._forget(route.name)
@@ -194,7 +203,7 @@ class ModelApps:
     def _current(self, name: str) -> Any | None:
         """The app built for `name`'s registration as it is now; None when it must be built (again)."""
         route = self.catalog.serving().get(name)
-        if name in self.apps and (route is None or self._built_from.get(name) == self._signature(route)):
+        if name in self.apps and (route is None or self._built_from.get(name) == self._signature_of(route)):
             return self.apps[name]  # (no route: its workers are gone; the dispatcher says 503)
         return None
 

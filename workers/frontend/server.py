@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -245,9 +244,7 @@ def _signature(catalog: Catalog) -> Signature:
 
 async def _until_serving(catalog: Catalog) -> None:
     while not catalog.serving():
-        catalog.changed.clear()
-        with contextlib.suppress(asyncio.TimeoutError):  # capped: another waiter may clear the event
-            await asyncio.wait_for(catalog.changed.wait(), 1)
+        await catalog.next_change(1)
 
 
 async def _settled(models: ModelApps, catalog: Catalog) -> None:
@@ -255,9 +252,7 @@ async def _settled(models: ModelApps, catalog: Catalog) -> None:
     vLLM server or failed to (its own 500); the failure of the frontend's own model raises
     (`ModelApps.settle`)."""
     while not catalog.serving() or (models.preferred_path is not None and models.preferred_name() is None):
-        catalog.changed.clear()
-        with contextlib.suppress(asyncio.TimeoutError):  # capped: another waiter may clear the event
-            await asyncio.wait_for(catalog.changed.wait(), 1)
+        await catalog.next_change(1)
     await models.settle()
 
 
@@ -266,9 +261,7 @@ async def _build_as_registered(models: ModelApps, catalog: Catalog) -> None:
     and again when that registration changes."""
     while True:
         models.build_known()
-        catalog.changed.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(catalog.changed.wait(), 1)
+        await catalog.next_change(1)
 
 
 async def _register_when_serving(ctx: WorkerContext, server: uvicorn.Server, models: ModelApps, url: str,
