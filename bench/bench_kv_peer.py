@@ -460,25 +460,41 @@ def start_side(name: str, args: argparse.Namespace, tmp: Path, services: Service
     return side
 
 
-def idle_cpu(pids: list[int], seconds: float) -> float:
-    """CPU seconds per second that the engines' process trees burn while no request is in flight."""
-    procs = []
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            root = psutil.Process(pid)
-            procs += [root, *root.children(recursive=True)]
+def thread_cpu_seconds(p: psutil.Process) -> float:
+    """CPU time of p's live threads in nanoseconds' resolution (/proc/PID/task/*/schedstat), where
+    cpu_times() counts 10 ms clock ticks: an idle router burns ~3 ms/s, a few ticks in a probe. A thread
+    that ends is not counted, which a short idle window can afford (a run's own figure uses cpu_times)."""
+    tasks = Path(f"/proc/{p.pid}/task")
+    if not tasks.is_dir():
+        c = p.cpu_times()
+        return float(c.user + c.system)
+    total = 0
+    for task in tasks.iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
-    def total() -> float:
-        t = 0.0
-        for p in procs:
+
+def idle_cpu(groups: dict[str, list[int]], seconds: float) -> dict[str, float]:
+    """CPU seconds per second that each group of process trees (the engines; the router replicas, the
+    frontend) burns while no request is in flight, all measured over the same `seconds`."""
+    procs: dict[str, list[psutil.Process]] = {name: [] for name in groups}
+    for name, pids in groups.items():
+        for pid in pids:
             with contextlib.suppress(psutil.Error):
-                c = p.cpu_times()
-                t += c.user + c.system
+                root = psutil.Process(pid)
+                procs[name] += [root, *root.children(recursive=True)]
+
+    def total(ps: list[psutil.Process]) -> float:
+        t = 0.0
+        for p in ps:
+            with contextlib.suppress(psutil.Error, OSError):
+                t += thread_cpu_seconds(p)
         return t
 
-    t0 = total()
+    t0 = {name: total(ps) for name, ps in procs.items()}
     time.sleep(seconds)
-    return (total() - t0) / seconds
+    return {name: (total(ps) - t0[name]) / seconds for name, ps in procs.items()}
 
 
 def warm_up(side: Side) -> None:
@@ -665,8 +681,14 @@ def main() -> None:
                     meta["argvs"][side_name] = side.argv
                     warm_up(side)
                     if rep == 0 and args.idle_probe > 0:
-                        meta["idle_cpu"][side_name] = round(idle_cpu(side.engine_pids, args.idle_probe), 3)
-                        print(f"{side_name}: idle engines burn {meta['idle_cpu'][side_name]:.2f} CPU s/s", flush=True)
+                        idle = idle_cpu({"engines": side.engine_pids, **side.cpu_pids}, args.idle_probe)
+                        meta["idle_cpu"][side_name] = round(idle.pop("engines"), 3)
+                        # The router's and frontend's background work (lease keepalives, load reports, Live lists)
+                        # is in their CPU per 1k tokens too, in proportion to the run's wall time.
+                        meta.setdefault("idle_cpu_ms_per_s", {})[side_name] = {r: round(1000 * v, 2)
+                                                                              for r, v in idle.items()}
+                        print(f"{side_name}: idle engines burn {meta['idle_cpu'][side_name]:.2f} CPU s/s; idle "
+                              f"{meta['idle_cpu_ms_per_s'][side_name]} CPU ms/s", flush=True)
                     for w, x in work.items():
                         if side_name.endswith("-rr") and w not in args.rr_workloads:
                             continue

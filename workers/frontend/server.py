@@ -47,7 +47,7 @@ from workers.frontend.processes import (
 from workers.kinds import KINDS
 from workers.runtime import exitcodes
 from workers.runtime.registry import Registration
-from workers.runtime.serve import WorkerContext, setup_logging
+from workers.runtime.serve import WorkerContext, run_loop, setup_logging
 from workers.runtime.settings import RuntimeSettings, ServiceRefused, ServiceUnavailable
 
 log = logging.getLogger("workers.frontend")
@@ -297,13 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
-        import uvloop
-    except ImportError:
-        run = asyncio.run
-    else:
-        run = uvloop.run
-    try:
-        run(serve(args, argv))
+        run_loop(serve(args, argv))
     except (ServiceUnavailable, ServiceRefused) as exc:  # the address and the reason, not a traceback
         log.error("%s", exc)
         sys.exit(exitcodes.SERVICE_UNAVAILABLE)

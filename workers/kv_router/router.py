@@ -431,12 +431,14 @@ class KvRouter:
 class Tokenizer:
     """transformers' tokenizer of --model: plain prompts as vLLM would encode them, chats templated.
 
-    Importing transformers takes seconds (it imports torch: ~16 s on a busy 2-core machine), and a
-    restarted router serves nothing until it can tokenize. So when the model folder has a
-    tokenizer.json, plain prompts are encoded at once with the `tokenizers` library (what
-    transformers' fast tokenizers run anyway) while transformers loads on a thread; once loaded, the
-    two are compared on probe strings and on any difference the fast path is dropped (logged).
-    Chat messages wait for transformers (`ready`).
+    Only a caller that sends text needs it: the frontend sends token ids (rendered by vLLM's layer),
+    so behind a frontend nothing here is loaded. transformers imports torch: 4 s of CPU (~16 s of wall
+    time on a busy 2-core machine) and 430 of the router's 550 MB (bench/results/router-idle-cpu.md),
+    taken from the engines it starts beside. So it loads on a thread when the first text request arrives. When
+    the model folder has a tokenizer.json, plain prompts are encoded at once with the `tokenizers`
+    library (what transformers' fast tokenizers run anyway) while transformers loads; once loaded, the
+    two are compared on probe strings and on any difference the fast path is dropped (logged). Chat
+    messages wait for transformers (`ready`).
     """
 
     PROBES = ("hello world", " The capital of France is", "a\nb  c\t123 !?", "document 3: w1 w2")
@@ -446,14 +448,21 @@ class Tokenizer:
         self.tok: Any = None
         self.fast: Any = None
         self.loaded = threading.Event()
+        self._loading = False
+        self._lock = threading.Lock()
         tokenizer_json = Path(model) / "tokenizer.json"
         if tokenizer_json.is_file():
             from tokenizers import Tokenizer as FastTokenizer
 
             self.fast = FastTokenizer.from_file(str(tokenizer_json))
-            threading.Thread(target=self._load, name="load-tokenizer", daemon=True).start()
-        else:
-            self._load()
+
+    def load(self) -> None:
+        """Start loading transformers' tokenizer on a thread, once (`loaded` is set when it is done)."""
+        with self._lock:
+            if self._loading:
+                return
+            self._loading = True
+        threading.Thread(target=self._load, name="load-tokenizer", daemon=True).start()
 
     def _load(self) -> None:
         try:
@@ -471,8 +480,12 @@ class Tokenizer:
             self.loaded.set()
 
     def ready(self, req: GenerateRequest) -> bool:
-        """Whether `req` can be encoded now without waiting for transformers."""
-        return self.loaded.is_set() or req.token_ids is not None or (req.messages is None and self.fast is not None)
+        """Whether `req` can be encoded now without waiting for transformers (whose loading a text
+        request starts)."""
+        if req.token_ids is not None:
+            return True
+        self.load()
+        return self.loaded.is_set() or (req.messages is None and self.fast is not None)
 
     def __call__(self, req: GenerateRequest) -> np.ndarray:
         """Token ids as an int32 array: hashing blocks from an array avoids a Python int per token."""
@@ -611,7 +624,7 @@ class RouterService:
         if req.token_ids is not None:  # the frontend's way: tokenized once, upstream
             token_ids = np.asarray(req.token_ids, dtype=np.int32)
         else:  # text: tokenizing ~2,000 tokens takes ~6 ms, which would stall every other request here
-            if not self.tokenizer.ready(req):  # a chat right after start: transformers is still loading
+            if not self.tokenizer.ready(req):  # a chat before transformers has loaded (the first text starts it)
                 await asyncio.to_thread(self.tokenizer.loaded.wait, 120)
             token_ids = await asyncio.wait_for(asyncio.to_thread(self.tokenizer, req), TOKENIZE_TIMEOUT)
         max_tokens = req.sampling.get("max_tokens")
