@@ -22,7 +22,7 @@ from workers.frontend.app import FrontendApp, Settings
 from workers.frontend.catalog import Catalog, ModelRoute
 from workers.frontend.errors import ModelUnavailable
 from workers.frontend.model_apps import ModelApps
-from workers.frontend.openai_layer import build_openai_app, serve_args
+from workers.frontend.openai_layer import build_openai_app, serve_args, with_cors
 from workers.runtime.registry import Registration
 
 PATHS = {"smol": "/models/smol", "other": "/models/other", "broken": "/models/broken", "slow": "/models/slow"}
@@ -320,3 +320,56 @@ def test_a_model_that_changes_and_leaves_while_requests_wait_ends_in_503s_not_a_
     # stub answers). Both ended, after two builds: no loop of builds.
     assert [r.status_code for r in answers] == [503, 200], [r.text for r in answers]
     assert models.builds.count("slow") == 2
+
+
+def test_cors_is_vllm_serves_and_covers_every_route_and_the_preflight_before_the_key(models: Models,
+                                                                                      tiny_model: Path) -> None:
+    """`--allowed-origins` etc. as `vllm serve` takes them: the allowed origin gets its header on the merged
+    /v1/models (the frontend's own route) and on a model's answer, once; a browser's preflight (no key) is
+    answered though the frontend wants a key; another origin gets none, and by default no origin does
+    (vLLM 0.32's default)."""
+    ui, other = "http://ui.example", "http://elsewhere.example"
+    key = {"Authorization": "Bearer k"}
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+
+    def frontend(flags: list[str]) -> Any:
+        args = serve_args(str(tiny_model), flags)  # the model's app is built with the flags too, as server.py does
+
+        async def build(route: ModelRoute) -> Any:
+            config = {"model": str(tiny_model), "served_model_name": [route.name]}
+            built.append(await build_openai_app(args, route, config, models.dispatcher))  # type: ignore[arg-type]
+            return built[-1]
+
+        catalog = catalog_of(registration("smol", 1))
+        app = FrontendApp(models.dispatcher, catalog, Settings(api_key="k"),  # type: ignore[arg-type]
+                          ModelApps(catalog, build, PATHS["smol"]))
+        return with_cors(app.app, args)
+
+    async def ask(app: Any) -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            return [await http.options("/v1/chat/completions", headers={"Origin": ui, **preflight}),
+                    await http.get("/v1/models", headers={"Origin": ui, **key}),
+                    await http.post("/v1/completions", json=completion("smol"), headers={"Origin": ui, **key}),
+                    await http.options("/v1/chat/completions", headers={"Origin": other, **preflight}),
+                    await http.get("/v1/models", headers={"Origin": other, **key})]
+
+    built: list[Any] = []
+    allowed = ["--allowed-origins", f'["{ui}"]', "--allow-credentials"]
+    try:
+        pre, listed, answered, pre_other, listed_other = models.loop.run_until_complete(ask(frontend(allowed)))
+        default_pre, default_listed, *_ = models.loop.run_until_complete(ask(frontend([])))
+    finally:
+        for app in built:
+            app.state.engine_client.shutdown()
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == ui, pre.text
+    assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+    for r in (listed, answered):
+        assert r.status_code == 200, r.text
+        assert r.headers.get_list("access-control-allow-origin") == [ui]
+        assert r.headers["access-control-allow-credentials"] == "true"
+    assert [m["id"] for m in listed.json()["data"]] == ["smol"]
+    assert pre_other.status_code == 400 and "access-control-allow-origin" not in pre_other.headers
+    assert listed_other.status_code == 200 and "access-control-allow-origin" not in listed_other.headers
+
+    assert default_pre.status_code == 400 and "access-control-allow-origin" not in default_listed.headers

@@ -121,7 +121,8 @@ class FrontendApp:
     # ---- the gate in front of vLLM's app ---------------------------------------------------------
     def _authorized(self, scope: Scope) -> bool:
         key = self.settings.api_key
-        if key is None or scope.get("path", "") in OPEN_PATHS:
+        # OPTIONS passes, as through vLLM's key check: a CORS preflight carries no key (with_cors answers it).
+        if key is None or scope.get("path", "") in OPEN_PATHS or scope.get("method") == "OPTIONS":
             return True
         given = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = given.partition(" ")

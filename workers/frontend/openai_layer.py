@@ -41,6 +41,17 @@ def serve_args(model: str, flags: list[str]) -> argparse.Namespace:
     return args
 
 
+def with_cors(app: Any, args: argparse.Namespace) -> Any:
+    """`vllm serve`'s CORS (--allowed-origins, --allowed-methods, --allowed-headers, --allow-credentials; no
+    origin by default) in front of everything the frontend answers: its own /v1/models, /health and errors
+    too, and a preflight before the API key check (a browser sends no key on one; vLLM's key check lets
+    OPTIONS through as well). Each model's vLLM app is built without its own (build_openai_app)."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    return CORSMiddleware(app, allow_origins=args.allowed_origins, allow_credentials=args.allow_credentials,
+                          allow_methods=args.allowed_methods, allow_headers=args.allowed_headers)
+
+
 def model_config_of(catalog: Catalog, route: ModelRoute) -> dict[str, Any]:
     """The registered engine arguments of one of the model's engine workers (all load the same model)."""
     for reg in catalog.by_key.values():
@@ -69,6 +80,7 @@ async def build_openai_app(args: argparse.Namespace, route: ModelRoute, model_co
         args.max_model_len = route.max_model_len
     args.disable_log_stats = True
     args.api_key = None  # the frontend checks its key itself (`--api-key-env`), before anything else
+    args.allowed_origins, args.allow_credentials = [], False  # CORS is answered once, in front (with_cors)
     engine_args = AsyncEngineArgs.from_cli_args(args)
     vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
     served = route.name

@@ -35,7 +35,7 @@ from workers.frontend.dispatch import Dispatcher
 from workers.frontend.errors import ApiError
 from workers.frontend.metrics import FrontendMetrics
 from workers.frontend.model_apps import Builder, ModelApps, Signature
-from workers.frontend.openai_layer import build_openai_app, model_config_of, serve_args
+from workers.frontend.openai_layer import build_openai_app, model_config_of, serve_args, with_cors
 from workers.frontend.processes import (
     ServerGroup,
     auto_processes,
@@ -87,12 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# `vllm serve` flags a topology may give a frontend (`args:`): tools, reasoning, the chat template, answers.
+# `vllm serve` flags a topology may give a frontend (`args:`): tools, reasoning, the chat template, answers,
+# CORS (openai_layer.with_cors).
 VLLM_SWITCHES = ("enable-auto-tool-choice", "exclude-tools-when-tool-choice-none", "trust-request-chat-template",
                  "enable-prompt-tokens-details", "enable-force-include-usage", "return-tokens-as-token-ids",
-                 "enable-log-requests")
+                 "enable-log-requests", "allow-credentials")
 VLLM_VALUES = ("tool-call-parser", "reasoning-parser", "chat-template", "chat-template-content-format",
-               "response-role", "default-chat-template-kwargs", "tool-parser-plugin", "max-log-len")
+               "response-role", "default-chat-template-kwargs", "tool-parser-plugin", "max-log-len",
+               "allowed-origins", "allowed-methods", "allowed-headers")
 
 
 def vllm_flags_of(args: argparse.Namespace) -> list[str]:
@@ -165,8 +167,8 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     # On SIGTERM uvicorn stops accepting and lets the streams in flight finish. It waits a little longer
     # than the workers drain, so a stream they hand back at their drain's end still gets its error event.
     grace = math.ceil(settings.drain_timeout) + 5
-    config = uvicorn.Config(app.app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=grace, lifespan="off", interface="asgi3")
+    config = uvicorn.Config(with_cors(app.app, vllm_args), host=args.host, port=args.port, log_level="warning",
+                            access_log=False, timeout_graceful_shutdown=grace, lifespan="off", interface="asgi3")
     server = _Server(config)
     server.group = group
     sockets = [group.sock] if group else [socket.socket(fileno=args.listen_fd)] if child else None
