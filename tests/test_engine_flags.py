@@ -192,3 +192,16 @@ def test_a_frontends_tool_and_reasoning_parsers_are_checked_against_vllms() -> N
     # A plugin registers its own parsers, which only vLLM can see once it loads them.
     _, problems = parse_arg_list(["--tool-parser-plugin", "p.py", "--tool-call-parser", "mine"], table, "frontend")
     assert problems == []
+
+
+def test_a_frontends_cors_lists_are_json_as_vllm_reads_them() -> None:
+    """vLLM's parser json.loads --allowed-origins and its kin when the frontend starts; validate says so first."""
+    from launcher.engine_flags import FlagTable, parse_arg_list
+
+    table = FlagTable("vllm", "0.32.0")
+    flags, problems = parse_arg_list(["--allowed-origins", '["https://ui.example"]', "--allow-credentials",
+                                      "--allowed-methods", '["GET", "POST"]'], table, "frontend")
+    assert problems == [] and [f.name for f in flags] == ["allowed-origins", "allow-credentials", "allowed-methods"]
+    for bad in ("https://ui.example", '"https://ui.example"', "[1]"):
+        _, problems = parse_arg_list(["--allowed-origins", bad], table, "frontend")
+        assert len(problems) == 1 and "JSON list of strings" in problems[0][1], (bad, problems)

@@ -135,3 +135,11 @@ def test_up_refuses_a_bad_env_override_without_showing_its_password(topology: Pa
     assert code == 2 and "NATS_SERVER: NATS URL 'nats://***@127.0.0.1:99999' has a bad port" in output
     assert PASSWORD not in output and "Traceback" not in output
 
+
+
+def test_a_secret_named_switch_hides_no_flag_after_it() -> None:
+    """`--allow-credentials` (vllm serve's CORS switch) takes no value: the flag after it and that flag's value
+    are printed as they are, and a secret after a secret-named flag with a value is still hidden."""
+    argv = ["--allow-credentials", "--allowed-methods", '["GET"]', "--api-key", PASSWORD, "--allow-credentials"]
+    assert redact.redact_argv(argv) == ["--allow-credentials", "--allowed-methods", '["GET"]', "--api-key",
+                                        redact.MASK, "--allow-credentials"]

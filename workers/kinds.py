@@ -27,7 +27,7 @@ class Kind:
     engine: bool  # runs a vLLM engine: listed under `workers:`, takes engine flags, devices, a metrics port
     entry_rank: int | None  # a client's way in: the lowest rank present in a deployment is the one to call
     # Flags its module takes beside vLLM's engine flags (dashed name -> value type, as
-    # launcher.engine_flags types values: "str", "int", "float"); for the router and the frontend, which
+    # launcher.engine_flags types values: "str", "int", "float", "json_list"); for the router and the frontend, which
     # take no vLLM flags, every flag of their parser.
     flags: Mapping[str, str] = field(default_factory=dict)
     # Those of `flags` the launcher writes itself from the topology (`metrics_port:`, a router's
@@ -59,8 +59,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
                                  "enable-force-include-usage", "return-tokens-as-token-ids", "enable-log-requests",
                                  "tool-call-parser", "reasoning-parser", "chat-template",
                                  "chat-template-content-format", "response-role", "default-chat-template-kwargs",
-                                 "tool-parser-plugin", "max-log-len", "allowed-origins", "allowed-methods",
-                                 "allowed-headers", "allow-credentials"), "str")},
+                                 "tool-parser-plugin", "max-log-len", "allow-credentials"), "str"),
+                **dict.fromkeys(("allowed-origins", "allowed-methods", "allowed-headers"), "json_list")},
          set_by_launcher=frozenset({"host", "port", "model", "api-key-env", "max-request-bytes", "request-timeout",
                                     "retries", "migration-limit", "processes"}),
          gates=False),

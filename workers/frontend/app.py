@@ -121,8 +121,7 @@ class FrontendApp:
     # ---- the gate in front of vLLM's app ---------------------------------------------------------
     def _authorized(self, scope: Scope) -> bool:
         key = self.settings.api_key
-        # OPTIONS passes, as through vLLM's key check: a CORS preflight carries no key (with_cors answers it).
-        if key is None or scope.get("path", "") in OPEN_PATHS or scope.get("method") == "OPTIONS":
+        if key is None or scope.get("path", "") in OPEN_PATHS:
             return True
         given = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = given.partition(" ")

@@ -44,8 +44,9 @@ def serve_args(model: str, flags: list[str]) -> argparse.Namespace:
 def with_cors(app: Any, args: argparse.Namespace) -> Any:
     """`vllm serve`'s CORS (--allowed-origins, --allowed-methods, --allowed-headers, --allow-credentials; no
     origin by default) in front of everything the frontend answers: its own /v1/models, /health and errors
-    too, and a preflight before the API key check (a browser sends no key on one; vLLM's key check lets
-    OPTIONS through as well). Each model's vLLM app is built without its own (build_openai_app)."""
+    too, and a preflight (allowed or not) before the API key check, since a browser sends no key on one.
+    Any other OPTIONS needs the key, as every request does. Each model's vLLM app is built without its own
+    CORS (build_openai_app)."""
     from starlette.middleware.cors import CORSMiddleware
 
     return CORSMiddleware(app, allow_origins=args.allowed_origins, allow_credentials=args.allow_credentials,

@@ -83,8 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in VLLM_SWITCHES:
         g.add_argument(f"--{flag}", action="store_true", default=None)
     for flag in VLLM_VALUES:
-        g.add_argument(f"--{flag}", default=None)
+        if flag in CORS_LISTS:
+            g.add_argument(f"--{flag}", default=None, type=json_list)
+        else:
+            g.add_argument(f"--{flag}", default=None)
     return p
+
+
+def json_list(value: str) -> str:
+    """A JSON list of strings, as vLLM's parser reads the CORS lists (json.loads); kept as text for it. Its
+    name types the flag for `launcher validate` (launcher.engine_flags.classify)."""
+    try:
+        items = json.loads(value)
+    except ValueError:
+        items = None
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise argparse.ArgumentTypeError(f"a JSON list of strings, such as '[\"https://ui.example\"]'; not {value!r}")
+    return value
 
 
 # `vllm serve` flags a topology may give a frontend (`args:`): tools, reasoning, the chat template, answers,
@@ -95,6 +110,7 @@ VLLM_SWITCHES = ("enable-auto-tool-choice", "exclude-tools-when-tool-choice-none
 VLLM_VALUES = ("tool-call-parser", "reasoning-parser", "chat-template", "chat-template-content-format",
                "response-role", "default-chat-template-kwargs", "tool-parser-plugin", "max-log-len",
                "allowed-origins", "allowed-methods", "allowed-headers")
+CORS_LISTS = ("allowed-origins", "allowed-methods", "allowed-headers")
 
 
 def vllm_flags_of(args: argparse.Namespace) -> list[str]:
