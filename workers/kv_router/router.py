@@ -434,7 +434,10 @@ class Tokenizer:
     Only a caller that sends text needs it: the frontend sends token ids (rendered by vLLM's layer),
     so behind a frontend nothing here is loaded. transformers imports torch: 4 s of CPU (~16 s of wall
     time on a busy 2-core machine) and 430 of the router's 550 MB (bench/results/router-idle-cpu.md),
-    taken from the engines it starts beside. So it loads on a thread when the first text request arrives. When
+    taken from the engines it starts beside. So it loads on a thread when the first text request arrives
+    (the price: that import then runs beside live traffic, and the loop, which gets the GIL back every
+    switch interval, routes more slowly for those seconds; a deployment that mixes text callers with a
+    frontend pays it once). When
     the model folder has a tokenizer.json, plain prompts are encoded at once with the `tokenizers`
     library (what transformers' fast tokenizers run anyway) while transformers loads; once loaded, the
     two are compared on probe strings and on any difference the fast path is dropped (logged). Chat
