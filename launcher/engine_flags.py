@@ -354,12 +354,12 @@ def _value_problem(flag: Flag, value: Any) -> str | None:
     if flag.accepts_auto and text == "auto":
         return None
     if flag.value == "json_list":  # vLLM's parser json.loads it when the frontend starts: say it now
+        from workers.frontend.server import json_list
+
         try:
-            items = json.loads(text)
-        except ValueError:
-            items = None
-        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-            return f"'{flag.name}' takes a JSON list of strings, such as '[\"https://ui.example\"]'; not {value!r}"
+            json_list(text)
+        except argparse.ArgumentTypeError as exc:
+            return f"'{flag.name}' takes {exc}"
     kinds = {"int": (_INT, "an integer"), "human_int": (_HUMAN_INT, "an integer such as 2048 or 2k"),
              "float": (_FLOAT, "a number")}
     if flag.value in kinds:
