@@ -7,9 +7,9 @@ or adopted from another deployment) in its services.json and as a user in launch
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -93,16 +93,51 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+_handed_out: set[int] = set()
+_pick = random.SystemRandom()  # not the random module's state, which a test plugin may seed alike in every process
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_ports(n: int) -> list[int]:
-    """n distinct free ports: each stays bound until all are chosen (free_port() twice in a row can return
-    the same port, which a test's etcd and nats-server then both tried to listen on)."""
-    with contextlib.ExitStack() as held:
-        ports = []
-        for _ in range(n):
-            s = held.enter_context(socket.socket())
-            s.bind(("127.0.0.1", 0))
-            ports.append(int(s.getsockname()[1]))
+    """n distinct ports that nothing is bound to now, for a process started later to listen on.
+
+    Chosen below the kernel's ephemeral range, not by binding port 0: a port from that range is also what
+    every outgoing connection (an HTTP client, vLLM's own ZMQ and gloo sockets, etcd's gRPC) gets as its
+    local port, and one of them took a frontend's chosen port in the minute before the frontend bound it
+    (EADDRINUSE in CI). Below the range only another listener can take it. Never the same port twice
+    in one process, though the first may not be bound yet."""
+    low, high = _ephemeral_range()
+    first, end = max(1024, low - 16384), low - 64  # room for a metrics_port_base's next ports
+    if end - first < 1024:  # an ephemeral range that starts low: take the ports above it
+        first, end = high + 1, 65536
+    ports: list[int] = []
+    for _ in range(64 * n):
+        if len(ports) == n:
+            break
+        port = _pick.randrange(first, end)
+        if port not in _handed_out and _bindable(port):
+            _handed_out.add(port)
+            ports.append(port)
+    if len(ports) == n:
         return ports
+    raise ServiceError(f"no {n} free ports found in {first}-{end - 1}")
+
+
+def _bindable(port: int) -> bool:
+    """Nothing holds the port on any address (no SO_REUSEADDR: a socket in TIME_WAIT counts as held)."""
+    try:
+        with socket.socket() as s:
+            s.bind(("0.0.0.0", port))
+        return True
+    except OSError:
+        return False
 
 
 def find_binary(name: str) -> str:

@@ -126,9 +126,20 @@ def launcher(args: list[str], env: dict[str, str], timeout: float = 600, check: 
     proc = subprocess.run([*LAUNCHER, *args], env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
+        if args[:1] == ["up"]:
+            _down_after_failed_up(Path(ROOT, args[1]), env)
         raise AssertionError(f"launcher {' '.join(args)} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def _down_after_failed_up(topology: Path, env: dict[str, str]) -> None:
+    """A failed `up` leaves what did start running (for `launcher logs`, as docker compose does): a test
+    that stops on it must not leave that deployment behind for the next tests, or a host's next user."""
+    with contextlib.suppress(OSError, yaml.YAMLError, KeyError, TypeError, subprocess.TimeoutExpired):
+        name = yaml.safe_load(topology.read_text())["name"]
+        subprocess.run([*LAUNCHER, "down", str(name)], env={**os.environ, **env}, capture_output=True,
+                       timeout=120, cwd=ROOT)
 
 
 def write_topology(path: Path, topo: dict[str, Any]) -> Path:

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,12 +34,6 @@ log = logging.getLogger("workers.kv_router.worker")
 LOAD_INTERVAL = 1.0
 COMPONENT = KINDS["kv_worker"].component
 ENDPOINT = KINDS["kv_worker"].endpoint
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -90,7 +83,7 @@ def _log_failure(task: asyncio.Task[None]) -> None:
 class EventRelay:
     """vLLM's ZMQ KV events -> our numbered NATS batches, plus snapshots on request."""
 
-    def __init__(self, nc: Any, namespace: str, zmq_endpoint: str) -> None:
+    def __init__(self, nc: Any, namespace: str) -> None:
         import zmq
         import zmq.asyncio
 
@@ -104,8 +97,10 @@ class EventRelay:
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         # We bind and vLLM's publisher connects (it connects to any endpoint without '*'): the socket
-        # exists before the engine starts, so no event can be published before we listen.
-        self._sub.bind(zmq_endpoint)
+        # exists before the engine starts, so no event can be published before we listen. ZMQ picks the
+        # port as it binds (no port chosen first and bound later, which another socket may take between).
+        self._sub.bind("tcp://127.0.0.1:*")
+        self.endpoint: str = self._sub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.tasks: list[asyncio.Task[None]] = []
         self._vllm_seq: int | None = None
 
@@ -200,12 +195,11 @@ async def serve(args: Any) -> int:
     if engine_args.enable_prefix_caching is False:
         raise SystemExit("a worker behind the KV router needs prefix caching: drop --no-enable-prefix-caching")
     engine_args.enable_prefix_caching = True
-    port = free_port()
-    engine_args.kv_events_config = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
-                                                  endpoint=f"tcp://127.0.0.1:{port}", topic="kv")
-    load = LoadState()
     assert ctx.nc is not None
-    relay = EventRelay(ctx.nc, settings.namespace, f"tcp://127.0.0.1:{port}")
+    relay = EventRelay(ctx.nc, settings.namespace)
+    engine_args.kv_events_config = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                                  endpoint=relay.endpoint, topic="kv")
+    load = LoadState()
     ctx.on_shutdown.append(relay.close)
     engine = build_engine(engine_args, args.metrics_port, stat_loggers=[load_logger_factory(load)],
                           health=ctx.unhealthy)
@@ -220,8 +214,8 @@ async def serve(args: Any) -> int:
     relay.start(instance_id)
     await relay.listen_for_resync()
     reg, server = await _serve_with_lease(ctx, instance_id, handler, registration_of(engine, engine_args))
-    log.info("kv worker %x serving %s, block size %d, KV events from zmq port %d",
-             reg.instance, reg.instance_subject, block_size, port)
+    log.info("kv worker %x serving %s, block size %d, KV events from %s",
+             reg.instance, reg.instance_subject, block_size, relay.endpoint)
     loader = asyncio.create_task(publish_load(ctx.nc, settings.namespace, instance_id, settings.process_name, load,
                                               server))
     relay.tasks.append(loader)  # cancelled with the relay at shutdown
