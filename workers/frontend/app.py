@@ -12,6 +12,7 @@ cancels the NATS stream, and the request plane tells the worker, which aborts th
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -52,24 +53,45 @@ class Settings:
 
 
 class Observer:
-    """What the remote engine core reports per request, into the frontend's metrics."""
+    """What the remote engine core reports per request, into the frontend's metrics.
+
+    Each metric's child for this model is looked up once: `labels()` costs 10-25 us a call (multiprocess
+    mode: a lock and a key built per call), against 6 us for both updates of a token on a held child, and
+    this runs for every token of every stream."""
 
     def __init__(self, metrics: FrontendMetrics, model: str) -> None:
         self.metrics = metrics
         self.model = model
 
+    @functools.cached_property
+    def _input_tokens(self) -> Any:
+        return self.metrics.input_tokens.labels(self.model)
+
+    @functools.cached_property
+    def _output_tokens(self) -> Any:
+        return self.metrics.output_tokens.labels(self.model)
+
+    @functools.cached_property
+    def _ttft(self) -> Any:
+        return self.metrics.ttft.labels(self.model)
+
+    @functools.cached_property
+    def _itl(self) -> Any:
+        return self.metrics.itl.labels(self.model)
+
     def prompt(self, n: int) -> None:
-        self.metrics.input_tokens.labels(self.model).inc(n)
+        self._input_tokens.inc(n)
 
     def tokens(self, n: int, ttft: float | None, per_token: float | None) -> None:
         """`n` tokens came: the first ones of their request after `ttft` s, or `per_token` s each after
         the previous ones."""
-        self.metrics.output_tokens.labels(self.model).inc(n)
+        self._output_tokens.inc(n)
         if ttft is not None:
-            self.metrics.ttft.labels(self.model).observe(ttft)
+            self._ttft.observe(ttft)
         if per_token is not None:
+            itl = self._itl
             for _ in range(n):
-                self.metrics.itl.labels(self.model).observe(per_token)
+                itl.observe(per_token)
 
 
 async def _send_error(send: Send, error: ApiError) -> None:
