@@ -278,16 +278,24 @@ def percentile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of these processes and their children (the frontend's HTTP processes), so far."""
-    total = 0.0
+def process_trees(pids: list[int]) -> list[psutil.Process]:
+    """These processes and their children (the frontend's HTTP processes, the engines' cores), as they
+    are now; one that is already gone is left out."""
+    procs: list[psutil.Process] = []
     for pid in pids:
         with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            for p in (proc, *proc.children(recursive=True)):
-                with contextlib.suppress(psutil.Error):
-                    t = p.cpu_times()
-                    total += t.user + t.system
+            root = psutil.Process(pid)
+            procs += [root, *root.children(recursive=True)]
+    return procs
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these process trees so far."""
+    total = 0.0
+    for p in process_trees(pids):
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
     return total
 
 
@@ -478,12 +486,7 @@ def thread_cpu_seconds(p: psutil.Process) -> float:
 def idle_cpu(groups: dict[str, list[int]], seconds: float) -> dict[str, float]:
     """CPU seconds per second that each group of process trees (the engines; the router replicas, the
     frontend) burns while no request is in flight, all measured over the same `seconds`."""
-    procs: dict[str, list[psutil.Process]] = {name: [] for name in groups}
-    for name, pids in groups.items():
-        for pid in pids:
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(pid)
-                procs[name] += [root, *root.children(recursive=True)]
+    procs = {name: process_trees(pids) for name, pids in groups.items()}
 
     def total(ps: list[psutil.Process]) -> float:
         t = 0.0
