@@ -94,6 +94,12 @@ def rule_devices(resolved: Resolved) -> list[Problem]:
     for i, w in _workers(topo):
         engine = resolved.engines[i]
         tp, pp = engine.parallel_sizes
+        dp = engine.value("data-parallel-size", 1)
+        if str(dp).strip() not in ("1", ""):
+            problems.append(Problem(engine.blame("data-parallel-size", ("workers", i)), (
+                f"data-parallel-size {dp}: the launcher gives each worker process one engine (its GPUs, "
+                "metrics port, registration and the KV router's events are one engine's); write "
+                f"replicas: {dp} instead, which the frontend and router spread requests over")))
         if w.gpus is not None and w.cpus is not None:
             problems.append(Problem(("workers", i, "cpus"), "give either gpus or cpus, not both"))
         if w.gpus is not None:

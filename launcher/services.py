@@ -7,6 +7,8 @@ or adopted from another deployment) in its services.json and as a user in launch
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -95,6 +97,10 @@ def free_port() -> int:
 
 _handed_out: set[int] = set()
 _pick = random.SystemRandom()  # not the random module's state, which a test plugin may seed alike in every process
+# Ports a base may be followed by (a topology's metrics_port_base + a worker's position), and the top of the
+# topology's ports (its schema's le=65000).
+BLOCK_ROOM = 64
+TOP_PORT = 65000
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -105,39 +111,69 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
+def _quiet_range() -> tuple[int, int] | None:
+    """[first, end) of ports no outgoing connection is given, with room for a block after each: below the
+    kernel's ephemeral range, or above it; None where it leaves too few (then: the kernel's pick)."""
+    low, high = _ephemeral_range()
+    for first, end in ((max(1024, low - 16384), low - BLOCK_ROOM), (high + 1, TOP_PORT - BLOCK_ROOM)):
+        if end - first >= 1024:
+            return first, end
+    return None
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct ports that nothing is bound to now, for a process started later to listen on.
 
-    Chosen below the kernel's ephemeral range, not by binding port 0: a port from that range is also what
-    every outgoing connection (an HTTP client, vLLM's own ZMQ and gloo sockets, etcd's gRPC) gets as its
-    local port, and one of them took a frontend's chosen port in the minute before the frontend bound it
-    (EADDRINUSE in CI). Below the range only another listener can take it. Never the same port twice
-    in one process, though the first may not be bound yet."""
-    low, high = _ephemeral_range()
-    first, end = max(1024, low - 16384), low - 64  # room for a metrics_port_base's next ports
-    if end - first < 1024:  # an ephemeral range that starts low: take the ports above it
-        first, end = high + 1, 65536
-    ports: list[int] = []
-    for _ in range(64 * n):
-        if len(ports) == n:
-            break
-        port = _pick.randrange(first, end)
-        if port not in _handed_out and _bindable(port):
-            _handed_out.add(port)
-            ports.append(port)
-    if len(ports) == n:
-        return ports
-    raise ServiceError(f"no {n} free ports found in {first}-{end - 1}")
+    Chosen outside the kernel's ephemeral range, not by binding port 0: a port from that range is also
+    what every outgoing connection (an HTTP client, vLLM's own ZMQ and gloo sockets, etcd's gRPC) gets as
+    its local port, and one of them took a worker's chosen port in the minute before the worker bound it
+    (EADDRINUSE in CI). Outside the range only another listener can take it. Never the same port twice in
+    one process, though the first may not be bound yet."""
+    if _quiet_range() is None:  # an ephemeral range over nearly every port: only the kernel's pick is left,
+        with contextlib.ExitStack() as held:  # each held until all are chosen, so none comes twice
+            socks = [held.enter_context(socket.socket()) for _ in range(n)]
+            for s in socks:
+                s.bind(("127.0.0.1", 0))
+            return [int(s.getsockname()[1]) for s in socks]
+    return [free_port_block(1) for _ in range(n)]
+
+
+def free_port_block(size: int) -> int:
+    """The first of `size` consecutive ports free now (free_ports' rules), all reserved in this process:
+    a topology's metrics_port_base, whose workers take the ports after it."""
+    quiet = _quiet_range()
+    if quiet is None:
+        if size == 1:
+            return free_ports(1)[0]
+        raise ServiceError(f"the kernel's ephemeral port range ({'-'.join(map(str, _ephemeral_range()))}) leaves "
+                           f"no {size} consecutive ports that stay free: set the ports in the topology")
+    first, end = quiet
+    for _ in range(256):
+        base = _pick.randrange(first, end)
+        block = range(base, base + size)
+        if not any(p in _handed_out for p in block) and all(_bindable(p) for p in block):
+            _handed_out.update(block)
+            return base
+    raise ServiceError(f"no {size} free consecutive port(s) found in {first}-{end - 1}")
 
 
 def _bindable(port: int) -> bool:
-    """Nothing holds the port on any address (no SO_REUSEADDR: a socket in TIME_WAIT counts as held)."""
+    """Nothing holds the port on any address, IPv4 or IPv6 (no SO_REUSEADDR: a socket in TIME_WAIT
+    counts as held)."""
     try:
         with socket.socket() as s:
             s.bind(("0.0.0.0", port))
-        return True
     except OSError:
         return False
+    if socket.has_ipv6:
+        try:
+            with socket.socket(socket.AF_INET6) as s:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind(("::", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False  # else: no IPv6 on this host, nothing to hold it there
+    return True
 
 
 def find_binary(name: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from launcher.services import free_port
+from launcher.services import free_port_block
 from workers.common.client import generate
 from workers.common.protocol import GenerateRequest
 from workers.kinds import KINDS, Kind
@@ -123,30 +123,43 @@ def launcher(args: list[str], env: dict[str, str], timeout: float = 600, check: 
     if args[:1] == ["up"] and len(args) > 1 and Path(ROOT, args[1]).is_file():
         with contextlib.suppress(yaml.YAMLError, AttributeError):
             _refuse_vllm_outside_e2e(yaml.safe_load(Path(ROOT, args[1]).read_text()).get("model"))
-    proc = subprocess.run([*LAUNCHER, *args], env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    try:
+        proc = subprocess.run([*LAUNCHER, *args], env={**os.environ, **env}, capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        if args[:1] == ["up"]:  # a worker in a crash loop keeps `up` waiting: the supervisor runs on
+            raise AssertionError(f"launcher {' '.join(args)} did not return within {timeout:g} s"
+                                 f"{_down_after_failed_up(args, env)}") from None
+        raise
     if check and proc.returncode != 0:
-        if args[:1] == ["up"]:
-            _down_after_failed_up(Path(ROOT, args[1]), env)
-        raise AssertionError(f"launcher {' '.join(args)} exited {proc.returncode}\n"
+        said = _down_after_failed_up(args, env) if args[:1] == ["up"] else ""
+        raise AssertionError(f"launcher {' '.join(args)} exited {proc.returncode}{said}\n"
                              f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
 
 
-def _down_after_failed_up(topology: Path, env: dict[str, str]) -> None:
+def _down_after_failed_up(up_args: list[str], env: dict[str, str]) -> str:
     """A failed `up` leaves what did start running (for `launcher logs`, as docker compose does): a test
-    that stops on it must not leave that deployment behind for the next tests, or a host's next user."""
-    with contextlib.suppress(OSError, yaml.YAMLError, KeyError, TypeError, subprocess.TimeoutExpired):
-        name = yaml.safe_load(topology.read_text())["name"]
-        subprocess.run([*LAUNCHER, "down", str(name)], env={**os.environ, **env}, capture_output=True,
-                       timeout=120, cwd=ROOT)
+    that stops on it must not leave that deployment behind for the next tests, or a host's next user.
+    Returns what to add to the failure's message when `down` itself failed."""
+    paths = [a for a in up_args[1:] if not a.startswith("-") and Path(ROOT, a).is_file()]
+    host = up_args[up_args.index("--host") + 1] if "--host" in up_args[:-1] else None
+    try:
+        name = str(yaml.safe_load(Path(ROOT, paths[0]).read_text())["name"])
+        down = subprocess.run([*LAUNCHER, "down", name, *(["--host", host] if host else [])],
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    except (IndexError, OSError, yaml.YAMLError, KeyError, TypeError, subprocess.TimeoutExpired) as exc:
+        return f" (and taking it down failed: {exc!r})"
+    if down.returncode == 0:
+        return ""
+    return f" (and `launcher down {name}` exited {down.returncode}: {down.stderr[-500:]})"
 
 
 def write_topology(path: Path, topo: dict[str, Any]) -> Path:
     # Metrics ports of its own: the default ones (9400...) may be held by a deployment left running on
     # this host, e.g. the demo, which README runs just before the tests.
     _refuse_vllm_outside_e2e(topo.get("model"))
-    topo.setdefault("metrics_port_base", free_port())
+    topo.setdefault("metrics_port_base", free_port_block(16))
     if topo.get("model") == str(TINY_MODEL):
         # vLLM 0.32's CPU build kills its engine core at the first request of this random model in
         # bfloat16 on CPUs with AMX (seen 2026-12-05; fine with AVX512-BF16 alone), and the plan picks

@@ -42,7 +42,7 @@ import pytest
 
 from launcher import proctree
 from launcher import services as svc
-from launcher.services import free_port
+from launcher.services import free_port, free_port_block
 from launcher.state import RunDir
 from tests.helpers import CPU_ENGINE, CPU_ENV, KV_WORKER, ROOT, Services, launcher, wait_until, write_topology
 from tests.test_supervisor_e2e import alive, every_pid
@@ -198,7 +198,7 @@ def topology(model: Path, s: Services, port: int) -> dict[str, Any]:
         # Two replicas (router-1, router-2), as issue 24 asks: killing one under load fails no request.
         "routers": [{"name": "router", "strategy": "prefix", "replicas": 2, "drain_timeout": DRAIN_TIMEOUT}],
         "frontends": [{"name": "frontend", "port": port, "request_timeout": 5.0, "drain_timeout": DRAIN_TIMEOUT}],
-        "metrics_port_base": free_port(),  # never the default ports another deployment may hold
+        "metrics_port_base": free_port_block(16),  # never the default ports another deployment may hold
     }
 
 

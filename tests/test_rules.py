@@ -171,3 +171,18 @@ routers:
     topo, _ = load_topology(path)
     argv = {p.name: p.argv for p in plan.build_plan(topo)}
     assert [argv[r][argv[r].index("--block-size") + 1] for r in ("ra", "rb")] == ["16", "32"]
+
+
+def test_data_parallel_is_refused_for_replicas(tmp_path: Path) -> None:
+    """vLLM's in-process data parallelism would start engines the GPU count, the metrics port and the KV
+    router's events do not know about: refused at its line, with what to write instead."""
+    out = check(tmp_path, """\
+name: t
+model: m
+workers:
+  - name: a
+    gpus: [0]
+    engine: {data-parallel-size: 2}
+""")
+    assert len(out) == 1 and "data-parallel-size 2" in out[0] and "replicas: 2" in out[0] and ":6:" in out[0]
+    assert check(tmp_path, "name: t\nmodel: m\nworkers:\n  - {name: a, engine: {data-parallel-size: 1}}\n") == []

@@ -283,7 +283,7 @@ def test_kv_router_run_sh_starts_n_workers_and_a_router_in_tmux_sessions(
         tmp_path: Path, fake_dir: Path, env: dict[str, str], tmux_socket: str) -> None:
     """The seed's habit: `./kv-router-run.sh 3 round_robin`, then `tmux a -t v-1` / `tmux a -t v-router`."""
     run_env = {**os.environ, **env, "PYTHONPATH": f"{fake_dir}{os.pathsep}{ROOT}", "FAKE_WORKER": "register",
-               "KV_ROUTER_METRICS_PORT_BASE": str(svc.free_port())}
+               "KV_ROUTER_METRICS_PORT_BASE": str(svc.free_port_block(8))}
     try:
         out = subprocess.run([str(ROOT / "kv-router-run.sh"), "3", "round_robin", "--timeout", "120"], env=run_env,
                              capture_output=True, text=True, timeout=180)

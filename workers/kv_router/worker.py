@@ -197,10 +197,10 @@ async def serve(args: Any) -> int:
     engine_args.enable_prefix_caching = True
     assert ctx.nc is not None
     relay = EventRelay(ctx.nc, settings.namespace)
+    ctx.on_shutdown.append(relay.close)
     engine_args.kv_events_config = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
                                                   endpoint=relay.endpoint, topic="kv")
     load = LoadState()
-    ctx.on_shutdown.append(relay.close)
     engine = build_engine(engine_args, args.metrics_port, stat_loggers=[load_logger_factory(load)],
                           health=ctx.unhealthy)
     ctx.on_shutdown.append(engine.shutdown)
