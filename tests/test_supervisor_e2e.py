@@ -208,7 +208,7 @@ def test_a_worker_that_always_crashes_ends_failed_after_max_restarts_with_backof
     try:
         out = launcher(["up", str(path)], env, timeout=120, check=False)
         assert out.returncode != 0
-        assert "gave up after 2 restart(s)" in out.stdout
+        assert "gave up after 2 restart(s)" in out.stdout, f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}"
         status = json.loads(launcher(["status", "e2e-crash", "--json"], env).stdout)
         v = status["processes"][0]
         assert (v["state"], v["restarts"], v["exit_code"]) == ("failed", 2, 3)
