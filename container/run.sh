@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the vllm-launcher image: all GPUs, a large /dev/shm (NCCL and vLLM's TP workers need it),
-# host network (etcd, NATS, NIXL and the other hosts must reach this one), the repository mounted
+# host network (etcd, NATS, NIXL and the other hosts must reach this one), an init as PID 1, the repository mounted
 # over the image's copy (edit here, run there) and the Hugging Face cache mounted (weights once per host).
 #
 #   container/run.sh --framework VLLM [-it] [--image IMAGE] [--gpus all|none|DEVICES] [--shm-size 10G]
@@ -58,7 +58,9 @@ CMD=(docker run --rm)
 if [[ "$GPUS" != "none" ]]; then
     CMD+=(--gpus "$GPUS")
 fi
-CMD+=(--shm-size "$SHM_SIZE" --ulimit memlock=-1 --ulimit stack=67108864 --network host)
+# --init: a small init as PID 1 forwards `docker stop`'s SIGTERM to the command and reaps the processes that
+# outlive their parents (a launcher's services and EngineCores), which a bare PID 1 leaves as zombies.
+CMD+=(--init --shm-size "$SHM_SIZE" --ulimit memlock=-1 --ulimit stack=67108864 --network host)
 if [[ $MOUNT_WORKSPACE -eq 1 ]]; then
     CMD+=(-v "$ROOT:$WORKDIR")
 fi

@@ -200,6 +200,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if unused:
         services.release_services(unused, rd.path, say=lambda m: console.print(f"  {m}"))
     state.write_json(rd.services_file, services.to_json(used))
+    if args.foreground:  # from before the supervisor starts: a SIGTERM must never leave it unattended
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         state.write_json(rd.plan_file, _plan_json(topo, every_spec, endpoints, backend, args.host, args.topology))
         t0 = time.monotonic()
@@ -210,13 +212,20 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise
     console.print(f"[bold]{topo.name}[/]: {len(specs)} process(es), logs in {rd.logs}")
     try:
-        ok = _wait_ready(rd, sup, args.timeout)
-    except KeyboardInterrupt:
+        return _report_and_supervise(args, rd, sup, topo, specs, backend, endpoints.security.tls, t0)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM in the foreground: at any point from here on
         if args.foreground:
             return _foreground_stop(rd, sup)
         console.print("\nstopped waiting; the deployment keeps starting in the background "
                       "(`launcher status`, `launcher down`)")
         return 130
+
+
+def _report_and_supervise(args: argparse.Namespace, rd: RunDir, sup: subprocess.Popen[bytes], topo: Topology,
+                          specs: list[ProcessSpec], backend: str, secured: bool, t0: float) -> int:
+    """`up` after the supervisor started: progress until ready, the status and how to send a request; in
+    the foreground, then wait on the supervisor (a KeyboardInterrupt anywhere here is the caller's to stop)."""
+    ok = _wait_ready(rd, sup, args.timeout)
     elapsed = time.monotonic() - t0
     print_status(collect(rd), console)
     if ok and backend == "tmux":
@@ -226,14 +235,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         console.print(f"live panes: {' '.join(attach_argv(rd, first))}  (or `launcher attach {first}`)")
     if ok:
         console.print(f"[green]ready[/] in {elapsed:.1f} s. Send a request:", highlight=False)
-        for line in request_examples(topo, specs, secured=endpoints.security.tls, host=args.host):
+        for line in request_examples(topo, specs, secured=secured, host=args.host):
             console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     else:
         console.print("[red]not every process is ready[/]: `launcher logs NAME`, or `launcher down`")
     if args.foreground:
-        console.print("supervising in the foreground; Ctrl-C stops everything")
-        with contextlib.suppress(KeyboardInterrupt):
-            sup.wait()
+        console.print("supervising in the foreground; Ctrl-C or SIGTERM stops everything")
+        sup.wait()
         return _foreground_stop(rd, sup)
     return 0 if ok else 1
 
@@ -271,6 +279,13 @@ def served_model_name(topo: Topology) -> str:
     if isinstance(names, list) and names:
         return str(names[0])
     return str(names) if names else topo.model
+
+
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:
+    """`up --foreground` stops everything on SIGTERM as on Ctrl-C: what `docker stop`, systemd and
+    Kubernetes send the command they run, which otherwise died at once and left its processes to be
+    SIGKILLed without a drain."""
+    raise KeyboardInterrupt
 
 
 def _foreground_stop(rd: RunDir, sup: subprocess.Popen[bytes]) -> int:
@@ -591,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("up", help="start services and processes; return when all registered")
     u.add_argument("topology", type=Path)
-    u.add_argument("--foreground", action="store_true", help="supervise in this terminal; Ctrl-C stops all")
+    u.add_argument("--foreground", action="store_true",
+                   help="supervise in this terminal; Ctrl-C or SIGTERM (docker stop) stops all")
     u.add_argument("--backend", choices=["subprocess", "tmux"], default=None, help="override the topology's")
     u.add_argument("--host", default=None, help="multi-node: start only this host's processes")
     u.add_argument("--timeout", type=float, default=None, help="stop waiting after this many seconds")

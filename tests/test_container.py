@@ -127,6 +127,7 @@ def test_run_command_interactive() -> None:
     assert argv[:2] == ["docker", "run"]
     assert _pairs(argv, "--gpus") == ["all"]
     assert _pairs(argv, "--shm-size") and _pairs(argv, "--network") == ["host"]
+    assert "--init" in argv[:argv.index("vllm-launcher:vllm")], "an init as PID 1: signals forwarded, orphans reaped"
     mounts = _pairs(argv, "-v")
     assert f"{ROOT}:/workspace/vllm-launcher" in mounts
     assert "/data/hf cache:/root/.cache/huggingface" in mounts

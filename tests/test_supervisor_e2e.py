@@ -26,7 +26,7 @@ from launcher import proctree
 from launcher import services as svc
 from launcher.backends.tmux import SOCKET_ENV
 from launcher.state import RunDir
-from tests.helpers import CPU_ENGINE, CPU_ENV, MONOLITH, ROOT, Services, launcher, wait_until, write_topology
+from tests.helpers import CPU_ENGINE, CPU_ENV, LAUNCHER, MONOLITH, ROOT, Services, launcher, wait_until, write_topology
 from workers.runtime.registry import Registration, Registry
 
 FAKE_WORKER = r'''
@@ -198,6 +198,40 @@ def test_kill_9_restarts_the_worker_and_its_old_lease_is_gone_at_once(
     assert alive(pids) == []
     assert tmux_sessions(tmux_socket) == []
     assert registrations(services, "e2e-restart") == []
+
+
+@pytest.mark.parametrize("when", ["starting", "ready"])
+def test_up_in_the_foreground_drains_and_stops_everything_on_sigterm(
+        tmp_path: Path, fake_dir: Path, env: dict[str, str], services: Services, tmux_socket: str, when: str) -> None:
+    """`up --foreground` as a container's main command: `docker stop` sends it SIGTERM, which must stop the
+    deployment as Ctrl-C does (drain, revoke, stop, exit 0), not kill the CLI and leave the rest to SIGKILL;
+    whether it comes while the workers start or once they serve (while `up` prints the status, too)."""
+    path = write_topology(tmp_path / "fg.yaml", fake_topology("e2e-fg", fake_dir, "register"))
+    proc = subprocess.Popen([*LAUNCHER, "up", str(path), "--foreground"], env={**os.environ, **env}, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        if when == "starting":
+            wait_until(lambda: RunDir(Path(env["LAUNCHER_HOME"]) / "e2e-fg").supervisor_pid(), 60,
+                       "the supervisor to start", every=0.01, alive=proc)
+        else:
+            wait_until(lambda: state(env, "e2e-fg").get("processes", {}).get("v", {}).get("state") == "ready", 60,
+                       "the fake worker to be ready", alive=proc)
+            worker = psutil.Process(state(env, "e2e-fg")["processes"]["v"]["pid"])
+            assert registrations(services, "e2e-fg")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+        assert "stopping..." in out, out
+        if when == "ready":
+            assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+        assert registrations(services, "e2e-fg") == []
+        assert tmux_sessions(tmux_socket) == []
+        assert RunDir(Path(env["LAUNCHER_HOME"]) / "e2e-fg").supervisor_pid() is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        launcher(["down", "e2e-fg"], env, check=False)
 
 
 def test_a_worker_that_always_crashes_ends_failed_after_max_restarts_with_backoff(
