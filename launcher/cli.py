@@ -189,6 +189,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             stale.unlink()
     shutil.rmtree(restart.requests_dir(rd), ignore_errors=True)  # a restart asked of an earlier run
     previous = services.from_json(state.read_json(rd.services_file, []) or [])
+    if args.foreground:  # from before anything starts: a SIGTERM or a closed terminal as a Ctrl-C
+        for sig in FOREGROUND_STOP_SIGNALS:
+            signal.signal(sig, _terminate_as_interrupt)
     try:
         used = services.ensure_services(endpoints.etcd, endpoints.nats, topo.services.managed, rd.path,
                                         say=lambda m: console.print(f"  {redact_text(str(m))}"), security=security)
@@ -200,8 +203,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     if unused:
         services.release_services(unused, rd.path, say=lambda m: console.print(f"  {m}"))
     state.write_json(rd.services_file, services.to_json(used))
-    if args.foreground:  # from before the supervisor starts: a SIGTERM must never leave it unattended
-        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         state.write_json(rd.plan_file, _plan_json(topo, every_spec, endpoints, backend, args.host, args.topology))
         t0 = time.monotonic()
@@ -210,8 +211,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         services.release_services(used, rd.path, say=lambda m: console.print(f"  {m}"))
         state.write_json(rd.services_file, [])
         raise
-    console.print(f"[bold]{topo.name}[/]: {len(specs)} process(es), logs in {rd.logs}")
     try:
+        console.print(f"[bold]{topo.name}[/]: {len(specs)} process(es), logs in {rd.logs}")
         return _report_and_supervise(args, rd, sup, topo, specs, backend, endpoints.security.tls, t0)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM in the foreground: at any point from here on
         if args.foreground:
@@ -242,7 +243,10 @@ def _report_and_supervise(args: argparse.Namespace, rd: RunDir, sup: subprocess.
     if args.foreground:
         console.print("supervising in the foreground; Ctrl-C or SIGTERM stops everything")
         sup.wait()
-        return _foreground_stop(rd, sup)
+        # Nobody asked: `launcher down` from elsewhere (code 0), or the supervisor failed or was killed.
+        err.print(f"the supervisor exited by itself (code {sup.returncode}); see {rd.logs / 'supervisor.log'}")
+        _foreground_stop(rd, sup)
+        return 0 if sup.returncode == 0 else 1
     return 0 if ok else 1
 
 
@@ -281,6 +285,10 @@ def served_model_name(topo: Topology) -> str:
     return str(names) if names else topo.model
 
 
+# What `up --foreground` takes as a Ctrl-C: `docker stop` / Kubernetes / systemd (SIGTERM), a closed terminal.
+FOREGROUND_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 def _terminate_as_interrupt(signum: int, frame: Any) -> None:
     """`up --foreground` stops everything on SIGTERM as on Ctrl-C: what `docker stop`, systemd and
     Kubernetes send the command they run, which otherwise died at once and left its processes to be
@@ -289,6 +297,10 @@ def _terminate_as_interrupt(signum: int, frame: Any) -> None:
 
 
 def _foreground_stop(rd: RunDir, sup: subprocess.Popen[bytes]) -> int:
+    # Stopping is bounded (each process's drain deadline, then SIGKILL): a second Ctrl-C must not cut it
+    # short and leave services or sessions behind. SIGKILL still ends this process at once.
+    for sig in (signal.SIGINT, *FOREGROUND_STOP_SIGNALS):
+        signal.signal(sig, signal.SIG_IGN)
     console.print("stopping...")
     with contextlib.suppress(ProcessLookupError):
         sup.send_signal(signal.SIGTERM)

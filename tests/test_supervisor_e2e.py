@@ -224,6 +224,9 @@ def test_up_in_the_foreground_drains_and_stops_everything_on_sigterm(
         assert "stopping..." in out, out
         if when == "ready":
             assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+            stopped = state(env, "e2e-fg")["processes"]["v"]
+            assert stopped["state"] == "stopped" and "after SIGTERM" in stopped["message"], stopped
+            assert "SIGKILL" not in stopped["message"], "drained and exited, not killed"
         assert registrations(services, "e2e-fg") == []
         assert tmux_sessions(tmux_socket) == []
         assert RunDir(Path(env["LAUNCHER_HOME"]) / "e2e-fg").supervisor_pid() is None
@@ -232,6 +235,33 @@ def test_up_in_the_foreground_drains_and_stops_everything_on_sigterm(
             proc.kill()
             proc.wait()
         launcher(["down", "e2e-fg"], env, check=False)
+
+
+def test_up_in_the_foreground_exits_1_when_its_supervisor_dies_and_still_cleans_up(
+        tmp_path: Path, fake_dir: Path, env: dict[str, str], services: Services, tmux_socket: str) -> None:
+    """A container's restart policy reads the exit code: a supervisor killed under `up --foreground` is a
+    failure (1), not a clean stop, and its worker is still taken down."""
+    path = write_topology(tmp_path / "fg.yaml", fake_topology("e2e-fg-dies", fake_dir, "register"))
+    proc = subprocess.Popen([*LAUNCHER, "up", str(path), "--foreground"], env={**os.environ, **env}, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: state(env, "e2e-fg-dies").get("processes", {}).get("v", {}).get("state") == "ready", 60,
+                   "the fake worker to be ready", alive=proc)
+        worker = psutil.Process(state(env, "e2e-fg-dies")["processes"]["v"]["pid"])
+        supervisor = RunDir(Path(env["LAUNCHER_HOME"]) / "e2e-fg-dies").supervisor_pid()
+        assert supervisor is not None
+        os.kill(supervisor, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 1, out
+        assert "the supervisor exited by itself" in out, out
+        wait_until(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, 30,
+                   "the worker to be stopped")
+        assert tmux_sessions(tmux_socket) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        launcher(["down", "e2e-fg-dies"], env, check=False)
 
 
 def test_a_worker_that_always_crashes_ends_failed_after_max_restarts_with_backoff(
