@@ -11,11 +11,13 @@ vLLM CPU worker, with etcd and NATS managed by the launcher, to check that `down
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -200,68 +202,74 @@ def test_kill_9_restarts_the_worker_and_its_old_lease_is_gone_at_once(
     assert registrations(services, "e2e-restart") == []
 
 
+@contextlib.contextmanager
+def up_in_the_foreground(tmp_path: Path, fake_dir: Path, env: dict[str, str], name: str
+                         ) -> Iterator[subprocess.Popen[str]]:
+    """`launcher up --foreground` of one registering fake worker `v`, as a container runs it; the deployment
+    is taken down however the test ends."""
+    path = write_topology(tmp_path / f"{name}.yaml", fake_topology(name, fake_dir, "register"))
+    proc = subprocess.Popen([*LAUNCHER, "up", str(path), "--foreground"], env={**os.environ, **env}, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        launcher(["down", name], env, check=False)
+
+
+def ready_worker(env: dict[str, str], name: str, proc: subprocess.Popen[str]) -> psutil.Process:
+    wait_until(lambda: state(env, name).get("processes", {}).get("v", {}).get("state") == "ready", 60,
+               "the fake worker to be ready", alive=proc)
+    return psutil.Process(state(env, name)["processes"]["v"]["pid"])
+
+
+def gone(p: psutil.Process) -> bool:
+    return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+
+
 @pytest.mark.parametrize("when", ["starting", "ready"])
 def test_up_in_the_foreground_drains_and_stops_everything_on_sigterm(
         tmp_path: Path, fake_dir: Path, env: dict[str, str], services: Services, tmux_socket: str, when: str) -> None:
     """`up --foreground` as a container's main command: `docker stop` sends it SIGTERM, which must stop the
     deployment as Ctrl-C does (drain, revoke, stop, exit 0), not kill the CLI and leave the rest to SIGKILL;
     whether it comes while the workers start or once they serve (while `up` prints the status, too)."""
-    path = write_topology(tmp_path / "fg.yaml", fake_topology("e2e-fg", fake_dir, "register"))
-    proc = subprocess.Popen([*LAUNCHER, "up", str(path), "--foreground"], env={**os.environ, **env}, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    run_dir = RunDir(Path(env["LAUNCHER_HOME"]) / "e2e-fg")
+    with up_in_the_foreground(tmp_path, fake_dir, env, "e2e-fg") as proc:
         if when == "starting":
-            wait_until(lambda: RunDir(Path(env["LAUNCHER_HOME"]) / "e2e-fg").supervisor_pid(), 60,
-                       "the supervisor to start", every=0.01, alive=proc)
+            wait_until(run_dir.supervisor_pid, 60, "the supervisor to start", every=0.01, alive=proc)
         else:
-            wait_until(lambda: state(env, "e2e-fg").get("processes", {}).get("v", {}).get("state") == "ready", 60,
-                       "the fake worker to be ready", alive=proc)
-            worker = psutil.Process(state(env, "e2e-fg")["processes"]["v"]["pid"])
+            worker = ready_worker(env, "e2e-fg", proc)
             assert registrations(services, "e2e-fg")
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out
         assert "stopping..." in out, out
         if when == "ready":
-            assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+            assert gone(worker)
             stopped = state(env, "e2e-fg")["processes"]["v"]
             assert stopped["state"] == "stopped" and "after SIGTERM" in stopped["message"], stopped
             assert "SIGKILL" not in stopped["message"], "drained and exited, not killed"
         assert registrations(services, "e2e-fg") == []
         assert tmux_sessions(tmux_socket) == []
-        assert RunDir(Path(env["LAUNCHER_HOME"]) / "e2e-fg").supervisor_pid() is None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        launcher(["down", "e2e-fg"], env, check=False)
+        assert run_dir.supervisor_pid() is None
 
 
 def test_up_in_the_foreground_exits_1_when_its_supervisor_dies_and_still_cleans_up(
-        tmp_path: Path, fake_dir: Path, env: dict[str, str], services: Services, tmux_socket: str) -> None:
+        tmp_path: Path, fake_dir: Path, env: dict[str, str], tmux_socket: str) -> None:
     """A container's restart policy reads the exit code: a supervisor killed under `up --foreground` is a
     failure (1), not a clean stop, and its worker is still taken down."""
-    path = write_topology(tmp_path / "fg.yaml", fake_topology("e2e-fg-dies", fake_dir, "register"))
-    proc = subprocess.Popen([*LAUNCHER, "up", str(path), "--foreground"], env={**os.environ, **env}, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_until(lambda: state(env, "e2e-fg-dies").get("processes", {}).get("v", {}).get("state") == "ready", 60,
-                   "the fake worker to be ready", alive=proc)
-        worker = psutil.Process(state(env, "e2e-fg-dies")["processes"]["v"]["pid"])
+    with up_in_the_foreground(tmp_path, fake_dir, env, "e2e-fg-dies") as proc:
+        worker = ready_worker(env, "e2e-fg-dies", proc)
         supervisor = RunDir(Path(env["LAUNCHER_HOME"]) / "e2e-fg-dies").supervisor_pid()
         assert supervisor is not None
         os.kill(supervisor, signal.SIGKILL)
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 1, out
         assert "the supervisor exited by itself" in out, out
-        wait_until(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, 30,
-                   "the worker to be stopped")
+        wait_until(lambda: gone(worker), 30, "the worker to be stopped")
         assert tmux_sessions(tmux_socket) == []
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        launcher(["down", "e2e-fg-dies"], env, check=False)
 
 
 def test_a_worker_that_always_crashes_ends_failed_after_max_restarts_with_backoff(
