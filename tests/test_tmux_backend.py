@@ -98,6 +98,22 @@ def test_restart_replaces_the_dead_session_and_appends_to_the_log(backend: TmuxB
     assert sessions_of(run_dir) == ["w"]
 
 
+def test_a_crash_loop_on_its_own_tmux_server_restarts_every_time(backend: TmuxBackend, run_dir: RunDir) -> None:
+    """The dead session is the server's only one: killing it before making the next ended the server, and
+    the next new-session raced its exit ("server exited unexpectedly"; seen in a full test run as a
+    crash-looping worker marked `could not start`). The new session now exists before the old goes. The race
+    shows only on a loaded machine (the old code passes this quietly): this holds the swap to one session
+    under its own name after every restart, and a restart after each of many crashes."""
+    log = run_dir.log_path("w")
+    pids = []
+    for i in range(12):
+        pids.append(backend.start(py("w", f"print('run {i}', flush=True); raise SystemExit(3)"), log))
+        assert wait_until(lambda: backend.poll("w") is not None) and backend.poll("w") == 3
+        assert sessions_of(run_dir) == ["w"], "one session, under its own name, after each restart"
+    assert len(set(pids)) == 12
+    assert "run 11" in log.read_text()
+
+
 def test_session_names_match_exactly_and_dots_become_underscores(backend: TmuxBackend, run_dir: RunDir) -> None:
     sleeper = "import time; time.sleep(60)"
     backend.start(py("v-10", sleeper), run_dir.log_path("v-10"))

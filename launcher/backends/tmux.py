@@ -184,7 +184,13 @@ class TmuxBackend:
 
     def start(self, spec: ProcessSpec, log: Path) -> int:
         name = session_name(spec.name)
-        self._clear_session(spec.name)
+        replacing = self._own_session_exists(spec.name)
+        # A restart makes the new session before it removes the last run's (under a passing name, then
+        # renamed): were that dead session the server's only one, killing it first ends the tmux server,
+        # and a new-session racing its exit fails ("server exited unexpectedly": a crash-looping worker then
+        # ended `failed: could not start` instead of being restarted).
+        session = f"{name}-next-{uuid.uuid4().hex[:8]}" if replacing else name
+        target = f"={session}:"
         log.parent.mkdir(parents=True, exist_ok=True)
         self.scripts.mkdir(mode=0o700, parents=True, exist_ok=True)
         script = self.scripts / f"{name}.sh"
@@ -195,16 +201,18 @@ class TmuxBackend:
         os.chmod(script, 0o700)
         # The supervisor's working directory, as the subprocess backend gives (a tmux server started
         # elsewhere would otherwise put the pane in its own).
-        _cmd(self.server, "new-session", "-d", "-s", name, "-n", name, "-x", "200", "-y", "50",
+        _cmd(self.server, "new-session", "-d", "-s", session, "-n", name, "-x", "200", "-y", "50",
              "-c", os.getcwd(), f"exec /bin/sh {shlex.quote(str(script))}")
         try:
-            target = _target(spec.name)
             _cmd(self.server, "set-option", "-t", target, OWNER_OPTION, self.owner)
             _cmd(self.server, "set-option", "-w", "-t", target, "remain-on-exit", "on")
             _cmd(self.server, "pipe-pane", "-t", target, f"cat >> {shlex.quote(str(log))}")
             pid = int(_cmd(self.server, "display-message", "-p", "-t", target, "#{pane_pid}")[0])
+            if replacing:
+                _cmd(self.server, "kill-session", "-t", _target(spec.name))
+                _cmd(self.server, "rename-session", "-t", target, name)
         except Exception:
-            self.server.run("kill-session", "-t", _target(spec.name))
+            self.server.run("kill-session", "-t", target)
             raise
         finally:
             # Open the gate even on failure, so the script never waits forever.
@@ -213,19 +221,19 @@ class TmuxBackend:
         self._dead_since.pop(spec.name, None)
         return pid
 
-    def _clear_session(self, process: str) -> None:
-        """Remove the session left from this process's last run; refuse to touch anyone else's (even
-        a dead pane: it may be another deployment's crash that someone wants to read)."""
+    def _own_session_exists(self, process: str) -> bool:
+        """Whether this process's last run left its session (ours to replace); refuse to touch anyone
+        else's (even a dead pane: it may be another deployment's crash that someone wants to read)."""
         facts = _sessions(self.server).get(session_name(process))
         if facts is None:
-            return
+            return False
         if facts["owner"] != self.owner:
             where = f"tmux server '{self.socket_name}'" if self.socket_name else "the default tmux server"
             state = "dead" if facts["dead"] == "1" else "live"
             raise TmuxError(f"a {state} tmux session named '{session_name(process)}' already exists on {where} "
                             f"and is not part of this deployment ({facts['owner'] or 'not started by launcher'}); "
                             "stop it (`launcher down` its deployment, or `tmux kill-session`) or rename the process")
-        self.server.run("kill-session", "-t", _target(process))
+        return True
 
     def poll(self, name: str) -> int | None:
         """Cheap while the pid lives (psutil, no tmux call); once it is gone, tmux has its exit status.
