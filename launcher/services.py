@@ -129,24 +129,35 @@ def free_ports(n: int) -> list[int]:
     its local port, and one of them took a worker's chosen port in the minute before the worker bound it
     (EADDRINUSE in CI). Outside the range only another listener can take it. Never the same port twice in
     one process, though the first may not be bound yet."""
-    if _quiet_range() is None:  # an ephemeral range over nearly every port: only the kernel's pick is left,
-        with contextlib.ExitStack() as held:  # each held until all are chosen, so none comes twice
-            socks = [held.enter_context(socket.socket()) for _ in range(n)]
-            for s in socks:
-                s.bind(("127.0.0.1", 0))
-            return [int(s.getsockname()[1]) for s in socks]
-    return [free_port_block(1) for _ in range(n)]
+    quiet = _quiet_range()
+    if quiet is None:
+        return _kernel_ports(n)
+    return [_reserve_block(1, quiet) for _ in range(n)]
 
 
 def free_port_block(size: int) -> int:
     """The first of `size` consecutive ports free now (free_ports' rules), all reserved in this process:
     a topology's metrics_port_base, whose workers take the ports after it."""
     quiet = _quiet_range()
-    if quiet is None:
-        if size == 1:
-            return free_ports(1)[0]
-        raise ServiceError(f"the kernel's ephemeral port range ({'-'.join(map(str, _ephemeral_range()))}) leaves "
-                           f"no {size} consecutive ports that stay free: set the ports in the topology")
+    if quiet is not None:
+        return _reserve_block(size, quiet)
+    if size == 1:
+        return _kernel_ports(1)[0]
+    raise ServiceError(f"the kernel's ephemeral port range ({'-'.join(map(str, _ephemeral_range()))}) leaves "
+                       f"no {size} consecutive ports that stay free: set the ports in the topology")
+
+
+def _kernel_ports(n: int) -> list[int]:
+    """Where the ephemeral range covers nearly every port only the kernel's pick is left: n ports, each
+    held until all are chosen, so none comes twice."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
+def _reserve_block(size: int, quiet: tuple[int, int]) -> int:
     first, end = quiet
     for _ in range(256):
         base = _pick.randrange(first, end)
