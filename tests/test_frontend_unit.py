@@ -4,6 +4,9 @@ becomes vLLM sampling parameters. The whole path runs for real in test_frontend_
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
 from workers.common.client import entry_of
@@ -95,8 +98,6 @@ def test_a_dead_instance_is_retried_then_503(services) -> None:  # type: ignore[
     """Two registered instances nobody serves any more (killed before their leases went): the request is
     tried on each (no-responders is retryable), then fails with 503 (NoWorker, Retry-After), before any
     token, so vLLM's server answers the status. Real nats-server; no engine needed."""
-    import asyncio
-
     from workers.runtime import requestplane
 
     async def run() -> NoWorker | None:
@@ -135,3 +136,33 @@ def test_the_request_plane_payload_states_max_tokens_even_at_vllms_default(max_t
                                 arrival_time=0.0, lora_request=None, cache_salt=None, data_parallel_rank=None)
     sent = GenerateRequest.model_validate(payload_of(request))
     assert sent.sampling.get("max_tokens") == max_tokens
+
+
+def test_outputs_reach_vllm_in_batches_and_a_failure_after_what_came_before_it() -> None:
+    """The worker's chunks reach vLLM's output handler as one EngineCoreOutputs per batch (what arrived since
+    its last call, as vLLM's own client hands it a whole engine step), and a failing request is ended only
+    after the outputs that arrived before its failure were handed over, and before those after it."""
+    from vllm.v1.engine import EngineCoreOutput
+
+    from workers.frontend.remote_engine import Failure, RemoteEngineCore
+
+    async def run() -> list[Any]:
+        core = RemoteEngineCore(None, lambda: "m")  # type: ignore[arg-type]
+        seen: list[Any] = []
+
+        async def fail(request_id: str, error: Any) -> None:
+            seen.append(("failed", request_id))
+
+        core._fail = fail  # type: ignore[method-assign]
+        for rid in ("a", "b"):
+            core.outputs.put_nowait(EngineCoreOutput(request_id=rid, new_token_ids=[1]))
+        core.outputs.put_nowait(Failure("c", BadRequest("boom")))
+        core.outputs.put_nowait(EngineCoreOutput(request_id="d", new_token_ids=[2]))
+        for _ in range(2):
+            batch = await core.get_output_async()
+            seen.append([out.request_id for out in batch.outputs])
+        core.outputs.put_nowait(EngineCoreOutput(request_id="e", new_token_ids=[3]))  # the queue was empty
+        seen.append([out.request_id for out in (await core.get_output_async()).outputs])
+        return seen
+
+    assert asyncio.run(run()) == [["a", "b"], ("failed", "c"), ["d"], ["e"]]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -222,6 +223,40 @@ def _cpu_build() -> bool:
         return True
 
 
+def server_processes(side: str, dep: Deployment | None, serve: VllmServe | None) -> list[Any]:
+    """The processes that serve a side's requests between the client and the engine, whose CPU time per
+    point says whether they, not the engine, set the pace: every process of a frontend (`processes: N`,
+    found by its port), the API server of `vllm serve`; none for the NATS sides (their client is measured
+    as client_busy)."""
+    import psutil
+
+    port = {"frontend": dep.frontend_port if dep else 0, "frontend-n": dep.frontend_n_port if dep else 0}.get(side)
+    if side == "serve" and serve is not None:
+        return [psutil.Process(serve.proc.pid)]
+    if not port:
+        return []
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if "workers.frontend.server" in argv and ("--port", str(port)) in itertools.pairwise(argv):
+            found.append(proc)
+    return found
+
+
+def cpu_seconds(procs: list[Any]) -> list[float]:
+    """User + system CPU seconds of each process so far (0 for one that is gone)."""
+    import psutil
+
+    out = []
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            out.append(t.user + t.system)
+        except psutil.Error:
+            out.append(0.0)
+    return out
+
+
 def http_side(host: str, port: int, model: str, counts: dict[str, int]) -> loadgen.Stream:
     """An OpenAI /v1/completions stream reduced to token counts per chunk.
 
@@ -361,14 +396,21 @@ async def run(args: argparse.Namespace) -> None:
             log(f"client: {args.client_processes} processes for sides {[s for s in sides if s in specs]}; "
                 f"in this process: {[s for s in sides if s not in specs]}")
 
+        servers = {side: server_processes(side, dep, serve) for side in sides}
+
         async def measure(side: str, load: str, reqs: list[dict[str, Any]], conc: int
-                          ) -> tuple[list[loadgen.Sample], float, float]:
-            """The load on one side: (samples, wall s, client_busy: the client's CPU time over its wall)."""
+                          ) -> tuple[list[loadgen.Sample], float, float, list[float]]:
+            """The load on one side: (samples, wall s, client_busy: the client's CPU time over its wall,
+            server_busy: each server process's CPU time over the wall, busiest first)."""
+            before = cpu_seconds(servers[side])
             if shards is not None and side in specs:
-                return await shards.run(specs[side], load, reqs, conc, counts)
-            cpu0 = time.process_time()
-            samples, wall = await loadgen.LOADS[load](streams[side], reqs, conc)
-            return samples, wall, (time.process_time() - cpu0) / max(wall, 1e-9)
+                samples, wall, busy = await shards.run(specs[side], load, reqs, conc, counts)
+            else:
+                cpu0 = time.process_time()
+                samples, wall = await loadgen.LOADS[load](streams[side], reqs, conc)
+                busy = (time.process_time() - cpu0) / max(wall, 1e-9)
+            used = [b - a for a, b in zip(before, cpu_seconds(servers[side]), strict=True)]
+            return samples, wall, busy, sorted((round(u / max(wall, 1e-9), 3) for u in used), reverse=True)
         (out / "sides.json").write_text(json.dumps({"sides": sides, "serve_argv": serve.argv if serve else None,
                                                     "topology": dep.topology.read_text() if dep else None}))
         log(f"engines up after {time.monotonic() - t_start:.0f} s; warm-up")
@@ -392,17 +434,18 @@ async def run(args: argparse.Namespace) -> None:
                     order = sides[k % len(sides):] + sides[:k % len(sides)]
                     k += 1
                     for side in order:
-                        samples, wall, busy = await measure(side, load, reqs, conc)
+                        samples, wall, busy, server_busy = await measure(side, load, reqs, conc)
                         row = {"side": side, "load": load, "concurrency": conc, "rep": rep,
                                **loadgen.figures(samples, wall), "client_busy": round(busy, 3),
-                               "client_processes": args.client_processes if side in specs else 1}
+                               "client_processes": args.client_processes if side in specs else 1,
+                               "server_busy": server_busy}
                         with rows_file.open("a") as f:
                             f.write(json.dumps(row) + "\n")
                         log(json.dumps(row))
     finally:
         rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
         text = loadgen.report(rows, sides, "inprocess" if "inprocess" in sides else sides[0])
-        text += "\n\n" + client_busy_table(rows, sides)
+        text += "\n\n" + client_busy_table(rows, sides) + "\n\n" + server_busy_table(rows, sides)
         text += f"\n\ncounts: {counts}\nwall: {time.monotonic() - t_start:.0f} s\n"
         (out / "report.txt").write_text(text)
         print(text, flush=True)
@@ -433,6 +476,28 @@ def client_busy_table(rows: list[dict[str, Any]], sides: list[str]) -> str:
             xs = [r["client_busy"] for r in rows if (r["load"], r["concurrency"], r["side"]) == (load, conc, side)
                   and r.get("client_busy") is not None]
             cells.append(f"{sum(xs) / len(xs):>10.2f}" if xs else f"{'-':>10}")
+        lines.append(f"{load:<10} {conc:>5}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def server_busy_table(rows: list[dict[str, Any]], sides: list[str]) -> str:
+    """How busy each side's server processes were per point: the busiest one's CPU time over the wall, and
+    the mean over its processes, means over repetitions (the busiest near 1.0: that process set the pace)."""
+    points = sorted({(r["load"], r["concurrency"]) for r in rows})
+    shown = [s for s in sides if any(r.get("server_busy") for r in rows if r["side"] == s)]
+    lines = ["server_busy (CPU s per wall s: busiest process / mean over the side's processes; mean over reps)",
+             "load        conc  " + "  ".join(f"{s:>14}" for s in shown)]
+    for load, conc in points:
+        cells = []
+        for side in shown:
+            xs = [r["server_busy"] for r in rows if (r["load"], r["concurrency"], r["side"]) == (load, conc, side)
+                  and r.get("server_busy")]
+            if not xs:
+                cells.append(f"{'-':>14}")
+                continue
+            top = sum(x[0] for x in xs) / len(xs)
+            mean = sum(sum(x) / len(x) for x in xs) / len(xs)
+            cells.append(f"{top:>8.2f}/{mean:<5.2f}")
         lines.append(f"{load:<10} {conc:>5}  " + "  ".join(cells))
     return "\n".join(lines)
 

@@ -64,7 +64,8 @@ class RemoteEngineCore:
     """vLLM's async engine-core client interface, answered over NATS.
 
     Each EngineCoreRequest is one NATS request (a child request for each of n > 1); the worker's chunks
-    become EngineCoreOutputs on one queue, as vLLM's ZMQ client delivers them. A request that fails is
+    become EngineCoreOutput on one queue, handed to vLLM's output handler in batches, as vLLM's ZMQ client
+    delivers a whole engine step. A request that fails is
     ended in its own output collector with an exception vLLM's server turns into the HTTP status
     (GracefulHTTPError), and aborted; a stop string the output processor finds aborts the NATS stream."""
 
@@ -72,7 +73,8 @@ class RemoteEngineCore:
         self.dispatcher = dispatcher
         self.model = model  # the served name the dispatcher routes by
         self.observer = observer  # metrics: prompt(n), tokens(n, ttft, itl)
-        self.outputs: asyncio.Queue[Any] = asyncio.Queue()
+        self.outputs: asyncio.Queue[Any] = asyncio.Queue()  # EngineCoreOutput or Failure, in arrival order
+        self._held: Any = None  # a Failure that ended the last batch, handled at the next call
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.resources = Resources()
         self.engine_ranks_managed = [0]
@@ -80,13 +82,28 @@ class RemoteEngineCore:
 
     # ---- what AsyncLLM calls -------------------------------------------------------------------
     async def get_output_async(self) -> Any:
-        """The next outputs; a failure is acted on here, in stream order, after the outputs before it
-        reached their request's collector."""
+        """Every output that arrived since the last call, as one EngineCoreOutputs (as vLLM's own client
+        returns a whole engine step): the output handler's loop, its stats and its turn of the event loop
+        are paid once per batch, not once per request's chunk. A failure is acted on here, in stream order,
+        after the outputs before it reached their request's collector: a batch ends before a failure, and
+        the failure is handled at the next call."""
+        from vllm.v1.engine import EngineCoreOutputs
+
         while True:
-            item = await self.outputs.get()
-            if not isinstance(item, Failure):
-                return item
-            await self._fail(item.request_id, item.error)
+            item = self._held if self._held is not None else await self.outputs.get()
+            self._held = None
+            if isinstance(item, Failure):
+                await self._fail(item.request_id, item.error)
+                continue
+            batch = [item]
+            queue = self.outputs
+            while not queue.empty():
+                more = queue.get_nowait()
+                if isinstance(more, Failure):
+                    self._held = more
+                    break
+                batch.append(more)
+            return EngineCoreOutputs(outputs=batch, timestamp=time.monotonic())
 
     async def add_request_async(self, request: Any) -> None:
         refused = self._unsupported(request)
@@ -144,8 +161,6 @@ class RemoteEngineCore:
         return None
 
     async def _run(self, request_id: str, payload: dict[str, Any]) -> None:
-        from vllm.v1.engine import EngineCoreOutputs
-
         started = time.perf_counter()
         last: float | None = None
         if self.observer is not None:
@@ -159,7 +174,7 @@ class RemoteEngineCore:
                     self.observer.tokens(n, now - started if last is None else None,
                                          None if last is None else (now - last) / n)
                     last = now
-                self.outputs.put_nowait(EngineCoreOutputs(outputs=[out], timestamp=time.monotonic()))
+                self.outputs.put_nowait(out)
                 if out.finish_reason is not None:
                     return
             self.outputs.put_nowait(Failure(request_id, ApiError("the worker's stream ended without a finish reason")))
