@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -464,42 +464,42 @@ async def run(args: argparse.Namespace) -> None:
             dep.close(out)
 
 
+def per_point_table(rows: list[dict[str, Any]], sides: list[str], key: str, title: str,
+                    cell: Callable[[list[Any]], str], width: int) -> str:
+    """One figure per side and point (load, concurrency), from the rows' `key` over the repetitions; sides
+    that never recorded it are left out."""
+    points = sorted({(r["load"], r["concurrency"]) for r in rows})
+    shown = [s for s in sides if any(r.get(key) not in (None, []) for r in rows if r["side"] == s)]
+    lines = [title, "load        conc  " + "  ".join(f"{s:>{width}}" for s in shown)]
+    for load, conc in points:
+        cells = []
+        for side in shown:
+            xs = [r[key] for r in rows
+                  if (r["load"], r["concurrency"], r["side"]) == (load, conc, side) and r.get(key) not in (None, [])]
+            cells.append(cell(xs) if xs else f"{'-':>{width}}")
+        lines.append(f"{load:<10} {conc:>5}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
 def client_busy_table(rows: list[dict[str, Any]], sides: list[str]) -> str:
     """How busy the client was per side and point: the busiest client process's CPU time over its wall time,
     mean over repetitions (near 1.0: the client, not the side, set the pace)."""
-    points = sorted({(r["load"], r["concurrency"]) for r in rows})
-    lines = ["client_busy (CPU s per wall s of the busiest client process; mean over reps)",
-             "load        conc  " + "  ".join(f"{s:>10}" for s in sides)]
-    for load, conc in points:
-        cells = []
-        for side in sides:
-            xs = [r["client_busy"] for r in rows if (r["load"], r["concurrency"], r["side"]) == (load, conc, side)
-                  and r.get("client_busy") is not None]
-            cells.append(f"{sum(xs) / len(xs):>10.2f}" if xs else f"{'-':>10}")
-        lines.append(f"{load:<10} {conc:>5}  " + "  ".join(cells))
-    return "\n".join(lines)
+    return per_point_table(rows, sides, "client_busy",
+                           "client_busy (CPU s per wall s of the busiest client process; mean over reps)",
+                           lambda xs: f"{sum(xs) / len(xs):>10.2f}", 10)
 
 
 def server_busy_table(rows: list[dict[str, Any]], sides: list[str]) -> str:
     """How busy each side's server processes were per point: the busiest one's CPU time over the wall, and
     the mean over its processes, means over repetitions (the busiest near 1.0: that process set the pace)."""
-    points = sorted({(r["load"], r["concurrency"]) for r in rows})
-    shown = [s for s in sides if any(r.get("server_busy") for r in rows if r["side"] == s)]
-    lines = ["server_busy (CPU s per wall s: busiest process / mean over the side's processes; mean over reps)",
-             "load        conc  " + "  ".join(f"{s:>14}" for s in shown)]
-    for load, conc in points:
-        cells = []
-        for side in shown:
-            xs = [r["server_busy"] for r in rows if (r["load"], r["concurrency"], r["side"]) == (load, conc, side)
-                  and r.get("server_busy")]
-            if not xs:
-                cells.append(f"{'-':>14}")
-                continue
-            top = sum(x[0] for x in xs) / len(xs)
-            mean = sum(sum(x) / len(x) for x in xs) / len(xs)
-            cells.append(f"{top:>8.2f}/{mean:<5.2f}")
-        lines.append(f"{load:<10} {conc:>5}  " + "  ".join(cells))
-    return "\n".join(lines)
+
+    def cell(xs: list[list[float]]) -> str:
+        top = sum(x[0] for x in xs) / len(xs)
+        mean = sum(sum(x) / len(x) for x in xs) / len(xs)
+        return f"{top:>8.2f}/{mean:<5.2f}"
+
+    return per_point_table(rows, sides, "server_busy", "server_busy (CPU s per wall s: busiest process / mean "
+                           "over the side's processes; mean over reps)", cell, 14)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

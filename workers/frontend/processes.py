@@ -1,17 +1,17 @@
 """N frontend processes on one port, as `vllm serve --api-server-count N` runs them.
 
-The first process (the one the supervisor starts) binds the listening socket and starts N-1 children of the
-same module that inherit it (`--listen-fd`). Every process accepts on that one socket; the kernel wakes the
-processes waiting on it and the first to run accepts what is queued (a process busy on its event loop accepts
-less, so steady load spreads; a burst less so, see below). Why one inherited socket, not SO_REUSEPORT: a port
-bound with SO_REUSEPORT can be bound again by any process of the same user, so a second deployment given the
-same port by mistake would silently take part of this one's traffic; an inherited socket makes that mistake an
-EADDRINUSE, as it is with one process. And a process that dies takes the connections queued on its own
-SO_REUSEPORT socket with it (reset), where on one shared socket another process accepts them: SO_REUSEPORT was
-tried (with a plain bind first, to keep the EADDRINUSE), and `test_frontend_e2e`'s kill -9 of a child then saw
-a request fail. The price of the shared socket is measured in `bench/results/frontend-spread-cpu.md`: the
-process that wakes first accepts everything queued, so a burst of 64 over 4 processes peaked at 1.75x the even
-share on one process (1.25x with SO_REUSEPORT) and 9 bursts of 20 left a process idle.
+The first process (the one the supervisor starts) binds the listening socket and starts N-1 children of the same
+module that inherit it (`--listen-fd`). Every process accepts on that one socket, while it holds no more than its
+share (see below). Why one inherited socket, not SO_REUSEPORT: a port bound with SO_REUSEPORT can be bound again by
+any process of the same user, so a second deployment given the same port by mistake would silently take part of
+this one's traffic; an inherited socket makes that mistake an EADDRINUSE, as it is with one process. And a process
+that dies takes the connections queued on its own SO_REUSEPORT socket with it (reset), where on one shared socket
+another process accepts them: SO_REUSEPORT was tried (with a plain bind first, to keep the EADDRINUSE), and
+`test_frontend_e2e`'s kill -9 of a child then saw a request fail. On one shared socket the process that wakes first
+would accept everything queued (a burst of 64 over 4 processes peaked at 1.75x the even share on one process, 1.25x
+with SO_REUSEPORT, and 9 bursts of 20 left a process idle: `bench/results/frontend-spread-cpu.md`), so each process
+accepts only its share (`workers.frontend.balance`: no more connections than the least loaded live process, plus
+one).
 
 Each child builds its own vLLM OpenAI layer, NATS connection and view of etcd, and only starts accepting
 once it can serve; it says so on a pipe (`--ready-fd`), and the parent registers the frontend in etcd only
@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workers.frontend import metrics
+from workers.frontend.balance import GroupLoad
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class ServerGroup:
     stopping: bool = False
     all_ready: asyncio.Event = field(default_factory=asyncio.Event)
     failed: str = ""
+    load_path: Path = Path()  # each process's open connections (workers.frontend.balance), in metrics_dir
 
     @classmethod
     def open(cls, count: int, argv: list[str], host: str, port: int) -> ServerGroup:
@@ -128,7 +130,8 @@ class ServerGroup:
         sock = listening_socket(host, port)
         folder = tempfile.mkdtemp(prefix="frontend-metrics-")
         metrics.use_multiprocess(folder)
-        return cls(count, argv, sock, folder, [Child(k) for k in range(1, count)])
+        children = [Child(k) for k in range(1, count)]
+        return cls(count, argv, sock, folder, children, load_path=GroupLoad.create(folder, count))
 
     def start(self) -> list[asyncio.Task[None]]:
         return [asyncio.create_task(self._keep(child)) for child in self.children]
@@ -137,7 +140,8 @@ class ServerGroup:
         """Start one child; returns the read end of its ready pipe."""
         r, w = os.pipe()
         argv = [sys.executable, "-m", MODULE, *self.argv, "--processes", "1",
-                "--listen-fd", str(self.sock.fileno()), "--ready-fd", str(w)]
+                "--listen-fd", str(self.sock.fileno()), "--ready-fd", str(w),
+                "--group-load", str(self.load_path), "--group-index", str(child.index)]
         try:
             child.proc = await asyncio.create_subprocess_exec(*argv, pass_fds=(self.sock.fileno(), w),
                                                               env={**os.environ, metrics.MULTIPROC_ENV:

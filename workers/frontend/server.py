@@ -24,12 +24,14 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
 from workers.frontend.app import FrontendApp, Observer, Settings
+from workers.frontend.balance import BalancedAcceptor, GroupLoad, protocol_factory
 from workers.frontend.catalog import Catalog, ModelRoute, follow
 from workers.frontend.dispatch import Dispatcher
 from workers.frontend.errors import ApiError
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     # A child of a --processes group: the listening socket it inherits, and the pipe it says "serving" on.
     p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--group-load", default=None, help=argparse.SUPPRESS)  # the group's GroupLoad file
+    p.add_argument("--group-index", type=int, default=0, help=argparse.SUPPRESS)  # this process's slot in it
     g = p.add_argument_group("vllm serve", "`vllm serve`'s own server flags, passed on to vLLM's parser (which checks "
                              "their values when the frontend starts) and used where `vllm serve` uses them")
     for flag in VLLM_SWITCHES:
@@ -153,6 +157,17 @@ class _Server(uvicorn.Server):
     and does not re-raise it once drained (uvicorn's default), so it can wait for them first."""
 
     group: ServerGroup | None = None
+    balance: GroupLoad | None = None  # a group's process: accept its share only (workers.frontend.balance)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.balance is None or not sockets:
+            return await super().startup(sockets)
+        await self.lifespan.startup()
+        factory = protocol_factory(self)
+        acceptors: list[Any] = [BalancedAcceptor(sock, factory, self.balance, self.server_state.connections).start()
+                                for sock in sockets]
+        self.servers = acceptors  # uvicorn only closes and waits for them
+        self.started = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.group is None:
@@ -187,6 +202,10 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
                             access_log=False, timeout_graceful_shutdown=grace, lifespan="off", interface="asgi3")
     server = _Server(config)
     server.group = group
+    if group:
+        server.balance = GroupLoad(group.load_path, 0)
+    elif child and args.group_load:
+        server.balance = GroupLoad(Path(args.group_load), args.group_index)
     sockets = [group.sock] if group else [socket.socket(fileno=args.listen_fd)] if child else None
     url = f"http://{args.host}:{args.port}"
     refused = asyncio.Event()  # the frontend's own model's layer could not be built: it stops, exit 1
