@@ -7,13 +7,15 @@ mean under waves of 64 and 256, and frontend-n's TTFT p90 was 1.4-2.5x the NATS 
 lower: the requests that landed on the crowded process waited behind the others' rendering.
 
 How: each process accepts with its own loop (`loop.sock_accept`, then `connect_accepted_socket` with
-uvicorn's protocol, so HTTP is served exactly as uvicorn serves it), and takes the next connection only
-while it holds no more than the least loaded live process plus `SLACK`. The processes publish their open
-connections in a small shared file (one slot each: count and a heartbeat time, written by its owner only);
-a slot whose heartbeat is older than `STALE_S` (a dead or frozen process) is ignored, so one that dies
-holding few connections does not hold the others back for longer than that. What a process leaves in the
-queue another accepts: the socket stays the one shared socket, so a process killed -9 takes none of the
-queued connections with it (the reason SO_REUSEPORT was not kept, see processes.py).
+uvicorn's HTTP protocol, made as uvicorn's startup makes it; no TLS here, as in uvicorn's config the frontend
+builds), and takes the next connection only while it holds no more than the least loaded live process plus
+`SLACK`, or once a connection has waited `MAX_WAIT_S` in the queue without the process whose turn it is taking
+it (that process is busy: a wait the rule must not add to the tail it is there to shorten). The processes
+publish their open connections in a small shared file (one slot each: count and a heartbeat, written by its
+owner only); a slot whose heartbeat is older than `STALE_S` (a dead or frozen process) is ignored, and a
+process that stops accepting (draining, or its accept loop failed) marks its slot not live at once. What a
+process leaves in the queue another accepts: the socket stays the one shared socket, so a process killed -9
+takes none of the queued connections with it (the reason SO_REUSEPORT was not kept, see processes.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import contextlib
 import logging
 import mmap
 import os
+import select
 import socket
 import struct
 import time
@@ -32,11 +35,15 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SLOT = struct.Struct("<qd")  # open connections, heartbeat (time.monotonic(): one clock for the whole host)
-SLACK = 1  # connections a process may hold above the least loaded live one before it lets the others take
+# open connections, heartbeat (time.monotonic_ns(): one clock for the whole host); two 8-byte integers, each
+# written in one store, so a reader never sees half a heartbeat
+SLOT = struct.Struct("<qq")
+SLACK = 1  # connections a process may hold above the least loaded live one and still take the next
 STALE_S = 0.1  # a slot not refreshed for this long belongs to a dead or frozen process: ignored
+MAX_WAIT_S = 0.01  # a queued connection waits at most this long for the process whose turn it is
 TICK_S = 0.02  # how often a process refreshes its slot while nothing else happens
-POLL_S = 0.002  # how often a process holding its share looks again whether it may accept
+POLL_S = 0.002  # how often a process over its share looks again while a connection waits in the queue
+NOT_LIVE = 0  # the heartbeat of a slot whose process does not accept (never written, draining, failed)
 
 
 class GroupLoad:
@@ -58,17 +65,23 @@ class GroupLoad:
         path.write_bytes(bytes(SLOT.size * count))
         return path
 
-    def publish(self, connections: int, now: float) -> None:
-        SLOT.pack_into(self._map, SLOT.size * self.index, connections, now)
+    def publish(self, connections: int, now_ns: int) -> None:
+        if not self._map.closed:
+            SLOT.pack_into(self._map, SLOT.size * self.index, connections, now_ns)
 
-    def may_accept(self, connections: int, now: float) -> bool:
+    def withdraw(self) -> None:
+        """This process accepts no more: the others stop counting it at once."""
+        self.publish(0, NOT_LIVE)
+
+    def may_accept(self, connections: int, now_ns: int) -> bool:
         """Whether this process, holding `connections`, is within SLACK of the least loaded live process."""
         least = connections
+        stale = int(STALE_S * 1e9)
         for k in range(self.count):
             if k == self.index:
                 continue
             held, beat = SLOT.unpack_from(self._map, SLOT.size * k)
-            if now - beat <= STALE_S:
+            if beat != NOT_LIVE and now_ns - beat <= stale:
                 least = min(least, held)
         return connections <= least + SLACK
 
@@ -93,47 +106,100 @@ class BalancedAcceptor:
 
     def start(self) -> BalancedAcceptor:
         self.sock.setblocking(False)
-        self._tasks = [asyncio.create_task(self._accept_loop(), name="frontend-accept"),
-                       asyncio.create_task(self._heartbeat(), name="frontend-accept-heartbeat")]
+        accepting = asyncio.create_task(self._accept_loop(), name="frontend-accept")
+        accepting.add_done_callback(self._accepting_ended)
+        self._tasks = [accepting, asyncio.create_task(self._heartbeat(), name="frontend-accept-heartbeat")]
         return self
+
+    def _accepting_ended(self, task: asyncio.Task[None]) -> None:
+        """Accepting never ends but by close(): a bug that ended it is said, and this process withdraws from the
+        group (a live slot that accepts nothing would hold the others back), so the others serve on."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("this frontend process stopped accepting connections", exc_info=task.exception())
+        for other in self._tasks[1:]:
+            other.cancel()
+        self.load.withdraw()
 
     async def _heartbeat(self) -> None:
         while True:
-            self.load.publish(len(self.connections), time.monotonic())
+            self.load.publish(len(self.connections), time.monotonic_ns())
             await asyncio.sleep(TICK_S)
+
+    async def _my_turn(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Return when this process may take the next connection: it holds its share, or a connection has waited
+        MAX_WAIT_S in the queue while it did not. With nothing queued a process over its share sleeps until a
+        connection comes (woken as every process is), rather than polling."""
+        waiting_since: int | None = None
+        while True:
+            now = time.monotonic_ns()
+            held = len(self.connections)
+            self.load.publish(held, now)
+            if self.load.may_accept(held, now):
+                return
+            if not _readable(self.sock):
+                waiting_since = None
+                await _until_readable(loop, self.sock)
+                continue
+            if waiting_since is None:
+                waiting_since = now
+            elif now - waiting_since >= MAX_WAIT_S * 1e9:
+                return
+            await asyncio.sleep(POLL_S)
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            while True:
-                now = time.monotonic()
-                held = len(self.connections)
-                self.load.publish(held, now)
-                if self.load.may_accept(held, now):
-                    break
-                await asyncio.sleep(POLL_S)
+            await self._my_turn(loop)
             try:
                 conn, _ = await loop.sock_accept(self.sock)
-            except OSError as exc:  # e.g. EMFILE: said, and tried again rather than ending the accepting
+            except OSError as exc:  # e.g. EMFILE: said, withdrawn meanwhile, tried again
                 log.warning("accepting a connection failed: %s", exc)
+                self.load.withdraw()
                 await asyncio.sleep(0.1)
                 continue
-            self.load.publish(len(self.connections) + 1, time.monotonic())  # counted before uvicorn sees it
+            self.load.publish(len(self.connections) + 1, time.monotonic_ns())  # counted before uvicorn sees it
             try:
                 await loop.connect_accepted_socket(self.factory, conn)
-            except OSError as exc:  # the client went away between accept and setup
-                log.debug("an accepted connection could not be set up: %s", exc)
+            except Exception:  # the client went away between accept and setup, or a bug: this connection only
+                log.warning("an accepted connection could not be set up", exc_info=True)
                 conn.close()
+            except BaseException:
+                conn.close()
+                raise
 
     def close(self) -> None:
-        """Stop accepting (uvicorn's shutdown); the connections open go on until they end."""
+        """Stop accepting (uvicorn's shutdown); the connections open go on until they end. The socket's reader
+        is removed now: uvicorn closes the socket next, and on asyncio's own loop a reader left registered on a
+        socket other processes still hold would wake this one for every queued connection while it drains."""
         for task in self._tasks:
             task.cancel()
-        self.load.publish(0, 0.0)  # not live any more: the others stop counting this process
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.load.withdraw()
 
     async def wait_closed(self) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.load.close()
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether a connection waits in the listening socket's queue (without taking it)."""
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+async def _until_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 def protocol_factory(server: Any) -> Callable[[], asyncio.Protocol]:

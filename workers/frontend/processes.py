@@ -10,8 +10,8 @@ another process accepts them: SO_REUSEPORT was tried (with a plain bind first, t
 `test_frontend_e2e`'s kill -9 of a child then saw a request fail. On one shared socket the process that wakes first
 would accept everything queued (a burst of 64 over 4 processes peaked at 1.75x the even share on one process, 1.25x
 with SO_REUSEPORT, and 9 bursts of 20 left a process idle: `bench/results/frontend-spread-cpu.md`), so each process
-accepts only its share (`workers.frontend.balance`: no more connections than the least loaded live process, plus
-one).
+takes the next connection only while it holds its share (`workers.frontend.balance`: no more than the least loaded
+live process plus one, or once a connection has waited 10 ms for that one).
 
 Each child builds its own vLLM OpenAI layer, NATS connection and view of etcd, and only starts accepting
 once it can serve; it says so on a pipe (`--ready-fd`), and the parent registers the frontend in etcd only

@@ -29,6 +29,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 
 from workers.frontend.app import FrontendApp, Observer, Settings
 from workers.frontend.balance import BalancedAcceptor, GroupLoad, protocol_factory
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--group-load", default=None, help=argparse.SUPPRESS)  # the group's GroupLoad file
-    p.add_argument("--group-index", type=int, default=0, help=argparse.SUPPRESS)  # this process's slot in it
+    p.add_argument("--group-index", type=int, default=None, help=argparse.SUPPRESS)  # this process's slot in it
     g = p.add_argument_group("vllm serve", "`vllm serve`'s own server flags, passed on to vLLM's parser (which checks "
                              "their values when the frontend starts) and used where `vllm serve` uses them")
     for flag in VLLM_SWITCHES:
@@ -154,7 +155,9 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 class _Server(uvicorn.Server):
     """uvicorn's server; the first process of a group also passes each stop signal on to its children,
-    and does not re-raise it once drained (uvicorn's default), so it can wait for them first."""
+    and does not re-raise it once drained (uvicorn's default), so it can wait for them first. Every process
+    of a group accepts through a BalancedAcceptor (its share of the shared socket) instead of the asyncio
+    server uvicorn's startup would make."""
 
     group: ServerGroup | None = None
     balance: GroupLoad | None = None  # a group's process: accept its share only (workers.frontend.balance)
@@ -163,6 +166,8 @@ class _Server(uvicorn.Server):
         if self.balance is None or not sockets:
             return await super().startup(sockets)
         await self.lifespan.startup()
+        if self.lifespan.should_exit:  # as uvicorn's own startup (the frontend runs with lifespan off)
+            sys.exit(STARTUP_FAILURE)
         factory = protocol_factory(self)
         acceptors: list[Any] = [BalancedAcceptor(sock, factory, self.balance, self.server_state.connections).start()
                                 for sock in sockets]
@@ -205,6 +210,8 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     if group:
         server.balance = GroupLoad(group.load_path, 0)
     elif child and args.group_load:
+        if args.group_index is None:
+            raise SystemExit("frontend: --group-load needs --group-index (this process's slot)")
         server.balance = GroupLoad(Path(args.group_load), args.group_index)
     sockets = [group.sock] if group else [socket.socket(fileno=args.listen_fd)] if child else None
     url = f"http://{args.host}:{args.port}"
