@@ -6,6 +6,7 @@ asyncio's loop and on uvloop (the frontend's). The whole group runs for real in 
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -95,6 +96,7 @@ def test_a_loaded_process_leaves_the_queued_connections_to_the_other(tmp_path: P
     has, one already holding more than its share: every connection made while that lasts is taken by the
     other. (The loaded one is the one the loop would wake first: without the rule it takes them all.)"""
     monkeypatch.setattr(balance, "STALE_S", 30.0)  # a stalled test loop must not make a slot look dead
+    monkeypatch.setattr(balance, "MAX_WAIT_S", 30.0)  # ... nor the loaded process help (the next test's case)
 
     async def run() -> list[int]:
         listener = socket.create_server(("127.0.0.1", 0))
@@ -117,22 +119,24 @@ def test_a_loaded_process_leaves_the_queued_connections_to_the_other(tmp_path: P
 
 
 @pytest.mark.parametrize("loop", LOOPS)
-def test_a_connection_waits_briefly_for_a_busy_process_whose_turn_it_is(tmp_path: Path, loop: str,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The least loaded process is live but takes nothing (its loop is busy: here it has no acceptor at all):
-    the process over its share takes the queued connections after MAX_WAIT_S each, instead of leaving them."""
+def test_a_queue_the_least_loaded_process_does_not_take_is_taken_by_another_after_the_wait(
+        tmp_path: Path, loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The least loaded process is live but takes nothing (its loop is busy: here it has no acceptor at all).
+    The process over its share leaves the queue alone for MAX_WAIT_S, then takes every queued connection, not
+    one per MAX_WAIT_S."""
     monkeypatch.setattr(balance, "STALE_S", 30.0)
+    queued = 20
 
     async def run() -> tuple[int, float]:
-        listener = socket.create_server(("127.0.0.1", 0))
+        listener = socket.create_server(("127.0.0.1", 0), backlog=64)
         over, least = group(tmp_path, 2)
         least.publish(0, time.monotonic_ns())
         accepted = [0]
         acceptor = BalancedAcceptor(listener.dup(), counting(accepted, 0), over,
                                     {object() for _ in range(SLACK + 3)}).start()
+        await _connect(listener.getsockname()[1], queued)
         started = time.monotonic()
-        await _connect(listener.getsockname()[1], 3)
-        await _until(lambda: accepted[0] == 3)
+        await _until(lambda: accepted[0] == queued)
         took = time.monotonic() - started
         acceptor.close()
         await acceptor.wait_closed()
@@ -141,8 +145,40 @@ def test_a_connection_waits_briefly_for_a_busy_process_whose_turn_it_is(tmp_path
         return accepted[0], took
 
     accepted, took = run_on(loop, run())
-    assert accepted == 3, "the connections were left in the queue"
-    assert took >= 3 * balance.MAX_WAIT_S * 0.9, "it took them at once: the least loaded process was not waited for"
+    assert accepted == queued, "the connections were left in the queue"
+    assert took < queued * balance.MAX_WAIT_S * 0.75, f"{took:.3f} s: one connection per wait, not the queue"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_the_wait_is_for_the_least_loaded_process(tmp_path: Path, loop: str, monkeypatch: pytest.MonkeyPatch
+                                                  ) -> None:
+    """... and the process over its share did wait for it first: nothing is taken before MAX_WAIT_S."""
+    monkeypatch.setattr(balance, "STALE_S", 30.0)
+
+    async def run() -> float:
+        listener = socket.create_server(("127.0.0.1", 0))
+        over, least = group(tmp_path, 2)
+        least.publish(0, time.monotonic_ns())
+        made: list[float] = []
+
+        class Timed(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+                made.append(time.monotonic())
+                transport.close()
+
+        acceptor = BalancedAcceptor(listener.dup(), Timed, over, {object() for _ in range(SLACK + 3)}).start()
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await _connect(listener.getsockname()[1], 1)
+        await _until(lambda: bool(made))
+        took = made[0] - started
+        acceptor.close()
+        await acceptor.wait_closed()
+        listener.close()
+        acceptor.sock.close()
+        return took
+
+    assert run_on(loop, run()) >= balance.MAX_WAIT_S * 0.9
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -172,3 +208,103 @@ def test_a_connection_that_fails_to_set_up_is_closed_and_accepting_goes_on(tmp_p
         return made[0] if alive else -1
 
     assert run_on(loop, run()) == 3
+
+
+def slot(path: Path, k: int) -> tuple[int, int]:
+    """(connections, heartbeat) of process k, as the other processes read it."""
+    words = memoryview(path.read_bytes()).cast("q")
+    return words[2 * k], words[2 * k + 1]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_process_whose_accepting_fails_withdraws_from_the_group(tmp_path: Path, loop: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug that ends the accept loop: the process says so and marks its slot not live (a live slot that takes
+    nothing would hold the others back), and its heartbeat stops."""
+
+    def broken(sock: socket.socket) -> bool:
+        raise RuntimeError("a bug in the accept loop")
+
+    monkeypatch.setattr(balance, "_readable", broken)
+
+    async def run() -> tuple[tuple[int, int], bool]:
+        listener = socket.create_server(("127.0.0.1", 0))
+        path = GroupLoad.create(str(tmp_path), 2)
+        acceptor = BalancedAcceptor(listener, counting([0], 0), GroupLoad(path, 0), set()).start()
+        await _until(lambda: all(t.done() for t in acceptor._tasks), timeout=5)
+        heartbeat_stopped = acceptor._tasks[1].done()
+        seen = slot(path, 0)
+        acceptor.close()
+        await acceptor.wait_closed()
+        listener.close()
+        return seen, heartbeat_stopped
+
+    seen, heartbeat_stopped = run_on(loop, run())
+    assert seen[1] == balance.NOT_LIVE and heartbeat_stopped
+
+
+class FailsFirstAccept:
+    """A listening socket whose first accept fails as when the process is out of descriptors."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.failed = False
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def setblocking(self, flag: bool) -> None:
+        self.real.setblocking(flag)
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.real.accept()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_process_that_cannot_accept_is_not_live_until_it_can(tmp_path: Path, loop: str) -> None:
+    async def run() -> tuple[int, int]:
+        listener = socket.create_server(("127.0.0.1", 0))
+        path = GroupLoad.create(str(tmp_path), 2)
+        accepted = [0]
+        sock = FailsFirstAccept(listener)
+        acceptor = BalancedAcceptor(sock, counting(accepted, 0), GroupLoad(path, 0), set())  # type: ignore[arg-type]
+        acceptor.start()
+        await _connect(listener.getsockname()[1], 1)
+        await _until(lambda: sock.failed, timeout=5)
+        await asyncio.sleep(balance.TICK_S * 2)  # heartbeats would have made it live again
+        during = slot(path, 0)[1]
+        await _until(lambda: accepted[0] == 1)
+        acceptor.close()
+        await acceptor.wait_closed()
+        listener.close()
+        return during, accepted[0]
+
+    during, accepted = run_on(loop, run())
+    assert during == balance.NOT_LIVE, "live while it could not accept"
+    assert accepted == 1, "it did not try again"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_closed_acceptor_does_not_spin_on_a_socket_other_processes_still_hold(tmp_path: Path, loop: str) -> None:
+    """uvicorn's order: close() the server, then close this process's descriptor, while another process still
+    holds the socket and a connection waits in its queue. The draining process must not wake for it."""
+
+    async def run() -> float:
+        listener = socket.create_server(("127.0.0.1", 0))
+        (load,) = group(tmp_path, 1)
+        acceptor = BalancedAcceptor(listener.dup(), counting([0], 0), load, set()).start()
+        await asyncio.sleep(0.05)
+        acceptor.close()
+        acceptor.sock.close()
+        await _connect(listener.getsockname()[1], 1)  # queued: nobody accepts any more
+        cpu = time.process_time()
+        await asyncio.sleep(0.3)
+        used = time.process_time() - cpu
+        await acceptor.wait_closed()
+        listener.close()
+        return used
+
+    assert run_on(loop, run()) < 0.1

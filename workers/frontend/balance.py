@@ -9,8 +9,8 @@ lower: the requests that landed on the crowded process waited behind the others'
 How: each process accepts with its own loop (`loop.sock_accept`, then `connect_accepted_socket` with
 uvicorn's HTTP protocol, made as uvicorn's startup makes it; no TLS here, as in uvicorn's config the frontend
 builds), and takes the next connection only while it holds no more than the least loaded live process plus
-`SLACK`, or once a connection has waited `MAX_WAIT_S` in the queue without the process whose turn it is taking
-it (that process is busy: a wait the rule must not add to the tail it is there to shorten). The processes
+`SLACK`; once the queue has not emptied for `MAX_WAIT_S` (the process whose turn it is does not keep up: a
+wait the rule must not add to the tail it is there to shorten), every process takes what is queued. The processes
 publish their open connections in a small shared file (one slot each: count and a heartbeat, written by its
 owner only); a slot whose heartbeat is older than `STALE_S` (a dead or frozen process) is ignored, and a
 process that stops accepting (draining, or its accept loop failed) marks its slot not live at once. What a
@@ -27,7 +27,6 @@ import mmap
 import os
 import select
 import socket
-import struct
 import time
 from collections.abc import Callable, Sized
 from pathlib import Path
@@ -35,12 +34,12 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# open connections, heartbeat (time.monotonic_ns(): one clock for the whole host); two 8-byte integers, each
-# written in one store, so a reader never sees half a heartbeat
-SLOT = struct.Struct("<qq")
+# A slot: open connections, heartbeat (time.monotonic_ns(): one clock for the whole host), as two aligned 8-byte
+# integers, each written in one store (a reader may see a new count with the last heartbeat: one decision off)
+SLOT_BYTES = 16
 SLACK = 1  # connections a process may hold above the least loaded live one and still take the next
 STALE_S = 0.1  # a slot not refreshed for this long belongs to a dead or frozen process: ignored
-MAX_WAIT_S = 0.01  # a queued connection waits at most this long for the process whose turn it is
+MAX_WAIT_S = 0.01  # a queue not emptied for this long is taken by every process, whatever its share
 TICK_S = 0.02  # how often a process refreshes its slot while nothing else happens
 POLL_S = 0.002  # how often a process over its share looks again while a connection waits in the queue
 NOT_LIVE = 0  # the heartbeat of a slot whose process does not accept (never written, draining, failed)
@@ -52,22 +51,25 @@ class GroupLoad:
     def __init__(self, path: Path, index: int) -> None:
         self.index = index
         self._fd = os.open(path, os.O_RDWR)
-        self.count = os.fstat(self._fd).st_size // SLOT.size  # the group's size: one slot per process
+        self.count = os.fstat(self._fd).st_size // SLOT_BYTES  # the group's size: one slot per process
         if not 0 <= index < self.count:
             os.close(self._fd)
             raise ValueError(f"{path}: no slot {index} in a group of {self.count}")
-        self._map = mmap.mmap(self._fd, SLOT.size * self.count)
+        self._map = mmap.mmap(self._fd, SLOT_BYTES * self.count)
+        self._words = memoryview(self._map).cast("q")  # slot k: words 2k (count) and 2k + 1 (heartbeat)
+        self._closed = False
 
     @staticmethod
     def create(folder: str, count: int) -> Path:
         """The group's file (zeroed: no slot is live until its process writes it)."""
         path = Path(folder) / "accept-load"
-        path.write_bytes(bytes(SLOT.size * count))
+        path.write_bytes(bytes(SLOT_BYTES * count))
         return path
 
     def publish(self, connections: int, now_ns: int) -> None:
-        if not self._map.closed:
-            SLOT.pack_into(self._map, SLOT.size * self.index, connections, now_ns)
+        if not self._closed:
+            self._words[2 * self.index] = connections
+            self._words[2 * self.index + 1] = now_ns
 
     def withdraw(self) -> None:
         """This process accepts no more: the others stop counting it at once."""
@@ -80,12 +82,16 @@ class GroupLoad:
         for k in range(self.count):
             if k == self.index:
                 continue
-            held, beat = SLOT.unpack_from(self._map, SLOT.size * k)
+            held, beat = self._words[2 * k], self._words[2 * k + 1]
             if beat != NOT_LIVE and now_ns - beat <= stale:
                 least = min(least, held)
         return connections <= least + SLACK
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._words.release()
         with contextlib.suppress(BufferError, ValueError):
             self._map.close()
         with contextlib.suppress(OSError):
@@ -94,7 +100,12 @@ class GroupLoad:
 
 class BalancedAcceptor:
     """Accepts on `sock` while this process holds its share (GroupLoad); stands where uvicorn keeps its
-    asyncio servers (`close`, `wait_closed`)."""
+    asyncio servers (`close`, `wait_closed`).
+
+    It waits for the socket to be readable (a reader on the loop), decides with a fresh look at the group, and
+    then takes one connection with a non-blocking accept (another process may have taken it: it waits again), so
+    a permission is never spent on a connection that comes later. A connection taken is set up in a task of its
+    own that closing does not cancel: once accepted it is served (or drained) as uvicorn's server serves it."""
 
     def __init__(self, sock: socket.socket, protocol_factory: Callable[[], asyncio.Protocol], load: GroupLoad,
                  connections: Sized) -> None:
@@ -103,6 +114,8 @@ class BalancedAcceptor:
         self.load = load
         self.connections = connections  # uvicorn's server_state.connections: the open ones, kept by uvicorn
         self._tasks: list[asyncio.Task[None]] = []
+        self._setting_up: set[asyncio.Task[None]] = set()  # accepted, not yet in `connections`
+        self._backing_off = False  # accept failed (EMFILE, ...): not live until it is tried again
 
     def start(self) -> BalancedAcceptor:
         self.sock.setblocking(False)
@@ -110,6 +123,9 @@ class BalancedAcceptor:
         accepting.add_done_callback(self._accepting_ended)
         self._tasks = [accepting, asyncio.create_task(self._heartbeat(), name="frontend-accept-heartbeat")]
         return self
+
+    def _held(self) -> int:
+        return len(self.connections) + len(self._setting_up)
 
     def _accepting_ended(self, task: asyncio.Task[None]) -> None:
         """Accepting never ends but by close(): a bug that ended it is said, and this process withdraws from the
@@ -122,55 +138,58 @@ class BalancedAcceptor:
 
     async def _heartbeat(self) -> None:
         while True:
-            self.load.publish(len(self.connections), time.monotonic_ns())
+            if not self._backing_off:
+                self.load.publish(self._held(), time.monotonic_ns())
             await asyncio.sleep(TICK_S)
 
-    async def _my_turn(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Return when this process may take the next connection: it holds its share, or a connection has waited
-        MAX_WAIT_S in the queue while it did not. With nothing queued a process over its share sleeps until a
-        connection comes (woken as every process is), rather than polling."""
-        waiting_since: int | None = None
+    async def _accept_loop(self) -> None:
+        """Take each queued connection this process may take: while it holds its share, or once the queue has
+        not been empty for MAX_WAIT_S (the process whose turn it is does not keep up: every process helps until
+        the queue is seen empty)."""
+        loop = asyncio.get_running_loop()
+        queued_since: int | None = None  # since when the queue has been seen non-empty without a pause
         while True:
-            now = time.monotonic_ns()
-            held = len(self.connections)
-            self.load.publish(held, now)
-            if self.load.may_accept(held, now):
-                return
             if not _readable(self.sock):
-                waiting_since = None
+                queued_since = None
                 await _until_readable(loop, self.sock)
                 continue
-            if waiting_since is None:
-                waiting_since = now
-            elif now - waiting_since >= MAX_WAIT_S * 1e9:
-                return
-            await asyncio.sleep(POLL_S)
-
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._my_turn(loop)
+            now = time.monotonic_ns()
+            held = self._held()
+            self.load.publish(held, now)
+            if queued_since is None:
+                queued_since = now
+            if not self.load.may_accept(held, now) and now - queued_since < MAX_WAIT_S * 1e9:
+                await asyncio.sleep(POLL_S)
+                continue
             try:
-                conn, _ = await loop.sock_accept(self.sock)
-            except OSError as exc:  # e.g. EMFILE: said, withdrawn meanwhile, tried again
+                conn, _ = self.sock.accept()
+            except BlockingIOError:  # another process took it
+                continue
+            except OSError as exc:  # e.g. EMFILE: said, not live meanwhile, tried again
                 log.warning("accepting a connection failed: %s", exc)
+                self._backing_off = True
                 self.load.withdraw()
                 await asyncio.sleep(0.1)
+                self._backing_off = False
                 continue
-            self.load.publish(len(self.connections) + 1, time.monotonic_ns())  # counted before uvicorn sees it
-            try:
-                await loop.connect_accepted_socket(self.factory, conn)
-            except Exception:  # the client went away between accept and setup, or a bug: this connection only
-                log.warning("an accepted connection could not be set up", exc_info=True)
-                conn.close()
-            except BaseException:
-                conn.close()
-                raise
+            setup = asyncio.create_task(self._set_up(loop, conn))
+            self._setting_up.add(setup)
+            setup.add_done_callback(self._setting_up.discard)
+            self.load.publish(self._held(), time.monotonic_ns())
+            await asyncio.sleep(0)  # the setup runs; the other processes' turns come
+
+    async def _set_up(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+        try:
+            await loop.connect_accepted_socket(self.factory, conn)
+        except Exception:  # the client went away between accept and setup, or a bug: this connection only
+            log.warning("an accepted connection could not be set up", exc_info=True)
+            conn.close()
 
     def close(self) -> None:
-        """Stop accepting (uvicorn's shutdown); the connections open go on until they end. The socket's reader
-        is removed now: uvicorn closes the socket next, and on asyncio's own loop a reader left registered on a
-        socket other processes still hold would wake this one for every queued connection while it drains."""
+        """Stop accepting (uvicorn's shutdown); the connections open, or being set up, go on until they end. The
+        socket's reader is removed now: uvicorn closes this descriptor next, while other processes hold the
+        socket, and a reader left registered would wake this process for every queued connection while it
+        drains."""
         for task in self._tasks:
             task.cancel()
         with contextlib.suppress(Exception):
@@ -178,13 +197,15 @@ class BalancedAcceptor:
         self.load.withdraw()
 
     async def wait_closed(self) -> None:
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._setting_up, return_exceptions=True)
         self.load.close()
 
 
 def _readable(sock: socket.socket) -> bool:
     """Whether a connection waits in the listening socket's queue (without taking it)."""
-    return bool(select.select([sock], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 async def _until_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
@@ -199,7 +220,8 @@ async def _until_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) 
     try:
         await ready
     finally:
-        loop.remove_reader(fd)
+        if sock.fileno() == fd:  # (closed meanwhile by uvicorn: close() removed the reader already)
+            loop.remove_reader(fd)
 
 
 def protocol_factory(server: Any) -> Callable[[], asyncio.Protocol]:
