@@ -6,16 +6,19 @@ H100 (`bench/gpu/results/ISSUE19.md`, runs 9-10) the busiest of 4 processes was 
 mean under waves of 64 and 256, and frontend-n's TTFT p90 was 1.4-2.5x the NATS path's while its p50 was
 lower: the requests that landed on the crowded process waited behind the others' rendering.
 
-How: each process accepts with its own loop (`loop.sock_accept`, then `connect_accepted_socket` with
-uvicorn's HTTP protocol, made as uvicorn's startup makes it; no TLS here, as in uvicorn's config the frontend
-builds), and takes the next connection only while it holds no more than the least loaded live process plus
-`SLACK`; once the queue has not emptied for `MAX_WAIT_S` (the process whose turn it is does not keep up: a
-wait the rule must not add to the tail it is there to shorten), every process takes what is queued. The processes
-publish their open connections in a small shared file (one slot each: count and a heartbeat, written by its
-owner only); a slot whose heartbeat is older than `STALE_S` (a dead or frozen process) is ignored, and a
-process that stops accepting (draining, or its accept loop failed) marks its slot not live at once. What a
-process leaves in the queue another accepts: the socket stays the one shared socket, so a process killed -9
-takes none of the queued connections with it (the reason SO_REUSEPORT was not kept, see processes.py).
+How: each process accepts with its own loop (readable, then a fresh decision, then a non-blocking accept, then
+`connect_accepted_socket` with uvicorn's HTTP protocol, made as uvicorn's startup makes it; no TLS here, as in
+uvicorn's config the frontend builds), and takes the next connection only while it holds no more than the least
+loaded live process plus `SLACK`, and one more for each `MAX_WAIT_S` the queue has not emptied (the process whose
+turn it is does not keep up: the others help, the more the longer it lasts, so the rule adds little to the tail it
+is there to shorten). Letting every process take the whole queue after one wait undid the spread on a loaded
+2-core machine (largest share of a burst of 64 over the even one 1.69 instead of 1.0), where the least loaded
+process is often slow. The processes publish their open connections in a small shared file (one slot each: count
+and a heartbeat, written by its owner only); a slot whose heartbeat is older than `STALE_S` (a dead or frozen
+process) is ignored, and a process that stops accepting (draining, or its accept loop failed) marks its slot not
+live at once. What a process leaves in the queue another accepts: the socket stays the one shared socket, so a
+process killed -9 takes none of the queued connections with it (the reason SO_REUSEPORT was not kept, see
+processes.py).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ log = logging.getLogger(__name__)
 SLOT_BYTES = 16
 SLACK = 1  # connections a process may hold above the least loaded live one and still take the next
 STALE_S = 0.1  # a slot not refreshed for this long belongs to a dead or frozen process: ignored
-MAX_WAIT_S = 0.01  # a queue not emptied for this long is taken by every process, whatever its share
+MAX_WAIT_S = 0.01  # each such wait of a queue not emptied lets a process run one more ahead of its share
 TICK_S = 0.02  # how often a process refreshes its slot while nothing else happens
 POLL_S = 0.002  # how often a process over its share looks again while a connection waits in the queue
 NOT_LIVE = 0  # the heartbeat of a slot whose process does not accept (never written, draining, failed)
@@ -75,8 +78,9 @@ class GroupLoad:
         """This process accepts no more: the others stop counting it at once."""
         self.publish(0, NOT_LIVE)
 
-    def may_accept(self, connections: int, now_ns: int) -> bool:
-        """Whether this process, holding `connections`, is within SLACK of the least loaded live process."""
+    def may_accept(self, connections: int, now_ns: int, extra: int = 0) -> bool:
+        """Whether this process, holding `connections`, is within SLACK (+ `extra`) of the least loaded live
+        process."""
         least = connections
         stale = int(STALE_S * 1e9)
         for k in range(self.count):
@@ -85,7 +89,7 @@ class GroupLoad:
             held, beat = self._words[2 * k], self._words[2 * k + 1]
             if beat != NOT_LIVE and now_ns - beat <= stale:
                 least = min(least, held)
-        return connections <= least + SLACK
+        return connections <= least + SLACK + extra
 
     def close(self) -> None:
         if self._closed:
@@ -143,9 +147,9 @@ class BalancedAcceptor:
             await asyncio.sleep(TICK_S)
 
     async def _accept_loop(self) -> None:
-        """Take each queued connection this process may take: while it holds its share, or once the queue has
-        not been empty for MAX_WAIT_S (the process whose turn it is does not keep up: every process helps until
-        the queue is seen empty)."""
+        """Take each queued connection this process may take: while it holds its share, and one more for each
+        MAX_WAIT_S the queue has not emptied (the process whose turn it is does not keep up: the others help,
+        the more the longer it lasts, and go back to their share once the queue is seen empty)."""
         loop = asyncio.get_running_loop()
         queued_since: int | None = None  # since when the queue has been seen non-empty without a pause
         while True:
@@ -158,7 +162,7 @@ class BalancedAcceptor:
             self.load.publish(held, now)
             if queued_since is None:
                 queued_since = now
-            if not self.load.may_accept(held, now) and now - queued_since < MAX_WAIT_S * 1e9:
+            if not self.load.may_accept(held, now, extra=int((now - queued_since) / (MAX_WAIT_S * 1e9))):
                 await asyncio.sleep(POLL_S)
                 continue
             try:
