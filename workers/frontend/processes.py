@@ -11,7 +11,7 @@ another process accepts them: SO_REUSEPORT was tried (with a plain bind first, t
 would accept everything queued (a burst of 64 over 4 processes peaked at 1.75x the even share on one process, 1.25x
 with SO_REUSEPORT, and 9 bursts of 20 left a process idle: `bench/results/frontend-spread-cpu.md`), so each process
 takes the next connection only while it holds its share (`workers.frontend.balance`: no more than the least loaded
-live process plus one; a queue not emptied for 10 ms is taken by every process).
+live process plus one, and one more for each 10 ms the queue has not emptied).
 
 Each child builds its own vLLM OpenAI layer, NATS connection and view of etcd, and only starts accepting
 once it can serve; it says so on a pipe (`--ready-fd`), and the parent registers the frontend in etcd only
