@@ -80,6 +80,16 @@ async def _until(done: Callable[[], bool], timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _published(*loads: GroupLoad) -> None:
+    """Until each acceptor has published its slot (is live to the others)."""
+    await _until(lambda: all(slot_of(load)[1] != balance.NOT_LIVE for load in loads))
+
+
+def slot_of(load: GroupLoad) -> tuple[int, int]:
+    """(connections, heartbeat) of the load's process, as the other processes read it (one shared mapping)."""
+    return load._words[2 * load.index], load._words[2 * load.index + 1]
+
+
 def counting(accepted: list[int], k: int) -> type[asyncio.Protocol]:
     class Counting(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
@@ -105,7 +115,7 @@ def test_a_loaded_process_leaves_the_queued_connections_to_the_other(tmp_path: P
         held: list[set[object]] = [set(), {object() for _ in range(SLACK + 3)}]  # process 1 holds SLACK + 3
         acceptors = [BalancedAcceptor(listener.dup(), counting(accepted, k), loads[k], held[k]).start()
                      for k in (0, 1)]
-        await asyncio.sleep(0.05)  # both published their slots
+        await _published(*loads)
         await _connect(listener.getsockname()[1], 6)
         await _until(lambda: sum(accepted) == 6)
         for acceptor in acceptors:
@@ -140,7 +150,7 @@ def test_a_queue_the_least_loaded_process_does_not_take_is_taken_by_another_more
                 held.add(self)
 
         acceptor = BalancedAcceptor(listener.dup(), Held, over, held).start()
-        await asyncio.sleep(0.05)
+        await _published(over)
         started = time.monotonic()
         await _connect(listener.getsockname()[1], queued)
         await _until(lambda: len(made) == queued)
@@ -177,7 +187,7 @@ def test_the_wait_is_for_the_least_loaded_process(tmp_path: Path, loop: str, mon
                 transport.close()
 
         acceptor = BalancedAcceptor(listener.dup(), Timed, over, {object() for _ in range(SLACK + 3)}).start()
-        await asyncio.sleep(0.05)
+        await _published(over)
         started = time.monotonic()
         await _connect(listener.getsockname()[1], 1)
         await _until(lambda: bool(made))
@@ -220,12 +230,6 @@ def test_a_connection_that_fails_to_set_up_is_closed_and_accepting_goes_on(tmp_p
     assert run_on(loop, run()) == 3
 
 
-def slot(path: Path, k: int) -> tuple[int, int]:
-    """(connections, heartbeat) of process k, as the other processes read it."""
-    words = memoryview(path.read_bytes()).cast("q")
-    return words[2 * k], words[2 * k + 1]
-
-
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_process_whose_accepting_fails_withdraws_from_the_group(tmp_path: Path, loop: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
@@ -240,10 +244,11 @@ def test_a_process_whose_accepting_fails_withdraws_from_the_group(tmp_path: Path
     async def run() -> tuple[tuple[int, int], bool]:
         listener = socket.create_server(("127.0.0.1", 0))
         path = GroupLoad.create(str(tmp_path), 2)
-        acceptor = BalancedAcceptor(listener, counting([0], 0), GroupLoad(path, 0), set()).start()
+        load = GroupLoad(path, 0)
+        acceptor = BalancedAcceptor(listener, counting([0], 0), load, set()).start()
         await _until(lambda: all(t.done() for t in acceptor._tasks), timeout=5)
         heartbeat_stopped = acceptor._tasks[1].done()
-        seen = slot(path, 0)
+        seen = slot_of(load)
         acceptor.close()
         await acceptor.wait_closed()
         listener.close()
@@ -280,12 +285,13 @@ def test_a_process_that_cannot_accept_is_not_live_until_it_can(tmp_path: Path, l
         path = GroupLoad.create(str(tmp_path), 2)
         accepted = [0]
         sock = FailsFirstAccept(listener)
-        acceptor = BalancedAcceptor(sock, counting(accepted, 0), GroupLoad(path, 0), set())  # type: ignore[arg-type]
+        load = GroupLoad(path, 0)
+        acceptor = BalancedAcceptor(sock, counting(accepted, 0), load, set())  # type: ignore[arg-type]
         acceptor.start()
         await _connect(listener.getsockname()[1], 1)
         await _until(lambda: sock.failed, timeout=5)
         await asyncio.sleep(balance.TICK_S * 2)  # heartbeats would have made it live again
-        during = slot(path, 0)[1]
+        during = slot_of(load)[1]
         await _until(lambda: accepted[0] == 1)
         acceptor.close()
         await acceptor.wait_closed()
@@ -306,7 +312,7 @@ def test_a_closed_acceptor_does_not_spin_on_a_socket_other_processes_still_hold(
         listener = socket.create_server(("127.0.0.1", 0))
         (load,) = group(tmp_path, 1)
         acceptor = BalancedAcceptor(listener.dup(), counting([0], 0), load, set()).start()
-        await asyncio.sleep(0.05)
+        await _published(load)
         acceptor.close()
         acceptor.sock.close()
         await _connect(listener.getsockname()[1], 1)  # queued: nobody accepts any more
