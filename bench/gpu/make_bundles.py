@@ -1,4 +1,4 @@
-"""Download the GPU machine's wheels and pack them into carry bundles of at most ~60 MiB.
+"""Download the GPU machine's wheels and pack them into carry bundles of at most 56 MiB.
 
 Why: the GPU machine has no network and each command sent to it carries at most 64 MiB of
 ignored files, so the wheels over the cap (torch, vLLM, triton, NCCL) travel in parts and the rest in folders.
@@ -128,7 +128,8 @@ def pack(items: list[Item], cap: int) -> list[list[Item]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing wheel")
-    ap.add_argument("--cap-mib", type=float, default=60.0, help="bundle size limit (a command carries 64 MiB)")
+    ap.add_argument("--cap-mib", type=float, default=56.0,
+                    help="bundle size limit (a command carries 64 MiB, the repository's tree included)")
     args = ap.parse_args()
     cap = int(args.cap_mib * MIB)
     wheels_dir = STORE / "wheels"
