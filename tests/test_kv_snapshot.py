@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,3 +236,47 @@ def test_the_index_per_worker_is_a_metric_read_at_each_scrape() -> None:
     assert [(s.labels, s.value) for s in family.samples] == [({"worker": "w9"}, len(flat(list(m.snapshot()), bs)))]
     r.remove_worker(9)
     assert next(iter(collector.collect())).samples == []
+
+
+def test_a_worker_publishes_its_load_when_it_changes_and_a_heartbeat_otherwise(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Unchanged, the load goes out only every LOAD_HEARTBEAT (an idle worker's reports were a sixth of an
+    idle router's CPU); a change goes out within LOAD_INTERVAL, and so does a request's end (the routed list)."""
+    from workers.kv_router import worker as kvw
+
+    monkeypatch.setattr(kvw, "LOAD_INTERVAL", 0.01)
+    monkeypatch.setattr(kvw, "LOAD_HEARTBEAT", 0.3)
+
+    class Nc:
+        def __init__(self) -> None:
+            self.sent: list[tuple[float, ev.Load]] = []
+
+        async def publish(self, subject: str, data: bytes) -> None:
+            self.sent.append((time.monotonic(), ev.load_decoder.decode(data)))
+
+    class Server:
+        def __init__(self) -> None:
+            self.routed: dict[str, list[int]] = {"_INBOX.r": [5]}
+
+        def routed_in_flight(self) -> dict[str, list[int]]:
+            return dict(self.routed)
+
+    async def run() -> Nc:
+        nc, state, server = Nc(), kvw.LoadState(running=1), Server()
+        task = asyncio.create_task(kvw.publish_load(nc, "ns", 7, "w", state, server))
+        try:
+            await until(lambda: nc.sent, 2, "the first report")
+            await asyncio.sleep(0.2)  # twenty intervals, nothing changed: nothing more
+            assert len(nc.sent) == 1
+            state.running = 2
+            await until(lambda: len(nc.sent) == 2, 2, "the changed load")
+            server.routed = {}
+            await until(lambda: len(nc.sent) == 3, 2, "the request's end")
+            await until(lambda: len(nc.sent) == 4, 2, "the heartbeat")
+        finally:
+            task.cancel()
+        return nc
+
+    sent = asyncio.run(run()).sent
+    serving = {"_INBOX.r": [5]}
+    assert [(m.running, m.routed) for _, m in sent] == [(1, serving), (2, serving), (2, {}), (2, {})]
+    assert sent[3][0] - sent[2][0] >= 0.3 - 0.02

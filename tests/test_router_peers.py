@@ -179,7 +179,7 @@ async def _two_replicas(nats: str) -> None:
     try:
         first = asyncio.create_task(ask(a, [*PREFIX, 1]))
         await until(lambda: a.router.decisions, 5, "router-1's decision")
-        await b.share()  # a hears b's Live list within a second, and tells it of the request in flight
+        await b.share()  # a hears b's first Live list and tells it at once of the request in flight
         await until(lambda: sum(v.peer_requests for v in b.router.workers.values()) == 1, 5,
                     "router-2 to hear router-1's request")
         home = next(w for w, v in b.router.workers.items() if v.peer_requests == 1)
@@ -231,3 +231,63 @@ def test_a_lone_router_publishes_only_its_live_list() -> None:
     items = [i for m in asyncio.run(run()) for i in m.items]
     assert isinstance(items[0], peers.Live)
     assert [i.id for i in items if isinstance(i, (peers.Started, peers.Finished))] == [8]
+
+
+def test_a_lone_router_lists_rarely_and_answers_a_newcomer_at_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Alone, a router publishes its Live list as it starts and then only every LONE_LIVE_EVERY; a new peer
+    gets ours at once; with peers heard it goes out every LIVE_EVERY."""
+    monkeypatch.setattr(peers, "LIVE_EVERY", 0.05)
+    monkeypatch.setattr(peers, "LONE_LIVE_EVERY", 30.0)
+
+    async def run() -> None:
+        lists: list[float] = []
+        heard = False
+
+        async def publish(subject: str, data: bytes) -> None:
+            lists.extend(time.monotonic() for i in peers.decoder.decode(data).items if isinstance(i, peers.Live))
+
+        feed = peers.PeerFeed(publish, "ns", 1, lambda: [], peers_heard=lambda: heard)
+        feed.start()
+        try:
+            await until(lambda: lists, 2, "the first Live list")
+            await asyncio.sleep(0.5)  # ten LIVE_EVERY periods: a lone router stays quiet
+            assert len(lists) == 1
+            heard = True
+            feed.peer_joined()
+            t0 = time.monotonic()
+            await until(lambda: len(lists) == 2, 2, "the answer to a new peer")
+            assert lists[1] - t0 < 0.5
+            await until(lambda: len(lists) >= 6, 2, "a list every LIVE_EVERY while peers are heard")
+        finally:
+            feed.stop()
+
+    asyncio.run(run())
+
+
+async def _two_idle_replicas(nats: str) -> None:
+    ns = f"idle{random.randrange(1 << 30)}"
+    services, conns = [], []
+    try:
+        for k in range(2):
+            ctx = WorkerContext(RuntimeSettings(ns, (), nats, f"router-{k + 1}", "localhost"))
+            ctx.nc = await requestplane.connect(nats, f"router-{k + 1}")
+            conns.append(ctx.nc)
+            service = RouterService(ctx, router(k, ns), IdsOnly(), "backend")  # type: ignore[arg-type]
+            services.append(service)
+            await service.share()
+        a, b = services
+        # b's first list reaches a; a answers at once, not at its next lone period (LONE_LIVE_EVERY, 10 s)
+        await until(lambda: b.router.peers.own_id in a.router.peers.heard
+                    and a.router.peers.own_id in b.router.peers.heard, 3, "the two replicas to hear each other")
+    finally:
+        for s in services:
+            s.stop()
+        for nc in conns:
+            await nc.close()
+
+
+def test_two_idle_router_services_find_each_other_at_once(services) -> None:  # type: ignore[no-untyped-def]
+    """Two routers with nothing in flight, started one after the other on a real nats-server, hear each other
+    within seconds though a lone router lists itself only every 10 s."""
+    assert peers.LONE_LIVE_EVERY >= 10
+    asyncio.run(_two_idle_replicas(services.nats))

@@ -6,7 +6,7 @@ applying events (bench/bench_indexer.py measures decode + apply together).
 
 Subjects (namespace-scoped):
   {ns}.kv_events            EventBatch, every worker, in publish order
-  {ns}.kv_load              Load, about once a second per worker
+  {ns}.kv_load              Load, within a second of a change and every 5 s unchanged, per worker
   {ns}.kv_resync.{instance:x}  a router asks that worker for a snapshot (any payload)
 
 Ordering and recovery: each worker numbers its batches (seq 0, 1, 2, ...). A router that sees a

@@ -23,7 +23,14 @@ next one, so a burst of decisions costs a few messages, not one each.
 A router that has heard no peer publishes only its Live list (so that peers find each other), not its
 starts and finishes: nobody would read them, and a lone router paid a publish and the echo of it, twice a
 request. When it hears a new peer, it publishes a `Started` for each request it has in flight, so the
-newcomer counts them as if it had heard them start.
+newcomer counts them as if it had heard them start, and its Live list at once, so that the newcomer hears
+it even with nothing in flight.
+
+How peers find each other, at little cost to a router that has none: a router publishes its Live list as
+it starts, at once when it hears a new peer, every LIVE_EVERY seconds while it hears any, and only every
+LONE_LIVE_EVERY seconds while it hears none (a lone router's list, and the echo of it, were a third of its
+idle CPU). A newcomer's first list makes every running router answer at once, so two replicas find each
+other within a NATS round trip; LONE_LIVE_EVERY only bounds the wait when that first list was lost.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from workers.runtime.settings import subject_token
 log = logging.getLogger(__name__)
 
 LIVE_EVERY = 1.0
+LONE_LIVE_EVERY = 10.0  # while no peer is heard (see the module's docstring)
 PEER_SILENT_AFTER = 3.5  # more than 3 Live periods
 MAX_MESSAGE_BYTES = 256 * 1024
 
@@ -140,7 +148,8 @@ class PeerTable:
 
 
 class PeerFeed:
-    """Our side: queue what we start and finish, publish it in batches, and the Live list every second."""
+    """Our side: queue what we start and finish, publish it in batches, and the Live list (every second
+    while peers are heard, at once for a new one, every LONE_LIVE_EVERY seconds while none is)."""
 
     def __init__(self, publish: Callable[[str, bytes], Any], namespace: str, own_id: int,
                  live_ids: Callable[[], list[int]], peers_heard: Callable[[], bool]) -> None:
@@ -151,6 +160,7 @@ class PeerFeed:
         self.peers_heard = peers_heard  # whether any peer is listening (else starts and finishes are not sent)
         self.pending: list[Item] = []
         self.wake = asyncio.Event()
+        self.new_peer = asyncio.Event()  # publish the Live list now (a new peer must hear us)
         self.tasks: list[asyncio.Task[None]] = []
 
     def started(self, rid: int, worker: int, hashes: Sequence[int], private: int) -> None:
@@ -163,6 +173,10 @@ class PeerFeed:
             self.pending.append(Finished(rid))
             self.wake.set()
 
+    def peer_joined(self) -> None:
+        """A peer we had not heard: publish our Live list now, not at the next period."""
+        self.new_peer.set()
+
     def start(self) -> None:
         self.tasks = [asyncio.create_task(self._send_loop(), name="peer-feed"),
                       asyncio.create_task(self._live_loop(), name="peer-live")]
@@ -172,10 +186,13 @@ class PeerFeed:
             task.cancel()
 
     async def _live_loop(self) -> None:
-        while True:
-            await asyncio.sleep(LIVE_EVERY)
+        while True:  # the first list goes at once: the routers already running answer it with theirs
+            self.new_peer.clear()
             self.pending.append(Live(self.live_ids()))
             self.wake.set()
+            period = LIVE_EVERY if self.peers_heard() else LONE_LIVE_EVERY
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.new_peer.wait(), period)
 
     async def _send_loop(self) -> None:
         while True:

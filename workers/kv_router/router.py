@@ -591,6 +591,8 @@ class RouterService:
             return
         if new_peer:  # it heard none of our starts (we published none, or it was not there): tell it now
             self.router.announce_inflight()
+            if self.feed is not None:
+                self.feed.peer_joined()
 
     async def _expire_peers(self) -> None:
         while True:
