@@ -1,15 +1,17 @@
 """A worker whose etcd lease is lost (revoked, or expired in an outage) comes back under the same identity.
 
 Real etcd and nats-server; the worker is an EndpointServer registered through Registry (what every
-worker does), the router a real RouterService watching etcd. Nothing is restarted.
+worker does), the router a real RouterService watching etcd. Only the last test restarts (its own) etcd.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+from launcher.services import free_port, start_etcd, stop_services
 from tests.helpers import chunks_via, served, until
 from tests.test_retries import IdsOnly
 from workers.common.protocol import GenerateRequest
@@ -103,3 +105,45 @@ def test_router_reaches_a_worker_and_takes_its_kv_events_after_its_lease_is_lost
 
     chunks = asyncio.run(run())
     assert chunks[0]["text"] == " Paris" and chunks[-1]["routing"]["process"] == "w"
+
+
+def test_the_lease_outlives_an_etcd_restart(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The keepalive stream breaks when etcd stops; the next refresh opens a new one, so the registration,
+    under the same lease, outlives several TTLs after etcd is back (etcd renews a lease's TTL as it starts)."""
+    url = f"http://127.0.0.1:{free_port()}"
+    etcd = [start_etcd(url, tmp_path)]
+    ttl = 2
+    refreshed: list[int] = []
+    refresh = Registry._refresh
+
+    async def counted(stream: Any, lease_id: int) -> Any:
+        reply = await refresh(stream, lease_id)
+        refreshed.append(lease_id)
+        return reply
+
+    monkeypatch.setattr(Registry, "_refresh", staticmethod(counted))
+
+    async def run() -> tuple[list[Registration], list[Registration]]:
+        worker = await Registry.connect([url])
+        reg = Registration(namespace="ll3", component="backend", endpoint="generate",
+                           subject="ll3.backend.generate", process="w")
+        try:
+            await worker.register(reg, ttl=ttl)
+            await until(lambda: refreshed, 10, "a refresh over the keepalive stream")  # the stream is open
+            await asyncio.to_thread(stop_services, etcd)
+            etcd[:] = [await asyncio.to_thread(start_etcd, url, tmp_path)]
+            reader = await Registry.connect([url])
+            try:
+                before = await reader.list("ll3")
+                await asyncio.sleep(3 * ttl)  # three TTLs: a keepalive that did not recover loses the lease
+                return before, await reader.list("ll3")
+            finally:
+                await reader.close()
+        finally:
+            await worker.close()
+
+    try:
+        before, after = asyncio.run(run())
+    finally:
+        stop_services(etcd)
+    assert [r.lease_id for r in before] == [r.lease_id for r in after] and len(after) == 1

@@ -191,7 +191,7 @@ class PeerFeed:
             self.pending.append(Live(self.live_ids()))
             self.wake.set()
             period = LIVE_EVERY if self.peers_heard() else LONE_LIVE_EVERY
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):  # not the builtin one before Python 3.11
                 await asyncio.wait_for(self.new_peer.wait(), period)
 
     async def _send_loop(self) -> None:

@@ -187,9 +187,9 @@ async def publish_load(nc: Any, namespace: str, worker_id: int, process: str, st
                        routed=server.routed_in_flight())
         data, now = msgspec.msgpack.encode(load), time.monotonic()
         if data != last or now - sent_at >= LOAD_HEARTBEAT:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # a reconnecting client: tried again at the next read
                 await nc.publish(subject, data)
-            last, sent_at = data, now
+                last, sent_at = data, now
         await asyncio.sleep(LOAD_INTERVAL)
 
 
