@@ -279,6 +279,8 @@ async def _two_idle_replicas(nats: str) -> None:
         # b's first list reaches a; a answers at once, not at its next lone period (LONE_LIVE_EVERY, 10 s)
         await until(lambda: b.router.peers.own_id in a.router.peers.heard
                     and a.router.peers.own_id in b.router.peers.heard, 3, "the two replicas to hear each other")
+        b.stop()  # silent from now on, as if killed: a forgets it after PEER_SILENT_AFTER
+        await until(lambda: not a.router.peers.heard, peers.PEER_SILENT_AFTER + 3, "router-1 to forget router-2")
     finally:
         for s in services:
             s.stop()
@@ -288,6 +290,6 @@ async def _two_idle_replicas(nats: str) -> None:
 
 def test_two_idle_router_services_find_each_other_at_once(services) -> None:  # type: ignore[no-untyped-def]
     """Two routers with nothing in flight, started one after the other on a real nats-server, hear each other
-    within seconds though a lone router lists itself only every 10 s."""
+    within seconds though a lone router lists itself only every 10 s; one that goes silent is forgotten."""
     assert peers.LONE_LIVE_EVERY >= 10
     asyncio.run(_two_idle_replicas(services.nats))

@@ -152,8 +152,10 @@ class PeerFeed:
     while peers are heard, at once for a new one, every LONE_LIVE_EVERY seconds while none is)."""
 
     def __init__(self, publish: Callable[[str, bytes], Any], namespace: str, own_id: int,
-                 live_ids: Callable[[], list[int]], peers_heard: Callable[[], bool]) -> None:
+                 live_ids: Callable[[], list[int]], peers_heard: Callable[[], bool],
+                 tick: Callable[[], object] = lambda: None) -> None:
         self.publish = publish  # an async NATS publish(subject, payload)
+        self.tick = tick  # after each Live period (the router forgets silent peers there)
         self.subject = routed_subject(namespace)
         self.own_id = own_id
         self.live_ids = live_ids
@@ -193,6 +195,7 @@ class PeerFeed:
             period = LIVE_EVERY if self.peers_heard() else LONE_LIVE_EVERY
             with contextlib.suppress(asyncio.TimeoutError):  # not the builtin one before Python 3.11
                 await asyncio.wait_for(self.new_peer.wait(), period)
+            self.tick()
 
     async def _send_loop(self) -> None:
         while True:

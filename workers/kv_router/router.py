@@ -562,9 +562,9 @@ class RouterService:
         await self.ctx.nc.flush()  # subscribed at the server before this router serves
         self.feed = self.router.feed = PeerFeed(self.ctx.nc.publish, self.ns, self.router.peers.own_id,
                                                 lambda: list(self.router.decisions),
-                                                peers_heard=lambda: bool(self.router.peers.heard))
+                                                peers_heard=lambda: bool(self.router.peers.heard),
+                                                tick=lambda: self.router.peers.expire(time.monotonic()))
         self.feed.start()
-        self.tasks.append(asyncio.create_task(self._expire_peers()))
 
     def stop(self) -> None:
         for task in self.tasks:
@@ -593,11 +593,6 @@ class RouterService:
             self.router.announce_inflight()
             if self.feed is not None:
                 self.feed.peer_joined()
-
-    async def _expire_peers(self) -> None:
-        while True:
-            await asyncio.sleep(peers.LIVE_EVERY)
-            self.router.peers.expire(time.monotonic())
 
     async def _resync_loop(self) -> None:
         while True:
