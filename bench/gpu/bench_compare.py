@@ -13,7 +13,8 @@ Sides (same engine flags, same seeded token-id prompts, ignore_eos, fixed max_to
 * frontend: our OpenAI frontend (a `frontends:` entry of the same deployment, or --frontend-url) in
   front of the nats worker; the same HTTP client as `serve`; one HTTP process (`processes: 1`);
 * frontend-n: a second `frontends:` entry of the same deployment with `processes:
-  --frontend-processes` on its own port: N processes sharing one listening socket.
+  --frontend-processes` on its own port: N processes sharing one listening socket;
+* frontend-m: a third one, with `--frontend-m-processes` (how the count of processes matters, side by side).
 
 Order: every engine starts once (one after another, so vLLM's memory profiling of one never sees
 another's start-up); then every side gets the same warm-up (one wave at each concurrency); then for
@@ -52,7 +53,12 @@ for p in (str(ROOT), str(ROOT / "bench"), str(HERE)):
 import loadgen  # noqa: E402
 from sse_client import HttpError, get_json, post_sse  # noqa: E402
 
-SIDES = ("inprocess", "nats", "before", "serve", "frontend", "frontend-n")
+SIDES = ("inprocess", "nats", "before", "serve", "frontend", "frontend-n", "frontend-m")
+FRONTEND_SIDES = ("frontend", "frontend-n", "frontend-m")  # `frontends:` entries of the deployment, one port each
+
+
+def frontend_processes(side: str, args: argparse.Namespace) -> int:
+    return {"frontend": 1, "frontend-n": args.frontend_processes, "frontend-m": args.frontend_m_processes}[side]
 BEFORE_SUBJECT = "benchbefore.vllm.generate"
 
 
@@ -73,7 +79,7 @@ class Deployment:
 
         self.work = work
         # distinct: drawn while all are held; the worker's metrics port too (the default 9400 may be taken)
-        etcd_port, nats_port, front_port, front_n_port, metrics_port = svc.free_ports(5)
+        etcd_port, nats_port, metrics_port, *front_ports = svc.free_ports(3 + len(FRONTEND_SIDES))
         self.etcd = f"http://127.0.0.1:{etcd_port}"
         self.nats = f"nats://127.0.0.1:{nats_port}"
         self.started = [svc.start_etcd(self.etcd, work), svc.start_nats(self.nats, work)]
@@ -87,15 +93,13 @@ class Deployment:
                 "services": {"etcd": self.etcd, "nats": self.nats, "managed": "never"},
                 "engine": json.loads(args.engine), "env": {"VLLM_USE_FLASHINFER_SAMPLER": "0", **_cpu_env()},
                 "workers": [worker], "metrics_port_base": metrics_port}
-        self.frontend_port = self.frontend_n_port = 0
+        self.frontend_ports: dict[str, int] = {}  # side -> its frontend's port
         frontends: list[dict[str, Any]] = []
-        if "frontend" in args.sides and not args.frontend_url:
-            self.frontend_port = front_port
-            frontends.append({"name": "frontend", "port": self.frontend_port, "processes": 1, "ready_timeout": 300})
-        if "frontend-n" in args.sides:
-            self.frontend_n_port = front_n_port
-            frontends.append({"name": "frontend-n", "port": self.frontend_n_port,
-                              "processes": args.frontend_processes, "ready_timeout": 300})
+        for side, port in zip(FRONTEND_SIDES, front_ports, strict=True):
+            if side in args.sides and not (side == "frontend" and args.frontend_url):
+                self.frontend_ports[side] = port
+                frontends.append({"name": side, "port": port, "processes": frontend_processes(side, args),
+                                  "ready_timeout": 300})
         if frontends:
             topo["frontends"] = frontends
         self.topology = work / "bench-compare.yaml"
@@ -230,7 +234,7 @@ def server_processes(side: str, dep: Deployment | None, serve: VllmServe | None)
     as client_busy)."""
     import psutil
 
-    port = {"frontend": dep.frontend_port if dep else 0, "frontend-n": dep.frontend_n_port if dep else 0}.get(side)
+    port = dep.frontend_ports.get(side) if dep else None
     if side == "serve" and serve is not None:
         return [psutil.Process(serve.proc.pid)]
     if not port:
@@ -321,7 +325,7 @@ async def run(args: argparse.Namespace) -> None:
     t_start = time.monotonic()
     dep = serve = engine = nc = before = nc_before = None
     try:
-        if "nats" in sides or "frontend" in sides or "frontend-n" in sides:
+        if "nats" in sides or any(side in sides for side in FRONTEND_SIDES):
             try:
                 log("launcher up (worker + NATS)")
                 dep = Deployment(args, work)
@@ -357,14 +361,14 @@ async def run(args: argparse.Namespace) -> None:
                 specs["serve"] = {"kind": "http", "host": "127.0.0.1", "port": serve.port, "model": serve.model}
             except Exception as exc:
                 log(f"FAIL side serve: {type(exc).__name__}: {exc}")
-        for side in ("frontend", "frontend-n"):
+        for side in FRONTEND_SIDES:
             if side not in sides:
                 continue
             try:
                 if side == "frontend" and args.frontend_url:
                     host, _, port_text = args.frontend_url.removeprefix("http://").partition(":")
                     port = int(port_text)
-                elif dep is not None and (port := dep.frontend_port if side == "frontend" else dep.frontend_n_port):
+                elif dep is not None and (port := dep.frontend_ports.get(side, 0)):
                     host = "127.0.0.1"
                 else:
                     raise RuntimeError("no deployment to put a frontend in")
@@ -511,6 +515,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--before-plane", default="", help="requestplane.py source of the 'before' side")
     p.add_argument("--frontend-url", default="", help="http://host:port of our OpenAI frontend (side frontend)")
     p.add_argument("--frontend-processes", type=int, default=4, help="HTTP processes of the frontend-n side")
+    p.add_argument("--frontend-m-processes", type=int, default=8, help="HTTP processes of the frontend-m side")
     p.add_argument("--loads", nargs="+", default=["waves", "sustained"], choices=list(loadgen.LOADS))
     p.add_argument("--concurrency", nargs="+", type=int, default=[16, 64, 256])
     p.add_argument("--reps", type=int, default=4)
