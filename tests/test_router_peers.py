@@ -138,6 +138,14 @@ def test_long_prompts_are_split_under_the_message_budget() -> None:
 
 
 # ---- two RouterServices on a real nats-server -------------------------------------------------------
+async def replica(nats: str, ns: str, k: int, conns: list[Any]) -> RouterService:
+    """Router replica k+1 over its own NATS connection (appended to `conns`, for the caller to close)."""
+    ctx = WorkerContext(RuntimeSettings(ns, (), nats, f"router-{k + 1}", "localhost"))
+    ctx.nc = await requestplane.connect(nats, f"router-{k + 1}")
+    conns.append(ctx.nc)
+    return RouterService(ctx, router(k, ns), IdsOnly(), "backend")  # type: ignore[arg-type]
+
+
 async def _two_replicas(nats: str) -> None:
     ns = f"peers{random.randrange(1 << 30)}"
     release = asyncio.Event()
@@ -155,13 +163,7 @@ async def _two_replicas(nats: str) -> None:
         await server.start()
         conns.append(nc)
         servers.append(server)
-    services = []
-    for k in range(2):
-        ctx = WorkerContext(RuntimeSettings(ns, (), nats, f"router-{k + 1}", "localhost"))
-        ctx.nc = await requestplane.connect(nats, f"router-{k + 1}")
-        conns.append(ctx.nc)
-        service = RouterService(ctx, router(k, ns), IdsOnly(), "backend")  # type: ignore[arg-type]
-        services.append(service)
+    services = [await replica(nats, ns, k, conns) for k in range(2)]
     a, b = services
     await a.share()  # b shares only once a's request is in flight: a, alone until then, published no start
     caller = await requestplane.connect(nats, "frontend")
@@ -266,15 +268,12 @@ def test_a_lone_router_lists_rarely_and_answers_a_newcomer_at_once(monkeypatch) 
 
 async def _two_idle_replicas(nats: str) -> None:
     ns = f"idle{random.randrange(1 << 30)}"
-    services, conns = [], []
+    services: list[RouterService] = []
+    conns: list[Any] = []
     try:
         for k in range(2):
-            ctx = WorkerContext(RuntimeSettings(ns, (), nats, f"router-{k + 1}", "localhost"))
-            ctx.nc = await requestplane.connect(nats, f"router-{k + 1}")
-            conns.append(ctx.nc)
-            service = RouterService(ctx, router(k, ns), IdsOnly(), "backend")  # type: ignore[arg-type]
-            services.append(service)
-            await service.share()
+            services.append(await replica(nats, ns, k, conns))
+            await services[-1].share()
         a, b = services
         # b's first list reaches a; a answers at once, not at its next lone period (LONE_LIVE_EVERY, 10 s)
         await until(lambda: b.router.peers.own_id in a.router.peers.heard
