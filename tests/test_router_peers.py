@@ -8,6 +8,7 @@ streams open, and checks what the second router sees of the first's requests and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator
@@ -101,6 +102,43 @@ def test_a_silent_peer_is_forgotten_with_its_requests() -> None:
     assert b.peers.expire(t + 1) == []
     assert b.peers.expire(t + peers.PEER_SILENT_AFTER + 1) == [a.peers.own_id]
     assert b.workers[d.worker].peer_requests == 0 and b.inflight.distinct(d.worker) == 0
+
+
+def test_a_peer_whose_first_message_failed_to_apply_is_still_new_at_its_next() -> None:
+    """New means "answer it with our list and requests": a first message that raised must not use that up."""
+    def broken(worker: int, hashes: object, private: int) -> bool:
+        raise RuntimeError("a bug in on_start")
+
+    table = peers.PeerTable(1, broken, lambda *_: None)
+    first = peers.Routed(2, [peers.Started(5, 1, [1], 0)])
+    with contextlib.suppress(RuntimeError):
+        table.apply(first, time.monotonic())
+    assert table.apply(peers.Routed(2, [peers.Live([])]), time.monotonic()) is True
+    assert table.apply(peers.Routed(2, [peers.Live([])]), time.monotonic()) is False
+
+
+def test_a_failing_tick_does_not_stop_the_live_lists(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(peers, "LIVE_EVERY", 0.02)
+
+    async def run() -> int:
+        lists = 0
+
+        async def publish(subject: str, data: bytes) -> None:
+            nonlocal lists
+            lists += sum(isinstance(i, peers.Live) for i in peers.decoder.decode(data).items)
+
+        def tick() -> None:
+            raise RuntimeError("a bug in the expiry")
+
+        feed = peers.PeerFeed(publish, "ns", 1, lambda: [], peers_heard=lambda: True, tick=tick)
+        feed.start()
+        try:
+            await until(lambda: lists >= 4, 3, "Live lists after failed ticks")
+        finally:
+            feed.stop()
+        return lists
+
+    assert asyncio.run(run()) >= 4
 
 
 def test_own_messages_and_unknown_workers_change_nothing() -> None:

@@ -107,9 +107,6 @@ class PeerTable:
         if msg.router == self.own_id:
             return False
         new = msg.router not in self.heard
-        if new:
-            log.info("router peer %x heard", msg.router)
-        self.heard[msg.router] = now
         mine = self.requests.setdefault(msg.router, {})
         for item in msg.items:
             if isinstance(item, Started):
@@ -121,6 +118,11 @@ class PeerTable:
                 live = set(item.ids)
                 for rid in [r for r in mine if r not in live]:
                     self._end(mine.pop(rid))
+        # Heard only once its message is applied: one that failed leaves the next one new, so the router
+        # still answers it (its Live list and requests in flight) and switches to the every-second period.
+        self.heard[msg.router] = now
+        if new:
+            log.info("router peer %x heard", msg.router)
         return new
 
     def expire(self, now: float, after: float = PEER_SILENT_AFTER) -> list[int]:
@@ -195,7 +197,10 @@ class PeerFeed:
             period = LIVE_EVERY if self.peers_heard() else LONE_LIVE_EVERY
             with contextlib.suppress(asyncio.TimeoutError):  # not the builtin one before Python 3.11
                 await asyncio.wait_for(self.new_peer.wait(), period)
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # the loop also carries our Live lists: it must not end with an expiry's bug
+                log.exception("router peers: the tick after a Live list failed")
 
     async def _send_loop(self) -> None:
         while True:
