@@ -135,7 +135,9 @@ def test_the_lease_outlives_an_etcd_restart(tmp_path: Path, monkeypatch) -> None
             reader = await Registry.connect([url])
             try:
                 before = await reader.list("ll3")
-                await asyncio.sleep(3 * ttl)  # three TTLs: a keepalive that did not recover loses the lease
+                since = len(refreshed)
+                # Three refreshes over the new stream, more than a TTL: a keepalive that did not recover has none
+                await until(lambda: len(refreshed) >= since + 3, 5 * ttl, "refreshes after the restart")
                 return before, await reader.list("ll3")
             finally:
                 await reader.close()
