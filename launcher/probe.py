@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import psutil
 
+from workers.runtime import aio
 from workers.runtime.registry import Registration, Registry
 from workers.runtime.settings import RuntimeSettings
 
@@ -40,11 +41,11 @@ class EtcdUnreachable(Exception):
 async def registrations(settings: RuntimeSettings, timeout: float) -> list[Registration]:
     """Every registration of the namespace; EtcdUnreachable when etcd does not answer in time."""
     try:
-        registry = await asyncio.wait_for(Registry.connect(list(settings.etcd_endpoints)), timeout)
+        registry = await aio.wait_for(Registry.connect(list(settings.etcd_endpoints)), timeout)
     except (ConnectionError, asyncio.TimeoutError, OSError) as exc:
         raise EtcdUnreachable(str(exc) or type(exc).__name__) from None
     try:
-        return await asyncio.wait_for(registry.list(settings.namespace), timeout)
+        return await aio.wait_for(registry.list(settings.namespace), timeout)
     except Exception as exc:
         raise EtcdUnreachable(f"{type(exc).__name__}: {exc}") from None
     finally:

@@ -20,6 +20,7 @@ from launcher.gpus import gpu_memory_by_pid
 from launcher.redact import redact_obj
 from launcher.scrape import load_text, metrics_url, scrape_all
 from launcher.state import RunDir
+from workers.runtime.aio import wait_for
 
 STATE_STYLE = {"ready": "green", "starting": "yellow", "backoff": "yellow", "pending": "dim",
                "failed": "bold red", "exited": "red", "stopped": "dim", "draining": "magenta",
@@ -41,11 +42,11 @@ async def _registrations(etcd: list[str], namespace: str, timeout: float = 2.0,
         return f"did not answer ({type(exc).__name__}: {exc})"
 
     try:
-        registry = await asyncio.wait_for(Registry.connect(etcd, tls=TlsFiles(**tls) if tls else None), timeout)
+        registry = await wait_for(Registry.connect(etcd, tls=TlsFiles(**tls) if tls else None), timeout)
     except Exception as exc:
         return None, why(exc)
     try:
-        return await asyncio.wait_for(registry.list(namespace), timeout), None
+        return await wait_for(registry.list(namespace), timeout), None
     except Exception as exc:
         return None, why(exc)
     finally:

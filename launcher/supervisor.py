@@ -44,6 +44,7 @@ from launcher.plan import ProcessSpec
 from launcher.redact import install_log_filter
 from launcher.state import RunDir, read_json, write_json
 from workers.runtime import exitcodes
+from workers.runtime.aio import wait_for
 
 log = logging.getLogger("launcher.supervisor")
 
@@ -623,7 +624,7 @@ async def run(run_dir: RunDir, stop: asyncio.Event | None = None) -> int:
     async def revoke(leases: list[int]) -> None:
         for lease in leases:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(registry.revoke(lease), ETCD_TIMEOUT)
+                await wait_for(registry.revoke(lease), ETCD_TIMEOUT)
 
     async def pause() -> None:
         """Until the next tick; a stop or a restart request (SIGUSR1) ends it early."""
@@ -638,7 +639,7 @@ async def run(run_dir: RunDir, stop: asyncio.Event | None = None) -> int:
     try:
         while not stop.is_set():
             try:
-                regs: list[Any] | None = await asyncio.wait_for(registry.list(namespace), ETCD_TIMEOUT)
+                regs: list[Any] | None = await wait_for(registry.list(namespace), ETCD_TIMEOUT)
             except Exception as exc:  # etcd blip: keep supervising processes, readiness waits
                 log.warning("etcd list failed: %s", exc or type(exc).__name__)
                 regs = None
@@ -673,7 +674,7 @@ async def run(run_dir: RunDir, stop: asyncio.Event | None = None) -> int:
             await off_loop(backend.close)
         worker.shutdown(wait=False)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(registry.close(), ETCD_TIMEOUT)
+            await wait_for(registry.close(), ETCD_TIMEOUT)
         with contextlib.suppress(OSError):
             run_dir.supervisor_pid_file.unlink()
     return 0

@@ -37,6 +37,7 @@ from launcher.export import kubernetes as k8s
 from launcher.export.secrets import looks_secret
 from launcher.topology import load_topology
 from tests.helpers import ROOT
+from workers.runtime import requestplane
 from workers.runtime.registry import Registration, Registry
 from workers.runtime.settings import ServiceRefused
 from workers.runtime.tls import TlsFiles, inbox_prefix
@@ -962,8 +963,8 @@ def test_the_exported_etcd_and_nats_run_secured(tmp_path: Path, monkeypatch: pyt
             try:
                 sub = await worker.subscribe("t.backend.generate")
                 events = await router.subscribe("t.kv_events")
-                await worker.flush()
-                await router.flush()
+                await requestplane.flush_subscriptions(worker)
+                await requestplane.flush_subscriptions(router)
                 await router.publish("t.backend.generate", b"from the router")
                 await front.publish("t.backend.generate", b"past the router")  # refused: not its subject
                 await front.publish("t.kv_events", b"fake event")  # refused

@@ -179,7 +179,7 @@ def test_a_200k_block_snapshot_over_real_nats(services) -> None:  # type: ignore
                 sent.append(await sender.send(mirror.snapshot(), snapshot=True))
 
         await w_nc.subscribe(ev.resync_subject(ns, lease), cb=on_resync)
-        await w_nc.flush()
+        await requestplane.flush_subscriptions(w_nc)
         await w_reg.register(Registration(namespace=ns, component="backend", endpoint="generate",
                                           subject=f"{ns}.backend.generate", lease_id=lease, instance_id=lease,
                                           process="w", block_size=bs), ttl=10)

@@ -256,7 +256,7 @@ def test_nats_without_credentials_is_refused(secured: Secured, tmp_path: Path) -
         # The worker heard nothing but the frontend's marker, sent after every attempt above.
         worker = await _connect(secured.nats, secured.files("w"), "w", errors)
         heard = await worker.subscribe(subject)
-        await worker.flush()
+        await requestplane.flush_subscriptions(worker)
         frontend = await _connect(secured.nats, secured.files("fe"), "fe", errors)
         await frontend.publish(subject, b"marker")
         await frontend.flush()
@@ -273,7 +273,7 @@ async def _ignore(exc: Exception) -> None:
 
 async def _heard(conn: nats.NATS, subject: str) -> Any:
     sub = await conn.subscribe(subject)
-    await conn.flush()
+    await requestplane.flush_subscriptions(conn)
     return sub
 
 
@@ -475,7 +475,7 @@ def test_a_process_added_later_gets_its_permissions_on_the_running_server(secure
         conn = await _connect(secured.nats, secured.files("w2"), "w2", errors)
         try:
             sub = await conn.subscribe(f"{NAMESPACE}.extra.generate")
-            await conn.flush()
+            await requestplane.flush_subscriptions(conn)
             operator = await _connect(secured.nats, secured.files(OPERATOR), OPERATOR, errors)
             await operator.publish(f"{NAMESPACE}.extra.generate", b"hello w2")
             await operator.flush()

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from workers.kinds import engine_components, entry_kinds
+from workers.runtime.aio import wait_for
 from workers.runtime.registry import Delete, Put, Registration, Registry, Snapshot
 
 
@@ -66,7 +67,7 @@ class Catalog:
         """Until the catalog changes or `cap` seconds pass (capped: another waiter may clear the event)."""
         self.changed.clear()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.changed.wait(), cap)
+            await wait_for(self.changed.wait(), cap)
 
     def routes(self) -> dict[str, ModelRoute]:
         """Served name -> route, for every model some engine worker serves."""

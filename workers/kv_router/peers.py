@@ -44,6 +44,7 @@ from typing import Any
 
 import msgspec
 
+from workers.runtime.aio import wait_for
 from workers.runtime.settings import subject_token
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ class PeerFeed:
             self.wake.set()
             period = LIVE_EVERY if self.peers_heard() else LONE_LIVE_EVERY
             with contextlib.suppress(asyncio.TimeoutError):  # not the builtin one before Python 3.11
-                await asyncio.wait_for(self.new_peer.wait(), period)
+                await wait_for(self.new_peer.wait(), period)
             try:
                 self.tick()
             except Exception:  # the loop also carries our Live lists: it must not end with an expiry's bug

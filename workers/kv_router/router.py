@@ -51,6 +51,7 @@ from workers.kv_router.indexer import FlatIndex, Index
 from workers.kv_router.metrics import RouterMetrics
 from workers.kv_router.peers import PeerFeed, PeerTable, new_peer_id
 from workers.runtime import requestplane
+from workers.runtime.aio import wait_for
 from workers.runtime.annotated import ErrorCode, StreamError
 from workers.runtime.registry import Delete, Put, Registration, Snapshot, Update, instance_of_key
 from workers.runtime.serve import WorkerContext, run_worker, serve_prometheus, setup_logging
@@ -544,7 +545,7 @@ class RouterService:
         if self.router.ends_to is None:
             inbox = self.ctx.nc.new_inbox()  # under this identity's inbox prefix: only we read it
             await self.ctx.nc.subscribe(inbox, cb=self._on_end)
-            await self.ctx.nc.flush()
+            await requestplane.flush_subscriptions(self.ctx.nc)
             self.router.ends_to = inbox
 
     async def _on_end(self, msg: Any) -> None:
@@ -559,7 +560,7 @@ class RouterService:
         """Hear the other routers' requests and tell them ours (workers.kv_router.peers)."""
         assert self.ctx.nc is not None
         await self.ctx.nc.subscribe(peers.routed_subject(self.ns), cb=self._on_routed)
-        await self.ctx.nc.flush()  # subscribed at the server before this router serves
+        await requestplane.flush_subscriptions(self.ctx.nc)  # subscribed at the server before this router serves
         self.feed = self.router.feed = PeerFeed(self.ctx.nc.publish, self.ns, self.router.peers.own_id,
                                                 lambda: list(self.router.decisions),
                                                 peers_heard=lambda: bool(self.router.peers.heard),
@@ -626,7 +627,7 @@ class RouterService:
         else:  # text: tokenizing ~2,000 tokens takes ~6 ms, which would stall every other request here
             if not self.tokenizer.ready(req):  # a chat before transformers has loaded (the first text starts it)
                 await asyncio.to_thread(self.tokenizer.loaded.wait, 120)
-            token_ids = await asyncio.wait_for(asyncio.to_thread(self.tokenizer, req), TOKENIZE_TIMEOUT)
+            token_ids = await wait_for(asyncio.to_thread(self.tokenizer, req), TOKENIZE_TIMEOUT)
         max_tokens = req.sampling.get("max_tokens")
         t_route = time.perf_counter()
         limit = max_tokens if isinstance(max_tokens, int) else None

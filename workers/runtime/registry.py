@@ -27,6 +27,7 @@ import aetcd
 import grpc
 from aetcd import rpc, watcher
 
+from workers.runtime.aio import raise_dropped_cancel, wait_for
 from workers.runtime.settings import ServiceRefused, ServiceUnavailable
 from workers.runtime.tls import TlsFiles, TlsRefused, handshake
 
@@ -183,8 +184,8 @@ async def connect(endpoints: tuple[str, ...] | list[str], timeout: float = 5.0,
         else:
             client = aetcd.Client(host=host, port=port, timeout=int(timeout), options=dict(CHANNEL_OPTIONS))
         try:
-            await asyncio.wait_for(client.connect(), timeout)
-            await asyncio.wait_for(client.status(), timeout)
+            await wait_for(client.connect(), timeout)
+            await wait_for(client.status(), timeout)
             return client
         except Exception as exc:
             errors.append(f"{endpoint}: {type(exc).__name__}" + (f": {exc}" if str(exc) else ""))
@@ -249,7 +250,7 @@ class Registry:
                     if stream is None:
                         await self.client.connect()  # no-op when connected
                         stream = self.client.leasestub.LeaseKeepAlive(metadata=self.client.metadata)
-                    reply = await asyncio.wait_for(self._refresh(stream, own.lease_id), timeout)
+                    reply = await wait_for(self._refresh(stream, own.lease_id), timeout)
                     pause, failures = self._ttl / 3, 0
                     if reply.TTL <= 0:
                         # The lease is gone (expired during an outage, or revoked): come back under a new one.
@@ -313,6 +314,7 @@ class Registry:
                 watch = await self.client.watch_prefix(prefix, start_revision=listed.header.revision + 1)
                 pause = FOLLOW_PAUSE
                 try:
+                    raise_dropped_cancel()  # aetcd's wait for the watch's creation may drop one (runtime.aio)
                     async for event in watch:
                         key = event.kv.key.decode()
                         if event.kind != "PUT":

@@ -33,6 +33,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
+from workers.runtime.aio import wait_for
 from workers.runtime.annotated import EVENT_ACK, EVENT_END, EVENT_KEEPALIVE, Annotated
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ class Sender:
     async def drain(self, timeout: float = 5.0) -> None:
         """Wait until every pending message was handed to nats-py (e.g. before closing the connection)."""
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await wait_for(self._idle.wait(), timeout)
 
     async def close(self) -> None:
         await self.drain()

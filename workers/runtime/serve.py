@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
 
 from workers.runtime import exitcodes, requestplane
+from workers.runtime.aio import wait_for
 from workers.runtime.registry import Registration, Registry
 from workers.runtime.settings import RuntimeSettings, ServiceRefused, ServiceUnavailable
 
@@ -133,7 +134,7 @@ class WorkerContext:
             self._watchdog.cancel()
         if drain and self.registry is not None and self.servers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.registry.mark_draining(), 5)
+                await wait_for(self.registry.mark_draining(), 5)
             timeout = self.settings.drain_timeout
             log.info("draining %d request(s) in flight (at most %.0f s)",
                      sum(s.in_flight for s in self.servers), timeout)
