@@ -61,6 +61,8 @@ MODULE_OWNED = {
         **{flag: f"the launcher passes --{flag} from the frontend's `{flag.replace('-', '_')}:`: set it there"
            for flag in ("api-key-env", "max-request-bytes", "request-timeout", "retries", "migration-limit",
                         "processes")},
+        "model-flags": "the launcher passes --model-flags from the frontend's `models:` (served name -> {args: "
+                       "[...]}): set each model's flags there",
     },
 }
 

@@ -487,6 +487,31 @@ def _router_processes(topo: Topology, index: int, r: Router, engines: list[Engin
     return out, problems
 
 
+def _model_flags(f: Frontend, index: int, table: engine_flags.FlagTable | None
+                 ) -> tuple[dict[str, list[str]], list[Problem]]:
+    """A frontend's `models:`: each model's args: read as the frontend's own are (unknown flags, values,
+    parsers), and then only the flags one model may set (workers.frontend.server.MODEL_FLAGS); as argv per
+    served name, for the frontend's --model-flags. (rule_frontend_models checks the names.)"""
+    from workers.frontend.server import MODEL_FLAGS
+
+    out: dict[str, list[str]] = {}
+    problems: list[Problem] = []
+    for name, model in f.models.items():
+        path: PathKey = ("frontends", index, "models", name, "args")
+        read, bad = engine_flags.parse_arg_list(model.args, table, "frontend")
+        problems += [Problem((*path, i), message) for i, message in bad]
+        argv: list[str] = []
+        for flag in read:
+            if flag.name not in MODEL_FLAGS:
+                problems.append(Problem((*path, flag.index), f"'--{flag.name}' is the frontend's, for every model it "
+                                        f"serves: give it in the frontend's args:, not under one model (a model's "
+                                        f"own flags are {', '.join(MODEL_FLAGS)})"))
+                continue
+            argv += [f"--{flag.name}"] if flag.value is True else [f"--{flag.name}", *flag.tokens]
+        out[name] = argv
+    return out, problems
+
+
 def _frontend_process(topo: Topology, index: int, f: Frontend, endpoints: Endpoints,
                       table: engine_flags.FlagTable | None) -> tuple[ResolvedProcess, list[Problem]]:
     path: PathKey = ("frontends", index)
@@ -500,6 +525,10 @@ def _frontend_process(topo: Topology, index: int, f: Frontend, endpoints: Endpoi
         flags["api-key-env"] = _launcher("api-key-env", f.api_key_env, (*path, "api_key_env"))
     args, problems = _args_settings(f, "frontends", index, "frontend", table)
     flags.update(args)
+    per_model, bad = _model_flags(f, index, table)
+    problems += bad
+    if per_model:
+        flags["model-flags"] = _launcher("model-flags", per_model, (*path, "models"))
     env = _base_env(topo, endpoints, f.name, f)
     env.update(f.env)
     shown = "127.0.0.1" if f.listen in ("0.0.0.0", "::") else f.listen

@@ -303,6 +303,41 @@ def rule_kv_router(resolved: Resolved) -> list[Problem]:
     return problems
 
 
+def served_names(resolved: Resolved, index: int) -> list[str]:
+    """The names a worker's model is served by: its served-model-name, else the model as written (vLLM's
+    default)."""
+    given = resolved.engines[index].value("served-model-name")
+    names = given if isinstance(given, list) else [given] if given else [resolved.topology.model_of(
+        resolved.topology.workers[index])]
+    return [str(n) for n in names]
+
+
+def rule_frontend_models(resolved: Resolved) -> list[Problem]:
+    """A frontend's `models:` names models the workers serve, each model once: flags under a name no model
+    has would be ignored, and two entries for one model would leave which one counts to chance."""
+    topo = resolved.topology
+    model_of_name: dict[str, str] = {}
+    for i, w in _workers(topo):
+        for name in served_names(resolved, i):
+            model_of_name.setdefault(name, topo.model_of(w))
+    problems: list[Problem] = []
+    for index, f in enumerate(topo.frontends):
+        seen: dict[str, str] = {}  # model -> the name its entry was given under
+        for name in f.models:
+            path: PathKey = ("frontends", index, "models", name)
+            model = model_of_name.get(name)
+            if model is None:
+                problems.append(Problem(path, f"no worker serves a model named '{name}', so these flags would apply "
+                                        f"to nothing: the served names are {', '.join(sorted(model_of_name))} (a "
+                                        "worker's served-model-name, else its model)"))
+            elif model in seen:
+                problems.append(Problem(path, f"'{name}' and '{seen[model]}' name the same model ({model}): give its "
+                                        "flags under one of them"))
+            else:
+                seen[model] = name
+    return problems
+
+
 def rule_models(resolved: Resolved) -> list[Problem]:
     """Several models (a worker's or router's `model:`): each model's way in is whole on its own. Decode
     workers take KV only from prefill workers of their model, and a router routes only to kv_workers of
@@ -321,9 +356,7 @@ def rule_models(resolved: Resolved) -> list[Problem]:
     owner: dict[str, tuple[str, str]] = {}  # served name -> (model, worker)
     for i, w in _workers(topo):
         model = topo.model_of(w)
-        given = resolved.engines[i].value("served-model-name")
-        names = given if isinstance(given, list) else [given] if given else [model]
-        for name in (str(n) for n in names):
+        for name in served_names(resolved, i):
             other = owner.setdefault(name, (model, w.name))
             if other[0] != model:
                 problems.append(Problem(resolved.engines[i].blame("served-model-name", ("workers", i, "engine")),
@@ -486,6 +519,7 @@ RULES: list[Callable[[Resolved], list[Problem]]] = [
     rule_disaggregation,
     rule_kv_router,
     rule_models,
+    rule_frontend_models,
     lambda resolved: rule_multinode(resolved.topology),
     rule_env_endpoints,
 ]

@@ -214,6 +214,13 @@ class Router(ProcessCommon):
         "other the requests they send (workers.kv_router.peers)"))
 
 
+class FrontendModel(Strict):
+    args: list[str] = Field(min_length=1, description=(
+        "this model's own `vllm serve` flags (tools, reasoning, chat template, answers), as --flag [value] "
+        "entries: they go after the frontend's args: for this model's OpenAI layer, so a value given in both is "
+        "this model's"))
+
+
 class Frontend(ProcessCommon):
     """The OpenAI-compatible HTTP front door: `/v1/chat/completions`, `/v1/completions`, `/v1/models`."""
 
@@ -233,6 +240,9 @@ class Frontend(ProcessCommon):
     processes: int | Literal["auto"] = Field("auto", description=(
         "HTTP server processes sharing the port, as `vllm serve --api-server-count` (1 to 64); auto: one per "
         "8 of the cores the frontend may use on the host it runs on (affinity, container quota), 1 to 8"))
+    models: dict[str, FrontendModel] = Field(default_factory=dict, description=(
+        "per model, by one of its served names: `vllm serve` flags for that model alone (a frontend serving "
+        "models that need different tool parsers or chat templates)"))
 
     @field_validator("processes")
     @classmethod

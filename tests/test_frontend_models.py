@@ -194,7 +194,8 @@ def test_one_frontend_serves_two_models_each_from_its_own_workers(tmp_path: Path
     """A topology whose second worker loads another model (`model:`): through one frontend of 2 processes,
     `/v1/models` lists both, each model's requests reach its own worker (its vLLM counters) and are
     tokenized with its own tokenizer, the demo model still answers Paris, and a request naming no model goes
-    to the topology's model, as `vllm serve` takes one for its model."""
+    to the topology's model, as `vllm serve` takes one for its model. The frontend's `models:` turns tool
+    choice on for smol alone: tiny's requests with tools get vLLM's 400 naming the flag."""
     import openai
 
     port, smol_metrics, tiny_metrics = svc.free_ports(3)
@@ -205,7 +206,8 @@ def test_one_frontend_serves_two_models_each_from_its_own_workers(tmp_path: Path
                         {"name": "tiny", "kind": MONOLITH.name, "cpus": "1", "ready_timeout": 300,
                          "metrics_port": tiny_metrics, "model": str(tiny_model),
                          "engine": {"served-model-name": "tiny"}}],
-            "frontends": [{"name": "frontend", "port": port, "processes": 2, "ready_timeout": 300}]}
+            "frontends": [{"name": "frontend", "port": port, "processes": 2, "ready_timeout": 300, "models": {
+                "smol": {"args": ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]}}}]}
     dep = up(tmp_path, topo, services)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -240,6 +242,16 @@ def test_one_frontend_serves_two_models_each_from_its_own_workers(tmp_path: Path
         assert r.status_code == 200 and r.json()["model"] == "smol", r.text
         wait_until(lambda: counted(smol_metrics, before[0] + 1), 30, "the topology's model counting it")
         assert done(tiny_metrics) == before[1] + 1
+
+        # Per-model flags (`models:`): smol's layer takes automatic tool choice, tiny's has the frontend's flags.
+        tool = {"type": "function", "function": {"name": "capital", "parameters": {
+            "type": "object", "properties": {"country": {"type": "string"}}}}}
+        asked = {"messages": [{"role": "user", "content": question}], "max_tokens": 8, "temperature": 0,
+                 "tools": [tool], "tool_choice": "auto"}
+        answer = client.chat.completions.create(model="smol", **asked)  # type: ignore[call-overload]
+        assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+        with pytest.raises(openai.BadRequestError, match="enable-auto-tool-choice"):
+            client.chat.completions.create(model="tiny", **asked)  # type: ignore[call-overload]
     finally:
         dep.down()
 

@@ -26,7 +26,7 @@ import socket
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
@@ -85,14 +85,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-index", type=int, default=None, help=argparse.SUPPRESS)  # this process's slot in it
     g = p.add_argument_group("vllm serve", "`vllm serve`'s own server flags, passed on to vLLM's parser (which checks "
                              "their values when the frontend starts) and used where `vllm serve` uses them")
-    for flag in VLLM_SWITCHES:
-        g.add_argument(f"--{flag}", action="store_true", default=None)
-    for flag in VLLM_VALUES:
-        if flag in CORS_LISTS:
-            g.add_argument(f"--{flag}", default=None, type=json_list)
-        else:
-            g.add_argument(f"--{flag}", default=None)
+    _add_vllm_flags(g, (*VLLM_SWITCHES, *VLLM_VALUES))
+    g.add_argument("--model-flags", default={}, type=model_flags, help=(
+        "a JSON object: served model name -> that model's own `vllm serve` flags, as argv (only "
+        f"{', '.join(MODEL_FLAGS)}); they go after the flags above for that model's OpenAI layer, so a value "
+        "given for both is the model's. A model matches by any of its served names"))
     return p
+
+
+def _add_vllm_flags(group: Any, flags: tuple[str, ...]) -> None:
+    for flag in flags:
+        if flag in VLLM_SWITCHES:
+            group.add_argument(f"--{flag}", action="store_true", default=None)
+        elif flag in CORS_LISTS:
+            group.add_argument(f"--{flag}", default=None, type=json_list)
+        else:
+            group.add_argument(f"--{flag}", default=None)
+
+
+class _Refusal(Exception):
+    pass
+
+
+class _ModelFlagParser(argparse.ArgumentParser):
+    """The flags one model may set (MODEL_FLAGS); a mistake raises instead of exiting, for the caller to
+    say which model it was in."""
+
+    def __init__(self) -> None:
+        super().__init__(prog="--model-flags", add_help=False, allow_abbrev=False)
+        _add_vllm_flags(self, MODEL_FLAGS)
+
+    def error(self, message: str) -> NoReturn:
+        raise _Refusal(message)
+
+
+def model_flags(value: str) -> dict[str, list[str]]:
+    """--model-flags: each model's list read by MODEL_FLAGS' parser (a server-wide flag, an unknown one or a
+    missing value is refused, naming the model), and written back as argv for vLLM's parser."""
+    try:
+        given = json.loads(value)
+    except ValueError:
+        given = None
+    if not isinstance(given, dict) or not all(
+            isinstance(flags, list) and all(isinstance(f, str) for f in flags) for flags in given.values()):
+        raise argparse.ArgumentTypeError("a JSON object of served model name -> list of flags, such as "
+                                         f"'{{\"m\": [\"--tool-call-parser\", \"hermes\"]}}'; not {value!r}")
+    out: dict[str, list[str]] = {}
+    for name, flags in given.items():
+        try:
+            read = _ModelFlagParser().parse_args(flags)
+        except _Refusal as exc:
+            raise argparse.ArgumentTypeError(f"model {name}: {exc} (a model's own flags are {', '.join(MODEL_FLAGS)}; "
+                                             "the others are the server's, for every model)") from None
+        out[name] = vllm_flags_of(read)
+    return out
 
 
 def json_list(value: str) -> str:
@@ -116,16 +162,20 @@ VLLM_VALUES = ("tool-call-parser", "reasoning-parser", "chat-template", "chat-te
                "response-role", "default-chat-template-kwargs", "tool-parser-plugin", "max-log-len",
                "allowed-origins", "allowed-methods", "allowed-headers")
 CORS_LISTS = ("allowed-origins", "allowed-methods", "allowed-headers")
+# Of those, the ones that shape one model's OpenAI layer, which a model may set for itself (--model-flags,
+# a topology's frontends[].models); CORS and request logging are the HTTP server's, one for every model.
+SERVER_WIDE = ("enable-log-requests", "max-log-len", "allow-credentials", *CORS_LISTS)
+MODEL_FLAGS = tuple(flag for flag in (*VLLM_SWITCHES, *VLLM_VALUES) if flag not in SERVER_WIDE)
 
 
 def vllm_flags_of(args: argparse.Namespace) -> list[str]:
-    """The `vllm serve` flags given, as argv for vLLM's parser."""
+    """The `vllm serve` flags given, as argv for vLLM's parser (of those `args` has: a model's have fewer)."""
     argv: list[str] = []
     for flag in VLLM_SWITCHES:
-        if getattr(args, flag.replace("-", "_")):
+        if getattr(args, flag.replace("-", "_"), None):
             argv.append(f"--{flag}")
     for flag in VLLM_VALUES:
-        value = getattr(args, flag.replace("-", "_"))
+        value = getattr(args, flag.replace("-", "_"), None)
         if value is not None:
             argv += [f"--{flag}", value]
     return argv
@@ -186,6 +236,8 @@ class _Server(uvicorn.Server):
 async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     key = api_key(args)  # before connecting: a missing key is a configuration error, said at once
     vllm_args = serve_args(args.model or "model", vllm_flags_of(args))  # vLLM's parser: a bad flag is said at once
+    model_args = {name: serve_args(args.model or "model", vllm_flags_of(args) + flags)  # each model's, checked too
+                  for name, flags in args.model_flags.items()}
     child = args.listen_fd is not None
     if not child and getattr(args, "processes_why", None):
         log.info("%s", args.processes_why)
@@ -198,7 +250,8 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     follower = asyncio.create_task(follow(ctx.registry, settings.namespace, catalog))
     dispatcher = Dispatcher(ctx.nc, catalog, args.request_timeout, args.retries, args.migration_limit)
     metrics = FrontendMetrics()
-    models = ModelApps(catalog, _builder(vllm_args, catalog, dispatcher, metrics), args.model, _signature(catalog))
+    models = ModelApps(catalog, _builder(vllm_args, model_args, catalog, dispatcher, metrics), args.model,
+                       _signature(catalog))
     app = FrontendApp(dispatcher, catalog, Settings(key, args.max_request_bytes), models, metrics)
     # On SIGTERM uvicorn stops accepting and lets the streams in flight finish. It waits a little longer
     # than the workers drain, so a stream they hand back at their drain's end still gets its error event.
@@ -264,13 +317,28 @@ async def _child_ready(server: uvicorn.Server, ready_fd: int, orphaned: asyncio.
     server.should_exit = True
 
 
-def _builder(vllm_args: argparse.Namespace, catalog: Catalog, dispatcher: Dispatcher,
-             metrics: FrontendMetrics) -> Builder:
-    """How a model's vLLM OpenAI server is built: from the registration of one of its workers."""
+def args_for_model(vllm_args: argparse.Namespace, model_args: dict[str, argparse.Namespace],
+                   config: dict[str, Any], name: str) -> argparse.Namespace:
+    """The `vllm serve` flags a model's layer is built with: its own (--model-flags, under any of its served
+    names) where given, else the frontend's. Two entries for one model are refused, not one of them picked."""
+    served = config.get("served_model_name") or name
+    names = [served] if isinstance(served, str) else [str(n) for n in served]
+    mine = [n for n in model_args if n in names or n == name]
+    if len(mine) > 1:
+        raise ValueError(f"--model-flags gives flags for {' and '.join(mine)}, names of the one model {name}: "
+                         "give its flags under one name")
+    return model_args[mine[0]] if mine else vllm_args
+
+
+def _builder(vllm_args: argparse.Namespace, model_args: dict[str, argparse.Namespace], catalog: Catalog,
+             dispatcher: Dispatcher, metrics: FrontendMetrics) -> Builder:
+    """How a model's vLLM OpenAI server is built: from the registration of one of its workers, with its own
+    flags where it has some."""
     async def build(route: ModelRoute) -> Any:
         try:
-            return await build_openai_app(vllm_args, route, model_config_of(catalog, route), dispatcher,
-                                          Observer(metrics, route.name))
+            config = model_config_of(catalog, route)
+            return await build_openai_app(args_for_model(vllm_args, model_args, config, route.name), route, config,
+                                          dispatcher, Observer(metrics, route.name))
         except Exception:
             log.exception("vLLM's OpenAI layer could not be built for %s", route.name)
             raise
