@@ -131,6 +131,7 @@ def test_tool_choice_auto_is_served_for_the_model_that_enabled_it_and_refused_fo
         served = loop.run_until_complete(ask("tools"))
         assert served.status_code == 200, served.text
         assert served.json()["choices"][0]["message"]["content"] == "fg"  # tokens 72, 73: no tool call in them
+        assert models.names() == {"tools", "plain"}  # what a --model-flags name is checked against once settled
     finally:
         for app in models.apps.values():
             app.state.engine_client.shutdown()

@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -276,7 +277,8 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
         tasks += [asyncio.create_task(exit_with_parent(orphaned)),
                   asyncio.create_task(_child_ready(server, args.ready_fd, orphaned))]
     else:
-        tasks.append(asyncio.create_task(_register_when_serving(ctx, server, models, url, group, refused)))
+        tasks.append(asyncio.create_task(_register_when_serving(ctx, server, models, url, group, refused,
+                                                                args.model_flags)))
     if group:
         tasks += group.start()
     try:
@@ -377,7 +379,8 @@ async def _build_as_registered(models: ModelApps, catalog: Catalog) -> None:
 
 
 async def _register_when_serving(ctx: WorkerContext, server: uvicorn.Server, models: ModelApps, url: str,
-                                 group: ServerGroup | None, refused: asyncio.Event) -> None:
+                                 group: ServerGroup | None, refused: asyncio.Event,
+                                 flagged: Collection[str] = ()) -> None:
     """Ready = listening, some worker serves, vLLM's server is built for every model served (a model that
     registers later is built then), and every other process of its group serves: only then may `launcher
     up` call it ready. If the frontend's own model cannot be built, it stops (`refused`): a configuration
@@ -393,6 +396,9 @@ async def _register_when_serving(ctx: WorkerContext, server: uvicorn.Server, mod
         refused.set()
         server.should_exit = True
         return
+    for name in sorted(set(flagged) - models.names()):  # by hand, a typo: `launcher validate` refuses it
+        log.warning("--model-flags gives flags for %s, a name no model served now answers to: they apply once a "
+                    "model of that name registers", name)
     if group is not None:
         await group.all_ready.wait()
     await _until_serving(models.catalog)
