@@ -496,6 +496,8 @@ def _model_flags(f: Frontend, index: int, table: engine_flags.FlagTable | None
 
     out: dict[str, list[str]] = {}
     problems: list[Problem] = []
+    if any(a.startswith("--tool-parser-plugin") for a in f.args):
+        table = None  # the frontend's plugin registers parsers vLLM's table cannot know (vLLM checks them at start)
     for name, model in f.models.items():
         path: PathKey = ("frontends", index, "models", name, "args")
         read, bad = engine_flags.parse_arg_list(model.args, table, "frontend")

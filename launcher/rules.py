@@ -317,8 +317,10 @@ def rule_frontend_models(resolved: Resolved) -> list[Problem]:
     has would be ignored, and two entries for one model would leave which one counts to chance."""
     topo = resolved.topology
     model_of_name: dict[str, str] = {}
+    served: list[tuple[str, str, list[str]]] = []  # (worker, model, its served names)
     for i, w in _workers(topo):
-        for name in served_names(resolved, i):
+        served.append((w.name, topo.model_of(w), served_names(resolved, i)))
+        for name in served[-1][2]:
             model_of_name.setdefault(name, topo.model_of(w))
     problems: list[Problem] = []
     for index, f in enumerate(topo.frontends):
@@ -326,10 +328,16 @@ def rule_frontend_models(resolved: Resolved) -> list[Problem]:
         for name in f.models:
             path: PathKey = ("frontends", index, "models", name)
             model = model_of_name.get(name)
+            lacking = [worker for worker, m, names in served if m == model and name not in names]
             if model is None:
                 problems.append(Problem(path, f"no worker serves a model named '{name}', so these flags would apply "
                                         f"to nothing: the served names are {', '.join(sorted(model_of_name))} (a "
                                         "worker's served-model-name, else its model)"))
+            elif lacking:
+                problems.append(Problem(path, f"'{name}' is how some workers of {model} serve it, not "
+                                        f"{', '.join(lacking)}: the frontend knows a model by its workers' names, "
+                                        "which must then agree: give every worker of the model the same "
+                                        "served-model-name"))
             elif model in seen:
                 problems.append(Problem(path, f"'{name}' and '{seen[model]}' name the same model ({model}): give its "
                                         "flags under one of them"))

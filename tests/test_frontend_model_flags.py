@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -21,7 +22,7 @@ from workers.frontend.app import FrontendApp, Settings
 from workers.frontend.metrics import FrontendMetrics
 from workers.frontend.model_apps import ModelApps
 from workers.frontend.openai_layer import serve_args
-from workers.frontend.server import _builder, args_for_model, parse_args, vllm_flags_of
+from workers.frontend.server import _builder, args_for_model, names_of, parse_args, vllm_flags_of
 from workers.runtime.registry import Registration
 
 TOPOLOGY = """\
@@ -37,10 +38,21 @@ frontends:
 """
 
 
-def checked(tmp_path: Path, models: str) -> list[str]:
+# One more worker of org/other, served under another name than the first's.
+OTHER2 = "  - {name: other2, kind: monolith, model: org/other, engine: {served-model-name: other2}}\n"
+MIXED = TOPOLOGY.replace("frontends:", OTHER2 + "frontends:")
+
+
+def checked(tmp_path: Path, models: str, topology: str = TOPOLOGY) -> list[str]:
     path = tmp_path / "t.yaml"
-    path.write_text(TOPOLOGY + models)
+    path.write_text(topology + models)
     return validation.check_file(path).problems
+
+
+def test_a_parser_of_the_frontends_plugin_may_be_named_under_a_model(tmp_path: Path) -> None:
+    """Its parsers are vLLM's only once the frontend loads the plugin (vLLM checks them then)."""
+    with_plugin = TOPOLOGY.replace("args: [--tool-call-parser, pythonic]", "args: [--tool-parser-plugin, p.py]")
+    assert checked(tmp_path, "      smol:\n        args: [--tool-call-parser, mine]\n", with_plugin) == []
 
 
 def test_each_models_flags_reach_the_frontend_as_it_reads_them(tmp_path: Path) -> None:
@@ -73,9 +85,11 @@ def test_each_models_flags_reach_the_frontend_as_it_reads_them(tmp_path: Path) -
     ("      smol:\n        args: [--tool-call-parser, hermse]\n", "frontends[0].models.smol.args[0]",
      "did you mean 'hermes'?"),
     ("      smol:\n        args: []\n", "frontends[0].models.smol.args", "at least 1 item"),
+    ("      other2:\n        args: [--response-role, bot]\n", "frontends[0].models.other2",
+     "'other2' is how some workers of org/other serve it, not other"),
 ])
 def test_validate_names_the_line_and_the_mistake(tmp_path: Path, models: str, where: str, says: str) -> None:
-    problems = checked(tmp_path, models)
+    problems = checked(tmp_path, models, MIXED)
     assert any(where in p and says in p for p in problems), problems
     assert all(str(tmp_path / "t.yaml") + ":" in p for p in problems)  # file:line:col, each
 
@@ -90,11 +104,24 @@ def test_the_frontend_refuses_a_server_flag_under_a_model_naming_it() -> None:
 def test_a_model_gets_its_own_flags_under_any_of_its_names_and_the_others_the_frontends() -> None:
     base = argparse.Namespace(tool_call_parser="pythonic")
     mine = argparse.Namespace(tool_call_parser="hermes")
-    config = {"served_model_name": ["smol", "smol-alias"]}
-    assert args_for_model(base, {"smol-alias": mine}, config, "smol") is mine
-    assert args_for_model(base, {"smol-alias": mine}, {"served_model_name": ["other"]}, "other") is base
+    assert args_for_model(base, {"smol-alias": mine}, {"smol", "smol-alias"}, "smol") is mine
+    assert args_for_model(base, {"smol-alias": mine}, {"other"}, "other") is base
     with pytest.raises(ValueError, match="smol and smol-alias"):
-        args_for_model(base, {"smol": mine, "smol-alias": mine}, config, "smol")
+        args_for_model(base, {"smol": mine, "smol-alias": mine}, {"smol", "smol-alias"}, "smol")
+
+
+def test_a_models_names_are_every_name_its_workers_registered() -> None:
+    """A name only the second registration of a model carries (or only its model_config, or none: the model
+    path, vLLM's default) still finds the model's flags."""
+    def reg(instance: int, extra: dict[str, Any]) -> Registration:
+        return Registration(namespace="ns", component=ENTRY, endpoint="generate", subject=f"ns.{ENTRY}.generate",
+                            lease_id=instance, instance_id=instance, model="/models/smol", extra=extra)
+
+    catalog = catalog_of(reg(1, {"served_model_name": "smol", "model_config": {"served_model_name": ["smol"]}}),
+                         reg(2, {"served_model_name": None, "model_config": {"served_model_name": ["smol", "b"]}}),
+                         reg(3, {"served_model_name": "c"}))
+    route = next(iter(catalog.serving().values()))
+    assert names_of(catalog, route) == {route.name, "smol", "b", "c"}
 
 
 def test_tool_choice_auto_is_served_for_the_model_that_enabled_it_and_refused_for_the_other(
@@ -137,3 +164,28 @@ def test_tool_choice_auto_is_served_for_the_model_that_enabled_it_and_refused_fo
             app.state.engine_client.shutdown()
         loop.run_until_complete(asyncio.sleep(0))
         loop.close()
+
+
+PLUGIN = """\
+from vllm.tool_parsers import ToolParserManager
+from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
+
+
+@ToolParserManager.register_module("launcher-test-parser")
+class LauncherTestParser(Hermes2ProToolParser):
+    pass
+"""
+
+
+def test_a_tool_parser_plugin_is_loaded_and_parser_names_checked_as_vllm_serve_does(tmp_path: Path) -> None:
+    """vLLM's setup_server loads --tool-parser-plugin before it checks the parser names; the frontend builds its
+    layers from serve_args, so it does both there (before, the plugin's parser was accepted and never loaded)."""
+    from vllm.tool_parsers import ToolParserManager
+
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(PLUGIN)
+    serve_args("m", ["--tool-parser-plugin", str(plugin), "--enable-auto-tool-choice",
+                     "--tool-call-parser", "launcher-test-parser"])
+    assert ToolParserManager.get_tool_parser("launcher-test-parser").__name__ == "LauncherTestParser"
+    with pytest.raises(SystemExit, match="invalid tool call parser: no-such-parser"):
+        serve_args("m", ["--enable-auto-tool-choice", "--tool-call-parser", "no-such-parser"])

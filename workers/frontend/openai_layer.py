@@ -28,15 +28,22 @@ SUPPORTED_TASKS: tuple[Any, ...] = ("generate",)
 
 
 def serve_args(model: str, flags: list[str]) -> argparse.Namespace:
-    """`vllm serve MODEL FLAGS...` as vLLM's own parser reads and checks it (SystemExit with its message)."""
+    """`vllm serve MODEL FLAGS...` as vLLM's own parser reads and checks it (SystemExit with its message),
+    with what `vllm serve`'s setup_server does next: load a --tool-parser-plugin (its parsers register with
+    vLLM) and check the tool and reasoning parser names against vLLM's."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.launchers.launcher import validate_api_server_args
+    from vllm.tool_parsers import ToolParserManager
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="frontend (vllm serve flags)"))
     args = parser.parse_args(["--model", model, *flags])
     try:
         validate_parsed_serve_args(args)
-    except (TypeError, ValueError) as exc:
+        if args.tool_parser_plugin and len(args.tool_parser_plugin) > 3:  # as vLLM's setup_server
+            ToolParserManager.import_tool_parser(args.tool_parser_plugin)
+        validate_api_server_args(args)
+    except (TypeError, ValueError, KeyError) as exc:
         raise SystemExit(f"frontend: {exc}") from None
     return args
 

@@ -237,8 +237,12 @@ class _Server(uvicorn.Server):
 async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     key = api_key(args)  # before connecting: a missing key is a configuration error, said at once
     vllm_args = serve_args(args.model or "model", vllm_flags_of(args))  # vLLM's parser: a bad flag is said at once
-    model_args = {name: serve_args(args.model or "model", vllm_flags_of(args) + flags)  # each model's, checked too
-                  for name, flags in args.model_flags.items()}
+    model_args = {}
+    for name, flags in args.model_flags.items():  # each model's, checked too, naming the model
+        try:
+            model_args[name] = serve_args(args.model or "model", vllm_flags_of(args) + flags)
+        except SystemExit as exc:
+            raise SystemExit(f"--model-flags {name}: {exc}") from None
     child = args.listen_fd is not None
     if not child and getattr(args, "processes_why", None):
         log.info("%s", args.processes_why)
@@ -319,13 +323,23 @@ async def _child_ready(server: uvicorn.Server, ready_fd: int, orphaned: asyncio.
     server.should_exit = True
 
 
+def names_of(catalog: Catalog, route: ModelRoute) -> set[str]:
+    """Every name any registered worker of the model serves it by (its served_model_name, else the model)."""
+    names = {route.name}
+    for reg in catalog.by_key.values():
+        if reg.model != route.path:
+            continue
+        config = reg.extra.get("model_config")
+        for given in (reg.extra.get("served_model_name"), config.get("served_model_name") if config else None):
+            names.update([given] if isinstance(given, str) else [str(n) for n in given or ()])
+    return names
+
+
 def args_for_model(vllm_args: argparse.Namespace, model_args: dict[str, argparse.Namespace],
-                   config: dict[str, Any], name: str) -> argparse.Namespace:
+                   names: set[str], name: str) -> argparse.Namespace:
     """The `vllm serve` flags a model's layer is built with: its own (--model-flags, under any of its served
-    names) where given, else the frontend's. Two entries for one model are refused, not one of them picked."""
-    served = config.get("served_model_name") or name
-    names = [served] if isinstance(served, str) else [str(n) for n in served]
-    mine = [n for n in model_args if n in names or n == name]
+    `names`) where given, else the frontend's. Two entries for one model are refused, not one of them picked."""
+    mine = [n for n in model_args if n in names]
     if len(mine) > 1:
         raise ValueError(f"--model-flags gives flags for {' and '.join(mine)}, names of the one model {name}: "
                          "give its flags under one name")
@@ -339,8 +353,8 @@ def _builder(vllm_args: argparse.Namespace, model_args: dict[str, argparse.Names
     async def build(route: ModelRoute) -> Any:
         try:
             config = model_config_of(catalog, route)
-            return await build_openai_app(args_for_model(vllm_args, model_args, config, route.name), route, config,
-                                          dispatcher, Observer(metrics, route.name))
+            args = args_for_model(vllm_args, model_args, names_of(catalog, route), route.name)
+            return await build_openai_app(args, route, config, dispatcher, Observer(metrics, route.name))
         except Exception:
             log.exception("vLLM's OpenAI layer could not be built for %s", route.name)
             raise

@@ -27,7 +27,7 @@ import aetcd
 import grpc
 from aetcd import rpc, watcher
 
-from workers.runtime.aio import raise_dropped_cancel, wait_for
+from workers.runtime.aio import cancel_requests, raise_if_cancelled_since, wait_for
 from workers.runtime.settings import ServiceRefused, ServiceUnavailable
 from workers.runtime.tls import TlsFiles, TlsRefused, handshake
 
@@ -311,10 +311,11 @@ class Registry:
                 registrations = _decoded(listed)
                 yield Snapshot(registrations, frozenset(known - registrations.keys()))
                 known = set(registrations)
+                asked = cancel_requests()
                 watch = await self.client.watch_prefix(prefix, start_revision=listed.header.revision + 1)
                 pause = FOLLOW_PAUSE
                 try:
-                    raise_dropped_cancel()  # aetcd's wait for the watch's creation may drop one (runtime.aio)
+                    raise_if_cancelled_since(asked)  # aetcd's wait for the watch's creation may drop a cancel
                     async for event in watch:
                         key = event.kv.key.decode()
                         if event.kind != "PUT":
