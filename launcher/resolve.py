@@ -496,8 +496,8 @@ def _model_flags(f: Frontend, index: int, table: engine_flags.FlagTable | None
 
     out: dict[str, list[str]] = {}
     problems: list[Problem] = []
-    if any(a.startswith("--tool-parser-plugin") for a in f.args):
-        table = None  # the frontend's plugin registers parsers vLLM's table cannot know (vLLM checks them at start)
+    if any(a.startswith("--tool-parser-plugin") for a in [*f.args, *(a for m in f.models.values() for a in m.args)]):
+        table = None  # a plugin registers parsers vLLM's table cannot know (the frontend checks them as it starts)
     for name, model in f.models.items():
         path: PathKey = ("frontends", index, "models", name, "args")
         read, bad = engine_flags.parse_arg_list(model.args, table, "frontend")

@@ -313,36 +313,41 @@ def served_names(resolved: Resolved, index: int) -> list[str]:
 
 
 def rule_frontend_models(resolved: Resolved) -> list[Problem]:
-    """A frontend's `models:` names models the workers serve, each model once: flags under a name no model
-    has would be ignored, and two entries for one model would leave which one counts to chance."""
+    """What a frontend knows a model by: the served names of its workers, which must agree (the frontend has
+    one route per model, named by whichever registration it read first), and a frontend's `models:` names
+    models the workers serve, each model once (flags under a name no model has would be ignored; two entries
+    for one model would leave which one counts to chance)."""
     topo = resolved.topology
-    model_of_name: dict[str, str] = {}
-    served: list[tuple[str, str, list[str]]] = []  # (worker, model, its served names)
-    for i, w in _workers(topo):
-        served.append((w.name, topo.model_of(w), served_names(resolved, i)))
-        for name in served[-1][2]:
-            model_of_name.setdefault(name, topo.model_of(w))
+    if not topo.frontends:
+        return []
     problems: list[Problem] = []
+    model_of_name: dict[str, str] = {}
+    first: dict[str, tuple[str, list[str]]] = {}  # model -> (its first worker, that worker's served names)
+    for i, w in _workers(topo):
+        model, names = topo.model_of(w), served_names(resolved, i)
+        other = first.setdefault(model, (w.name, names))
+        if sorted(other[1]) != sorted(names):
+            problems.append(Problem(resolved.engines[i].blame("served-model-name", ("workers", i, "engine")),
+                                    f"'{w.name}' serves {model} as {', '.join(names)}, '{other[0]}' as "
+                                    f"{', '.join(other[1])}: a frontend knows a model by one set of names (else which "
+                                    "worker registered first decides): give every worker of the model the same "
+                                    "served-model-name"))
+        for name in names:
+            model_of_name.setdefault(name, model)
     for index, f in enumerate(topo.frontends):
         seen: dict[str, str] = {}  # model -> the name its entry was given under
         for name in f.models:
             path: PathKey = ("frontends", index, "models", name)
-            model = model_of_name.get(name)
-            lacking = [worker for worker, m, names in served if m == model and name not in names]
-            if model is None:
+            known = model_of_name.get(name)
+            if known is None:
                 problems.append(Problem(path, f"no worker serves a model named '{name}', so these flags would apply "
                                         f"to nothing: the served names are {', '.join(sorted(model_of_name))} (a "
                                         "worker's served-model-name, else its model)"))
-            elif lacking:
-                problems.append(Problem(path, f"'{name}' is how some workers of {model} serve it, not "
-                                        f"{', '.join(lacking)}: the frontend knows a model by its workers' names, "
-                                        "which must then agree: give every worker of the model the same "
-                                        "served-model-name"))
-            elif model in seen:
-                problems.append(Problem(path, f"'{name}' and '{seen[model]}' name the same model ({model}): give its "
+            elif known in seen:
+                problems.append(Problem(path, f"'{name}' and '{seen[known]}' name the same model ({known}): give its "
                                         "flags under one of them"))
             else:
-                seen[model] = name
+                seen[known] = name
     return problems
 
 

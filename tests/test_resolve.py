@@ -141,7 +141,7 @@ workers:
     cpus: "0"
     kv_transfer: {kv_connector: ExampleConnector, kv_role: kv_producer, kv_rank: 0, kv_parallel_size: 2,
                   kv_ip: 10.0.0.5, kv_port: 14579}
-    args: [--max-model-len=256, --enforce-eager]
+    args: [--max-model-len=256, --enforce-eager, --served-model-name, a, b]
   - name: decode
     kind: decode
     cpus: "1"

@@ -137,10 +137,6 @@ class ModelApps:
             self._forget(name)
         return [self.ensure(route) for _, route in sorted(serving.items())]
 
-    def names(self) -> set[str]:
-        """Every name the built models answer to."""
-        return {name for names in self._served.values() for name in names}
-
     async def settle(self) -> None:
         """Wait for the builds of every model served now. A failure is that model's own (its 500), except the
         frontend's own model's, which raises: the deployment's model cannot be served."""

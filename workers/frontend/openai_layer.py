@@ -27,12 +27,18 @@ log = logging.getLogger(__name__)
 SUPPORTED_TASKS: tuple[Any, ...] = ("generate",)
 
 
+_loaded_plugins: set[str] = set()  # --tool-parser-plugin paths imported in this process (once each)
+
+
 def serve_args(model: str, flags: list[str]) -> argparse.Namespace:
     """`vllm serve MODEL FLAGS...` as vLLM's own parser reads and checks it (SystemExit with its message),
     with what `vllm serve`'s setup_server does next: load a --tool-parser-plugin (its parsers register with
-    vLLM) and check the tool and reasoning parser names against vLLM's."""
+    vLLM; once per process, though every model's flags carry the frontend's) and check the tool parser name
+    (vLLM's validate_api_server_args). The reasoning parser's name is checked here too: vLLM checks it only
+    where it builds an engine configuration, which the frontend never does."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.entrypoints.launchers.launcher import validate_api_server_args
+    from vllm.reasoning import ReasoningParserManager
     from vllm.tool_parsers import ToolParserManager
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -40,10 +46,17 @@ def serve_args(model: str, flags: list[str]) -> argparse.Namespace:
     args = parser.parse_args(["--model", model, *flags])
     try:
         validate_parsed_serve_args(args)
-        if args.tool_parser_plugin and len(args.tool_parser_plugin) > 3:  # as vLLM's setup_server
-            ToolParserManager.import_tool_parser(args.tool_parser_plugin)
+        plugin = args.tool_parser_plugin
+        if plugin and len(plugin) > 3 and plugin not in _loaded_plugins:  # as vLLM's setup_server
+            ToolParserManager.import_tool_parser(plugin)
+            _loaded_plugins.add(plugin)
         validate_api_server_args(args)
-    except (TypeError, ValueError, KeyError) as exc:
+        known = ReasoningParserManager.list_registered()
+        if args.reasoning_parser and args.reasoning_parser not in known:
+            raise KeyError(f"invalid reasoning parser: {args.reasoning_parser} (choose from {', '.join(known)})")
+    except KeyError as exc:
+        raise SystemExit(f"frontend: {exc.args[0] if exc.args else exc}") from None
+    except (TypeError, ValueError) as exc:
         raise SystemExit(f"frontend: {exc}") from None
     return args
 

@@ -324,14 +324,19 @@ async def _child_ready(server: uvicorn.Server, ready_fd: int, orphaned: asyncio.
 
 
 def names_of(catalog: Catalog, route: ModelRoute) -> set[str]:
-    """Every name any registered worker of the model serves it by (its served_model_name, else the model)."""
+    """Every name any registered worker of the model serves it by (its served_model_name, else the model);
+    a value of another shape in a registration is skipped, not a failed build."""
     names = {route.name}
     for reg in catalog.by_key.values():
         if reg.model != route.path:
             continue
         config = reg.extra.get("model_config")
-        for given in (reg.extra.get("served_model_name"), config.get("served_model_name") if config else None):
-            names.update([given] if isinstance(given, str) else [str(n) for n in given or ()])
+        for given in (reg.extra.get("served_model_name"),
+                      config.get("served_model_name") if isinstance(config, dict) else None):
+            if isinstance(given, str):
+                names.add(given)
+            elif isinstance(given, (list, tuple)):
+                names.update(n for n in given if isinstance(n, str))
     return names
 
 
@@ -410,7 +415,8 @@ async def _register_when_serving(ctx: WorkerContext, server: uvicorn.Server, mod
         refused.set()
         server.should_exit = True
         return
-    for name in sorted(set(flagged) - models.names()):  # by hand, a typo: `launcher validate` refuses it
+    served = {n for route in models.catalog.serving().values() for n in names_of(models.catalog, route)}
+    for name in sorted(set(flagged) - served):  # by hand, a typo: `launcher validate` refuses it
         log.warning("--model-flags gives flags for %s, a name no model served now answers to: they apply once a "
                     "model of that name registers", name)
     if group is not None:
