@@ -60,9 +60,10 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
                                  "tool-call-parser", "reasoning-parser", "chat-template",
                                  "chat-template-content-format", "response-role", "default-chat-template-kwargs",
                                  "tool-parser-plugin", "max-log-len", "allow-credentials"), "str"),
-                **dict.fromkeys(("allowed-origins", "allowed-methods", "allowed-headers"), "json_list")},
+                **dict.fromkeys(("allowed-origins", "allowed-methods", "allowed-headers"), "json_list"),
+                "model-flags": "model_flags"},  # JSON: served name -> that model's flags (a topology's `models:`)
          set_by_launcher=frozenset({"host", "port", "model", "api-key-env", "max-request-bytes", "request-timeout",
-                                    "retries", "migration-limit", "processes"}),
+                                    "retries", "migration-limit", "processes", "model-flags"}),
          gates=False),
     # Routers before workers, so they see every worker's first KV event.
     Kind("router", "workers.kv_router.router", 0, "preprocess", ("generate",), engine=False, entry_rank=0,
