@@ -7,7 +7,6 @@ without starting anything, so what you see is what `up` runs.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from launcher.resolve import (
     cpu_engine_defaults,
     nixl_side_channel_env,
     resolve,
+    setting_argv,
 )
 from launcher.topology import DRAIN_MARGIN, Topology
 from workers.runtime.settings import DEFAULT_DRAIN_TIMEOUT
@@ -64,27 +64,6 @@ class ProcessSpec:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> ProcessSpec:
         return cls(**obj)
-
-
-def _option(name: str) -> str:
-    return f"--{name.replace('_', '-')}"
-
-
-def setting_argv(s: Setting) -> list[str]:
-    """One flag as argv. False becomes --no-x (vLLM's booleans are BooleanOptionalAction); an `args:`
-    flag keeps its value entries as written."""
-    opt = _option(s.name)
-    if s.value is True:
-        return [opt]
-    if s.value is False:
-        return [f"--no-{s.name.replace('_', '-')}"]
-    if s.value is None:
-        return []
-    if s.tokens is not None:
-        return [opt, *s.tokens]
-    if isinstance(s.value, (dict, list)):
-        return [opt, json.dumps(s.value)]
-    return [opt, str(s.value)]
 
 
 def flags_to_argv(flags: dict[str, Any]) -> list[str]:

@@ -17,6 +17,7 @@ Nothing here imports what comes after it.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -396,6 +397,27 @@ def metrics_ports(topo: Topology) -> dict[tuple[int, int], int]:
     return ports
 
 
+def _option(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def setting_argv(s: Setting) -> list[str]:
+    """One flag as argv. False becomes --no-x (vLLM's booleans are BooleanOptionalAction); an `args:`
+    flag keeps its value entries as written."""
+    opt = _option(s.name)
+    if s.value is True:
+        return [opt]
+    if s.value is False:
+        return [f"--no-{s.name.replace('_', '-')}"]
+    if s.value is None:
+        return []
+    if s.tokens is not None:
+        return [opt, *s.tokens]
+    if isinstance(s.value, (dict, list)):
+        return [opt, json.dumps(s.value)]
+    return [opt, str(s.value)]
+
+
 def _launcher(name: str, value: Any, path: PathKey) -> Setting:
     return Setting(name, value, path, "launcher")
 
@@ -509,7 +531,7 @@ def _model_flags(f: Frontend, index: int, table: engine_flags.FlagTable | None
                                         f"serves: give it in the frontend's args:, not under one model (a model's "
                                         f"own flags are {', '.join(MODEL_FLAGS)})"))
                 continue
-            argv += [f"--{flag.name}"] if flag.value is True else [f"--{flag.name}", *flag.tokens]
+            argv += setting_argv(Setting(flag.name, flag.value, (*path, flag.index), "args", flag.tokens))
         out[name] = argv
     return out, problems
 

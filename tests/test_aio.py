@@ -61,7 +61,7 @@ def test_a_task_nobody_cancelled_since_runs_on() -> None:
         assert task is not None
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):  # handled here, as a task may: cancelling() stays 1
-            await asyncio.sleep(1)
+            await asyncio.Event().wait()  # never set: only the cancel ends it
         asked = cancel_requests()
         await asyncio.sleep(0)  # a wait that nobody cancels
         raise_if_cancelled_since(asked)

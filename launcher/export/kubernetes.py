@@ -41,8 +41,8 @@ from cryptography.x509.oid import NameOID
 from launcher import nats_access
 from launcher.credentials import OPERATOR, RESERVED_IDENTITIES, Credentials, CredentialsError
 from launcher.export.secrets import looks_secret
-from launcher.plan import dependencies, render_argv, setting_argv
-from launcher.resolve import SHARED_STORAGE_CONNECTORS, ResolvedProcess, Security, Setting, resolve
+from launcher.plan import dependencies, render_argv
+from launcher.resolve import SHARED_STORAGE_CONNECTORS, ResolvedProcess, Security, Setting, resolve, setting_argv
 from launcher.rules import is_loopback
 from launcher.topology import DRAIN_MARGIN, KvTransfer, Router, Topology, Worker
 from workers.runtime.tls import ENV_CA, ENV_CERT, ENV_KEY, TlsFiles
