@@ -299,6 +299,18 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def turn_figures(results: list[Result]) -> dict[str, float]:
+    """TTFT of conversations' first turns (a cold system prompt or opening document: what the engines' prefill
+    scheduling decides) apart from their later turns (a cached history: what the routing decides), so that a
+    TTFT p90 says which of the two it comes from. Empty for workloads without turns."""
+    first = [r.ttft for r in results if r.ttft is not None and r.label.endswith(" turn 0")]
+    later = [r.ttft for r in results if r.ttft is not None and " turn " in r.label and not r.label.endswith(" turn 0")]
+    if not first or not later:
+        return {}
+    return {f"{name}_ttft_{q}_ms": 1000 * (percentile(xs, p) or 0)
+            for name, xs in (("first_turn", first), ("later_turn", later)) for q, p in (("p50", 0.5), ("p90", 0.9))}
+
+
 def run_workload(side: Side, work: Workload, args: argparse.Namespace) -> dict[str, Any]:
     cpu_before = {role: cpu_seconds(pids) for role, pids in side.cpu_pids.items()}
     before = {p: scrape(p) for p in side.metrics_ports}
@@ -322,6 +334,7 @@ def run_workload(side: Side, work: Workload, args: argparse.Namespace) -> dict[s
         "text_chunks_per_request": statistics.median(r.chunks for r in results) if results else None,
         "errors": sorted({r.error for r in results if r.error})[:5],
     }
+    out.update(turn_figures(results))
     # ignore_eos: every request that succeeded streamed exactly max_tokens tokens, on every side.
     tokens = args.max_tokens * (out["requests"] - out["failed"])
     for role, pids in side.cpu_pids.items():
@@ -510,8 +523,9 @@ def warm_up(side: Side) -> None:
 
 # ---------------------------------------------------------------- report
 
+TURN_FIGS = ("first_turn_ttft_p50_ms", "first_turn_ttft_p90_ms", "later_turn_ttft_p50_ms", "later_turn_ttft_p90_ms")
 FIGS = ("hit_rate", "ttft_p50_ms", "ttft_p90_ms", "wall_s", "preemptions", "failed", "router_cpu_ms_per_1k_tokens",
-        "frontend_cpu_ms_per_1k_tokens")
+        "frontend_cpu_ms_per_1k_tokens", *TURN_FIGS)
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -568,7 +582,20 @@ def markdown(summary: dict[str, dict[str, dict[str, Any]]], sides: list[str], me
                              f"{ratio(ma['ttft_p90_ms'], mb['ttft_p90_ms'])} | {ratio(ma['wall_s'], mb['wall_s'])} "
                              f"| | | | {cpu_ratio(ma, mb, 'router')} / {cpu_ratio(ma, mb, 'frontend')} |")
         lines.append("")
+        lines += turn_table(per_side, sides)
     return "\n".join(lines)
+
+
+def turn_table(per_side: dict[str, dict[str, Any]], sides: list[str]) -> list[str]:
+    """First turns (cold prefills) apart from later turns (cached history), for the workloads with turns."""
+    rows = [(s, per_side[s]) for s in sides if s in per_side and per_side[s].get(TURN_FIGS[0]) is not None]
+    if not rows:
+        return []
+    lines = ["TTFT by turn (medians over repetitions), ms:", "",
+             "| side | first turns p50 | first turns p90 | later turns p50 | later turns p90 |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {s} | " + " | ".join(f"{m[f]:.0f}" for f in TURN_FIGS) + " |" for s, m in rows]
+    return [*lines, ""]
 
 
 # ---------------------------------------------------------------- main
