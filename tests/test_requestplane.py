@@ -393,10 +393,12 @@ def test_a_handed_off_stream_is_the_workers_from_then_on(services) -> None:  # t
     async def run() -> dict[str, Any]:
         nc_w, w_server = await _serve(services.nats, "th.backend.generate.77", worker)
         nc_r, r_server = await _serve(services.nats, "th.preprocess.generate", router)
-        ends: list[bytes] = []
+        ends: list[int] = []
+        firsts: list[int] = []
 
         async def on_end(msg: Any) -> None:
-            ends.append(msg.data)
+            rid, first = requestplane.parse_routed_report(msg.data)
+            (firsts if first else ends).append(rid)
 
         await nc_r.subscribe(ends_inbox, cb=on_end)
         nc = await requestplane.connect(services.nats, "caller")
@@ -424,6 +426,7 @@ def test_a_handed_off_stream_is_the_workers_from_then_on(services) -> None:  # t
             await until(lambda: "leave" in aborted, 5, "the worker's stream cancelled")
             await until(lambda: len(ends) == 3, 5, "three end reports")
             out["ends"] = sorted(ends)
+            out["firsts"] = sorted(firsts)
             out["in_flight"] = w_server.routed_in_flight()
             release.set()
             return out
@@ -442,7 +445,9 @@ def test_a_handed_off_stream_is_the_workers_from_then_on(services) -> None:  # t
     assert out["lost"][-1].is_error() and out["lost"][-1].code == ErrorCode.WORKER_LOST
     assert out["lost_after_s"] < 2  # not the 30 s idle timeout
     assert out["handed"] == [{"instance": 0x77, "subject": "th.backend.generate.77", "routing": {"process": "w"}}]
-    assert out["ends"] == [b"1", b"2", b"3"] and out["in_flight"] == {}
+    assert out["ends"] == [1, 2, 3] and out["in_flight"] == {}
+    # Each request's first message was reported once (its prefill done): all three streamed one.
+    assert out["firsts"] == [1, 2, 3]
 
 
 def test_a_handoff_that_names_nobody_is_an_error(services) -> None:  # type: ignore[no-untyped-def]

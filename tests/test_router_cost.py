@@ -117,6 +117,7 @@ def replay(strategy: str, prompts: list[list[int]], capacity: int, in_flight: in
         d = router.choose(prompt, max_tokens=BS)
         router.started(d)
         running.append((d, engines[d.worker].admit(prompt)))
+        router.first_token(d.id)  # the simulator has no clock: a request's prefill is done when it is admitted
     hits = sum(e.hits for e in engines.values())
     queries = sum(e.queries for e in engines.values())
     return hits / queries, engines, router
@@ -182,7 +183,8 @@ def test_a_shared_prefix_is_not_charged_once_per_request() -> None:
 
 
 def test_a_burst_on_a_new_prefix_goes_to_one_worker() -> None:
-    """Requests in flight count as cached: before any KV event, a burst on one prefix stays together."""
+    """Requests in flight count as cached: before any KV event, a burst on one prefix stays together. The
+    queue term does not split it: the prefill queued there is the prefix each of them needs anyway."""
     router = KvRouter("prefix", BS, rng=random.Random(0), weights=WEIGHTS)
     for w in (1, 2, 3):
         router.add_worker(reg(w, 100))
@@ -235,12 +237,13 @@ def test_without_a_registered_capacity_there_are_no_capacity_terms() -> None:
 @given(held=st.lists(st.integers(0, 4), min_size=5, max_size=5),
        inflight=st.lists(st.lists(st.integers(0, 4), max_size=3), min_size=5, max_size=5),
        capacity=st.lists(st.integers(4, 14), min_size=5, max_size=5),
-       exclude=st.sets(st.integers(0, 4), max_size=3), max_tokens=st.integers(1, 12))
+       exclude=st.sets(st.integers(0, 4), max_size=3), max_tokens=st.integers(1, 12),
+       first=st.lists(st.booleans(), min_size=15, max_size=15))
 def test_choice_is_a_cheapest_worker(held: list[int], inflight: list[list[int]], capacity: list[int],
-                                     exclude: set[int], max_tokens: int) -> None:
+                                     exclude: set[int], max_tokens: int, first: list[bool]) -> None:
     """Whatever the history, the chosen worker has the lowest cost, each term recomputed here from
     what was stored and what is in flight (not from the router's own bookkeeping)."""
-    router = KvRouter("prefix", BS, rng=random.Random(0), weights=WEIGHTS)
+    router = KvRouter("prefix", BS, rng=random.Random(0), weights=CostWeights(request_tokens=2 * BS, queue=0.5))
     prompt = list(range(1, 4 * BS + 3))  # 4 full blocks and 2 tokens
     for w in range(5):
         router.add_worker(reg(w, capacity[w]))
@@ -250,11 +253,19 @@ def test_choice_is_a_cheapest_worker(held: list[int], inflight: list[list[int]],
     pinned: dict[int, set[int]] = {w: set() for w in range(5)}
     private = {w: 0 for w in range(5)}
     pending = {w: 0 for w in range(5)}
+    queued = {w: 0 for w in range(5)}  # prefill blocks of requests there without a first token
+    queued_depth = {w: 0 for w in range(5)}  # the most leading prompt blocks one of those shares with the prompt
+    reported = iter(first)
     for w, depths in enumerate(inflight):
         for depth in depths:  # a request in flight sharing `depth` leading blocks with the prompt
             other = prompt[: depth * BS] + [900 + sum(map(len, pinned.values()))] * BS  # its own last block
             d = router.choose(other, exclude=set(range(5)) - {w}, max_tokens=BS)
             router.started(d)
+            if next(reported):
+                router.first_token(d.id)
+            else:  # its depth + 1 full blocks, less those held or being computed there when it was routed
+                queued[w] += depth + 1 - max(min(held[w], depth), min(pending[w], depth))
+                queued_depth[w] = max(queued_depth[w], depth)
             pinned[w] |= set(range(depth)) | {100 + len(pinned[w])}  # shared blocks once, its own block
             private[w] += d.footprint.total - d.footprint.prompt if d.footprint else 0
             pending[w] = max(pending[w], depth)
@@ -266,7 +277,8 @@ def test_choice_is_a_cheapest_worker(held: list[int], inflight: list[list[int]],
             continue
         active = len(pinned[w]) + private[w]
         state = WorkerState(overlap=max(held[w], pending[w]), active=active, resident=max(held[w] + private[w], active),
-                            capacity=capacity[w], requests=len(inflight[w]))
+                            capacity=capacity[w], requests=len(inflight[w]), queued=queued[w],
+                            shared=min(queued_depth[w], fp.prompt))
         costs[w] = cost(fp, state, router.weights)
     assert d.worker not in exclude
     assert costs[d.worker] == min(costs.values())
@@ -284,3 +296,60 @@ def test_a_newcomer_pays_for_its_own_overflow_not_for_the_queue_already_there() 
     assert cost(fp, home, weights) < cost(fp, away, weights)
     # the whole excess (the rule before) would have sent it away
     assert cost(fp, home, weights) + weights.overflow * (56 + 2 - 48 - 2) > cost(fp, away, weights)
+
+
+def test_a_request_leaves_a_cached_prefix_whose_home_has_more_prefill_queued_than_it_would_recompute() -> None:
+    """The queue term (issue 24: replicate a hot prefix only when the wait at its home costs more than
+    recomputing it elsewhere): worker 1 holds the request's 8 blocks, but 2 cold 10-block prompts routed there
+    have no first token yet. Off (weight 0), the request stays home; on (the default), it waits behind 20
+    blocks of prefill at home or computes its 8 on idle worker 2. The first-token reports bring it home."""
+    prompt = list(range(1, 8 * BS + 3))
+    cold = [[5000 + 100 * i + t for t in range(10 * BS + 1)] for i in range(2)]
+    where: dict[str, list[int]] = {}
+    for name, weights in (("off", CostWeights(request_tokens=2 * BS, queue=0.0)),
+                          ("on", CostWeights(request_tokens=2 * BS))):
+        router = KvRouter("prefix", BS, rng=random.Random(0), weights=weights)
+        for w in (1, 2):
+            router.add_worker(reg(w, 64))
+        router.on_batch(ev.EventBatch(worker=1, seq=0, block_size=BS, events=[
+            ev.Stored(hashes=list(range(1, 9)), parent=None, tokens=ev.tokens_bytes(prompt[: 8 * BS]))]))
+        ahead = []
+        for c in cold:
+            d = router.choose(c, exclude={2}, max_tokens=BS)
+            router.started(d)
+            assert d.prefill == 10
+            ahead.append(d)
+        assert router.load_of(1)["queued_prefill_blocks"] == 20 and router.load_of(2)["queued_prefill_blocks"] == 0
+        where[name] = [router.choose(prompt, max_tokens=BS).worker]
+        router.first_token(ahead[0].id)
+        router.first_token(ahead[0].id)  # a repeated report changes nothing
+        router.finished(ahead[1])  # ended before its first token (cancelled): no longer queued either
+        assert router.load_of(1)["queued_prefill_blocks"] == 0
+        where[name].append(router.choose(prompt, max_tokens=BS).worker)
+    assert where == {"off": [1, 1], "on": [2, 1]}
+
+
+def test_the_routers_report_inbox_tells_first_tokens_from_ends() -> None:
+    """What a worker publishes to the router's inbox (requestplane.routed_report) reaches the right method:
+    "7 first" ends request 7's queued prefill, "7" ends the request; anything else is logged and dropped."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from workers.kv_router.router import RouterService
+    from workers.runtime import requestplane
+
+    router = KvRouter("prefix", BS, rng=random.Random(0), weights=WEIGHTS)
+    router.add_worker(reg(1, 64))
+    d = router.choose(list(range(1, 6 * BS + 2)), max_tokens=BS)
+    router.started(d)
+    service = SimpleNamespace(router=router)
+
+    def report(data: bytes) -> None:
+        asyncio.run(RouterService._on_end(service, SimpleNamespace(data=data)))  # type: ignore[arg-type]
+
+    assert router.load_of(1)["queued_prefill_blocks"] == 6 and router.load_of(1)["inflight"] == 1
+    report(b"not a report")
+    report(requestplane.routed_report(d.id, first=True))
+    assert router.load_of(1)["queued_prefill_blocks"] == 0 and router.load_of(1)["inflight"] == 1
+    report(requestplane.routed_report(d.id))
+    assert router.load_of(1)["inflight"] == 0 and not router.decisions

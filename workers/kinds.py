@@ -68,7 +68,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     # Routers before workers, so they see every worker's first KV event.
     Kind("router", "workers.kv_router.router", 0, "preprocess", ("generate",), engine=False, entry_rank=0,
          flags={"model": "str", "routing-strategy": "str", "block-size": "int", "load-weight": "float",
-                "evict-weight": "float", "overflow-weight": "float", "request-tokens": "float", "metrics-port": "int",
+                "evict-weight": "float", "overflow-weight": "float", "request-tokens": "float", "queue-weight": "float",
+                "metrics-port": "int",
                 **_COMPONENT, "worker-component": "str", "seed": "int", "share-inflight": "bool"},
          set_by_launcher=frozenset({"model", "routing-strategy", "block-size"}),
          routes=GENERATIVE_ROUTES,

@@ -17,6 +17,13 @@ last block, expected decode), and a worker w:
          + load_weight     x (active + new)                                 w's batch with the request
          + request_tokens / block_size x requests                          their share of w's compute
          + overflow_weight x min(new, max(0, active + new - capacity))     its blocks w cannot hold at once
+         + queue_weight    x max(0, queued - shared)                        prefills w must finish first
+
+    queued   = prefill blocks of our requests on w that have not streamed their first token yet (each
+               counted at its decision; the worker reports the first token to the router, as it reports
+               the end)
+    shared   = the request's own leading blocks that those requests are computing on w: work it needs
+               done wherever it goes
 
 Lowest cost wins; ties go to the worker with fewer active blocks, then more free room, then at random.
 
@@ -61,6 +68,20 @@ Why each term:
   matched 9 blocks at home, sent away, the other worker evicting for it); the queue it joins is the load
   and request terms' to count. Pressure on a hot prefix's home spreads its requests to replicas
   through this, the load and the request terms.
+- queued: a newcomer's first token waits for the prefills the engine is running or will schedule with it
+  (vLLM batches the waiting prefills of one step together, so each of them waits for all of them). Blocks of
+  prefill queued and blocks of its own prefill are the same unit of work, so at weight 1 the first and last
+  terms together estimate its time to first token: a request leaves its cached prefix when the prefills
+  queued at home cost more than recomputing it on a worker with a shorter queue (issue 24's "replicate a
+  hot prefix only when the wait at its home costs more"). The queued blocks it shares are not counted:
+  a burst of requests on one new prefix waits for that prefix's prefill at its home as it would wait for
+  its own prefill anywhere else, and counted, every second request of a burst would tie with an idle
+  worker and compute the prefix again there. A request is queued from its decision until its worker
+  reports its first token (requestplane's routed report), or until it ends. Only this router's own
+  requests count: a replica's are in the requests term. Measured (bench/results/kv-peer-queue-cpu.md, 2 CPU
+  engines, 8 in flight, against the same router at weight 0, side by side): zipf TTFT p90 0.68, wall 0.92,
+  p50 0.96, hit rate 0.97; pressure hit equal, p90 0.94; chat hit equal, p90 1.02, p50 1.14 (its p50 is
+  later turns waiting for first turns' prefills either way).
 
 Compared with Dynamo's KV router (cost = overlap_weight x prefill blocks + active decode blocks,
 shared blocks counted once, argmin or softmax sampling): the same first and third terms, plus the
@@ -93,6 +114,7 @@ class CostWeights:
     evict: float = 1.0
     overflow: float = 4.0
     request_tokens: float = 16.0  # the compute a request in flight takes from a newcomer, in prompt tokens
+    queue: float = 1.0  # one block of prefill queued ahead on a worker, against one block to prefill
 
 
 @dataclass(frozen=True)
@@ -119,6 +141,8 @@ class WorkerState:
     resident: float
     capacity: float  # math.inf when the worker did not register its block count
     requests: float = 0.0  # requests in flight there
+    queued: float = 0.0  # prefill blocks of requests there that have no first token yet
+    shared: float = 0.0  # those of them that are the request's own leading blocks
 
 
 def cost(fp: Footprint, w: WorkerState, weights: CostWeights) -> float:
@@ -128,7 +152,8 @@ def cost(fp: Footprint, w: WorkerState, weights: CostWeights) -> float:
     evicted = new * min(1.0, (w.resident + new) / w.capacity) ** 2  # 0 when the capacity is unknown (inf)
     overflow = min(new, max(0.0, w.active + new - w.capacity))
     return (fp.prompt - overlap) + weights.evict * evicted + weights.load * (w.active + new) \
-        + weights.request_tokens / fp.block_size * w.requests + weights.overflow * overflow
+        + weights.request_tokens / fp.block_size * w.requests + weights.overflow * overflow \
+        + weights.queue * max(0.0, w.queued - w.shared)
 
 
 def tie_key(w: WorkerState) -> tuple[float, float]:
@@ -146,7 +171,7 @@ class WorkerTable:
     only; a decision does not recompute them."""
 
     COLUMNS = ("capacity", "own", "private", "reported", "cached", "active", "resident", "room", "slack",
-               "requests")
+               "requests", "queued")
     capacity: np.ndarray
     own: np.ndarray
     private: np.ndarray
@@ -157,6 +182,7 @@ class WorkerTable:
     room: np.ndarray
     slack: np.ndarray
     requests: np.ndarray
+    queued: np.ndarray
 
     def __init__(self) -> None:
         self.slot: dict[int, int] = {}
@@ -200,7 +226,7 @@ class WorkerTable:
         self._free.extend(range(size - 1, old - 1, -1))
 
     def set(self, column: str, worker: int, value: float) -> None:
-        """Update an input column (own, private, reported, cached, requests) of one worker."""
+        """Update an input column (own, private, reported, cached, requests, queued) of one worker."""
         i = self.slot.get(worker)
         if i is not None:
             getattr(self, column)[i] = value
@@ -220,22 +246,30 @@ class WorkerTable:
         i = self.slot[worker]
         capacity = float(self.capacity[i]) if math.isfinite(self.capacity[i]) else math.inf
         return WorkerState(overlap=overlap, active=float(self.active[i]), resident=float(self.resident[i]),
-                           capacity=capacity, requests=float(self.requests[i]))
+                           capacity=capacity, requests=float(self.requests[i]), queued=float(self.queued[i]))
 
     def cheapest(self, fp: Footprint, overlaps: Iterable[tuple[int, int]], weights: CostWeights,
-                 exclude: Iterable[int], rng: random.Random) -> int:
-        """The live worker (not excluded) of lowest `cost`, ties broken as `tie_key` says, then at random."""
+                 exclude: Iterable[int], rng: random.Random, shared: Iterable[tuple[int, int]] = ()) -> int:
+        """The live worker (not excluded) of lowest `cost`, ties broken as `tie_key` says, then at random.
+        `shared`: per worker, the request's leading blocks being computed there and not yet cached."""
         overlap = np.zeros(len(self.worker_of))
         for w, m in overlaps:
             i = self.slot.get(w)
             if i is not None:
                 overlap[i] = min(m, fp.prompt)
         new = fp.total - overlap
-        # cost(), in columns: prefill + evicted + load + overflow
+        # cost(), in columns: prefill + evicted + load + overflow + requests + queued
         total = (fp.prompt + weights.load * fp.total) - (1.0 + weights.load) * overlap + weights.load * self.active
         total += weights.evict * new * np.minimum(1.0, (self.resident + new) / self.capacity) ** 2
         total += weights.overflow * np.minimum(new, np.maximum(0.0, self.slack + new))
         total += (weights.request_tokens / fp.block_size) * self.requests
+        if weights.queue:
+            ahead = self.queued.copy()
+            for w, m in shared:
+                i = self.slot.get(w)
+                if i is not None:
+                    ahead[i] -= min(m, fp.prompt)
+            total += weights.queue * np.maximum(0.0, ahead)
         total[~self.live] = np.inf
         for w in exclude:
             i = self.slot.get(w)

@@ -78,6 +78,7 @@ class WorkerView:
     inflight_requests: int = 0
     peer_requests: int = 0  # requests other routers told us they sent there (workers.kv_router.peers)
     others: int = 0  # requests beyond those, from the last load report (a router that tells nothing)
+    queued: int = 0  # prefill blocks of our requests there without a first token yet (the cost's `queued`)
 
     @property
     def name(self) -> str:
@@ -105,6 +106,8 @@ class Decision:
     footprint: Footprint | None = None
     id: int = 0  # what peers and the worker's end report know it by
     started: float = 0.0  # time.monotonic() of the handoff
+    prefill: int = 0  # prompt blocks the chosen worker had to compute (neither cached nor being computed there)
+    first_token: bool = False  # its worker reported the first token (its prefill no longer queued)
 
     @property
     def matched(self) -> dict[str, int]:
@@ -144,6 +147,7 @@ class KvRouter:
         self.foreign: set[int] = set()
         self._rr = 0
         self.inflight = InflightBlocks()
+        self.prefilling = InflightBlocks()  # our requests' prompt blocks until their first token (the queue term)
         self.table = WorkerTable()
         self.resync_requests: list[int] = []  # drained by the plumbing, which publishes them
         self._ids = itertools.count(1)
@@ -211,6 +215,7 @@ class KvRouter:
         self.last_seq.pop(w, None)
         self.awaiting_snapshot.pop(w, None)
         self.inflight.drop_worker(w)
+        self.prefilling.drop_worker(w)
         self.peers.drop_worker(w)
         self.table.remove(w)
         if self.index is not None:
@@ -330,6 +335,8 @@ class KvRouter:
         hashes = self.hashes(token_ids)
         matches = self.index.match(hashes) if self.index is not None else {}
         fp = Footprint.of(len(token_ids), max_tokens, self.block_size or 1)
+        inflight = self.inflight.match(hashes)
+        overlaps = self.overlaps(hashes, matches, inflight)
         if self.strategy == "round_robin":
             candidates.sort()
             chosen = candidates[self._rr % len(candidates)]
@@ -337,21 +344,22 @@ class KvRouter:
         elif self.strategy == "random":
             chosen = self.rng.choice(candidates)
         else:
-            chosen = self._cheapest(hashes, matches, fp, exclude)
+            # Of the prefills queued there, the blocks this request needs too (the queue term's `shared`).
+            shared = self.prefilling.match(hashes)
+            chosen = self.table.cheapest(fp, overlaps.items(), self.weights, exclude, self.rng, shared.items())
         return Decision(worker=chosen, process=self.workers[chosen].name, strategy=self.strategy, blocks=len(hashes),
                         matches=matches, candidates=candidates, router=self, hashes=hashes, footprint=fp,
-                        id=next(self._ids))
+                        id=next(self._ids), prefill=fp.prompt - min(overlaps.get(chosen, 0), fp.prompt))
 
-    def overlaps(self, hashes: Sequence[int], matches: dict[int, int]) -> dict[int, int]:
-        """Worker -> leading prompt blocks it holds (KV events) or is computing (our requests in flight)."""
+    def overlaps(self, hashes: Sequence[int], matches: dict[int, int],
+                 inflight: dict[int, int] | None = None) -> dict[int, int]:
+        """Worker -> leading prompt blocks it holds (KV events) or is computing (our requests in flight:
+        `inflight`, their match, when the caller has it)."""
         out = dict(matches)
-        for w, m in self.inflight.match(hashes).items():
+        for w, m in (self.inflight.match(hashes) if inflight is None else inflight).items():
             if m > out.get(w, 0):
                 out[w] = m
         return out
-
-    def _cheapest(self, hashes: list[int], matches: dict[int, int], fp: Footprint, exclude: set[int] | None) -> int:
-        return self.table.cheapest(fp, self.overlaps(hashes, matches).items(), self.weights, exclude or (), self.rng)
 
     def load_of(self, w: int) -> dict[str, float]:
         view = self.workers[w]
@@ -360,7 +368,8 @@ class KvRouter:
             out["peer_inflight"] = view.peer_requests
         if w in self.table.slot:  # the cost's inputs, in blocks: pinned (active), cached, and capacity
             state = self.table.state(w, 0)
-            out.update(active_blocks=state.active, cached_blocks=float(self.table.cached[self.table.slot[w]]))
+            out.update(active_blocks=state.active, cached_blocks=float(self.table.cached[self.table.slot[w]]),
+                       queued_prefill_blocks=state.queued)
             if math.isfinite(state.capacity):
                 out["kv_blocks"] = state.capacity
         if view.load is not None:
@@ -376,6 +385,7 @@ class KvRouter:
             self.inflight.add(d.worker, d.hashes, private)
             self._sync_blocks(d.worker, view)
             self.decisions[d.id] = d
+            self._queue(d.worker, view, d)
             if self.feed is not None:
                 self.feed.started(d.id, d.worker, d.hashes, private)
 
@@ -385,11 +395,32 @@ class KvRouter:
             for d in self.decisions.values():
                 self.feed.started(d.id, d.worker, d.hashes, self._private_blocks(d))
 
+    def first_token(self, decision_id: int) -> None:
+        """A worker reported the first token of one of our requests: its prefill no longer waits ahead of others."""
+        d = self.decisions.get(decision_id)
+        if d is not None and not d.first_token:
+            view = self.workers.get(d.worker)
+            if view is not None:
+                self._unqueue(d.worker, view, d)
+
+    def _queue(self, w: int, view: WorkerView, d: Decision) -> None:
+        view.queued += d.prefill
+        self.prefilling.add(w, d.hashes, 0)
+        self.table.set("queued", w, view.queued)
+
+    def _unqueue(self, w: int, view: WorkerView, d: Decision) -> None:
+        d.first_token = True
+        view.queued = max(0, view.queued - d.prefill)
+        self.prefilling.remove(w, d.hashes, 0)
+        self.table.set("queued", w, view.queued)
+
     def finished(self, d: Decision) -> None:
         if self.decisions.pop(d.id, None) is not None and self.feed is not None:
             self.feed.finished(d.id)
         view = self.workers.get(d.worker)
         if view is not None:
+            if not d.first_token:  # ended (failed, cancelled, lost) before its first token
+                self._unqueue(d.worker, view, d)
             view.inflight_requests = max(0, view.inflight_requests - 1)
             self.inflight.remove(d.worker, d.hashes, self._private_blocks(d))
             self._sync_blocks(d.worker, view)
@@ -550,11 +581,14 @@ class RouterService:
 
     async def _on_end(self, msg: Any) -> None:
         try:
-            decision_id = int(msg.data)
+            decision_id, first = requestplane.parse_routed_report(msg.data)
         except ValueError:
             log.warning("undecodable end report: %r", msg.data[:64])
             return
-        self.router.ended(decision_id)
+        if first:
+            self.router.first_token(decision_id)
+        else:
+            self.router.ended(decision_id)
 
     async def share(self) -> None:
         """Hear the other routers' requests and tell them ours (workers.kv_router.peers)."""
@@ -677,6 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cost of one block beyond what a worker can hold at once (strategy prefix)")
     p.add_argument("--request-tokens", type=float, default=CostWeights.request_tokens,
                    help="compute one request in flight takes from a newcomer, in prompt tokens (strategy prefix)")
+    p.add_argument("--queue-weight", type=float, default=CostWeights.queue,
+                   help="cost of one block of prefill queued on a worker ahead of a request (requests there "
+                        "without a first token) relative to one block to prefill (strategy prefix)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve the router's Prometheus metrics (vllm_launcher_router_*) on this port")
     p.add_argument("--component", default=KINDS["router"].component, help="component this router serves")
@@ -698,7 +735,7 @@ async def serve(args: argparse.Namespace) -> int:
     ctx = WorkerContext(settings)
     await ctx.connect()
     weights = CostWeights(load=args.load_weight, evict=args.evict_weight, overflow=args.overflow_weight,
-                          request_tokens=args.request_tokens)
+                          request_tokens=args.request_tokens, queue=args.queue_weight)
     router = KvRouter(args.routing_strategy, args.block_size, rng=random.Random(args.seed), weights=weights,
                       model=args.model)
     if args.metrics_port is not None:

@@ -15,6 +15,8 @@ cancel on to where it handed the stream (for EARLY_CANCEL_TTL).
 A forwarded request may carry `routed` ({"by": inbox, "id": n}): the serving EndpointServer publishes
 the id to that inbox when the request ends, however it ends, and lists the ids in flight
 (`routed_in_flight`), so the router that sent it knows its requests' ends without seeing their tokens.
+It also publishes "<id> first" once, with the request's first message (its first token: the prefill is
+done), so the router knows which prefills are still queued on each worker (`routed_report`).
 """
 
 from __future__ import annotations
@@ -60,6 +62,18 @@ EARLY_CANCEL_TTL = 60.0
 
 Handler = Callable[[dict[str, Any]], AsyncIterator[Any]]
 ROUTED = "routed"  # a forwarded request's {"by": inbox, "id": n}: where its end is reported (module docstring)
+_FIRST = b" first"
+
+
+def routed_report(rid: int, first: bool = False) -> bytes:
+    """What a worker publishes to a routed request's `by` inbox: "17" at its end, "17 first" at its first message."""
+    return str(rid).encode() + (_FIRST if first else b"")
+
+
+def parse_routed_report(data: bytes) -> tuple[int, bool]:
+    """(id, is the first-message report) of `routed_report`'s bytes; ValueError for anything else."""
+    first = data.endswith(_FIRST)
+    return int(data[:-len(_FIRST)] if first else data), first
 
 
 @dataclass(frozen=True)
@@ -319,6 +333,7 @@ class EndpointServer:
         try:
             request = _decode_request(msg.data)
             routed = self._routed_by(request.pop(ROUTED, None))
+            first = routed
             items = self._handler(request)
             async for item in items:
                 if isinstance(item, Handoff):
@@ -327,6 +342,11 @@ class EndpointServer:
                     await items.aclose()  # type: ignore[attr-defined]
                     break
                 out.put(item)
+                if first is not None:
+                    by, rid = first
+                    first = None
+                    with contextlib.suppress(Exception):
+                        await self._nc.publish(by, routed_report(rid, first=True))
         except asyncio.CancelledError:
             # Cancelled by its client (nobody listens any more) or by stop(): either way, say so.
             out.put_raw(Annotated.error("worker shutting down: request aborted",
@@ -348,7 +368,7 @@ class EndpointServer:
                     if not ids:
                         del self._routed[by]
                 with contextlib.suppress(Exception):
-                    await self._nc.publish(by, str(rid).encode())
+                    await self._nc.publish(by, routed_report(rid))
 
     def _handed_off(self, reply: str, subject: str) -> None:
         now = asyncio.get_running_loop().time()
