@@ -278,7 +278,7 @@ def test_choice_is_a_cheapest_worker(held: list[int], inflight: list[list[int]],
         active = len(pinned[w]) + private[w]
         state = WorkerState(overlap=max(held[w], pending[w]), active=active, resident=max(held[w] + private[w], active),
                             capacity=capacity[w], requests=len(inflight[w]), queued=queued[w],
-                            shared=min(queued_depth[w], fp.prompt))
+                            shared=max(0, min(queued_depth[w], fp.prompt) - min(held[w], fp.prompt)))
         costs[w] = cost(fp, state, router.weights)
     assert d.worker not in exclude
     assert costs[d.worker] == min(costs.values())
@@ -353,3 +353,24 @@ def test_the_routers_report_inbox_tells_first_tokens_from_ends() -> None:
     assert router.load_of(1)["queued_prefill_blocks"] == 0 and router.load_of(1)["inflight"] == 1
     report(requestplane.routed_report(d.id))
     assert router.load_of(1)["inflight"] == 0 and not router.decisions
+
+
+def test_a_hot_prefix_held_at_home_does_not_hide_the_prefills_queued_behind_it() -> None:
+    """Worker 1 holds hot prefix P (8 blocks); two requests of P + 6 blocks of their own are queued there (12
+    blocks of prefill). A newcomer on P + 6 shares P with them, but P is not in the queue: it waits behind 12
+    blocks at home (6 + 12) or computes 14 on idle worker 2, and goes there. (Counting P as shared, it was
+    charged 4 and stayed.)"""
+    hot = list(range(1, 8 * BS + 1))
+    # request_tokens 0: the queue term alone weighs the two requests there (the request term would too).
+    router = KvRouter("prefix", BS, rng=random.Random(0), weights=CostWeights(request_tokens=0.0))
+    for w in (1, 2):
+        router.add_worker(reg(w, 64))
+    router.on_batch(ev.EventBatch(worker=1, seq=0, block_size=BS, events=[
+        ev.Stored(hashes=list(range(1, 9)), parent=None, tokens=ev.tokens_bytes(hot))]))
+    for i in range(2):
+        d = router.choose(hot + [7000 + 100 * i + t for t in range(6 * BS + 1)], exclude={2}, max_tokens=BS)
+        router.started(d)
+        assert d.prefill == 6
+    newcomer = router.choose(hot + [9000 + t for t in range(6 * BS + 1)], max_tokens=BS)
+    assert router.load_of(1)["queued_prefill_blocks"] == 12
+    assert newcomer.worker == 2

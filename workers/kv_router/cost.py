@@ -22,8 +22,8 @@ last block, expected decode), and a worker w:
     queued   = prefill blocks of our requests on w that have not streamed their first token yet (each
                counted at its decision; the worker reports the first token to the router, as it reports
                the end)
-    shared   = the request's own leading blocks that those requests are computing on w: work it needs
-               done wherever it goes
+    shared   = the request's own leading blocks that those requests are computing on w (among them, not
+               held there already): work it needs done wherever it goes
 
 Lowest cost wins; ties go to the worker with fewer active blocks, then more free room, then at random.
 

@@ -344,8 +344,9 @@ class KvRouter:
         elif self.strategy == "random":
             chosen = self.rng.choice(candidates)
         else:
-            # Of the prefills queued there, the blocks this request needs too (the queue term's `shared`).
-            shared = self.prefilling.match(hashes)
+            # Of the prefills queued there, the blocks this request needs too (the queue term's `shared`): its
+            # leading blocks that queued requests are computing there, less those the worker holds already.
+            shared = {w: m - min(matches.get(w, 0), m) for w, m in self.prefilling.match(hashes).items()}
             chosen = self.table.cheapest(fp, overlaps.items(), self.weights, exclude, self.rng, shared.items())
         return Decision(worker=chosen, process=self.workers[chosen].name, strategy=self.strategy, blocks=len(hashes),
                         matches=matches, candidates=candidates, router=self, hashes=hashes, footprint=fp,
