@@ -81,7 +81,8 @@ Why each term:
   requests count: a replica's are in the requests term. Measured (bench/results/kv-peer-queue-cpu.md, 2 CPU
   engines, 8 in flight, against the same router at weight 0, side by side): zipf TTFT p90 0.68, wall 0.92,
   p50 0.96, hit rate 0.97; pressure hit equal, p90 0.94; chat hit equal, p90 1.02, p50 1.14 (its p50 is
-  later turns waiting for first turns' prefills either way).
+  later turns waiting for first turns' prefills either way). The code as landed, zipf again
+  (kv-peer-queue-landed-cpu.md): p90 0.79, p50 0.89, hit 1.01, wall 1.03.
 
 Compared with Dynamo's KV router (cost = overlap_weight x prefill blocks + active decode blocks,
 shared blocks counted once, argmin or softmax sampling): the same first and third terms, plus the
