@@ -346,7 +346,8 @@ class KvRouter:
         else:
             # Of the prefills queued there, the blocks this request needs too (the queue term's `shared`): its
             # leading blocks that queued requests are computing there, less those the worker holds already.
-            shared = {w: m - min(matches.get(w, 0), m) for w, m in self.prefilling.match(hashes).items()}
+            shared = {w: m - min(matches.get(w, 0), m) for w, m in self.prefilling.match(hashes).items()} \
+                if self.weights.queue else {}  # at weight 0 the term is off: no lookup on the hot path
             chosen = self.table.cheapest(fp, overlaps.items(), self.weights, exclude, self.rng, shared.items())
         return Decision(worker=chosen, process=self.workers[chosen].name, strategy=self.strategy, blocks=len(hashes),
                         matches=matches, candidates=candidates, router=self, hashes=hashes, footprint=fp,
